@@ -1,0 +1,132 @@
+"""The data path, top to bottom: request → policy → fan-out → merge → response."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+from . import wire
+from .auth import AuthMode, Caller, authorize
+from .discovery import ReplicaSet
+from .errors import NoReplicas, UpstreamFailed
+from .fanout import Answer, FanOut, most_telling, upstream_timeout
+from .merge import NOT_CONNECTED, MergeContext, debug_response, merge
+from .policy import CONFIG_DUMP, SYNCZ, Plan, plan_request
+
+log = logging.getLogger(__name__)
+
+_PASSED_THROUGH = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: AuthMode = AuthMode.FORWARD
+    require_all: bool = False
+    upstream_timeout: float = 10.0
+    external_id: str = "<external>"
+    upstream_node: base_pb2.Node | None = None  # identity mode: the node matching the proxy's own identity
+
+
+@dataclass
+class Result:
+    body: bytes
+    plan: Plan
+    resources: int
+    answers: list[Answer]
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (replica label, reason)
+
+
+class Aggregator:
+    def __init__(self, replicas: ReplicaSet, fanout: FanOut, settings: Settings) -> None:
+        self.replicas = replicas
+        self.fanout = fanout
+        self.settings = settings
+
+    async def answer(
+        self, type_url: str, names: list[str], node: base_pb2.Node, caller: Caller, remaining: float | None
+    ) -> Result:
+        started = time.monotonic()
+        plan = plan_request(type_url, names)
+        authorize(plan, caller)
+        replicas = self.replicas.current()
+        if not replicas:
+            raise NoReplicas("no istiod replica is known yet: check --istiod / --istiod-dns / --istiod-k8s")
+        timeout = upstream_timeout(remaining, self.settings.upstream_timeout)
+        request, metadata = self._upstream_request(plan, node, caller)
+        ctx = MergeContext(self.settings.external_id, caller.scope)
+
+        if caller.scope and plan.proxy_id and not await self._in_scope(plan.proxy_id, caller, node, timeout):
+            # Identity mode: istiod would not find a proxy of another namespace for this caller.
+            plan = Plan(plan.type_url, plan.merge, (), plan.debug_path, "")
+            return Result(self._not_found(plan), plan, 0, [])
+
+        if plan.fan_out:
+            answers = await self.fanout.all(replicas, request, metadata, timeout)
+        else:
+            answers = await self.fanout.first(replicas, request, metadata, timeout)
+        failures = self._apply_failure_policy(plan, answers)
+        merged = merge(plan, answers, ctx)
+        for answer, reason in merged.rejected:
+            failures.append((answer.replica.label, reason))
+        if merged.rejected and (self.settings.require_all or len(merged.rejected) == sum(a.ok for a in answers)):
+            raise UpstreamFailed(
+                "; ".join(f"{r}: {why}" for r, why in failures), grpc.StatusCode.UNAVAILABLE
+            )
+        if failures:
+            log.warning("partial answer for %s: %s", plan.type_url, "; ".join(f"{r}: {w}" for r, w in failures))
+        log.debug("%s answered in %.1f ms", plan.type_url, (time.monotonic() - started) * 1e3)
+        return Result(merged.body, plan, merged.resources, answers, failures)
+
+    def _upstream_request(
+        self, plan: Plan, node: base_pb2.Node, caller: Caller
+    ) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+        if self.settings.mode is AuthMode.FORWARD:
+            metadata: tuple[tuple[str, str], ...] = (("authorization", "Bearer " + caller.token),)
+            upstream_node = node
+        else:
+            metadata = ()
+            upstream_node = self.settings.upstream_node or node
+        req = discovery_pb2.DiscoveryRequest(type_url=plan.type_url, resource_names=plan.resource_names)
+        req.node.CopyFrom(upstream_node)
+        return req.SerializeToString(), metadata
+
+    def _apply_failure_policy(self, plan: Plan, answers: list[Answer]) -> list[tuple[str, str]]:
+        failed = [a for a in answers if not a.ok]
+        for a in failed:
+            if a.code in _PASSED_THROUGH:
+                # Never a partial success: the caller's credentials were refused by istiod.
+                raise UpstreamFailed(f"istiod {a.replica.label}: {a.error}", a.code)
+        if failed and (self.settings.require_all or len(failed) == len(answers)):
+            reasons = "; ".join(f"{a.replica.label}: {a.code.name}: {a.error}" for a in failed)
+            scope = "every replica failed" if len(failed) == len(answers) else "--require-all and replicas failed"
+            raise UpstreamFailed(f"{scope}: {reasons}", most_telling(failed))
+        return [(a.replica.label, f"{a.code.name}: {a.error}") for a in failed]
+
+    async def _in_scope(self, proxy_id: str, caller: Caller, node: base_pb2.Node, timeout: float) -> bool:
+        """Does a proxy with exactly this id exist in the caller's namespace (and no look-alike)?
+
+        istiod matches config_dump's proxyID by substring, so "web.team" would also match "web.team2";
+        a scoped caller is served only when the match is unambiguous and in its namespace.
+        """
+        result = await self.answer(SYNCZ, [], node, Caller(caller.principal), timeout)
+        view = wire.view_response(result.body)
+        match = False
+        for i in range(len(view.resources)):
+            cfg = wire.client_config(view.resource_any(i))
+            if proxy_id in cfg.node.id:
+                ns_value = cfg.node.metadata.fields.get("NAMESPACE")
+                ns = ns_value.string_value if ns_value is not None else ""
+                if cfg.node.id != proxy_id or ns != caller.scope:
+                    return False
+                match = True
+        return match
+
+    def _not_found(self, plan: Plan) -> bytes:
+        if plan.type_url == CONFIG_DUMP:
+            return wire.envelope(type_url=plan.type_url, version_info="", nonce="")
+        return debug_response(plan, [], NOT_CONNECTED + b"\n")

@@ -1,0 +1,146 @@
+"""Who is calling, and what they may see.
+
+Two modes:
+- *forward* (default): the caller's bearer token and node go to every replica unchanged, and istiod
+  decides what the caller may see. The proxy only insists that a token is there.
+- *identity*: the proxy talks to istiod with its own credentials, so it must enforce istiod's rule
+  itself: the istio system namespace (and an allow-list) sees everything; any other namespace sees only
+  its own proxies in syncz, can dump only its own proxies, and may use only a few debug paths.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import hashlib
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from cryptography import x509
+from cryptography.x509.oid import ExtensionOID
+
+from .errors import PermissionDenied, Unauthenticated
+from .policy import CONFIG_DUMP, DEBUG, NAMESPACE_DEBUG_PATHS, SYNCZ, Plan
+
+_SPIFFE = re.compile(r"^spiffe://(?P<td>[^/]+)/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
+
+
+class AuthMode(enum.Enum):
+    FORWARD = "forward"
+    IDENTITY = "identity"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated caller. `token` is a secret: never log it (repr hides it)."""
+
+    principal: str  # for logs: a SPIFFE id, or "bearer:<fingerprint>"
+    namespace: str = ""  # known in identity mode
+    scope: str = ""  # namespace the proxy restricts the caller to; "" = unrestricted or istiod decides
+    token: str = ""
+
+    def __repr__(self) -> str:
+        return f"Caller({self.principal!r}, scope={self.scope!r})"
+
+    @property
+    def key(self) -> str:
+        """What distinguishes this caller's view, for coalescing and caching; contains no secret."""
+        return self.principal if not self.token else "bearer:" + _fingerprint(self.token)
+
+
+def _fingerprint(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()[:24]
+
+
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value.decode() if isinstance(value, bytes) else value
+            scheme, _, token = text.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
+    return ""
+
+
+@functools.lru_cache(maxsize=1024)
+def spiffe_ids_of_pem(pem: bytes) -> tuple[str, ...]:
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://"))
+
+
+def parse_spiffe(uri: str) -> tuple[str, str, str] | None:
+    """(trust domain, namespace, service account) of a Kubernetes-style SPIFFE id."""
+    m = _SPIFFE.match(uri)
+    return (m["td"], m["ns"], m["sa"]) if m else None
+
+
+TokenReviewer = Callable[[str], Awaitable["tuple[str, str] | None"]]
+
+
+@dataclass
+class Authenticator:
+    """Turns a call's metadata and TLS peer into a Caller, or raises Unauthenticated."""
+
+    mode: AuthMode
+    istio_namespace: str = "istio-system"
+    allowed_namespaces: frozenset[str] = frozenset()
+    trust_domain: str = ""  # "" accepts any trust domain that the client CA vouches for
+    token_reviewer: TokenReviewer | None = None  # identity mode: Kubernetes TokenReview callers
+
+    async def authenticate(self, context: grpc.aio.ServicerContext[object, object]) -> Caller:
+        token = bearer_token(context.invocation_metadata())
+        if self.mode is AuthMode.FORWARD:
+            if not token:
+                raise Unauthenticated(
+                    "no bearer token: in forward mode the caller's token is sent to istiod, which decides "
+                    "what it may see; call with 'authorization: Bearer <token>' (istioctl does this without "
+                    "--plaintext/--cert-dir), or run the proxy with --upstream-identity for certificate callers"
+                )
+            return Caller("bearer:" + _fingerprint(token), token=token)
+        pems = context.auth_context().get("x509_pem_cert") or []
+        if pems:
+            return self._from_certificate(pems[0])
+        if token and self.token_reviewer is not None:
+            reviewed = await self.token_reviewer(token)
+            if reviewed is None:
+                raise Unauthenticated("the bearer token was not accepted by the Kubernetes TokenReview")
+            ns, sa = reviewed
+            return self._caller(f"k8s:{ns}/{sa}", ns)
+        raise Unauthenticated(
+            "identity mode needs a TLS client certificate with a SPIFFE id verified against --client-ca"
+            + (" or a Kubernetes service-account token" if self.token_reviewer else "")
+        )
+
+    def _from_certificate(self, pem: bytes) -> Caller:
+        ids = [p for p in map(parse_spiffe, spiffe_ids_of_pem(pem)) if p]
+        if self.trust_domain:
+            ids = [p for p in ids if p[0] == self.trust_domain]
+        if len(ids) != 1:
+            raise Unauthenticated(
+                "the client certificate must carry exactly one SPIFFE id spiffe://<trust domain>/ns/<ns>/sa/<sa>"
+            )
+        td, ns, sa = ids[0]
+        return self._caller(f"spiffe://{td}/ns/{ns}/sa/{sa}", ns)
+
+    def _caller(self, principal: str, namespace: str) -> Caller:
+        unrestricted = namespace == self.istio_namespace or namespace in self.allowed_namespaces
+        return Caller(principal, namespace=namespace, scope="" if unrestricted else namespace)
+
+
+def authorize(plan: Plan, caller: Caller) -> None:
+    """Refuse, before any upstream call, what istiod would refuse a namespace-scoped identity."""
+    if not caller.scope:
+        return
+    if plan.type_url == DEBUG and plan.debug_path not in NAMESPACE_DEBUG_PATHS:
+        raise PermissionDenied(
+            f"debug path {plan.debug_path!r} is not available to namespace {caller.scope!r}; "
+            f"allowed: {', '.join(sorted(NAMESPACE_DEBUG_PATHS))}"
+        )
+    assert plan.type_url in (SYNCZ, CONFIG_DUMP, DEBUG)

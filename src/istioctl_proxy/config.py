@@ -1,0 +1,262 @@
+"""`serve` configuration: flag definitions (each also an ISTIOCTL_PROXY_* variable) and one typed Config.
+
+Validation happens here, before anything starts: a bad combination or unreadable file is a ConfigError
+with one line that says what to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .discovery import split_host_port
+from .errors import ConfigError
+
+ENV_PREFIX = "ISTIOCTL_PROXY_"
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = "0.0.0.0:9090"
+    plaintext: bool = False
+    tls_cert: str = ""
+    tls_key: str = ""
+    client_ca: str = ""
+    istiod: tuple[str, ...] = ()
+    istiod_dns: tuple[str, ...] = ()
+    istiod_dns_interval: float = 5.0
+    istiod_k8s: bool = False
+    istiod_selector: str = "app=istiod"
+    revision: str = ""
+    istiod_port: int = 15012
+    kubeconfig: str = ""
+    context: str = ""
+    istiod_plaintext: bool = False
+    istiod_ca: str = ""
+    istiod_ca_configmap: bool = False
+    istiod_san: str = ""
+    istiod_insecure_skip_verify: bool = False
+    istio_namespace: str = "istio-system"
+    trust_domain: str = "cluster.local"
+    debug_allowed_namespaces: tuple[str, ...] = ()
+    require_all: bool = False
+    upstream_timeout: float = 10.0
+    upstream_identity: bool = False
+    upstream_cert: str = ""
+    upstream_key: str = field(default="", repr=False)
+    upstream_token_file: str = ""
+    token_review: bool = False
+    token_review_kubeconfig: str = ""
+    token_review_audiences: tuple[str, ...] = ("istio-ca",)
+    external_id: str = "<external>"
+    max_message_mib: int = 256
+    admin_listen: str = "127.0.0.1:15090"
+    admin_status_page: bool = False
+    cache_ttl: float = 0.0
+    log_level: str = "info"
+    log_format: str = "text"
+    drain_seconds: float = 20.0
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mib * MiB
+
+    @property
+    def san(self) -> str:
+        if self.istiod_san:
+            return self.istiod_san
+        # As istioctl does: the revision's Service name when a revision is set.
+        name = f"istiod-{self.revision}" if self.revision and self.revision != "default" else "istiod"
+        return f"{name}.{self.istio_namespace}.svc"
+
+
+def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
+    """Every flag, with its default taken from ISTIOCTL_PROXY_<FLAG> when set."""
+    env = os.environ if env is None else env
+
+    def d(flag: str, default: object) -> object:
+        key = ENV_PREFIX + flag.upper().replace("-", "_")
+        return env.get(key, default)
+
+    def flag(name: str, default: object = None, help: str = "", **kw: object) -> None:
+        p.add_argument(f"--{name}", default=d(name, default), help=f"{help} [env {ENV_PREFIX}{name.upper().replace('-', '_')}]", **kw)  # type: ignore[arg-type]
+
+    def switch(name: str, help: str) -> None:
+        value = str(d(name, "")).lower() in ("1", "true", "yes", "on")
+        p.add_argument(f"--{name}", action="store_true", default=value,
+                       help=f"{help} [env {ENV_PREFIX}{name.upper().replace('-', '_')}=true]")
+
+    flag("listen", None, "HOST:PORT to serve ADS on (default 0.0.0.0:9090; 127.0.0.1:9090 with --plaintext)")
+    switch("plaintext", "serve without TLS (for port-forward and local use)")
+    flag("tls-cert", "", "serving certificate (PEM); re-read when the file changes")
+    flag("tls-key", "", "serving key (PEM)")
+    flag("client-ca", "", "CA that client certificates must chain to (identity mode callers)")
+    flag("max-message-mib", "256", "largest gRPC message accepted or sent, both directions, in MiB")
+    flag("istiod", "", "static istiod replicas, HOST:PORT[,HOST:PORT...]")
+    flag("istiod-dns", "", "DNS name(s) NAME:PORT whose A/AAAA records are the replicas (headless Service)")
+    flag("istiod-dns-interval", "5", "seconds between DNS re-resolutions")
+    switch("istiod-k8s", "discover istiod pods with the Kubernetes API (list + watch)")
+    flag("istiod-selector", "app=istiod", "label selector of istiod pods")
+    flag("revision", "", "istio revision: adds istio.io/rev=<rev> to the selector and sets the SAN default")
+    flag("istiod-port", "15012", "port of the pods found by --istiod-k8s")
+    flag("kubeconfig", "", "kubeconfig for --istiod-k8s (default: in-cluster, then ~/.kube/config)")
+    flag("context", "", "kubeconfig context")
+    switch("istiod-plaintext", "talk to istiod without TLS (15010-style)")
+    flag("istiod-ca", "", "istio root CA (PEM) that istiod's certificate must chain to")
+    switch("istiod-ca-configmap", "trust the istio-ca-root-cert ConfigMap of --istio-namespace (watched)")
+    flag("istiod-san", "", "name istiod's certificate must carry (default istiod[-<rev>].<istio ns>.svc)")
+    switch("istiod-insecure-skip-verify", "do NOT verify istiod's certificate (testing only)")
+    flag("istio-namespace", None, "istio system namespace (default $POD_NAMESPACE or istio-system)")
+    flag("trust-domain", "cluster.local", "SPIFFE trust domain of callers' certificates")
+    flag("debug-allowed-namespaces", "", "identity mode: namespaces besides the istio one that see everything")
+    switch("require-all", "fail the call if any replica fails (default: answer with the healthy ones)")
+    flag("upstream-timeout", "10", "cap, in seconds, on each upstream call")
+    switch("upstream-identity", "identity mode: use the proxy's own credentials upstream, scope callers here")
+    flag("upstream-cert", "", "identity mode: client certificate for istiod (SPIFFE id of the proxy)")
+    flag("upstream-key", "", "identity mode: key of --upstream-cert")
+    flag("upstream-token-file", "", "identity mode: bearer token file for istiod, re-read when it changes")
+    switch("token-review", "identity mode: also accept Kubernetes service-account tokens (TokenReview)")
+    flag("token-review-kubeconfig", "", "kubeconfig of the cluster that issues caller tokens")
+    flag("token-review-audiences", "istio-ca", "audiences a caller token must have, comma-separated")
+    flag("external-id", "<external>", "the ISTIOD value of merged syncz answers")
+    flag("cache-ttl", "0", "seconds identical answers are cached per caller (0: coalescing only)")
+    flag("admin-listen", "127.0.0.1:15090", "HOST:PORT of the admin HTTP port (metrics, health); '' disables")
+    switch("admin-status-page", "serve the status page at / on the admin port (shows the whole mesh)")
+    flag("log-level", "info", "debug, info, warning or error")
+    flag("log-format", "text", "text or json")
+    flag("drain-seconds", "20", "on SIGTERM, how long in-flight calls may take to finish")
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+def _number(name: str, value: str, kind: type[float] | type[int]) -> float:
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ConfigError(f"--{name}: {value!r} is not a number") from None
+    if number <= 0 and name not in ("cache-ttl",):
+        raise ConfigError(f"--{name} must be positive")
+    return number
+
+
+def _readable(name: str, path: str) -> None:
+    if path and not os.access(path, os.R_OK):
+        raise ConfigError(f"--{name}: cannot read {path!r}")
+
+
+def _is_loopback(listen: str) -> bool:
+    host, _ = split_host_port(listen)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
+    environ = os.environ if environ is None else environ
+    plaintext = bool(ns.plaintext)
+    listen = ns.listen or ("127.0.0.1:9090" if plaintext else "0.0.0.0:9090")
+    for name, value in (("listen", listen), ("admin-listen", ns.admin_listen or "127.0.0.1:1")):
+        try:
+            split_host_port(value)
+        except ValueError as err:
+            raise ConfigError(f"--{name}: {err}") from None
+    cfg = Config(
+        listen=listen,
+        plaintext=plaintext,
+        tls_cert=ns.tls_cert,
+        tls_key=ns.tls_key,
+        client_ca=ns.client_ca,
+        istiod=_csv(ns.istiod),
+        istiod_dns=_csv(ns.istiod_dns),
+        istiod_dns_interval=_number("istiod-dns-interval", ns.istiod_dns_interval, float),
+        istiod_k8s=bool(ns.istiod_k8s),
+        istiod_selector=ns.istiod_selector,
+        revision=ns.revision,
+        istiod_port=int(_number("istiod-port", ns.istiod_port, int)),
+        kubeconfig=ns.kubeconfig,
+        context=ns.context,
+        istiod_plaintext=bool(ns.istiod_plaintext),
+        istiod_ca=ns.istiod_ca,
+        istiod_ca_configmap=bool(ns.istiod_ca_configmap),
+        istiod_san=ns.istiod_san,
+        istiod_insecure_skip_verify=bool(ns.istiod_insecure_skip_verify),
+        istio_namespace=ns.istio_namespace or environ.get("POD_NAMESPACE") or "istio-system",
+        trust_domain=ns.trust_domain,
+        debug_allowed_namespaces=_csv(ns.debug_allowed_namespaces),
+        require_all=bool(ns.require_all),
+        upstream_timeout=_number("upstream-timeout", ns.upstream_timeout, float),
+        upstream_identity=bool(ns.upstream_identity),
+        upstream_cert=ns.upstream_cert,
+        upstream_key=ns.upstream_key,
+        upstream_token_file=ns.upstream_token_file,
+        token_review=bool(ns.token_review),
+        token_review_kubeconfig=ns.token_review_kubeconfig,
+        token_review_audiences=_csv(ns.token_review_audiences) or ("istio-ca",),
+        external_id=ns.external_id,
+        max_message_mib=int(_number("max-message-mib", ns.max_message_mib, int)),
+        admin_listen=ns.admin_listen,
+        admin_status_page=bool(ns.admin_status_page),
+        cache_ttl=_number("cache-ttl", ns.cache_ttl, float),
+        log_level=ns.log_level.lower(),
+        log_format=ns.log_format.lower(),
+        drain_seconds=_number("drain-seconds", ns.drain_seconds, float),
+    )
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    if not (cfg.istiod or cfg.istiod_dns or cfg.istiod_k8s):
+        raise ConfigError("no istiod replicas: give --istiod HOST:PORT, --istiod-dns NAME:PORT or --istiod-k8s")
+    for value in cfg.istiod + cfg.istiod_dns:
+        try:
+            split_host_port(value)
+        except ValueError as err:
+            raise ConfigError(f"istiod address: {err}") from None
+    if cfg.plaintext and (cfg.tls_cert or cfg.tls_key):
+        raise ConfigError("--plaintext and --tls-cert/--tls-key exclude each other")
+    if not cfg.plaintext and not (cfg.tls_cert and cfg.tls_key):
+        raise ConfigError("serving TLS needs --tls-cert and --tls-key (or --plaintext for local use)")
+    if cfg.istiod_plaintext and (cfg.istiod_ca or cfg.istiod_insecure_skip_verify):
+        raise ConfigError("--istiod-plaintext excludes --istiod-ca and --istiod-insecure-skip-verify")
+    if not cfg.istiod_plaintext and not (cfg.istiod_ca or cfg.istiod_ca_configmap or cfg.istiod_insecure_skip_verify):
+        raise ConfigError(
+            "upstream TLS needs the istio root CA: --istiod-ca FILE (or --istiod-ca-configmap); "
+            "--istiod-plaintext for a plaintext istiod"
+        )
+    if cfg.upstream_identity:
+        if cfg.plaintext or not cfg.client_ca:
+            raise ConfigError("--upstream-identity authenticates callers by certificate: it needs TLS and --client-ca")
+        if bool(cfg.upstream_cert) != bool(cfg.upstream_key):
+            raise ConfigError("--upstream-cert and --upstream-key go together")
+        if not (cfg.upstream_cert or cfg.upstream_token_file):
+            raise ConfigError("--upstream-identity needs --upstream-cert/--upstream-key or --upstream-token-file")
+    elif cfg.upstream_cert or cfg.upstream_token_file or cfg.token_review:
+        raise ConfigError("--upstream-cert/--upstream-token-file/--token-review need --upstream-identity")
+    if cfg.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"--log-level {cfg.log_level!r}: use debug, info, warning or error")
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError(f"--log-format {cfg.log_format!r}: use text or json")
+    for name, path in (
+        ("tls-cert", cfg.tls_cert), ("tls-key", cfg.tls_key), ("client-ca", cfg.client_ca),
+        ("istiod-ca", cfg.istiod_ca), ("upstream-cert", cfg.upstream_cert), ("upstream-key", cfg.upstream_key),
+        ("upstream-token-file", cfg.upstream_token_file), ("kubeconfig", cfg.kubeconfig),
+        ("token-review-kubeconfig", cfg.token_review_kubeconfig),
+    ):
+        _readable(name, path)
+
+
+def plaintext_exposed(cfg: Config) -> bool:
+    return cfg.plaintext and not _is_loopback(cfg.listen)
+
+
+__all__: Sequence[str] = ["Config", "add_serve_flags", "from_args", "plaintext_exposed", "validate"]

@@ -1,0 +1,172 @@
+"""Where the istiod replicas are: static lists, DNS names, and the interface other sources plug into.
+
+A source yields the *full* current set of replicas each time it changes. `ReplicaSet` merges the sets of
+all sources; the data path only ever reads `ReplicaSet.current()`, so a change never disturbs calls
+already in flight (they keep the replica list they started with).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+OnChange = Callable[[Sequence["Replica"]], None]
+
+
+@dataclass(frozen=True, order=True)
+class Replica:
+    """One istiod replica: where to dial it and which source found it."""
+
+    address: str  # "host:port"; IPv6 hosts in brackets
+    source: str = "static"  # label for logs and metrics
+    name: str = ""  # pod name, when the source knows it
+
+    @property
+    def label(self) -> str:
+        return self.name or self.address
+
+
+class ReplicaSource(Protocol):
+    """Finds replicas. `run` never returns while the proxy serves; it reports every change."""
+
+    name: str
+
+    async def run(self, on_change: OnChange) -> None: ...
+
+
+def split_host_port(value: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Parse `host:port` or `[v6]:port`; raises ValueError with a readable message."""
+    host, sep, port = value.rpartition(":")
+    if not sep or "]" in port:
+        if default_port is None:
+            raise ValueError(f"{value!r} is not HOST:PORT")
+        host, port = value, str(default_port)
+    host = host.strip("[]")
+    if not host:
+        raise ValueError(f"{value!r} has no host")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} has no valid port")
+    return host, int(port)
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass
+class StaticSource:
+    """A fixed list given on the command line (`--istiod`)."""
+
+    addresses: Sequence[str]
+    name: str = "static"
+
+    async def run(self, on_change: OnChange) -> None:
+        on_change([Replica(a, self.name) for a in self.addresses])
+        await asyncio.Event().wait()
+
+
+Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+
+
+async def resolve_all(host: str, port: int) -> Sequence[str]:
+    """All A and AAAA addresses of `host`, as the system resolver returns them."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+@dataclass
+class DnsSource:
+    """Every A/AAAA record of one name (a headless Service), re-resolved every `interval` seconds."""
+
+    target: str  # "name:port"
+    interval: float = 5.0
+    resolver: Resolver = resolve_all
+
+    @property
+    def name(self) -> str:
+        return f"dns:{self.target}"
+
+    async def run(self, on_change: OnChange) -> None:
+        host, port = split_host_port(self.target)
+        last: list[Replica] | None = None
+        while True:
+            try:
+                ips = await self.resolver(host, port)
+            except (OSError, socket.gaierror) as err:
+                # Keep serving the last known set: a DNS outage must not empty the mesh view.
+                log.warning("resolving %s failed: %s; keeping %d known replicas", host, err, len(last or []))
+            else:
+                replicas = sorted(Replica(join_host_port(ip, port), self.name) for ip in ips)
+                if replicas != last:
+                    log.info("%s resolved to %s", self.target, ", ".join(r.address for r in replicas) or "nothing")
+                    last = replicas
+                    on_change(replicas)
+            # Jitter spreads the re-resolutions of many proxy instances.
+            await asyncio.sleep(self.interval * random.uniform(0.9, 1.1))
+
+
+class ReplicaSet:
+    """The union of every source's current replicas."""
+
+    def __init__(self, sources: Sequence[ReplicaSource]) -> None:
+        self._sources = list(sources)
+        self._by_source: dict[str, tuple[Replica, ...]] = {}
+        self._current: tuple[Replica, ...] = ()
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listeners: list[OnChange] = []
+
+    def current(self) -> tuple[Replica, ...]:
+        return self._current
+
+    def add_listener(self, listener: OnChange) -> None:
+        self._listeners.append(listener)
+
+    def _update(self, source: str, replicas: Sequence[Replica]) -> None:
+        self._by_source[source] = tuple(replicas)
+        seen: dict[str, Replica] = {}
+        for group in self._by_source.values():
+            for replica in group:
+                seen.setdefault(replica.address, replica)
+        new = tuple(sorted(seen.values()))
+        if new != self._current:
+            self._current = new
+            for listener in self._listeners:
+                listener(new)
+            self._changed.set()
+
+    async def start(self) -> None:
+        for source in self._sources:
+            self._tasks.append(asyncio.create_task(self._run(source), name=f"discovery {source.name}"))
+
+    async def _run(self, source: ReplicaSource) -> None:
+        while True:
+            try:
+                await source.run(lambda replicas, s=source.name: self._update(s, replicas))
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("replica source %s failed; restarting it", source.name)
+                await asyncio.sleep(1.0)
+
+    async def wait_changed(self) -> None:
+        self._changed.clear()
+        await self._changed.wait()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()

@@ -1,0 +1,60 @@
+"""The proxy's errors, and the one place that maps them to gRPC status codes.
+
+    ProxyError
+    ├── InvalidRequest      INVALID_ARGUMENT   the caller's request is malformed
+    ├── UnsupportedType     UNIMPLEMENTED      a type URL we do not serve (we are not a control plane)
+    ├── Unauthenticated     UNAUTHENTICATED    no or unusable credentials
+    ├── PermissionDenied    PERMISSION_DENIED  credentials valid, request out of scope
+    ├── NoReplicas          UNAVAILABLE        discovery knows no istiod replica
+    └── UpstreamFailed      (the upstream's)   replicas failed; carries the most telling upstream code
+
+    ConfigError: bad configuration at start-up; the CLI prints it as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ConfigError(Exception):
+    """Invalid flags, environment or files, found before serving."""
+
+
+class ProxyError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(ProxyError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class UnsupportedType(ProxyError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Unauthenticated(ProxyError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ProxyError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class NoReplicas(ProxyError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class UpstreamFailed(ProxyError):
+    """Raised when the failure policy turns replica failures into a failed call."""
+
+    def __init__(self, message: str, code: grpc.StatusCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def status_of(err: ProxyError) -> tuple[grpc.StatusCode, str]:
+    return err.code, err.message

@@ -1,0 +1,98 @@
+"""Ask the replicas concurrently, each with a deadline that leaves the caller time for the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from .discovery import Replica
+from .upstream import UpstreamError, UpstreamPool
+
+# Status codes ordered from most to least telling, for when every replica fails.
+_TELLING = (
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNAVAILABLE,
+)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One replica's outcome: raw response bytes, or the status it failed with."""
+
+    replica: Replica
+    body: bytes | None
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    error: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.body is not None
+
+
+def most_telling(answers: Sequence[Answer]) -> grpc.StatusCode:
+    codes = {a.code for a in answers if not a.ok}
+    for code in _TELLING:
+        if code in codes:
+            return code
+    return grpc.StatusCode.UNAVAILABLE
+
+
+def upstream_timeout(caller_remaining: float | None, cap: float) -> float:
+    """The caller's remaining time minus a margin for merging and sending, capped."""
+    if caller_remaining is None:
+        return cap
+    margin = min(1.0, max(0.05, caller_remaining * 0.1))
+    return max(0.01, min(cap, caller_remaining - margin))
+
+
+@dataclass
+class FanOut:
+    pool: UpstreamPool
+
+    async def _one(self, replica: Replica, request: bytes, metadata: tuple[tuple[str, str], ...], timeout: float) -> Answer:
+        started = time.monotonic()
+        try:
+            # wait_for backs up the gRPC deadline: a replica that accepts and never answers is cut off.
+            body = await asyncio.wait_for(self.pool.ask(replica, request, metadata, timeout), timeout + 0.05)
+        except UpstreamError as err:
+            return Answer(replica, None, err.code, err.message, time.monotonic() - started)
+        except TimeoutError:
+            return Answer(replica, None, grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer in {timeout:.2f}s",
+                          time.monotonic() - started)
+        return Answer(replica, body, seconds=time.monotonic() - started)
+
+    async def all(
+        self, replicas: Sequence[Replica], request: bytes, metadata: tuple[tuple[str, str], ...], timeout: float
+    ) -> list[Answer]:
+        """Every replica at once."""
+        return list(await asyncio.gather(*(self._one(r, request, metadata, timeout) for r in replicas)))
+
+    async def first(
+        self, replicas: Sequence[Replica], request: bytes, metadata: tuple[tuple[str, str], ...], timeout: float
+    ) -> list[Answer]:
+        """One replica at a time, healthiest first, until one answers or the time is up."""
+        deadline = time.monotonic() + timeout
+        ordered = sorted(replicas, key=lambda r: (r.address in self.pool.last_error, r.address))
+        answers: list[Answer] = []
+        for replica in ordered:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0.01:
+                break
+            answer = await self._one(replica, request, metadata, remaining)
+            answers.append(answer)
+            if answer.ok:
+                break
+        return answers

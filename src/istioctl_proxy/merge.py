@@ -1,0 +1,237 @@
+"""Merge rules: many replicas' DiscoveryResponses → the one response istioctl expects.
+
+Each rule takes the successful answers and returns the merged bytes plus the answers it had to reject
+(malformed bytes are contained to the replica that sent them). See docs/merge-rules.md.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from google.protobuf import any_pb2
+
+from . import wire
+from .fanout import Answer
+from .policy import DEBUG, Merge, Plan
+
+NOT_CONNECTED = b"Proxy not connected to this Pilot instance"
+MUST_PROVIDE = b"You must provide a proxyID"
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    external_id: str = "<external>"
+    scope: str = ""  # namespace-scoped caller (identity mode): keep only that namespace's proxies
+
+
+@dataclass
+class Merged:
+    body: bytes
+    resources: int
+    rejected: list[tuple[Answer, str]] = field(default_factory=list)
+
+
+def _nonce() -> str:
+    return uuid.uuid4().hex
+
+
+def _version(views: Sequence[wire.ResponseView]) -> str:
+    # istiod versions are "RFC3339/counter": the newest push across replicas is the largest string.
+    return max((v.version_info for v in views), default="")
+
+
+def _views(answers: Sequence[Answer], type_url: str) -> tuple[list[tuple[Answer, wire.ResponseView]], list[tuple[Answer, str]]]:
+    good: list[tuple[Answer, wire.ResponseView]] = []
+    bad: list[tuple[Answer, str]] = []
+    for answer in answers:
+        assert answer.body is not None
+        try:
+            view = wire.view_response(answer.body)
+        except wire.WireError as err:
+            bad.append((answer, f"malformed DiscoveryResponse: {err}"))
+            continue
+        if view.type_url not in ("", type_url):
+            bad.append((answer, f"answered type {view.type_url!r} to a {type_url!r} request"))
+            continue
+        good.append((answer, view))
+    return good, bad
+
+
+def external_identifier(identifiers: Sequence[str | None], external_id: str) -> str:
+    """istiod's ControlPlane JSON with the ID replaced; version info kept from the first replica that has one."""
+    for ident in identifiers:
+        if not ident:
+            continue
+        try:
+            data = json.loads(ident)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            data["ID"] = external_id
+            return json.dumps(data, separators=(",", ":"))
+    return json.dumps({"Component": "istiod", "ID": external_id}, separators=(",", ":"))
+
+
+def merge_syncz(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged:
+    good, bad = _views(answers, plan.type_url)
+    # First pass: node ids only (three nested first fields), to find proxies seen on two replicas.
+    owners: dict[str, list[tuple[int, int]]] = {}
+    for vi, (answer, view) in enumerate(good):
+        try:
+            ids = [wire.syncz_node_id(view.resource_any(i)) for i in range(len(view.resources))]
+        except wire.WireError as err:
+            bad.append((answer, f"malformed syncz resource: {err}"))
+            good[vi] = (answer, wire.ResponseView(b""))
+            continue
+        for i, node_id in enumerate(ids):
+            owners.setdefault(node_id, []).append((vi, i))
+    views = [v for _, v in good]
+    dup = {k: v for k, v in owners.items() if len(v) > 1}
+    if not dup and not ctx.scope:
+        # The common case: nothing to drop, so the replicas' bytes pass through untouched.
+        parts = [v.raw for v in views]
+        count = sum(len(v.resources) for v in views)
+    else:
+        keep: set[tuple[int, int]] = {locs[0] for locs in owners.values()}
+        for locs in dup.values():
+            keep.discard(locs[0])
+            keep.add(max(locs, key=lambda loc: _last_updated(views[loc[0]].resource_any(loc[1]))))
+        if ctx.scope:
+            keep = {loc for loc in keep if _namespace(views[loc[0]].resource_any(loc[1])) == ctx.scope}
+        parts = [views[vi].resource_bytes(i) for vi, i in sorted(keep)]
+        count = len(parts)
+    ident = external_identifier([v.identifier() for v in views], ctx.external_id)
+    parts.append(wire.envelope(type_url=plan.type_url, version_info=_version(views), nonce=_nonce(),
+                               control_plane_identifier=ident))
+    return Merged(b"".join(parts), count, bad)
+
+
+def _last_updated(any_bytes: bytes) -> float:
+    cfg = wire.client_config(any_bytes)
+    stamps = [c.last_updated.ToNanoseconds() for c in cfg.generic_xds_configs if c.HasField("last_updated")]
+    return max(stamps, default=0) / 1e9
+
+
+def _namespace(any_bytes: bytes) -> str:
+    cfg = wire.client_config(any_bytes)
+    ns = cfg.node.metadata.fields.get("NAMESPACE")
+    if ns is not None and ns.string_value:
+        return str(ns.string_value)
+    # istiod falls back to the node id's domain (pod.namespace) when NAMESPACE is unset.
+    return str(cfg.node.id).rpartition(".")[2]
+
+
+def merge_proxy_holder(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged:
+    """config_dump: the replica that holds the proxy answers non-empty; pass its bytes through."""
+    good, bad = _views(answers, plan.type_url)
+    for _, view in good:
+        if view.resources:
+            return Merged(view.raw, len(view.resources), bad)
+    # Nobody holds it: istiod's answer for an unknown proxy is an empty response, not an error.
+    views = [v for _, v in good]
+    return Merged(wire.envelope(type_url=plan.type_url, version_info=_version(views), nonce=_nonce()), 0, bad)
+
+
+def _debug_bodies(plan: Plan, answers: Sequence[Answer]) -> tuple[list[tuple[Answer, wire.ResponseView, bytes]], list[tuple[Answer, str]]]:
+    good, bad = _views(answers, plan.type_url)
+    out = []
+    for answer, view in good:
+        if len(view.resources) != 1:
+            bad.append((answer, f"expected one debug resource, got {len(view.resources)}"))
+            continue
+        msg = any_pb2.Any.FromString(view.resource_any(0))
+        out.append((answer, view, bytes(msg.value)))
+    return out, bad
+
+
+def debug_response(plan: Plan, views: Sequence[wire.ResponseView], body: bytes) -> bytes:
+    resp = wire.envelope(type_url=plan.type_url, version_info=_version(views), nonce=_nonce())
+    res = any_pb2.Any(type_url=DEBUG, value=body).SerializeToString()
+    # Field 2 (resources), length-delimited: hand-built so the body is copied once.
+    return resp + b"\x12" + _varint_bytes(len(res)) + res
+
+
+def _varint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _json(body: bytes) -> object:
+    return json.loads(body)
+
+
+def _combine_json(kind: Merge, values: list[object]) -> object:
+    if kind is Merge.JSON_ARRAY:
+        merged_list: list[object] = []
+        for v in values:
+            if not isinstance(v, list):
+                raise ValueError("not a JSON array")
+            merged_list.extend(v)
+        return merged_list
+    if kind is Merge.JSON_CLIENTS:
+        total, clients = 0, []
+        for v in values:
+            if not isinstance(v, dict):
+                raise ValueError("not a JSON object")
+            total += int(v.get("totalClients", 0))
+            clients.extend(v.get("clients") or [])
+        return {"totalClients": total, "clients": clients}
+    merged: dict[str, object] = {}
+    for v in values:
+        if not isinstance(v, dict):
+            raise ValueError("not a JSON object")
+        merged.update(v)
+    return merged
+
+
+def merge_debug(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged:
+    bodies, bad = _debug_bodies(plan, answers)
+    views = [v for _, v, _ in bodies]
+    if plan.merge in (Merge.JSON_ARRAY, Merge.JSON_CLIENTS, Merge.JSON_OBJECT):
+        values, used = [], []
+        for answer, view, body in bodies:
+            try:
+                value = _json(body)
+                _combine_json(plan.merge, [value])  # shape check per replica, so one bad body stays contained
+            except ValueError as err:
+                bad.append((answer, f"debug body of {plan.debug_path!r} is not the expected JSON: {err}"))
+                continue
+            values.append(value)
+            used.append(view)
+        if not values:
+            return Merged(debug_response(plan, views, bodies[0][2] if bodies else b""), len(bodies), bad)
+        merged = json.dumps(_combine_json(plan.merge, values), indent=2).encode()
+        return Merged(debug_response(plan, used, merged), 1, bad)
+    if plan.merge is Merge.DEBUG_PROXY:
+        for _, view, body in bodies:
+            if not body.startswith((NOT_CONNECTED, MUST_PROVIDE)):
+                return Merged(debug_response(plan, [view], body), 1, bad)
+    # ANY_ONE, or nobody holds the proxy: the first answer as istiod gave it.
+    if not bodies:
+        return Merged(debug_response(plan, views, b""), 0, bad)
+    return Merged(debug_response(plan, views[:1], bodies[0][2]), 1, bad)
+
+
+RULES: dict[Merge, Callable[[Plan, Sequence[Answer], MergeContext], Merged]] = {
+    Merge.SYNCZ: merge_syncz,
+    Merge.PROXY_HOLDER: merge_proxy_holder,
+    Merge.JSON_ARRAY: merge_debug,
+    Merge.JSON_CLIENTS: merge_debug,
+    Merge.JSON_OBJECT: merge_debug,
+    Merge.DEBUG_PROXY: merge_debug,
+    Merge.ANY_ONE: merge_debug,
+}
+
+
+def merge(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged:
+    return RULES[plan.merge](plan, [a for a in answers if a.ok], ctx)

@@ -1,0 +1,243 @@
+"""The gRPC front: ADS (SotW and Delta), health and reflection, TLS serving with certificate reload.
+
+The servicer is thin: it authenticates the stream, hands each request to the Aggregator, and maps
+ProxyErrors to gRPC statuses in one place (`_fail`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2, discovery_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .aggregator import Aggregator, Result
+from .auth import Authenticator, Caller
+from .errors import InvalidRequest, ProxyError
+
+log = logging.getLogger(__name__)
+
+SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+FAILED_REPLICAS_KEY = "x-istioctl-proxy-failed-replicas"
+
+
+def _remaining(context: grpc.aio.ServicerContext[object, object]) -> float | None:
+    left = context.time_remaining()
+    return None if left is None or left > 1e8 else float(left)
+
+
+class AdsService:
+    """StreamAggregatedResources and DeltaAggregatedResources over the Aggregator."""
+
+    def __init__(self, aggregator: Aggregator, authenticator: Authenticator, observer: CallObserver | None = None) -> None:
+        self.aggregator = aggregator
+        self.authenticator = authenticator
+        self.observer = observer or CallObserver()
+
+    async def _caller(self, context: grpc.aio.ServicerContext[object, object]) -> Caller:
+        try:
+            return await self.authenticator.authenticate(context)
+        except ProxyError as err:
+            await _fail(context, err)
+            raise AssertionError("unreachable") from None
+
+    async def _answer(
+        self, context: grpc.aio.ServicerContext[object, object], caller: Caller, type_url: str, names: list[str],
+        node: base_pb2.Node, failures: list[str],
+    ) -> Result:
+        started = time.monotonic()
+        try:
+            result = await self.aggregator.answer(type_url, names, node, caller, _remaining(context))
+        except ProxyError as err:
+            self.observer.call(type_url, caller, err.code.name, time.monotonic() - started, None)
+            await _fail(context, err)
+            raise AssertionError("unreachable") from None
+        self.observer.call(type_url, caller, "OK", time.monotonic() - started, result)
+        if result.failures:
+            failures.extend(f"{r}: {why}" for r, why in result.failures)
+            context.set_trailing_metadata(tuple((FAILED_REPLICAS_KEY, f) for f in failures))
+        return result
+
+    async def stream(
+        self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[bytes]:
+        caller = await self._caller(context)
+        node: base_pb2.Node | None = None
+        failures: list[str] = []
+        # istiod answers each request on the stream afresh (ACK-looking ones too) and never pushes debug
+        # types unasked: so one response per request, in order, until the client half-closes.
+        async for req in requests:
+            if req.HasField("node") and req.node.id:
+                node = req.node
+            if node is None:
+                await _fail(context, InvalidRequest("missing node information: the first request must carry node.id"))
+                return
+            result = await self._answer(context, caller, req.type_url, list(req.resource_names), node, failures)
+            yield result.body
+
+    async def delta(
+        self, requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
+        caller = await self._caller(context)
+        node: base_pb2.Node | None = None
+        failures: list[str] = []
+        subscribed: dict[str, list[str]] = {}
+        async for req in requests:
+            if req.HasField("node") and req.node.id:
+                node = req.node
+            if node is None:
+                await _fail(context, InvalidRequest("missing node information: the first request must carry node.id"))
+                return
+            names = subscribed.setdefault(req.type_url, [])
+            names.extend(n for n in req.resource_names_subscribe if n not in names)
+            for n in req.resource_names_unsubscribe:
+                if n in names:
+                    names.remove(n)
+            result = await self._answer(context, caller, req.type_url, list(names), node, failures)
+            yield to_delta(result)
+
+
+def to_delta(result: Result) -> discovery_pb2.DeltaDiscoveryResponse:
+    """The same merged answer, each resource wrapped as a named Resource (names as istiod's generators give them)."""
+    sotw = discovery_pb2.DiscoveryResponse.FromString(result.body)
+    out = discovery_pb2.DeltaDiscoveryResponse(
+        type_url=sotw.type_url, nonce=sotw.nonce, system_version_info=sotw.version_info
+    )
+    if sotw.HasField("control_plane"):
+        out.control_plane.CopyFrom(sotw.control_plane)
+    for i, res in enumerate(sotw.resources):
+        name = result.plan.resource_names[0] if result.plan.debug_path else ""
+        if result.plan.merge.value == "syncz":
+            from .wire import syncz_node_id
+
+            name = syncz_node_id(res.SerializeToString())
+        elif not name:
+            name = f"{res.type_url.rpartition('/')[2]}/{i}"
+        out.resources.add(name=name, version=sotw.version_info, resource=res)
+    return out
+
+
+async def _fail(context: grpc.aio.ServicerContext[object, object], err: ProxyError) -> None:
+    """The one place a ProxyError becomes a gRPC status."""
+    await context.abort(err.code, err.message)
+
+
+class CallObserver:
+    """Hook for metrics and call logs; the default only logs."""
+
+    def call(self, type_url: str, caller: Caller, outcome: str, seconds: float, result: Result | None) -> None:
+        if result is None:
+            log.info("call type=%s caller=%s outcome=%s latency_ms=%.1f", type_url, caller.principal, outcome, seconds * 1e3)
+            return
+        answered = sum(a.ok for a in result.answers)
+        log.info(
+            "call type=%s caller=%s outcome=%s replicas_asked=%d answered=%d failed=%d resources=%d bytes=%d latency_ms=%.1f",
+            type_url, caller.principal, outcome, len(result.answers), answered, len(result.failures),
+            result.resources, len(result.body), seconds * 1e3,
+        )
+
+
+@dataclass(frozen=True)
+class ServingTLS:
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+    require_client_cert: bool = False
+
+
+class CertificateReloader:
+    """Serves the current files of a ServingTLS; new handshakes pick up rotated files (cert-manager)."""
+
+    def __init__(self, tls: ServingTLS) -> None:
+        self.tls = tls
+        self._stamp: tuple[float, ...] = ()
+        self._config: grpc.ServerCertificateConfiguration | None = None
+        self.reloads = 0
+
+    def _files(self) -> list[str]:
+        return [f for f in (self.tls.cert_file, self.tls.key_file, self.tls.client_ca_file) if f]
+
+    def load(self) -> grpc.ServerCertificateConfiguration:
+        stamp = tuple(os.stat(f).st_mtime_ns for f in self._files())
+        if self._config is None or stamp != self._stamp:
+            with open(self.tls.cert_file, "rb") as c, open(self.tls.key_file, "rb") as k:
+                pair = (k.read(), c.read())
+            ca = None
+            if self.tls.client_ca_file:
+                with open(self.tls.client_ca_file, "rb") as f:
+                    ca = f.read()
+            self._config = grpc.ssl_server_certificate_configuration([pair], root_certificates=ca)
+            if self._stamp:
+                self.reloads += 1
+                log.info("serving certificate reloaded from %s", self.tls.cert_file)
+            self._stamp = stamp
+        return self._config
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        # Called by gRPC on each new handshake; None keeps the current configuration.
+        try:
+            before = self._config
+            config = self.load()
+            return config if config is not before else None
+        except (OSError, ValueError) as err:
+            log.error("could not reload serving certificate (keeping the old one): %s", err)
+            return None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self.load(), self.fetch, require_client_authentication=self.tls.require_client_cert
+        )
+
+
+def build_server(
+    service: AdsService, *, listen: str, max_message_bytes: int, tls: CertificateReloader | None
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    handlers = {
+        "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+            service.stream,
+            request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+            response_serializer=None,  # the merged bytes are already a serialized DiscoveryResponse
+        ),
+        "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+            service.delta,
+            request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+            response_serializer=discovery_pb2.DeltaDiscoveryResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (
+        ads_pb2.DESCRIPTOR.services_by_name["AggregatedDiscoveryService"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    port = server.add_secure_port(listen, tls.credentials()) if tls else server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    return server, health_servicer, port
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE):
+        await health_servicer.set(name, status)
+
+
+__all__ = ["AdsService", "CertificateReloader", "ServingTLS", "build_server", "set_serving"]

@@ -1,0 +1,188 @@
+"""Persistent gRPC channels to the istiod replicas, and one debug request/response over them.
+
+A channel per replica is created once and reused; gRPC reconnects it with exponential backoff. Answers
+come back as raw bytes: the merge decides what, if anything, to decode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from .discovery import Replica, split_host_port
+
+log = logging.getLogger(__name__)
+
+ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+# How long a channel to a replica that discovery dropped stays open for calls already using it.
+_RETIRE_AFTER = 60.0
+
+
+@dataclass(frozen=True)
+class UpstreamTLS:
+    """How the proxy reaches istiod. Secrets are held as bytes and never printed."""
+
+    plaintext: bool = False
+    ca_pem: bytes | None = None  # istio root CA; None with skip_verify only
+    san: str = "istiod.istio-system.svc"
+    cert_pem: bytes | None = field(default=None, repr=False)
+    key_pem: bytes | None = field(default=None, repr=False)
+    skip_verify: bool = False
+
+
+class TokenFile:
+    """A token read from a file and re-read when the file changes (projected tokens rotate)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stamp: tuple[float, int] | None = None
+        self._token = ""
+
+    def read(self) -> str:
+        st = os.stat(self.path)
+        stamp = (st.st_mtime, st.st_size)
+        if stamp != self._stamp:
+            with open(self.path, encoding="utf-8") as f:
+                self._token = f.read().strip()
+            self._stamp = stamp
+        return self._token
+
+
+def fetch_unverified_root(address: str, timeout: float = 5.0) -> bytes:
+    """The top certificate istiod presents, for --istiod-insecure-skip-verify only.
+
+    gRPC Python cannot switch verification off, so we trust whatever chain the server shows.
+    """
+    host, port = split_host_port(address)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection((host, port), timeout=timeout) as sock, ctx.wrap_socket(sock) as tls:
+        # Private in 3.11 (public from 3.13): the full chain as sent, unverified.
+        chain = tls._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
+        der = chain[-1].public_bytes(ssl._ssl.ENCODING_DER) if chain else tls.getpeercert(binary_form=True)  # type: ignore[attr-defined]
+    return ssl.DER_cert_to_PEM_cert(der).encode()
+
+
+class UpstreamError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class UpstreamPool:
+    """One reusable channel per replica address."""
+
+    def __init__(self, tls: UpstreamTLS, *, max_message_bytes: int, token_file: TokenFile | None = None) -> None:
+        self.tls = tls
+        self.max_message_bytes = max_message_bytes
+        self.token_file = token_file
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.last_ok: dict[str, float] = {}
+        self.last_error: dict[str, str] = {}
+
+    def _options(self) -> list[tuple[str, object]]:
+        opts: list[tuple[str, object]] = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 10_000),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            # Large syncz answers: let a single stream use a big window instead of many round trips.
+            ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
+            # Each replica gets its own subchannel even when two addresses share a host.
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
+        if not self.tls.plaintext:
+            opts.append(("grpc.ssl_target_name_override", self.tls.san))
+            opts.append(("grpc.default_authority", self.tls.san))
+        return opts
+
+    def _credentials(self, address: str) -> grpc.ChannelCredentials:
+        root = self.tls.ca_pem
+        if self.tls.skip_verify and root is None:
+            root = fetch_unverified_root(address)
+        return grpc.ssl_channel_credentials(
+            root_certificates=root, private_key=self.tls.key_pem, certificate_chain=self.tls.cert_pem
+        )
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            if self.tls.plaintext:
+                ch = grpc.aio.insecure_channel(address, options=self._options())
+            else:
+                ch = grpc.aio.secure_channel(address, self._credentials(address), options=self._options())
+            self._channels[address] = ch
+        return ch
+
+    def retain(self, replicas: tuple[Replica, ...]) -> None:
+        """Close, after a grace period, the channels of replicas discovery no longer lists."""
+        keep = {r.address for r in replicas}
+        for address in [a for a in self._channels if a not in keep]:
+            ch = self._channels.pop(address)
+            task = asyncio.get_running_loop().create_task(self._retire(ch))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, ch: grpc.aio.Channel) -> None:
+        await asyncio.sleep(_RETIRE_AFTER)
+        await ch.close()
+
+    def refresh_tls(self, tls: UpstreamTLS) -> None:
+        """New trust material: later calls use new channels; open ones finish on the old."""
+        self.tls = tls
+        self.retain(())
+
+    async def close(self) -> None:
+        for task in self._retiring:
+            task.cancel()
+        channels, self._channels = list(self._channels.values()), {}
+        for ch in channels:
+            await ch.close()
+
+    async def ask(
+        self, replica: Replica, request: bytes, metadata: tuple[tuple[str, str], ...], timeout: float
+    ) -> bytes:
+        """Send one DiscoveryRequest on a new stream and return the first response's bytes."""
+        if self.token_file is not None:
+            metadata = (*metadata, ("authorization", "Bearer " + self.token_file.read()))
+        started = time.monotonic()
+        call = self.channel(replica.address).stream_stream(ADS_METHOD)(metadata=metadata, timeout=timeout)
+        try:
+            await call.write(request)
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                code = await call.code()
+                details = await call.details()
+                if code == grpc.StatusCode.OK:
+                    raise UpstreamError(grpc.StatusCode.UNAVAILABLE, "istiod closed the stream without answering")
+                raise UpstreamError(code, details or code.name)
+            assert isinstance(response, bytes)
+        except grpc.aio.AioRpcError as err:
+            self.last_error[replica.address] = f"{err.code().name}: {err.details()}"
+            raise UpstreamError(err.code(), err.details() or err.code().name) from None
+        except UpstreamError as err:
+            self.last_error[replica.address] = str(err)
+            raise
+        finally:
+            # istiod would keep the stream open for more requests; we asked for one answer only.
+            with contextlib.suppress(Exception):
+                call.cancel()
+        self.last_ok[replica.address] = time.monotonic()
+        self.last_error.pop(replica.address, None)
+        log.debug("%s answered %d bytes in %.1f ms", replica.label, len(response), (time.monotonic() - started) * 1e3)
+        return response

@@ -1,0 +1,102 @@
+"""Test helpers: real gRPC servers on loopback — simulated replicas and the proxy, in-process."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+from istioctl_proxy import client
+from istioctl_proxy.app import Proxy
+from istioctl_proxy.config import Config
+from istioctl_proxy.pki import Leaf, TestCA, write_file
+from istioctl_proxy.simulate import SimulatedMesh
+from istioctl_proxy.simulator import SimReplica, make_mesh
+
+ADMIN_TOKEN = "admin-token"
+TOKENS: Mapping[str, tuple[str, str]] = {
+    ADMIN_TOKEN: ("istio-system", "default"),
+    "ns-1-token": ("ns-1", "default"),
+    "ns-2-token": ("ns-2", "default"),
+}
+
+
+@dataclass
+class Pki:
+    ca: TestCA
+    directory: str
+    istiod: Leaf
+    proxy_serving: Leaf
+    upstream: Leaf
+
+    def path(self, name: str, data: bytes) -> str:
+        return write_file(os.path.join(self.directory, name), data)
+
+    def client(self, namespace: str, sa: str = "default") -> Leaf:
+        return self.ca.issue(spiffe=f"spiffe://cluster.local/ns/{namespace}/sa/{sa}")
+
+
+def make_pki(directory: str) -> Pki:
+    ca = TestCA()
+    return Pki(ca, directory, ca.issue(dns=("istiod.istio-system.svc",)),
+               ca.issue(dns=("localhost",), ips=("127.0.0.1",)),
+               ca.issue(spiffe="spiffe://cluster.local/ns/istio-system/sa/istioctl-proxy"))
+
+
+@dataclass
+class Stack:
+    """Simulated replicas + a running proxy."""
+
+    mesh: SimulatedMesh
+    proxy: Proxy
+    pki: Pki | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.proxy.port}"
+
+    @property
+    def replicas(self) -> list[SimReplica]:
+        return self.mesh.replicas
+
+    def target(self, token: str = ADMIN_TOKEN, namespace: str = "istio-system", leaf: Leaf | None = None) -> client.Target:
+        if self.pki is None:
+            return client.Target(self.address, plaintext=True, token=token, namespace=namespace)
+        return client.Target(self.address, ca_pem=self.pki.ca.cert_pem, authority="localhost", namespace=namespace,
+                             cert_pem=leaf.cert_pem if leaf else None, key_pem=leaf.key_pem if leaf else None,
+                             token=token if leaf is None else "")
+
+
+@contextlib.asynccontextmanager
+async def stack(
+    replicas: int = 3, proxies: int = 12, *, identity: bool = False, mesh: list[SimReplica] | None = None,
+    **config: object,
+) -> AsyncIterator[Stack]:
+    """Forward mode over plaintext by default; `identity=True` runs mTLS everywhere with a test CA."""
+    sim = SimulatedMesh(mesh if mesh is not None else make_mesh(replicas, proxies, tokens=TOKENS))
+    with tempfile.TemporaryDirectory() as tmp:
+        pki = make_pki(tmp) if identity else None
+        if pki is None:
+            await sim.start()
+            cfg = Config(listen="127.0.0.1:0", plaintext=True, istiod=(), istiod_plaintext=True, admin_listen="",
+                         drain_seconds=1.0)
+        else:
+            await sim.start(tls=(pki.istiod.cert_pem, pki.istiod.key_pem, pki.ca.cert_pem))
+            ca = pki.path("ca.pem", pki.ca.cert_pem)
+            cfg = Config(
+                listen="127.0.0.1:0", tls_cert=pki.path("tls.crt", pki.proxy_serving.cert_pem),
+                tls_key=pki.path("tls.key", pki.proxy_serving.key_pem), client_ca=ca, istiod=(), istiod_ca=ca,
+                upstream_identity=True, upstream_cert=pki.path("up.crt", pki.upstream.cert_pem),
+                upstream_key=pki.path("up.key", pki.upstream.key_pem), admin_listen="", drain_seconds=1.0,
+            )
+        cfg = dataclasses.replace(cfg, istiod=tuple(sim.addresses), **config)  # type: ignore[arg-type]
+        proxy = Proxy(cfg)
+        await proxy.start()
+        try:
+            yield Stack(sim, proxy, pki)
+        finally:
+            await proxy.stop(0)
+            await sim.stop()
