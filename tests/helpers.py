@@ -41,9 +41,13 @@ class Pki:
 
 def make_pki(directory: str) -> Pki:
     ca = TestCA()
-    return Pki(ca, directory, ca.issue(dns=("istiod.istio-system.svc",)),
-               ca.issue(dns=("localhost",), ips=("127.0.0.1",)),
-               ca.issue(spiffe="spiffe://cluster.local/ns/istio-system/sa/istioctl-proxy"))
+    return Pki(
+        ca,
+        directory,
+        ca.issue(dns=("istiod.istio-system.svc",)),
+        ca.issue(dns=("localhost",), ips=("127.0.0.1",)),
+        ca.issue(spiffe="spiffe://cluster.local/ns/istio-system/sa/istioctl-proxy"),
+    )
 
 
 @dataclass
@@ -62,17 +66,29 @@ class Stack:
     def replicas(self) -> list[SimReplica]:
         return self.mesh.replicas
 
-    def target(self, token: str = ADMIN_TOKEN, namespace: str = "istio-system", leaf: Leaf | None = None) -> client.Target:
+    def target(
+        self, token: str = ADMIN_TOKEN, namespace: str = "istio-system", leaf: Leaf | None = None
+    ) -> client.Target:
         if self.pki is None:
             return client.Target(self.address, plaintext=True, token=token, namespace=namespace)
-        return client.Target(self.address, ca_pem=self.pki.ca.cert_pem, authority="localhost", namespace=namespace,
-                             cert_pem=leaf.cert_pem if leaf else None, key_pem=leaf.key_pem if leaf else None,
-                             token=token if leaf is None else "")
+        return client.Target(
+            self.address,
+            ca_pem=self.pki.ca.cert_pem,
+            authority="localhost",
+            namespace=namespace,
+            cert_pem=leaf.cert_pem if leaf else None,
+            key_pem=leaf.key_pem if leaf else None,
+            token=token if leaf is None else "",
+        )
 
 
 @contextlib.asynccontextmanager
 async def stack(
-    replicas: int = 3, proxies: int = 12, *, identity: bool = False, mesh: list[SimReplica] | None = None,
+    replicas: int = 3,
+    proxies: int = 12,
+    *,
+    identity: bool = False,
+    mesh: list[SimReplica] | None = None,
     **config: object,
 ) -> AsyncIterator[Stack]:
     """Forward mode over plaintext by default; `identity=True` runs mTLS everywhere with a test CA."""
@@ -81,16 +97,29 @@ async def stack(
         pki = make_pki(tmp) if identity else None
         if pki is None:
             await sim.start()
-            cfg = Config(listen="127.0.0.1:0", plaintext=True, istiod=(), istiod_plaintext=True, admin_listen="",
-                         drain_seconds=1.0)
+            cfg = Config(
+                listen="127.0.0.1:0",
+                plaintext=True,
+                istiod=(),
+                istiod_plaintext=True,
+                admin_listen="",
+                drain_seconds=1.0,
+            )
         else:
             await sim.start(tls=(pki.istiod.cert_pem, pki.istiod.key_pem, pki.ca.cert_pem))
             ca = pki.path("ca.pem", pki.ca.cert_pem)
             cfg = Config(
-                listen="127.0.0.1:0", tls_cert=pki.path("tls.crt", pki.proxy_serving.cert_pem),
-                tls_key=pki.path("tls.key", pki.proxy_serving.key_pem), client_ca=ca, istiod=(), istiod_ca=ca,
-                upstream_identity=True, upstream_cert=pki.path("up.crt", pki.upstream.cert_pem),
-                upstream_key=pki.path("up.key", pki.upstream.key_pem), admin_listen="", drain_seconds=1.0,
+                listen="127.0.0.1:0",
+                tls_cert=pki.path("tls.crt", pki.proxy_serving.cert_pem),
+                tls_key=pki.path("tls.key", pki.proxy_serving.key_pem),
+                client_ca=ca,
+                istiod=(),
+                istiod_ca=ca,
+                upstream_identity=True,
+                upstream_cert=pki.path("up.crt", pki.upstream.cert_pem),
+                upstream_key=pki.path("up.key", pki.upstream.key_pem),
+                admin_listen="",
+                drain_seconds=1.0,
             )
         cfg = dataclasses.replace(cfg, istiod=tuple(sim.addresses), **config)  # type: ignore[arg-type]
         proxy = Proxy(cfg)

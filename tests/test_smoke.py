@@ -8,9 +8,9 @@ from .helpers import stack
 async def test_syncz_merges_all_replicas_forward_mode() -> None:
     async with stack(3, 12) as s:
         resp, _ = await client.request(s.target(), client.SYNCZ)
-        ids = sorted(r["name"] for r in client.rows(resp))
+        ids = sorted(r.name for r in client.rows(resp))
         assert ids == sorted(p.id for r in s.replicas for p in r.proxies)
-        assert {r["istiod"] for r in client.rows(resp)} == {"<external>"}
+        assert {r.istiod for r in client.rows(resp)} == {"<external>"}
 
 
 async def test_syncz_identity_mode() -> None:

@@ -12,7 +12,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from . import wire
 from .auth import AuthMode, Caller, authorize
-from .discovery import ReplicaSet
+from .coalesce import Coalescer, FlightKey
+from .discovery import Replica, ReplicaSet
 from .errors import NoReplicas, UpstreamFailed
 from .fanout import Answer, FanOut, most_telling, upstream_timeout
 from .merge import NOT_CONNECTED, MergeContext, debug_response, merge
@@ -30,6 +31,9 @@ class Settings:
     upstream_timeout: float = 10.0
     external_id: str = "<external>"
     upstream_node: base_pb2.Node | None = None  # identity mode: the node matching the proxy's own identity
+    coalesce: bool = True  # identical concurrent requests of one caller key share one fan-out
+    cache_ttl: float = 0.0  # seconds a complete answer is reused for the same caller key; 0 = off
+    cache_max_bytes: int = 64 * 1024 * 1024  # bound on cached bodies (entries are also capped in number)
 
 
 @dataclass
@@ -46,6 +50,12 @@ class Aggregator:
         self.replicas = replicas
         self.fanout = fanout
         self.settings = settings
+        # Partial answers (a replica failed) are shared with concurrent callers but never cached, so a
+        # replica that comes back is seen on the next call.
+        self.coalescer: Coalescer[Result] = Coalescer(
+            ttl=settings.cache_ttl, enabled=settings.coalesce, max_bytes=settings.cache_max_bytes,
+            size=lambda r: len(r.body), cacheable=lambda r: not r.failures,
+        )
 
     async def answer(
         self, type_url: str, names: list[str], node: base_pb2.Node, caller: Caller, remaining: float | None
@@ -65,6 +75,21 @@ class Aggregator:
             plan = Plan(plan.type_url, plan.merge, (), plan.debug_path, "")
             return Result(self._not_found(plan), plan, 0, [])
 
+        # The coalescing/caching hook. The key holds the caller's credential key, so a shared or cached
+        # answer is always one that this caller's own credentials fetched (or would fetch: same token or
+        # principal, same node, same request).
+        key = FlightKey(caller.key, plan.type_url, plan.resource_names, request, ctx.scope,
+                        (plan.fan_out, tuple(r.address for r in replicas)))
+        shared = await self.coalescer.run(key, lambda: self._fan_out_and_merge(plan, replicas, request, metadata,
+                                                                               timeout, ctx))
+        log.debug("%s answered in %.1f ms", plan.type_url, (time.monotonic() - started) * 1e3)
+        # A copy per caller: the body is shared (immutable bytes), the lists are not.
+        return Result(shared.body, shared.plan, shared.resources, list(shared.answers), list(shared.failures))
+
+    async def _fan_out_and_merge(
+        self, plan: Plan, replicas: tuple[Replica, ...], request: bytes,
+        metadata: tuple[tuple[str, str], ...], timeout: float, ctx: MergeContext,
+    ) -> Result:
         if plan.fan_out:
             answers = await self.fanout.all(replicas, request, metadata, timeout)
         else:
@@ -79,7 +104,6 @@ class Aggregator:
             )
         if failures:
             log.warning("partial answer for %s: %s", plan.type_url, "; ".join(f"{r}: {w}" for r, w in failures))
-        log.debug("%s answered in %.1f ms", plan.type_url, (time.monotonic() - started) * 1e3)
         return Result(merged.body, plan, merged.resources, answers, failures)
 
     def _upstream_request(
@@ -93,7 +117,8 @@ class Aggregator:
             upstream_node = self.settings.upstream_node or node
         req = discovery_pb2.DiscoveryRequest(type_url=plan.type_url, resource_names=plan.resource_names)
         req.node.CopyFrom(upstream_node)
-        return req.SerializeToString(), metadata
+        # Deterministic: the bytes are part of the coalescing key, and map order must not split a flight.
+        return req.SerializeToString(deterministic=True), metadata
 
     def _apply_failure_policy(self, plan: Plan, answers: list[Answer]) -> list[tuple[str, str]]:
         failed = [a for a in answers if not a.ok]

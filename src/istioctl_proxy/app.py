@@ -81,6 +81,7 @@ class Proxy:
             mode=mode, require_all=cfg.require_all, upstream_timeout=cfg.upstream_timeout,
             external_id=cfg.external_id,
             upstream_node=upstream_identity_node(cfg) if mode is AuthMode.IDENTITY else None,
+            coalesce=cfg.coalesce, cache_ttl=cfg.cache_ttl,
         )
         aggregator = Aggregator(self.replicas, FanOut(self.pool), settings)
         authenticator = Authenticator(
@@ -116,14 +117,15 @@ class Proxy:
 
 async def serve(cfg: Config) -> None:
     proxy = Proxy(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Installed before serving: a SIGTERM right after start must drain, not kill.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         await proxy.start()
     except OSError as err:
         raise ConfigError(f"cannot listen on {cfg.listen}: {err}") from None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("draining (up to %.0fs) before exit", cfg.drain_seconds)
     await proxy.stop()

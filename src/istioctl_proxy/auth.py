@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import grpc
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
 
 from .errors import PermissionDenied, Unauthenticated
 from .policy import CONFIG_DUMP, DEBUG, NAMESPACE_DEBUG_PATHS, SYNCZ, Plan
@@ -69,7 +68,7 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
 def spiffe_ids_of_pem(pem: bytes) -> tuple[str, ...]:
     cert = x509.load_pem_x509_certificate(pem)
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return ()
     return tuple(u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://"))

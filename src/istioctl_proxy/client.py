@@ -51,14 +51,22 @@ class Target:
 def istioctl_node(namespace: str) -> base_pb2.Node:
     """The node istioctl sends (pkg/adsc): identity checks compare NAMESPACE/SERVICE_ACCOUNT with the token."""
     node = base_pb2.Node(id=f"sidecar~127.0.0.1~test-1.{namespace}~{namespace}.svc.cluster.local")
-    node.metadata.update({"GENERATOR": "event", "SERVICE_ACCOUNT": "default", "NAMESPACE": namespace,
-                          "ISTIO_VERSION": "65536.65536.65536"})
+    node.metadata.update(
+        {
+            "GENERATOR": "event",
+            "SERVICE_ACCOUNT": "default",
+            "NAMESPACE": namespace,
+            "ISTIO_VERSION": "65536.65536.65536",
+        }
+    )
     return node
 
 
 def channel(t: Target) -> grpc.aio.Channel:
-    opts: list[tuple[str, object]] = [("grpc.max_receive_message_length", t.max_message_bytes),
-                                      ("grpc.max_send_message_length", t.max_message_bytes)]
+    opts: list[tuple[str, object]] = [
+        ("grpc.max_receive_message_length", t.max_message_bytes),
+        ("grpc.max_send_message_length", t.max_message_bytes),
+    ]
     if t.plaintext:
         return grpc.aio.insecure_channel(t.address, options=opts)
     if t.authority:
@@ -75,8 +83,9 @@ async def request(
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch)
         md = (("authorization", f"Bearer {t.token}"),) if t.token else ()
         call = stub.StreamAggregatedResources(metadata=md, timeout=timeout)
-        req = discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names or [],
-                                             node=istioctl_node(t.namespace))
+        req = discovery_pb2.DiscoveryRequest(
+            type_url=type_url, resource_names=names or [], node=istioctl_node(t.namespace)
+        )
         await call.write(req)
         await call.done_writing()
         resp = await call.read()
@@ -110,54 +119,69 @@ def _human_age(seconds: float) -> str:
     return f"{h // 24}d"
 
 
-def rows(resp: discovery_pb2.DiscoveryResponse, namespace: str = "") -> list[dict[str, object]]:
-    """One dict per proxy: what istioctl's XdsStatusWriter computes (writer/pilot/status.go)."""
+@dataclass(frozen=True)
+class ProxyRow:
+    """One proxy as istioctl's XdsStatusWriter computes it (writer/pilot/status.go)."""
+
+    name: str
+    cluster: str
+    istiod: str
+    version: str
+    types: dict[str, str]  # type URL → "SYNCED (5s)", "NOT SENT", ...
+
+
+def control_plane_id(resp: discovery_pb2.DiscoveryResponse) -> str:
+    """istioctl's multixds.CpInfo(resp).ID."""
+    if not resp.control_plane.identifier:
+        return "MISSING"
     try:
-        cp_id = str(json.loads(resp.control_plane.identifier).get("ID", "")) if resp.control_plane.identifier else "MISSING"
-    except ValueError:
-        cp_id = "INVALID"
+        return str(json.loads(resp.control_plane.identifier).get("ID", ""))
+    except (ValueError, AttributeError):
+        return "INVALID"
+
+
+def _meta(cfg: csds_pb2.ClientConfig, key: str) -> str:
+    fields = cfg.node.metadata.fields
+    return str(fields[key].string_value) if key in fields else ""
+
+
+def _status(x: csds_pb2.ClientConfig.GenericXdsConfig, now: float) -> str:
+    status = str(csds_pb2.ConfigStatus.Name(x.config_status))
+    if status == "UNKNOWN":
+        return "IGNORED"
+    if status == "NOT_SENT":
+        return "NOT SENT"
+    if x.HasField("last_updated"):
+        status += f" ({_human_age(now - x.last_updated.ToSeconds())})"
+    return status
+
+
+def rows(resp: discovery_pb2.DiscoveryResponse, namespace: str = "") -> list[ProxyRow]:
+    cp_id = control_plane_id(resp)
     out = []
     now = time.time()
     for res in resp.resources:
         cfg = csds_pb2.ClientConfig()
         if not res.Unpack(cfg):
             raise ValueError(f"resource {res.type_url} is not a ClientConfig")
-        meta = cfg.node.metadata.fields
-        ns = meta["NAMESPACE"].string_value if "NAMESPACE" in meta else ""
-        if namespace and ns != namespace:
+        if namespace and _meta(cfg, "NAMESPACE") != namespace:
             continue
-        types = {}
-        for x in cfg.generic_xds_configs:
-            status = csds_pb2.ConfigStatus.Name(x.config_status)
-            if status == "UNKNOWN":
-                status = "IGNORED"
-            elif status == "NOT_SENT":
-                status = "NOT SENT"
-            elif x.HasField("last_updated"):
-                status += f" ({_human_age(now - x.last_updated.ToSeconds())})"
-            types[x.type_url] = status
-        out.append({
-            "name": cfg.node.id,
-            "cluster": meta["CLUSTER_ID"].string_value if "CLUSTER_ID" in meta else "",
-            "istiod": cp_id,
-            "version": meta["ISTIO_VERSION"].string_value if "ISTIO_VERSION" in meta else "",
-            "types": types,
-        })
-    return sorted(out, key=lambda r: str(r["name"]))
+        types = {str(x.type_url): _status(x, now) for x in cfg.generic_xds_configs}
+        out.append(ProxyRow(str(cfg.node.id), _meta(cfg, "CLUSTER_ID"), cp_id, _meta(cfg, "ISTIO_VERSION"), types))
+    return sorted(out, key=lambda r: r.name)
 
 
 def table(resp: discovery_pb2.DiscoveryResponse, namespace: str = "") -> str:
     """The `istioctl x ps` table: NAME CLUSTER ISTIOD VERSION SUBSCRIBED TYPES."""
     data = rows(resp, namespace)
-    seen = {t for r in data for t in r["types"]}  # type: ignore[attr-defined]
+    seen = {t for r in data for t in r.types}
     order = [t for t in _CORE_ORDER if t in seen] + sorted(seen - set(_CORE_ORDER))
     lines = [["NAME", "CLUSTER", "ISTIOD", "VERSION", "SUBSCRIBED TYPES"]]
     for r in data:
-        types: dict[str, str] = r["types"]  # type: ignore[assignment]
-        subscribed = [SHORT_TYPES.get(t, t) for t in order if t in types and types[t] != "IGNORED"]
+        subscribed = [SHORT_TYPES.get(t, t) for t in order if t in r.types and r.types[t] != "IGNORED"]
         col = f"{len(subscribed)} ({','.join(subscribed)})" if subscribed else "0"
-        lines.append([str(r["name"]), str(r["cluster"]), str(r["istiod"]), str(r["version"]), col])
-    # Go's tabwriter with minwidth 0, tabwidth 8, padding 5: each column padded to its widest cell + 5.
+        lines.append([r.name, r.cluster, r.istiod, r.version, col])
+    # Go's tabwriter (minwidth 0, padding 5): each column padded to its widest cell + 5.
     widths = [max(len(row[i]) for row in lines) + 5 for i in range(4)]
     return "\n".join("".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + row[4] for row in lines) + "\n"
 
@@ -166,4 +190,4 @@ def as_json(resp: discovery_pb2.DiscoveryResponse) -> str:
     return json_format.MessageToJson(resp, indent=4)
 
 
-__all__ = ["SYNCZ", "Target", "as_json", "istioctl_node", "request", "rows", "table"]
+__all__ = ["SYNCZ", "ProxyRow", "Target", "as_json", "control_plane_id", "istioctl_node", "request", "rows", "table"]

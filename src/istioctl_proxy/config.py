@@ -57,6 +57,7 @@ class Config:
     admin_listen: str = "127.0.0.1:15090"
     admin_status_page: bool = False
     cache_ttl: float = 0.0
+    coalesce: bool = True
     log_level: str = "info"
     log_format: str = "text"
     drain_seconds: float = 20.0
@@ -79,16 +80,17 @@ def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = 
     env = os.environ if env is None else env
 
     def d(flag: str, default: object) -> object:
-        key = ENV_PREFIX + flag.upper().replace("-", "_")
-        return env.get(key, default)
+        return env.get(env_name(flag), default)
 
-    def flag(name: str, default: object = None, help: str = "", **kw: object) -> None:
-        p.add_argument(f"--{name}", default=d(name, default), help=f"{help} [env {ENV_PREFIX}{name.upper().replace('-', '_')}]", **kw)  # type: ignore[arg-type]
+    def env_name(name: str) -> str:
+        return ENV_PREFIX + name.upper().replace("-", "_")
+
+    def flag(name: str, default: object = None, help: str = "") -> None:
+        p.add_argument(f"--{name}", default=d(name, default), help=f"{help} [env {env_name(name)}]")
 
     def switch(name: str, help: str) -> None:
         value = str(d(name, "")).lower() in ("1", "true", "yes", "on")
-        p.add_argument(f"--{name}", action="store_true", default=value,
-                       help=f"{help} [env {ENV_PREFIX}{name.upper().replace('-', '_')}=true]")
+        p.add_argument(f"--{name}", action="store_true", default=value, help=f"{help} [env {env_name(name)}=true]")
 
     flag("listen", None, "HOST:PORT to serve ADS on (default 0.0.0.0:9090; 127.0.0.1:9090 with --plaintext)")
     switch("plaintext", "serve without TLS (for port-forward and local use)")
@@ -124,6 +126,7 @@ def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = 
     flag("token-review-audiences", "istio-ca", "audiences a caller token must have, comma-separated")
     flag("external-id", "<external>", "the ISTIOD value of merged syncz answers")
     flag("cache-ttl", "0", "seconds identical answers are cached per caller (0: coalescing only)")
+    switch("no-coalesce", "do not share one fan-out between identical concurrent requests of one caller")
     flag("admin-listen", "127.0.0.1:15090", "HOST:PORT of the admin HTTP port (metrics, health); '' disables")
     switch("admin-status-page", "serve the status page at / on the admin port (shows the whole mesh)")
     flag("log-level", "info", "debug, info, warning or error")
@@ -151,7 +154,7 @@ def _readable(name: str, path: str) -> None:
 
 
 def _is_loopback(listen: str) -> bool:
-    host, _ = split_host_port(listen)
+    host, _ = split_host_port(listen, allow_zero=True)
     if host == "localhost":
         return True
     try:
@@ -166,7 +169,7 @@ def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) 
     listen = ns.listen or ("127.0.0.1:9090" if plaintext else "0.0.0.0:9090")
     for name, value in (("listen", listen), ("admin-listen", ns.admin_listen or "127.0.0.1:1")):
         try:
-            split_host_port(value)
+            split_host_port(value, allow_zero=True)  # port 0: any free port (tests, local use)
         except ValueError as err:
             raise ConfigError(f"--{name}: {err}") from None
     cfg = Config(
@@ -206,6 +209,7 @@ def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) 
         admin_listen=ns.admin_listen,
         admin_status_page=bool(ns.admin_status_page),
         cache_ttl=_number("cache-ttl", ns.cache_ttl, float),
+        coalesce=not bool(getattr(ns, "no_coalesce", False)),
         log_level=ns.log_level.lower(),
         log_format=ns.log_format.lower(),
         drain_seconds=_number("drain-seconds", ns.drain_seconds, float),
@@ -244,6 +248,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--upstream-cert/--upstream-token-file/--token-review need --upstream-identity")
     if cfg.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level {cfg.log_level!r}: use debug, info, warning or error")
+    if cfg.cache_ttl < 0:
+        raise ConfigError("--cache-ttl must be 0 (off) or a positive number of seconds")
     if cfg.log_format not in ("text", "json"):
         raise ConfigError(f"--log-format {cfg.log_format!r}: use text or json")
     for name, path in (

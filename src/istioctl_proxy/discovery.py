@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import socket
@@ -19,6 +20,7 @@ from typing import Protocol
 log = logging.getLogger(__name__)
 
 OnChange = Callable[[Sequence["Replica"]], None]
+Listener = Callable[[tuple["Replica", ...]], None]
 
 
 @dataclass(frozen=True, order=True)
@@ -37,12 +39,13 @@ class Replica:
 class ReplicaSource(Protocol):
     """Finds replicas. `run` never returns while the proxy serves; it reports every change."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     async def run(self, on_change: OnChange) -> None: ...
 
 
-def split_host_port(value: str, *, default_port: int | None = None) -> tuple[str, int]:
+def split_host_port(value: str, *, default_port: int | None = None, allow_zero: bool = False) -> tuple[str, int]:
     """Parse `host:port` or `[v6]:port`; raises ValueError with a readable message."""
     host, sep, port = value.rpartition(":")
     if not sep or "]" in port:
@@ -52,7 +55,7 @@ def split_host_port(value: str, *, default_port: int | None = None) -> tuple[str
     host = host.strip("[]")
     if not host:
         raise ValueError(f"{value!r} has no host")
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not port.isdigit() or not (0 if allow_zero else 1) <= int(port) < 65536:
         raise ValueError(f"{value!r} has no valid port")
     return host, int(port)
 
@@ -122,13 +125,14 @@ class ReplicaSet:
         self._by_source: dict[str, tuple[Replica, ...]] = {}
         self._current: tuple[Replica, ...] = ()
         self._changed = asyncio.Event()
+        self.version = 0  # bumped on every change of the set
         self._tasks: list[asyncio.Task[None]] = []
-        self._listeners: list[OnChange] = []
+        self._listeners: list[Listener] = []
 
     def current(self) -> tuple[Replica, ...]:
         return self._current
 
-    def add_listener(self, listener: OnChange) -> None:
+    def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
     def _update(self, source: str, replicas: Sequence[Replica]) -> None:
@@ -140,9 +144,12 @@ class ReplicaSet:
         new = tuple(sorted(seen.values()))
         if new != self._current:
             self._current = new
+            self.version += 1
             for listener in self._listeners:
                 listener(new)
+            # Wake the current waiters; later waiters get a fresh event.
             self._changed.set()
+            self._changed = asyncio.Event()
 
     async def start(self) -> None:
         for source in self._sources:
@@ -151,7 +158,7 @@ class ReplicaSet:
     async def _run(self, source: ReplicaSource) -> None:
         while True:
             try:
-                await source.run(lambda replicas, s=source.name: self._update(s, replicas))
+                await source.run(functools.partial(self._update, source.name))
                 return
             except asyncio.CancelledError:
                 raise
@@ -159,9 +166,12 @@ class ReplicaSet:
                 log.exception("replica source %s failed; restarting it", source.name)
                 await asyncio.sleep(1.0)
 
-    async def wait_changed(self) -> None:
-        self._changed.clear()
-        await self._changed.wait()
+    async def wait_changed(self, after: int | None = None) -> int:
+        """Wait until the set's version is past `after` (default: the current one); return the new version."""
+        after = self.version if after is None else after
+        while self.version <= after:
+            await self._changed.wait()
+        return self.version
 
     async def stop(self) -> None:
         for task in self._tasks:

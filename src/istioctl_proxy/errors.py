@@ -1,14 +1,14 @@
 """The proxy's errors, and the one place that maps them to gRPC status codes.
 
-    ProxyError
-    ├── InvalidRequest      INVALID_ARGUMENT   the caller's request is malformed
-    ├── UnsupportedType     UNIMPLEMENTED      a type URL we do not serve (we are not a control plane)
-    ├── Unauthenticated     UNAUTHENTICATED    no or unusable credentials
-    ├── PermissionDenied    PERMISSION_DENIED  credentials valid, request out of scope
-    ├── NoReplicas          UNAVAILABLE        discovery knows no istiod replica
-    └── UpstreamFailed      (the upstream's)   replicas failed; carries the most telling upstream code
+ProxyError
+├── InvalidRequest      INVALID_ARGUMENT   the caller's request is malformed
+├── UnsupportedType     UNIMPLEMENTED      a type URL we do not serve (we are not a control plane)
+├── Unauthenticated     UNAUTHENTICATED    no or unusable credentials
+├── PermissionDenied    PERMISSION_DENIED  credentials valid, request out of scope
+├── NoReplicas          UNAVAILABLE        discovery knows no istiod replica
+└── UpstreamFailed      (the upstream's)   replicas failed; carries the most telling upstream code
 
-    ConfigError: bad configuration at start-up; the CLI prints it as one line and exits 2.
+ConfigError: bad configuration at start-up; the CLI prints it as one line and exits 2.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ import re
 import sys
 
 # Belt and braces: whatever slips into a message, a bearer token or a PEM key is masked.
-_SECRET = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+|-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----")
+_SECRET = re.compile(
+    r"(Bearer\s+)[A-Za-z0-9._~+/=-]+|-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"
+)
 
 
 def redact(text: str) -> str:
@@ -22,8 +24,12 @@ class _Redacting(logging.Formatter):
 
 class _Json(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {"time": self.formatTime(record), "level": record.levelname.lower(), "logger": record.name,
-               "msg": redact(record.getMessage())}
+        out = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": redact(record.getMessage()),
+        }
         if record.exc_info:
             out["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(out)

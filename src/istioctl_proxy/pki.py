@@ -14,8 +14,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 @dataclass
@@ -34,16 +35,35 @@ class TestCA:
 
     def __post_init__(self) -> None:
         now = datetime.datetime.now(datetime.UTC)
-        subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cluster.local"),
-                             x509.NameAttribute(NameOID.COMMON_NAME, self.name)])
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cluster.local"),
+                x509.NameAttribute(NameOID.COMMON_NAME, self.name),
+            ]
+        )
         self.cert = (
-            x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=30))
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=30))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
             .sign(self.key, hashes.SHA256())
         )
@@ -57,8 +77,13 @@ class TestCA:
         return _pem_key(self.key)
 
     def issue(
-        self, *, spiffe: str = "", dns: tuple[str, ...] = (), ips: tuple[str, ...] = (),
-        days: float = 1.0, not_before: datetime.datetime | None = None,
+        self,
+        *,
+        spiffe: str = "",
+        dns: tuple[str, ...] = (),
+        ips: tuple[str, ...] = (),
+        days: float = 1.0,
+        not_before: datetime.datetime | None = None,
     ) -> Leaf:
         key = ec.generate_private_key(ec.SECP256R1())
         now = not_before or datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
@@ -70,12 +95,16 @@ class TestCA:
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cluster.local")]))
-            .issuer_name(self.cert.subject).public_key(key.public_key())
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
+            .not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName(sans), critical=bool(spiffe))
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
             .sign(self.key, hashes.SHA256())
         )
@@ -84,8 +113,11 @@ class TestCA:
     def write_istioctl_cert_dir(self, directory: str, leaf: Leaf) -> str:
         """The layout `istioctl --cert-dir` reads: cert-chain.pem, key.pem, root-cert.pem."""
         os.makedirs(directory, exist_ok=True)
-        for name, data in (("cert-chain.pem", leaf.cert_pem), ("key.pem", leaf.key_pem),
-                           ("root-cert.pem", self.cert_pem)):
+        for name, data in (
+            ("cert-chain.pem", leaf.cert_pem),
+            ("key.pem", leaf.key_pem),
+            ("root-cert.pem", self.cert_pem),
+        ):
             write_file(os.path.join(directory, name), data)
         return directory
 

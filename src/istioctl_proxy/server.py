@@ -7,6 +7,7 @@ ProxyErrors to gRPC statuses in one place (`_fail`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from .aggregator import Aggregator, Result
 from .auth import Authenticator, Caller
 from .errors import InvalidRequest, ProxyError
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,9 @@ def _remaining(context: grpc.aio.ServicerContext[object, object]) -> float | Non
 class AdsService:
     """StreamAggregatedResources and DeltaAggregatedResources over the Aggregator."""
 
-    def __init__(self, aggregator: Aggregator, authenticator: Authenticator, observer: CallObserver | None = None) -> None:
+    def __init__(
+        self, aggregator: Aggregator, authenticator: Authenticator, observer: CallObserver | None = None
+    ) -> None:
         self.aggregator = aggregator
         self.authenticator = authenticator
         self.observer = observer or CallObserver()
@@ -55,11 +59,16 @@ class AdsService:
     ) -> Result:
         started = time.monotonic()
         try:
-            result = await self.aggregator.answer(type_url, names, node, caller, _remaining(context))
+            with self.observer.in_flight(type_url):
+                result = await self.aggregator.answer(type_url, names, node, caller, _remaining(context))
         except ProxyError as err:
             self.observer.call(type_url, caller, err.code.name, time.monotonic() - started, None)
             await _fail(context, err)
             raise AssertionError("unreachable") from None
+        except asyncio.CancelledError:
+            # The caller hung up (or the server is stopping) mid-call: still one log line and one count.
+            self.observer.call(type_url, caller, "CANCELLED", time.monotonic() - started, None)
+            raise
         self.observer.call(type_url, caller, "OK", time.monotonic() - started, result)
         if result.failures:
             failures.extend(f"{r}: {why}" for r, why in result.failures)
@@ -84,7 +93,9 @@ class AdsService:
             yield result.body
 
     async def delta(
-        self, requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], context: grpc.aio.ServicerContext[object, object]
+        self,
+        requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
         caller = await self._caller(context)
         node: base_pb2.Node | None = None
@@ -131,15 +142,29 @@ async def _fail(context: grpc.aio.ServicerContext[object, object], err: ProxyErr
 
 
 class CallObserver:
-    """Hook for metrics and call logs; the default only logs."""
+    """One log line per call (by principal: never a token) and, given a Metrics, the call metrics."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
+
+    def in_flight(self, type_url: str) -> contextlib.AbstractContextManager[None]:
+        return self.metrics.calling(type_url) if self.metrics is not None else contextlib.nullcontext()
 
     def call(self, type_url: str, caller: Caller, outcome: str, seconds: float, result: Result | None) -> None:
+        if self.metrics is not None:
+            # PARTIAL: answered, but without some replicas (the trailer names them).
+            counted = "PARTIAL" if result is not None and result.failures else outcome
+            self.metrics.observe_call(type_url, counted, seconds, result.resources if result else 0,
+                                      len(result.body) if result else 0)
         if result is None:
-            log.info("call type=%s caller=%s outcome=%s latency_ms=%.1f", type_url, caller.principal, outcome, seconds * 1e3)
+            log.info(
+                "call type=%s caller=%s outcome=%s latency_ms=%.1f", type_url, caller.principal, outcome, seconds * 1e3
+            )
             return
         answered = sum(a.ok for a in result.answers)
         log.info(
-            "call type=%s caller=%s outcome=%s replicas_asked=%d answered=%d failed=%d resources=%d bytes=%d latency_ms=%.1f",
+            "call type=%s caller=%s outcome=%s replicas_asked=%d answered=%d failed=%d resources=%d bytes=%d "
+            "latency_ms=%.1f",
             type_url, caller.principal, outcome, len(result.answers), answered, len(result.failures),
             result.resources, len(result.body), seconds * 1e3,
         )

@@ -38,8 +38,9 @@ class SimulatedMesh:
     addresses: list[str] = field(default_factory=list)
     servers: list[grpc.aio.Server] = field(default_factory=list)
 
-    async def start(self, host: str = "127.0.0.1", base_port: int = 0,
-                    tls: tuple[bytes, bytes, bytes | None] | None = None) -> None:
+    async def start(
+        self, host: str = "127.0.0.1", base_port: int = 0, tls: tuple[bytes, bytes, bytes | None] | None = None
+    ) -> None:
         for i, replica in enumerate(self.replicas):
             server, port = build_simulator_server(replica, f"{host}:{base_port + i if base_port else 0}", tls=tls)
             await server.start()
@@ -53,8 +54,14 @@ class SimulatedMesh:
 
 
 @contextlib.asynccontextmanager
-async def simulated_mesh(replicas: int, proxies: int, *, tokens: Mapping[str, tuple[str, str]] | None = None,
-                         tls: tuple[bytes, bytes, bytes | None] | None = None, **kw: object) -> AsyncIterator[SimulatedMesh]:
+async def simulated_mesh(
+    replicas: int,
+    proxies: int,
+    *,
+    tokens: Mapping[str, tuple[str, str]] | None = None,
+    tls: tuple[bytes, bytes, bytes | None] | None = None,
+    **kw: object,
+) -> AsyncIterator[SimulatedMesh]:
     mesh = SimulatedMesh(make_mesh(replicas, proxies, tokens=tokens, **kw))  # type: ignore[arg-type]
     await mesh.start(tls=tls)
     try:
@@ -93,11 +100,18 @@ def demo_pki(directory: str) -> tuple[DemoFiles, TestCA, Leaf]:
     proxy = ca.issue(dns=("localhost",), ips=("127.0.0.1",))
     upstream = ca.issue(spiffe="spiffe://cluster.local/ns/istio-system/sa/istioctl-proxy")
     admin = ca.issue(spiffe="spiffe://cluster.local/ns/istio-system/sa/default")
-    j = lambda name: os.path.join(directory, name)  # noqa: E731
+
+    def j(name: str) -> str:
+        return os.path.join(directory, name)
+
     files = DemoFiles(
-        directory, write_file(j("ca.pem"), ca.cert_pem), write_file(j("proxy.pem"), proxy.cert_pem),
-        write_file(j("proxy-key.pem"), proxy.key_pem), write_file(j("upstream.pem"), upstream.cert_pem),
-        write_file(j("upstream-key.pem"), upstream.key_pem), ca.write_istioctl_cert_dir(j("istioctl-certs"), admin),
+        directory,
+        write_file(j("ca.pem"), ca.cert_pem),
+        write_file(j("proxy.pem"), proxy.cert_pem),
+        write_file(j("proxy-key.pem"), proxy.key_pem),
+        write_file(j("upstream.pem"), upstream.cert_pem),
+        write_file(j("upstream-key.pem"), upstream.key_pem),
+        ca.write_istioctl_cert_dir(j("istioctl-certs"), admin),
     )
     return files, ca, istiod
 
@@ -108,9 +122,16 @@ async def run_demo(ns: argparse.Namespace) -> int:
         async with simulated_mesh(ns.replicas, ns.proxies, tls=(istiod.cert_pem, istiod.key_pem, ca.cert_pem)) as mesh:
             port = ns.port or free_port()
             cfg = Config(
-                listen=f"127.0.0.1:{port}", tls_cert=files.proxy_cert, tls_key=files.proxy_key,
-                client_ca=files.ca, istiod=tuple(mesh.addresses), istiod_ca=files.ca, upstream_identity=True,
-                upstream_cert=files.upstream_cert, upstream_key=files.upstream_key, admin_listen="",
+                listen=f"127.0.0.1:{port}",
+                tls_cert=files.proxy_cert,
+                tls_key=files.proxy_key,
+                client_ca=files.ca,
+                istiod=tuple(mesh.addresses),
+                istiod_ca=files.ca,
+                upstream_identity=True,
+                upstream_cert=files.upstream_cert,
+                upstream_key=files.upstream_key,
+                admin_listen="",
             )
             proxy = Proxy(cfg)
             await proxy.start()
@@ -119,14 +140,21 @@ async def run_demo(ns: argparse.Namespace) -> int:
                     print(f"simulated istiod {r.pod_name} on {a}: {len(r.proxies)} proxies")
                 print(f"istioctl-proxy on 127.0.0.1:{proxy.port} (identity mode, mTLS)\n")
                 admin = ca.issue(spiffe="spiffe://cluster.local/ns/istio-system/sa/default")
-                target = client.Target(f"127.0.0.1:{proxy.port}", ca_pem=ca.cert_pem, cert_pem=admin.cert_pem,
-                                       key_pem=admin.key_pem, authority="localhost")
+                target = client.Target(
+                    f"127.0.0.1:{proxy.port}",
+                    ca_pem=ca.cert_pem,
+                    cert_pem=admin.cert_pem,
+                    key_pem=admin.key_pem,
+                    authority="localhost",
+                )
                 resp, _ = await client.request(target, client.SYNCZ)
                 print("$ istioctl x ps   # through istioctl-proxy, all replicas merged")
                 print(client.table(resp))
                 print("To point a real istioctl at it (run with --serve to keep it up):")
-                print(f"  istioctl x ps --xds-address 127.0.0.1:{proxy.port} --cert-dir {files.cert_dir} "
-                      "--authority localhost -r default")
+                print(
+                    f"  istioctl x ps --xds-address 127.0.0.1:{proxy.port} --cert-dir {files.cert_dir} "
+                    "--authority localhost -r default"
+                )
                 if ns.serve:
                     print("serving; Ctrl-C to stop", flush=True)
                     await asyncio.Event().wait()

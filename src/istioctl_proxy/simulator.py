@@ -173,7 +173,7 @@ class SimReplica:
                     any_msg.Pack(p.client_config())
                     parts.append(discovery_pb2.DiscoveryResponse(resources=[any_msg]).SerializeToString())
             body = self._syncz_cache[scope] = b"".join(parts)
-        return body + resp.SerializeToString()
+        return body + bytes(resp.SerializeToString())
 
     def find(self, proxy_id: str) -> SimProxy | None:
         # istiod matches by substring against "<proxy.ID>-<n>" (getProxyConnection).
@@ -189,7 +189,7 @@ class SimReplica:
             if p is not None and (not scope or p.namespace == scope):
                 for msg in _config_dump_messages(p):
                     resp.resources.add().Pack(msg)
-        return resp.SerializeToString()
+        return bytes(resp.SerializeToString())
 
     def debug(self, names: Sequence[str], identity: tuple[str, str]) -> bytes:
         if len(names) != 1:
@@ -203,7 +203,7 @@ class SimReplica:
         body = self._debug_body(path, parse_qs(parts.query), scope)
         resp = self._envelope(DEBUG)
         resp.resources.add(type_url=DEBUG, value=body.encode())
-        return resp.SerializeToString()
+        return bytes(resp.SerializeToString())
 
     def _debug_body(self, path: str, query: Mapping[str, list[str]], scope: str) -> str:
         proxy_id = query.get("proxyID", [""])[0]
@@ -242,7 +242,7 @@ class _Abort(Exception):
 
 
 def _config_dump_messages(p: SimProxy) -> list[object]:
-    clusters = config_dump_pb2.ClustersConfigDump(version_info="v1")
+    clusters = config_dump_shared_pb2.ClustersConfigDump(version_info="v1")
     static = clusters.static_clusters.add()
     static.cluster.Pack(cluster_pb2.Cluster(name="BlackHoleCluster"))
     dyn = clusters.dynamic_active_clusters.add(version_info="v1")
@@ -250,9 +250,9 @@ def _config_dump_messages(p: SimProxy) -> list[object]:
     return [
         config_dump_pb2.BootstrapConfigDump(),
         clusters,
-        config_dump_pb2.ListenersConfigDump(version_info="v1"),
+        config_dump_shared_pb2.ListenersConfigDump(version_info="v1"),
         config_dump_shared_pb2.ScopedRoutesConfigDump(),
-        config_dump_pb2.RoutesConfigDump(),
+        config_dump_shared_pb2.RoutesConfigDump(),
         config_dump_pb2.SecretsConfigDump(),
         config_dump_shared_pb2.EcdsConfigDump(),
     ]

@@ -70,7 +70,9 @@ def fetch_unverified_root(address: str, timeout: float = 5.0) -> bytes:
         # Private in 3.11 (public from 3.13): the full chain as sent, unverified.
         chain = tls._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
         der = chain[-1].public_bytes(ssl._ssl.ENCODING_DER) if chain else tls.getpeercert(binary_form=True)  # type: ignore[attr-defined]
-    return ssl.DER_cert_to_PEM_cert(der).encode()
+    if not der:
+        raise OSError(f"{address} presented no certificate")
+    return ssl.DER_cert_to_PEM_cert(bytes(der)).encode()
 
 
 class UpstreamError(Exception):

@@ -9,12 +9,15 @@ caller of this module asks for a node id or namespace.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.status.v3 import csds_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError, Message
 
 # DiscoveryResponse field numbers (envoy/service/discovery/v3/discovery.proto).
 _VERSION_INFO, _RESOURCES, _TYPE_URL, _NONCE, _CONTROL_PLANE = 1, 2, 4, 5, 6
@@ -87,7 +90,7 @@ class ResponseView:
         if self.control_plane is None:
             return None
         cp = base_pb2.ControlPlane.FromString(self.control_plane)
-        return cp.identifier
+        return str(cp.identifier)
 
 
 def view_response(raw: bytes) -> ResponseView:
@@ -117,7 +120,7 @@ def envelope(
     resp = discovery_pb2.DiscoveryResponse(type_url=type_url, version_info=version_info, nonce=nonce)
     if control_plane_identifier is not None:
         resp.control_plane.identifier = control_plane_identifier
-    return resp.SerializeToString()
+    return bytes(resp.SerializeToString())
 
 
 def client_config(any_bytes: bytes) -> csds_pb2.ClientConfig:
@@ -148,3 +151,89 @@ def syncz_node_id(any_bytes: bytes) -> str:
         return bytes(mv).decode()
     except UnicodeDecodeError as err:
         raise WireError("node id is not UTF-8") from err
+
+
+# -- The syncz fast path ---------------------------------------------------------------------------------
+# Reading node ids field by field in Python costs ~10 µs per resource (≈300 ms for 30k proxies). The fast
+# path below does the same work at C speed: upb checks the envelope's wire format and counts resources,
+# and one regex pass captures every node id. It only ever *answers* when it can prove its reading is the
+# exact one (see syncz_fast_index); otherwise it returns None and the field-by-field reader decides.
+
+CLIENT_CONFIG_URL = b"type.googleapis.com/envoy.service.status.v3.ClientConfig"
+_VARINT = rb"[\x80-\xff]{0,9}[\x00-\x7f]"
+# Any{1: type_url=ClientConfig, 2: ClientConfig{1: Node{1: id}}}: the id's one-byte length selects exactly
+# that many bytes (one alternative per length, so the capture is length-prefix + id, never more).
+_NODE_ID = re.compile(
+    b"\n" + bytes([len(CLIENT_CONFIG_URL)]) + re.escape(CLIENT_CONFIG_URL) + b"\x12" + _VARINT + b"\n" + _VARINT
+    + b"\n(" + b"|".join(re.escape(bytes([n])) + b".{%d}" % n for n in range(1, 128)) + b")",
+    re.DOTALL,
+)
+
+
+def _envelope_class() -> type[Message]:
+    """A DiscoveryResponse whose resources are opaque bytes: upb validates and counts, decodes nothing else.
+
+    proto2 and all-bytes on purpose: presence of control_plane is observable, and UTF-8 is checked by us
+    (a bad envelope string falls back to the exact reader, which rejects it with its usual message).
+    """
+    F = descriptor_pb2.FieldDescriptorProto
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="istioctl_proxy/syncz_envelope.proto", package="istioctl_proxy.fast", syntax="proto2"
+    )
+    msg = fdp.message_type.add(name="Envelope")
+    for name, number, kind, label in (
+        ("version_info", _VERSION_INFO, F.TYPE_BYTES, F.LABEL_OPTIONAL),
+        ("resources", _RESOURCES, F.TYPE_BYTES, F.LABEL_REPEATED),
+        ("type_url", _TYPE_URL, F.TYPE_BYTES, F.LABEL_OPTIONAL),
+        ("control_plane", _CONTROL_PLANE, F.TYPE_BYTES, F.LABEL_OPTIONAL),
+    ):
+        msg.field.add(name=name, number=number, type=kind, label=label)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("istioctl_proxy.fast.Envelope"))
+
+
+_Envelope = _envelope_class()
+
+
+@dataclass(frozen=True)
+class SynczIndex:
+    """What the syncz merge needs from one replica's answer, read without touching Python per resource."""
+
+    count: int
+    type_url: str
+    version_info: str
+    control_plane: bytes | None
+    node_keys: list[bytes]  # one per resource: length byte + UTF-8 id (equal keys ⇔ equal ids)
+
+    def identifier(self) -> str | None:
+        if self.control_plane is None:
+            return None
+        return str(base_pb2.ControlPlane.FromString(self.control_plane).identifier)
+
+
+def syncz_fast_index(raw: bytes) -> SynczIndex | None:
+    """Index a syncz answer at C speed, or None when only the exact reader can be trusted with it.
+
+    The regex could in principle also match bytes inside a resource (an error detail that quotes a
+    ClientConfig). It is trusted only if the ClientConfig type URL occurs exactly once per resource —
+    then every occurrence is a resource's own Any header — and every resource produced one match.
+    """
+    try:
+        env = _Envelope.FromString(raw)
+    except DecodeError:
+        return None
+    count = len(env.resources)  # type: ignore[attr-defined]
+    if raw.count(CLIENT_CONFIG_URL) != count:
+        return None
+    keys = _NODE_ID.findall(raw)
+    if len(keys) != count:
+        return None
+    try:
+        b"".join(keys).decode()  # the exact reader rejects non-UTF-8 ids: leave those to it
+        type_url = bytes(env.type_url).decode()  # type: ignore[attr-defined]
+        version_info = bytes(env.version_info).decode()  # type: ignore[attr-defined]
+    except UnicodeDecodeError:
+        return None
+    cp = bytes(env.control_plane) if env.HasField("control_plane") else None  # type: ignore[attr-defined]
+    return SynczIndex(count, type_url, version_info, cp, keys)

@@ -1,0 +1,119 @@
+"""The command line: one clear line for bad configuration, environment variables, SIGTERM drain."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from istioctl_proxy.config import add_serve_flags, from_args
+from istioctl_proxy.errors import ConfigError
+
+
+def _cfg(args: list[str], env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    p = argparse.ArgumentParser()
+    add_serve_flags(p, env or {})
+    return from_args(p.parse_args(args), env or {})
+
+
+def test_flags_from_environment() -> None:
+    cfg = _cfg(
+        [],
+        {
+            "ISTIOCTL_PROXY_ISTIOD": "10.0.0.1:15012,10.0.0.2:15012",
+            "ISTIOCTL_PROXY_PLAINTEXT": "true",
+            "ISTIOCTL_PROXY_ISTIOD_PLAINTEXT": "1",
+            "ISTIOCTL_PROXY_UPSTREAM_TIMEOUT": "3.5",
+        },
+    )
+    assert cfg.istiod == ("10.0.0.1:15012", "10.0.0.2:15012")
+    assert cfg.plaintext and cfg.istiod_plaintext and cfg.upstream_timeout == 3.5
+
+
+def test_plaintext_listens_on_loopback_unless_told_otherwise() -> None:
+    assert _cfg(["--plaintext", "--istiod", "a:1", "--istiod-plaintext"]).listen == "127.0.0.1:9090"
+    assert (
+        _cfg(["--plaintext", "--istiod", "a:1", "--istiod-plaintext", "--listen", "0.0.0.0:9090"]).listen
+        == "0.0.0.0:9090"
+    )
+
+
+def test_san_default_follows_namespace_and_revision() -> None:
+    base = ["--plaintext", "--istiod", "a:1", "--istiod-ca", __file__]
+    assert _cfg(base).san == "istiod.istio-system.svc"
+    assert (
+        _cfg([*base, "--revision", "canary", "--istio-namespace", "external-istiod"]).san
+        == "istiod-canary.external-istiod.svc"
+    )
+    assert _cfg(base, {"POD_NAMESPACE": "external-istiod"}).istio_namespace == "external-istiod"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "no istiod replicas"),
+        (["--istiod", "a:1", "--istiod-plaintext"], "serving TLS needs --tls-cert"),
+        (["--istiod", "a:1", "--plaintext"], "upstream TLS needs the istio root CA"),
+        (["--istiod", "nonsense", "--plaintext", "--istiod-plaintext"], "not HOST:PORT"),
+        (["--istiod", "a:1", "--plaintext", "--istiod-ca", "/nonexistent/ca.pem"], "cannot read"),
+        (["--istiod", "a:1", "--plaintext", "--istiod-plaintext", "--upstream-identity"], "needs TLS and --client-ca"),
+        (["--istiod", "a:1", "--plaintext", "--istiod-plaintext", "--upstream-timeout", "x"], "not a number"),
+        (["--istiod", "a:1", "--plaintext", "--istiod-plaintext", "--log-format", "xml"], "text or json"),
+    ],
+)
+def test_invalid_configuration_is_one_clear_error(args: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _cfg(args)
+
+
+def test_cli_prints_one_line_not_a_traceback() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "istioctl_proxy", "serve", "--istiod", "a:1", "--plaintext"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "HOME": "/nonexistent"},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "istio root CA" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_drains_and_exits() -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "istioctl_proxy",
+            "serve",
+            "--plaintext",
+            "--listen",
+            "127.0.0.1:0",
+            "--istiod",
+            "127.0.0.1:1",
+            "--istiod-plaintext",
+            "--admin-listen",
+            "",
+            "--drain-seconds",
+            "1",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        deadline = time.monotonic() + 30
+        while "serving ADS" not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+        assert "serving ADS" in line
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert "draining" in proc.stderr.read()
+    finally:
+        proc.kill()
