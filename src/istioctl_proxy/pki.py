@@ -29,6 +29,8 @@ class Leaf:
 class TestCA:
     """A root CA in memory. `issue()` mints SPIFFE and/or DNS/IP leaf certificates."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
     key: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(ec.SECP256R1()), repr=False)
     name: str = "istioctl-proxy test root"
     cert: x509.Certificate = field(init=False)
