@@ -5,7 +5,8 @@ ProxyError
 ├── UnsupportedType     UNIMPLEMENTED      a type URL we do not serve (we are not a control plane)
 ├── Unauthenticated     UNAUTHENTICATED    no or unusable credentials
 ├── PermissionDenied    PERMISSION_DENIED  credentials valid, request out of scope
-├── NoReplicas          UNAVAILABLE        discovery knows no istiod replica
+├── Unavailable         UNAVAILABLE        a dependency (e.g. the TokenReview API) cannot answer now
+│   └── NoReplicas      UNAVAILABLE        discovery knows no istiod replica
 └── UpstreamFailed      (the upstream's)   replicas failed; carries the most telling upstream code
 
 ConfigError: bad configuration at start-up; the CLI prints it as one line and exits 2.
@@ -44,8 +45,12 @@ class PermissionDenied(ProxyError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
-class NoReplicas(ProxyError):
+class Unavailable(ProxyError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class NoReplicas(Unavailable):
+    pass
 
 
 class UpstreamFailed(ProxyError):

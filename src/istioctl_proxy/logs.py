@@ -43,3 +43,6 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     # grpc's own logger is chatty at debug level and may echo metadata.
     logging.getLogger("grpc").setLevel(logging.WARNING)
+    # The Kubernetes client's HTTP layer logs every request at INFO.
+    for name in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(name).setLevel(logging.DEBUG if level.lower() == "debug" else logging.WARNING)

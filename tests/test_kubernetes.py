@@ -1,0 +1,972 @@
+"""Kubernetes discovery, TokenReview, the CA ConfigMap watch and the deployment artefacts, all against a
+real etcd + kube-apiserver (tests/k8s/, binaries from scripts/install-k8s-peers). No mock of the API.
+
+There is no kubelet: the tests create istiod Pod objects and write their status (Running, Ready, podIP)
+through the status subresource, exactly what a kubelet's status manager sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from lightkube import AsyncClient
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.models.rbac_v1 import RoleRef, Subject
+from lightkube.resources.core_v1 import ConfigMap, Pod, Secret, ServiceAccount
+from lightkube.resources.rbac_authorization_v1 import ClusterRoleBinding, Role, RoleBinding
+from lightkube.types import PatchType
+
+from istioctl_proxy import kubernetes as k8s
+from istioctl_proxy.discovery import ReplicaSet
+from istioctl_proxy.kubernetes import (
+    Backoff,
+    KubernetesPodSource,
+    RootCertWatcher,
+    TokenIdentity,
+    TokenReviewAuthenticator,
+    TokenReviewUnavailable,
+    load_kube_target,
+)
+
+from .k8s.cluster import (
+    BIN,
+    ROOT,
+    SA_ISSUER,
+    ApiServer,
+    KubeCluster,
+    PeersMissingError,
+    free_port,
+    peers_missing,
+)
+from .k8s.objects import (
+    Recorder,
+    create_istiod_pod,
+    delete_pod,
+    ensure_namespace,
+    force_delete_pod,
+    request_token,
+    set_pod_status,
+)
+
+# A cold build of the peers (only when .peers/bin lacks them) happens inside the first test's setup.
+pytestmark = pytest.mark.timeout(3600 if peers_missing() else 240)
+
+MANIFEST = ROOT / "deploy" / "manifests" / "istioctl-proxy.yaml"
+CHART = ROOT / "deploy" / "helm" / "istioctl-proxy"
+HELM = BIN / "helm"
+FOLLOW = 2.0  # seconds within which discovery must follow a change (the issue's bar)
+FAST = Backoff(initial=0.05, maximum=0.5)  # tests do not want to wait out production backoff
+
+_ns_counter = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[KubeCluster]:
+    try:
+        c = KubeCluster()
+    except PeersMissingError as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+async def admin(cluster: KubeCluster) -> AsyncIterator[AsyncClient]:
+    client = load_kube_target(cluster.apiserver.admin_kubeconfig()).client()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def _ns_name(prefix: str = "t") -> str:
+    return f"{prefix}-{os.getpid() % 10000}-{next(_ns_counter)}"
+
+
+@pytest.fixture
+async def ns(admin: AsyncClient) -> str:
+    name = _ns_name()
+    await ensure_namespace(admin, name)
+    return name
+
+
+@contextlib.asynccontextmanager
+async def running(*coros: Awaitable[None]) -> AsyncIterator[list[asyncio.Task[None]]]:
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        yield tasks
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+
+def pod_source(server: ApiServer, namespace: str, **kw: Any) -> KubernetesPodSource:
+    kw.setdefault("backoff", Backoff(FAST.initial, FAST.maximum))
+    return KubernetesPodSource(namespace, kubeconfig=server.admin_kubeconfig(), **kw)
+
+
+def addr(ip: str, port: int = 15012) -> str:
+    return f"{ip}:{port}"
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Discovery
+
+
+async def test_pods_follow_creation_readiness_ip_and_deletion(
+    cluster: KubeCluster, admin: AsyncClient, ns: str
+) -> None:
+    # One pod exists before the source starts (found by the list), the rest arrive through the watch.
+    await create_istiod_pod(admin, ns, "istiod-a", "127.0.0.11")
+    source = pod_source(cluster.apiserver, ns)
+    rec = Recorder()
+    latencies = []
+    async with running(source.run(rec)):
+        await rec.wait_pods({"istiod-a": addr("127.0.0.11")}, timeout=10)
+        assert source.name == f"k8s:{cluster.apiserver.tag}-admin/{ns}"
+        assert {r.source for r in rec.latest} == {source.name}
+
+        # Not ready, not running, no IP, or not istiod: never a replica.
+        await create_istiod_pod(admin, ns, "istiod-b", "127.0.0.12", ready=False)
+        await create_istiod_pod(admin, ns, "istiod-pending", None, phase="Pending", ready=False)
+        await create_istiod_pod(admin, ns, "istiod-noip", None)
+        await create_istiod_pod(admin, ns, "other", "127.0.0.99", labels={"app": "other"})
+
+        # Readiness flips on.
+        await set_pod_status(admin, ns, "istiod-b", ip="127.0.0.12", ready=True)
+        latencies.append(
+            await rec.wait_pods({"istiod-a": addr("127.0.0.11"), "istiod-b": addr("127.0.0.12")})
+        )
+
+        # The pod IP changes (a sandbox recreated on the same pod).
+        await set_pod_status(admin, ns, "istiod-a", ip="127.0.0.21", ready=True)
+        latencies.append(
+            await rec.wait_pods({"istiod-a": addr("127.0.0.21"), "istiod-b": addr("127.0.0.12")})
+        )
+
+        # Readiness flips off, then on again.
+        await set_pod_status(admin, ns, "istiod-a", ip="127.0.0.21", ready=False)
+        latencies.append(await rec.wait_pods({"istiod-b": addr("127.0.0.12")}))
+        await set_pod_status(admin, ns, "istiod-a", ip="127.0.0.21", ready=True)
+        latencies.append(
+            await rec.wait_pods({"istiod-a": addr("127.0.0.21"), "istiod-b": addr("127.0.0.12")})
+        )
+
+        # A graceful delete: the pod lingers with a deletionTimestamp (its kubelet would now stop it) and
+        # must leave the set at once, not when it finally disappears.
+        await delete_pod(admin, ns, "istiod-b")
+        latencies.append(await rec.wait_pods({"istiod-a": addr("127.0.0.21")}))
+        await force_delete_pod(admin, ns, "istiod-b")
+
+        # A label change that takes the pod out of the selector reads as a deletion on the watch.
+        await admin.patch(Pod, "istiod-a", {"metadata": {"labels": {"app": "retired"}}}, namespace=ns,
+                          patch_type=PatchType.MERGE)  # fmt: skip
+        latencies.append(await rec.wait_pods({}))
+
+    assert max(latencies) < FOLLOW, latencies
+    seen = {r.name for _, replicas in rec.reports for r in replicas}
+    assert seen == {"istiod-a", "istiod-b"}, seen
+    # Every report is a full, sorted set, and none repeats the previous one.
+    assert all(a[1] != b[1] for a, b in itertools.pairwise(rec.reports))
+    assert source.stats.lists == 1 and source.stats.errors == 0
+
+
+async def test_revision_selects_only_that_revisions_pods(
+    cluster: KubeCluster, admin: AsyncClient, ns: str
+) -> None:
+    await create_istiod_pod(admin, ns, "istiod-7d9", "127.0.0.31", revision="default")
+    await create_istiod_pod(admin, ns, "istiod-canary-5f4", "127.0.0.32", revision="canary")
+    canary = pod_source(cluster.apiserver, ns, revision="canary", port=15013)
+    every = pod_source(cluster.apiserver, ns)
+    rec_canary, rec_every = Recorder(), Recorder()
+    async with running(canary.run(rec_canary), every.run(rec_every)):
+        await rec_canary.wait_pods({"istiod-canary-5f4": addr("127.0.0.32", 15013)}, timeout=10)
+        await rec_every.wait_pods(
+            {"istiod-7d9": addr("127.0.0.31"), "istiod-canary-5f4": addr("127.0.0.32")}, 10
+        )
+        # A second canary replica comes up; the default revision's pod never shows in the canary set.
+        await create_istiod_pod(admin, ns, "istiod-canary-8c1", "127.0.0.33", revision="canary")
+        await rec_canary.wait_pods(
+            {"istiod-canary-5f4": addr("127.0.0.32", 15013), "istiod-canary-8c1": addr("127.0.0.33", 15013)}
+        )
+    assert canary.selector == "app=istiod,istio.io/rev=canary"
+    assert canary.name.endswith(f"/{ns}/canary")
+    assert all(r.name.startswith("istiod-canary") for _, rs in rec_canary.reports for r in rs)
+    assert k8s.istiod_san(ns, "canary") == f"istiod-canary.{ns}.svc"
+    assert k8s.istiod_san(ns, "default") == k8s.istiod_san(ns) == f"istiod.{ns}.svc"
+
+
+async def test_two_sources_merge_into_one_replica_set(cluster: KubeCluster, admin: AsyncClient) -> None:
+    # Two namespaces through two kubeconfig contexts: the shape of "two clusters" as the proxy sees it.
+    ns1, ns2 = _ns_name("east"), _ns_name("west")
+    for n in (ns1, ns2):
+        await ensure_namespace(admin, n)
+    await create_istiod_pod(admin, ns1, "istiod-1", "127.0.0.41")
+    await create_istiod_pod(admin, ns2, "istiod-2", "127.0.0.42")
+    s1 = KubernetesPodSource(ns1, kubeconfig=cluster.apiserver.admin_kubeconfig(context="east"), backoff=FAST)
+    s2 = KubernetesPodSource(ns2, kubeconfig=cluster.apiserver.admin_kubeconfig(context="west"), backoff=FAST)
+    assert (s1.name, s2.name) == (f"k8s:east/{ns1}", f"k8s:west/{ns2}")
+    replicas = ReplicaSet([s1, s2])
+    await replicas.start()
+    try:
+        await until(lambda: len(replicas.current()) == 2, 10, "both sources")
+        assert {(r.name, r.address, r.source) for r in replicas.current()} == {
+            ("istiod-1", addr("127.0.0.41"), s1.name),
+            ("istiod-2", addr("127.0.0.42"), s2.name),
+        }
+        await force_delete_pod(admin, ns2, "istiod-2")
+        await until(lambda: [r.name for r in replicas.current()] == ["istiod-1"], FOLLOW, "west to empty")
+    finally:
+        await replicas.stop()
+
+
+@pytest.mark.slow
+async def test_watch_expiry_410_relists(cluster: KubeCluster, admin: AsyncClient, ns: str) -> None:
+    # An API server without a watch cache serves watches straight from etcd, so once etcd has compacted
+    # past the source's resourceVersion its next watch gets 410 Expired: the source must relist.
+    direct = cluster.start_apiserver(f"nocache{next(_ns_counter)}", ["--watch-cache=false"])
+    try:
+        await create_istiod_pod(admin, ns, "istiod-a", "127.0.0.51")
+        source = pod_source(direct, ns, watch_timeout=1)  # the server ends each watch after ~1 s
+        rec = Recorder()
+        async with running(source.run(rec)):
+            await rec.wait_pods({"istiod-a": addr("127.0.0.51")}, timeout=10)
+            for i in range(40):  # bounded: a relist normally follows the first compaction
+                # Writes elsewhere move etcd's revision past the source's; then compact them away.
+                await admin.create(ConfigMap(metadata=ObjectMeta(name=f"churn-{i}"), data={"i": str(i)}),
+                                   namespace=ns)  # fmt: skip
+                cluster.etcd.compact()
+                if source.stats.relists_gone:
+                    break
+                await asyncio.sleep(0.3)
+            assert source.stats.relists_gone >= 1, source.stats
+            # The relisted state is right and the watch works again afterwards.
+            await create_istiod_pod(admin, ns, "istiod-b", "127.0.0.52")
+            await rec.wait_pods({"istiod-a": addr("127.0.0.51"), "istiod-b": addr("127.0.0.52")}, timeout=5)
+        assert source.stats.lists >= 2
+        # A relist of an unchanged set reports nothing new.
+        assert [set(r.name for r in rs) for _, rs in rec.reports] == [{"istiod-a"}, {"istiod-a", "istiod-b"}]
+    finally:
+        direct.stop()
+
+
+@pytest.mark.slow
+async def test_api_server_restart_keeps_last_known_set_then_catches_up(
+    cluster: KubeCluster, admin: AsyncClient, ns: str
+) -> None:
+    # The source talks to its own API server, which we stop and start; changes meanwhile go through the
+    # main one (same etcd), as they would through another control-plane node.
+    server = cluster.start_apiserver(f"restart{next(_ns_counter)}")
+    try:
+        await create_istiod_pod(admin, ns, "istiod-a", "127.0.0.61")
+        await create_istiod_pod(admin, ns, "istiod-b", "127.0.0.62")
+        source = pod_source(server, ns)
+        rec = Recorder()
+        async with running(source.run(rec)):
+            before = {"istiod-a": addr("127.0.0.61"), "istiod-b": addr("127.0.0.62")}
+            await rec.wait_pods(before, timeout=10)
+            await asyncio.to_thread(server.stop)
+            await until(lambda: not source.stats.connected, 10, "the source to notice the outage")
+            await force_delete_pod(admin, ns, "istiod-a")
+            await create_istiod_pod(admin, ns, "istiod-c", "127.0.0.63")
+            await asyncio.sleep(1.0)  # several failed reconnects
+            assert rec.addresses() == before, "the last known set must survive the outage"
+            assert source.stats.errors >= 1
+            await asyncio.to_thread(server.start)
+            after = {"istiod-b": addr("127.0.0.62"), "istiod-c": addr("127.0.0.63")}
+            took = await rec.wait_pods(after, timeout=10)
+        assert took < 5, took
+        assert source.stats.connected
+        # Never an empty set on the way: the outage did not clear it, the relist replaced it.
+        assert all(rs for _, rs in rec.reports)
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In-cluster config, RBAC, token rotation
+
+
+def manifest_docs() -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d]
+
+
+def shipped_role_rules() -> list[dict[str, Any]]:
+    roles = [d for d in manifest_docs() if d["kind"] == "Role"]
+    assert len(roles) == 1
+    rules: list[dict[str, Any]] = roles[0]["rules"]
+    return rules
+
+
+async def grant_shipped_role(admin: AsyncClient, namespace: str, sa: str = "istioctl-proxy") -> None:
+    """The manifest's Role and RoleBinding, applied to `namespace` for service account `sa`."""
+    await ensure_namespace(admin, namespace, service_accounts=("default", sa))
+    rules = shipped_role_rules()
+    await admin.create(
+        Role.from_dict({"metadata": {"name": "istioctl-proxy"}, "rules": rules}), namespace=namespace
+    )
+    await admin.create(
+        RoleBinding(
+            metadata=ObjectMeta(name="istioctl-proxy"),
+            roleRef=RoleRef(apiGroup="rbac.authorization.k8s.io", kind="Role", name="istioctl-proxy"),
+            subjects=[Subject(kind="ServiceAccount", name=sa, namespace=namespace)],
+        ),
+        namespace=namespace,
+    )
+
+
+async def test_in_cluster_config_with_shipped_rbac_and_token_rotation(
+    cluster: KubeCluster, admin: AsyncClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    namespace = _ns_name("incluster")
+    await grant_shipped_role(admin, namespace)
+    await create_istiod_pod(admin, namespace, "istiod-a", "127.0.0.71")
+    # What the kubelet mounts: a bound token (here bound to a Secret so we can revoke it), ca.crt, namespace.
+    token1 = await request_token(
+        admin, namespace, "istioctl-proxy", audiences=[k8s_issuer()], bound_secret="t1"
+    )
+    sa_dir = cluster.apiserver.service_account_dir(tmp_path / "sa", token1, namespace)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(cluster.apiserver.port))
+    monkeypatch.delenv("POD_NAMESPACE", raising=False)
+    target = load_kube_target(service_account_dir=sa_dir)
+    assert target.label == "in-cluster"
+    assert k8s.own_namespace(service_account_dir=sa_dir) == namespace
+
+    source = KubernetesPodSource(namespace, target=target, watch_timeout=1, backoff=FAST)
+    assert source.name == f"k8s:in-cluster/{namespace}"
+    rec = Recorder()
+    async with running(source.run(rec)):
+        await rec.wait_pods({"istiod-a": addr("127.0.0.71")}, timeout=10)
+        # Rotation: the kubelet writes a new token; the old one stops working (here: revoked at once).
+        token2 = await request_token(
+            admin, namespace, "istioctl-proxy", audiences=[k8s_issuer()], bound_secret="t2"
+        )
+        (sa_dir / "token").write_text(token2)
+        await admin.delete(Secret, "t1", namespace=namespace)
+        await until(lambda: not _token_works(cluster, token1), 10, "the old token to be rejected")
+        # The server ends each watch after 1 s and the client resumes it: after 3 s, whatever watch is open
+        # was opened after the revocation, i.e. with the re-read token (the old one gets 401 now).
+        await asyncio.sleep(3)
+        await create_istiod_pod(admin, namespace, "istiod-b", "127.0.0.72")
+        await rec.wait_pods({"istiod-a": addr("127.0.0.71"), "istiod-b": addr("127.0.0.72")})
+    # The 401 was absorbed by re-reading the token file: no failed list/watch surfaced.
+    assert source.stats.errors == 0, source.stats
+
+
+def k8s_issuer() -> str:
+    return SA_ISSUER
+
+
+def _token_works(cluster: KubeCluster, token: str) -> bool:
+    ctx = ssl.create_default_context(cafile=str(cluster.pki.ca_file))
+    req = urllib.request.Request(cluster.apiserver.url + "/api", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=5):
+            return True
+    except urllib.error.HTTPError as e:
+        return e.code != 401
+
+
+async def test_root_cert_configmap_is_watched(cluster: KubeCluster, admin: AsyncClient) -> None:
+    namespace = _ns_name("ca")
+    await grant_shipped_role(admin, namespace)
+    token = await request_token(admin, namespace, "istioctl-proxy", audiences=[k8s_issuer()])
+    target = load_kube_target(cluster.apiserver.token_kubeconfig(f"proxy-{namespace}", token))
+    watcher = RootCertWatcher(namespace, target=target, backoff=FAST)
+    got: list[bytes] = []
+    pem1 = cluster.pki.ca_pem.decode()
+    pem2 = cluster.pki.issue("rotated root")[0].decode()
+
+    def cm(pem: str) -> ConfigMap:
+        return ConfigMap(metadata=ObjectMeta(name="istio-ca-root-cert"), data={"root-cert.pem": pem})
+
+    async with running(watcher.run(got.append)):
+        await until(lambda: watcher.stats.synced, 10, "the watcher to sync (no ConfigMap yet)")
+        assert got == []
+        await admin.create(cm(pem1), namespace=namespace)
+        await until(lambda: got == [pem1.encode()], FOLLOW, "the first root cert")
+        # A different ConfigMap in the namespace is invisible (and not even allowed by RBAC).
+        await admin.create(
+            ConfigMap(metadata=ObjectMeta(name="other"), data={"root-cert.pem": pem2}), namespace=namespace
+        )
+        await admin.replace(cm(pem2), namespace=namespace)
+        await until(lambda: got == [pem1.encode(), pem2.encode()], FOLLOW, "the rotated root cert")
+        # Deleted: keep the last good root rather than failing TLS.
+        await admin.delete(ConfigMap, "istio-ca-root-cert", namespace=namespace)
+        await asyncio.sleep(0.5)
+        assert watcher.pem == pem2.encode() and len(got) == 2
+    assert watcher.stats.errors == 0, watcher.stats
+
+    # first(): what start-up uses before serving.
+    await admin.create(cm(pem1), namespace=namespace)
+    first = await asyncio.wait_for(RootCertWatcher(namespace, target=target).first(), 10)
+    assert first == pem1.encode()
+
+
+def _expand(rules: list[dict[str, Any]]) -> set[tuple[str, str, str, str]]:
+    """(apiGroup, resource, verb, resourceName or '*') for each combination a rule grants."""
+    out = set()
+    for r in rules:
+        for g, res, verb in itertools.product(r["apiGroups"], r["resources"], r["verbs"]):
+            for name in r.get("resourceNames") or ["*"]:
+                out.add((g, res, verb, name))
+    return out
+
+
+async def test_shipped_role_is_exactly_what_the_code_uses(cluster: KubeCluster, admin: AsyncClient) -> None:
+    """Run every Kubernetes path of the proxy as the shipped service account and read the API server's
+    audit log: the set of (group, resource, verb, name) requested must equal what the Role grants."""
+    namespace = _ns_name("rbac")
+    await grant_shipped_role(admin, namespace)
+    token = await request_token(admin, namespace, "istioctl-proxy", audiences=[k8s_issuer()])
+    target = load_kube_target(cluster.apiserver.token_kubeconfig(f"rbac-{namespace}", token))
+    await create_istiod_pod(admin, namespace, "istiod-a", "127.0.0.81")
+    await admin.create(
+        ConfigMap(
+            metadata=ObjectMeta(name="istio-ca-root-cert"),
+            data={"root-cert.pem": cluster.pki.ca_pem.decode()},
+        ),
+        namespace=namespace,
+    )
+    source = KubernetesPodSource(namespace, target=target, revision="default", backoff=FAST)
+    watcher = RootCertWatcher(namespace, target=target, backoff=FAST)
+    rec, pems = Recorder(), []
+    labels = {"metadata": {"labels": {"istio.io/rev": "default"}}}
+    await admin.patch(Pod, "istiod-a", labels, namespace=namespace, patch_type=PatchType.MERGE)
+    async with running(source.run(rec), watcher.run(pems.append)):
+        await rec.wait_pods({"istiod-a": addr("127.0.0.81")}, timeout=10)
+        await until(lambda: bool(pems), 10, "the root cert")
+    user = f"system:serviceaccount:{namespace}:istioctl-proxy"
+    events = [e for e in cluster.apiserver.audit_events() if e.get("user", {}).get("username") == user]
+    assert events, "the audit log has no request of the proxy's service account"
+    used = set()
+    for e in events:
+        ref = e.get("objectRef", {})
+        assert e.get("responseStatus", {}).get("code", 200) < 400, e
+        used.add((ref.get("apiGroup", ""), ref.get("resource"), e["verb"], ref.get("name") or "*"))
+    assert used == _expand(shipped_role_rules())
+    # And the chart renders the same Role (checked against the manifest in the helm tests too).
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TokenReview
+
+
+async def test_token_review_maps_tokens_to_their_service_account(
+    cluster: KubeCluster, admin: AsyncClient
+) -> None:
+    mesh_ns, other_ns, proxy_ns = _ns_name("istio-system"), _ns_name("team-a"), _ns_name("external-istiod")
+    for n in (mesh_ns, other_ns):
+        await ensure_namespace(admin, n)
+    # The reviewer's identity has only system:auth-delegator (create tokenreviews), as the docs tell.
+    await ensure_namespace(admin, proxy_ns, service_accounts=("default", "istioctl-proxy"))
+    await admin.create(
+        ClusterRoleBinding(
+            metadata=ObjectMeta(name=f"istioctl-proxy-tokenreview-{proxy_ns}"),
+            roleRef=RoleRef(
+                apiGroup="rbac.authorization.k8s.io", kind="ClusterRole", name="system:auth-delegator"
+            ),
+            subjects=[Subject(kind="ServiceAccount", name="istioctl-proxy", namespace=proxy_ns)],
+        )
+    )
+    reviewer_token = await request_token(admin, proxy_ns, "istioctl-proxy", audiences=[k8s_issuer()])
+    kubeconfig = cluster.apiserver.token_kubeconfig(f"reviewer-{proxy_ns}", reviewer_token)
+    auth = TokenReviewAuthenticator(kubeconfig=kubeconfig)  # audiences default to istio-ca
+    try:
+        # What istioctl sends: a token for `default` in the istio namespace, audience istio-ca.
+        mesh_token = await request_token(admin, mesh_ns, "default")
+        other_token = await request_token(admin, other_ns, "default")
+        assert await auth.review(mesh_token) == TokenIdentity(mesh_ns, "default")
+        assert await auth.review(other_token) == (other_ns, "default")
+        assert (
+            await auth.review(mesh_token)
+        ).spiffe_id() == f"spiffe://cluster.local/ns/{mesh_ns}/sa/default"
+        # Refused: a token for another audience, garbage, a token of a deleted service account.
+        wrong_aud = await request_token(admin, mesh_ns, "default", audiences=["some-other-service"])
+        assert await auth.review(wrong_aud) is None
+        assert await auth.review("not-a-token") is None
+        assert await auth.review("") is None
+        await ensure_namespace(admin, mesh_ns, service_accounts=("gone",))
+        gone = await request_token(admin, mesh_ns, "gone")
+        await admin.delete(ServiceAccount, "gone", namespace=mesh_ns)
+        assert await auth.review(gone) is None
+
+        # Cached: repeated and concurrent reviews of known tokens make no new API calls.
+        calls = auth.reviews
+        results = await asyncio.gather(
+            *(auth.review(t) for t in [mesh_token, other_token, "not-a-token"] * 5)
+        )
+        assert auth.reviews == calls
+        assert results[:3] == [(mesh_ns, "default"), (other_ns, "default"), None]
+        fresh = await request_token(admin, other_ns, "default")
+        results = await asyncio.gather(*(auth.review(fresh) for _ in range(10)))
+        assert auth.reviews == calls + 1 and set(results) == {(other_ns, "default")}
+    finally:
+        await auth.close()
+
+    # Audiences are configurable: the same token is refused for an authenticator that wants another one.
+    strict = TokenReviewAuthenticator(kubeconfig=kubeconfig, audiences=["something-else"])
+    try:
+        assert await strict.review(mesh_token) is None
+    finally:
+        await strict.close()
+
+
+async def test_token_review_cache_is_bounded_and_expires(
+    cluster: KubeCluster, admin: AsyncClient, ns: str
+) -> None:
+    now = [1000.0]
+    auth = TokenReviewAuthenticator(
+        kubeconfig=cluster.apiserver.admin_kubeconfig(),
+        ttl=30,
+        negative_ttl=2,
+        max_entries=2,
+        clock=lambda: now[0],
+    )
+    try:
+        tokens = [await request_token(admin, ns, "default") for _ in range(3)]
+        for t in tokens:
+            assert await auth.review(t) == (ns, "default")
+        assert auth.reviews == 3
+        await auth.review(tokens[2])  # newest two are cached
+        assert auth.reviews == 3
+        await auth.review(tokens[0])  # evicted (LRU, max 2)
+        assert auth.reviews == 4
+        now[0] += 31  # past the TTL
+        await auth.review(tokens[0])
+        assert auth.reviews == 5
+        assert await auth.review("junk") is None and await auth.review("junk") is None
+        assert auth.reviews == 6
+        now[0] += 3  # negative verdicts expire sooner
+        assert await auth.review("junk") is None
+        assert auth.reviews == 7
+    finally:
+        await auth.close()
+
+
+async def test_token_review_unreachable_api_is_not_a_verdict(cluster: KubeCluster, tmp_path: Path) -> None:
+    conf = json.loads(cluster.apiserver.admin_kubeconfig().read_text())
+    conf["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{free_port()}"
+    dead = tmp_path / "dead.json"
+    dead.write_text(json.dumps(conf))
+    auth = TokenReviewAuthenticator(kubeconfig=dead, timeout=2)
+    try:
+        with pytest.raises(TokenReviewUnavailable):
+            await auth.review("some-token")
+        with pytest.raises(TokenReviewUnavailable):  # not cached as a refusal
+            await auth.review("some-token")
+    finally:
+        await auth.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration helpers
+
+
+def test_backoff_is_jittered_exponential_and_capped() -> None:
+    b = Backoff(initial=0.5, maximum=4.0)
+    delays = [b.next_delay() for _ in range(8)]
+    caps = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0]
+    assert all(cap / 2 <= d <= cap for d, cap in zip(delays, caps, strict=True)), delays
+    assert len({round(d, 6) for d in delays}) > 4  # jittered, not lock-step
+    b.reset()
+    assert 0.25 <= b.next_delay() <= 0.5
+
+
+def test_label_selector_parsing() -> None:
+    from lightkube.core.selector import build_selector
+
+    sel = k8s.parse_label_selector("app=istiod, istio.io/rev!=canary,tier,!legacy,zone in (a, b),x notin (y)")
+    assert build_selector(sel) == "app=istiod,istio.io/rev!=canary,tier,!legacy,zone in (a,b),x notin (y)"
+    assert k8s.revision_selector("app=istiod", "1-30") == "app=istiod,istio.io/rev=1-30"
+    assert k8s.revision_selector("app=istiod", None) == "app=istiod"
+    for bad in ("", "a=b=c", "a in b", "a=1,a=2", "(x)"):
+        with pytest.raises(ValueError):
+            k8s.parse_label_selector(bad)
+
+
+def test_kube_target_resolution(
+    cluster: KubeCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    kc = cluster.apiserver.admin_kubeconfig(context="ctx-one")
+    assert load_kube_target(kc).label == "ctx-one"
+    monkeypatch.setenv("KUBECONFIG", f"{tmp_path / 'missing'}{os.pathsep}{kc}")
+    assert load_kube_target().label == "ctx-one"
+    with pytest.raises(Exception, match="not found"):
+        load_kube_target(kc, "no-such-context")
+    with pytest.raises(Exception, match="not found"):
+        load_kube_target(tmp_path / "nope")
+    monkeypatch.setenv("POD_NAMESPACE", "external-istiod")
+    assert k8s.own_namespace() == "external-istiod"
+    monkeypatch.delenv("POD_NAMESPACE")
+    assert k8s.own_namespace(service_account_dir=tmp_path) == "istio-system"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Deployment artefacts
+
+
+def _discover_kinds(cluster: KubeCluster) -> dict[tuple[str, str], tuple[str, bool]]:
+    """(apiVersion, kind) -> (plural, namespaced), from the API server's own discovery."""
+    ctx = cluster.admin_ssl()
+
+    def get(path: str) -> Any:
+        with urllib.request.urlopen(cluster.apiserver.url + path, context=ctx, timeout=10) as r:
+            return json.loads(r.read())
+
+    kinds = {}
+    group_versions = ["v1"] + [v["groupVersion"] for g in get("/apis")["groups"] for v in g["versions"]]
+    for gv in group_versions:
+        path = "/api/v1" if gv == "v1" else f"/apis/{gv}"
+        for res in get(path)["resources"]:
+            if "/" not in res["name"]:
+                kinds[(gv, res["kind"])] = (res["name"], res["namespaced"])
+    return kinds
+
+
+def server_dry_run(cluster: KubeCluster, docs: list[dict[str, Any]], namespace: str) -> list[str]:
+    """POST each object with dryRun=All and fieldValidation=Strict (unknown or duplicate fields are errors,
+    so this is the API server's own schema validation); returns the errors."""
+    kinds = _discover_kinds(cluster)
+    errors = []
+    for doc in docs:
+        key = (doc["apiVersion"], doc["kind"])
+        if key not in kinds:
+            errors.append(f"{key}: not served by the API server")
+            continue
+        plural, namespaced = kinds[key]
+        base = "/api/v1" if doc["apiVersion"] == "v1" else f"/apis/{doc['apiVersion']}"
+        obj_ns = doc["metadata"].get("namespace", namespace)
+        path = f"{base}/namespaces/{obj_ns}/{plural}" if namespaced else f"{base}/{plural}"
+        req = urllib.request.Request(
+            cluster.apiserver.url + path + "?dryRun=All&fieldValidation=Strict",
+            data=json.dumps(doc).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(req, context=cluster.admin_ssl(), timeout=10) as r:
+                created = json.loads(r.read())
+                assert created["kind"] == doc["kind"]
+        except urllib.error.HTTPError as e:
+            errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {e.code} {e.read().decode()[:500]}")
+    return errors
+
+
+async def _namespace_for_manifests(admin: AsyncClient) -> str:
+    await ensure_namespace(admin, "external-istiod")
+    return "external-istiod"
+
+
+async def test_plain_manifests_are_accepted_by_the_api_server(
+    cluster: KubeCluster, admin: AsyncClient
+) -> None:
+    docs = manifest_docs()
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        [
+            "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "Deployment",
+            "PodDisruptionBudget",
+            "NetworkPolicy",
+        ]
+    )
+    assert all(d["metadata"]["namespace"] == "external-istiod" for d in docs)
+    await _namespace_for_manifests(admin)
+    assert await asyncio.to_thread(server_dry_run, cluster, docs, "external-istiod") == []
+
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert dep["spec"]["replicas"] == 2
+    assert (
+        pod["securityContext"]["runAsNonRoot"]
+        and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    )
+    sc = c["securityContext"]
+    assert (
+        sc["readOnlyRootFilesystem"]
+        and sc["capabilities"]["drop"] == ["ALL"]
+        and not sc["allowPrivilegeEscalation"]
+    )
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": 9090, "admin": 15090}
+    assert "--admin-listen=0.0.0.0:15090" in c["args"] and "--istiod-k8s" in c["args"]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts["tls"] == "/etc/istioctl-proxy/tls"
+    tls = next(v for v in pod["volumes"] if v["name"] == "tls")
+    assert tls["secret"]["secretName"] == "istioctl-proxy-tls"
+    assert "podAntiAffinity" in pod["affinity"]
+    svc = next(d for d in docs if d["kind"] == "Service")
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"grpc": 9090, "http-admin": 15090}
+    netpol = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    assert sorted(p["port"] for r in netpol["spec"]["ingress"] for p in r["ports"]) == ["admin", "grpc"]
+    # No pods/portforward, nothing cluster-wide, no secrets.
+    assert {(g, r) for g, r, _, _ in _expand(shipped_role_rules())} == {("", "pods"), ("", "configmaps")}
+
+
+async def test_mesh_cluster_tokenreview_manifest_is_accepted_and_grants_only_tokenreviews(
+    cluster: KubeCluster, admin: AsyncClient
+) -> None:
+    path = ROOT / "deploy" / "manifests" / "mesh-cluster-tokenreview.yaml"
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    await _namespace_for_manifests(admin)
+    assert await asyncio.to_thread(server_dry_run, cluster, docs, "external-istiod") == []
+    (crb,) = [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+    assert crb["roleRef"]["name"] == "system:auth-delegator"
+
+
+# --- Helm ------------------------------------------------------------------------------------------------
+
+
+def helm_template(*args: str, namespace: str = "external-istiod") -> list[dict[str, Any]]:
+    out = subprocess.run(
+        [str(HELM), "template", "istioctl-proxy", str(CHART), "--namespace", namespace, *args],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise AssertionError(f"helm template {' '.join(args)} failed:\n{out.stderr}")
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.fixture(scope="session")
+def helm() -> Path:
+    if not os.access(HELM, os.X_OK):
+        script = str(ROOT / "scripts" / "install-k8s-peers")
+        out = subprocess.run([script, "helm"], capture_output=True, text=True, check=False, timeout=3000)
+        if out.returncode != 0:
+            pytest.fail(f"building helm failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}", pytrace=False)
+    return HELM
+
+
+HELM_CASES = {
+    "defaults": [],
+    "revision+identity+tokenreview": [
+        "--set", "revision=canary", "--set", "auth.mode=identity",
+        "--set", "auth.identity.tokenReview.enabled=true",
+        "--set", "auth.identity.tokenReview.kubeconfigSecret=mesh-kubeconfig",
+        "--set", "replicas=3", "--set", "podAntiAffinity=hard", "--set", "extraArgs[0]=--require-all",
+    ],
+    "identity-cert+cafile+plain-istiod-ns": [
+        "--set", "auth.mode=identity", "--set", "auth.identity.upstreamCertSecret=proxy-upstream",
+        "--set", "istiod.caFromConfigMap=false", "--set", "istiod.caFile=/etc/istio-ca/root-cert.pem",
+        "--set", "istiod.namespace=istio-system", "--set", "networkPolicy.enabled=false",
+        "--set", "podDisruptionBudget.enabled=false", "--set", "image.digest=sha256:" + "0" * 64,
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(HELM_CASES))
+async def test_helm_chart_renders_and_is_accepted(
+    case: str, helm: Path, cluster: KubeCluster, admin: AsyncClient
+) -> None:
+    docs = await asyncio.to_thread(helm_template, *HELM_CASES[case])
+    await _namespace_for_manifests(admin)
+    await ensure_namespace(admin, "istio-system")
+    assert await asyncio.to_thread(server_dry_run, cluster, docs, "external-istiod") == []
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    role = next(d for d in docs if d["kind"] == "Role")
+    if case == "defaults":
+        assert "--istiod-ca-configmap" in args and "--upstream-identity" not in args
+    elif case.startswith("revision"):
+        assert "--revision=canary" in args and "--upstream-identity" in args and "--token-review" in args
+        assert "--token-review-kubeconfig=/etc/istioctl-proxy/token-review/kubeconfig" in args
+        assert "--upstream-token-file=/var/run/secrets/tokens/istio-token" in args
+        assert args[-1] == "--require-all" and dep["spec"]["replicas"] == 3
+    else:
+        assert "--istiod-ca=/etc/istio-ca/root-cert.pem" in args and "--istiod-ca-configmap" not in args
+        assert "--upstream-cert=/etc/istioctl-proxy/upstream/tls.crt" in args
+        # Without the ConfigMap watch the Role has no configmaps rule at all, and it lives where istiod is.
+        assert [r["resources"] for r in role["rules"]] == [["pods"]]
+        assert role["metadata"]["namespace"] == "istio-system"
+        assert not {"NetworkPolicy", "PodDisruptionBudget"} & {d["kind"] for d in docs}
+
+
+def test_helm_lint_strict(helm: Path) -> None:
+    for extra in ([], ["--set", "auth.mode=identity", "--set", "auth.identity.tokenReview.enabled=true"]):
+        out = subprocess.run(
+            [str(helm), "lint", "--strict", str(CHART), *extra], capture_output=True, text=True, check=False
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+async def test_helm_chart_rejects_inconsistent_values(helm: Path) -> None:
+    for bad in (["--set", "auth.mode=both"], ["--set", "auth.identity.tokenReview.enabled=true"],
+                ["--set", "istiod.caFile=/x"], ["--set", "replicas=-1"]):  # fmt: skip
+        with pytest.raises(AssertionError, match="failed"):
+            await asyncio.to_thread(helm_template, *bad)
+
+
+async def test_plain_manifest_is_the_rendered_chart(helm: Path) -> None:
+    """deploy/manifests is `helm template` of the defaults without Helm's own labels, so they never drift
+    (regenerate with the command in the manifest's header)."""
+    rendered = await asyncio.to_thread(helm_template, "--set", "plainManifest=true")
+    assert rendered == manifest_docs()
+
+
+def test_dockerfile_is_non_root_and_shell_free() -> None:
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    final = text[text.rindex("\nFROM ") :]
+    assert "USER 65532:65532" in final
+    assert 'ENTRYPOINT ["/opt/istioctl-proxy/bin/istioctl-proxy", "serve"]' in final
+    assert "RUN " not in final, "the runtime stage must not need a shell"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end through the proxy: discovery from the real API server, replicas really listening on pod IPs
+
+
+@pytest.mark.slow
+async def test_rolling_replace_of_three_replicas_fails_no_call(
+    cluster: KubeCluster, admin: AsyncClient, ns: str
+) -> None:
+    """Three simulated istiod replicas listen on the pod IPs of three pods; a Deployment-style rollout
+    replaces them one by one (new pod ready → old pod terminating → old replica stops) while a client keeps
+    calling the proxy. Routing must follow each step within 2 s and no call may fail or lose a replica."""
+    from istioctl_proxy import client
+    from istioctl_proxy.app import Proxy
+    from istioctl_proxy.config import Config
+    from istioctl_proxy.simulator import SimProxy, SimReplica, build_simulator_server
+
+    from .helpers import ADMIN_TOKEN, TOKENS
+
+    port = free_port()
+    servers: dict[str, Any] = {}
+
+    async def start_replica(pod: str, ip: str) -> None:
+        replica = SimReplica(pod, tokens=dict(TOKENS))
+        replica.proxies.append(
+            SimProxy(f"app-of-{pod}", "ns-1", states={"CDS": "SYNCED"}, updated=time.time())
+        )
+        server, bound = build_simulator_server(replica, f"{ip}:{port}")
+        assert bound == port
+        await server.start()
+        servers[pod] = server
+        await create_istiod_pod(admin, ns, pod, ip)
+
+    old = [(f"istiod-old-{i}", f"127.0.0.{111 + i}") for i in range(3)]
+    new = [(f"istiod-new-{i}", f"127.0.0.{121 + i}") for i in range(3)]
+    for pod, ip in old:
+        await start_replica(pod, ip)
+
+    cfg = Config(
+        listen="127.0.0.1:0", plaintext=True, admin_listen="", drain_seconds=1.0,
+        istiod_k8s=True, kubeconfig=str(cluster.apiserver.admin_kubeconfig()), istio_namespace=ns,
+        istiod_port=port, istiod_plaintext=True,
+    )  # fmt: skip
+    proxy = Proxy(cfg)
+    await proxy.start()
+    target = client.Target(f"127.0.0.1:{proxy.port}", plaintext=True, token=ADMIN_TOKEN)
+    calls, failures, partial = 0, [], []
+    stop = asyncio.Event()
+
+    async def caller() -> None:
+        nonlocal calls
+        while not stop.is_set():
+            try:
+                _, trailers = await client.request(target, client.SYNCZ, timeout=10)
+            except Exception as e:  # any failed call fails the test
+                failures.append(repr(e))
+            else:
+                calls += 1
+                partial.extend(v for k, v in trailers if k == "x-istioctl-proxy-failed-replicas")
+            await asyncio.sleep(0.02)
+
+    def names() -> set[str]:
+        return {r.name for r in proxy.replicas.current()}
+
+    follow: list[float] = []
+
+    async def follows(expected: set[str]) -> None:
+        start = time.monotonic()
+        await until(lambda: names() == expected, FOLLOW, f"replicas {expected}")
+        follow.append(time.monotonic() - start)
+
+    try:
+        await until(lambda: names() == {p for p, _ in old}, 10, "the first replicas")
+        async with running(caller(), caller()):
+            live = {p for p, _ in old}
+            for (old_pod, _), (new_pod, new_ip) in zip(old, new, strict=True):
+                await start_replica(new_pod, new_ip)
+                live.add(new_pod)
+                await follows(live)
+                await delete_pod(admin, ns, old_pod)  # terminating: leaves the set at once
+                live.discard(old_pod)
+                await follows(live)
+                await asyncio.sleep(0.3)  # calls already routed to it finish (istiod's drain does this)
+                await servers.pop(old_pod).stop(1.0)
+                await force_delete_pod(admin, ns, old_pod)
+            await asyncio.sleep(0.5)
+            stop.set()
+        resp, _ = await client.request(target, client.SYNCZ)
+        assert sorted(r.name for r in client.rows(resp)) == sorted(f"app-of-{p}.ns-1" for p, _ in new)
+    finally:
+        stop.set()
+        await proxy.stop(0)
+        for server in servers.values():
+            await server.stop(0)
+    assert failures == [], failures[:5]
+    assert partial == [], partial[:5]
+    assert calls > 20, calls
+    assert max(follow) < FOLLOW, follow
+
+
+async def test_token_review_callers_are_scoped_through_the_proxy(cluster: KubeCluster, admin: AsyncClient) -> None:
+    """Identity mode with --token-review: Kubernetes tokens authenticate callers, scoped like istiod would."""
+    import grpc
+
+    from istioctl_proxy import client
+    from istioctl_proxy.simulator import make_mesh
+
+    from .helpers import stack
+
+    for n in ("istio-system", "ns-1"):
+        await ensure_namespace(admin, n, service_accounts=("default",))
+    admin_token = await request_token(admin, "istio-system", "default")
+    ns1_token = await request_token(admin, "ns-1", "default")
+    kubeconfig = str(cluster.apiserver.admin_kubeconfig())
+    async with stack(mesh=make_mesh(3, 12), identity=True, token_review=True, token_review_kubeconfig=kubeconfig) as s:
+        resp, _ = await client.request(s.target(admin_token), client.SYNCZ)
+        assert len(resp.resources) == 12
+        resp, _ = await client.request(s.target(ns1_token, namespace="ns-1"), client.SYNCZ)
+        assert {r.name.rpartition(".")[2] for r in client.rows(resp)} == {"ns-1"} and len(resp.resources) == 3
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.request(s.target("not-a-kubernetes-token"), client.SYNCZ)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.request(s.target(ns1_token, namespace="ns-1"), "istio.io/debug", ["syncz"])
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
