@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -43,6 +45,23 @@ class Result:
     resources: int
     answers: list[Answer]
     failures: list[tuple[str, str]] = field(default_factory=list)  # (replica label, reason)
+    shared: str = ""  # "" (own fan-out), "coalesced" or "cached": see coalesce.py
+
+
+def _may_match_connection(proxy_id: str, node_id: str) -> bool:
+    """Could istiod's lookup pick `node_id`'s connection for `proxy_id`?
+
+    istiod finds a proxy by substring over connection ids "<node id>-<counter>" (getProxyConnection), so
+    "web.team" matches "web.team2", and "web.team-1" also matches the connection "web.team-1" of proxy
+    "web.team" in namespace "team".
+    """
+    if proxy_id in node_id:
+        return True
+    for k, ch in enumerate(proxy_id):
+        rest = proxy_id[k + 1:]
+        if ch == "-" and (not rest or rest.isdigit()) and node_id.endswith(proxy_id[:k]):
+            return True
+    return False
 
 
 class Aggregator:
@@ -56,6 +75,8 @@ class Aggregator:
             ttl=settings.cache_ttl, enabled=settings.coalesce, max_bytes=settings.cache_max_bytes,
             size=lambda r: len(r.body), cacheable=lambda r: not r.failures,
         )
+        # Told (type URL, "coalesced" | "cached") for each call served without its own fan-out (metrics).
+        self.on_shared: Callable[[str, str], None] | None = None
 
     async def answer(
         self, type_url: str, names: list[str], node: base_pb2.Node, caller: Caller, remaining: float | None
@@ -80,11 +101,14 @@ class Aggregator:
         # principal, same node, same request).
         key = FlightKey(caller.key, plan.type_url, plan.resource_names, request, ctx.scope,
                         (plan.fan_out, tuple(r.address for r in replicas)))
-        shared = await self.coalescer.run(key, lambda: self._fan_out_and_merge(plan, replicas, request, metadata,
-                                                                               timeout, ctx))
+        shared, kind = await self.coalescer.serve(
+            key, lambda: self._fan_out_and_merge(plan, replicas, request, metadata, timeout, ctx)
+        )
+        if kind and self.on_shared is not None:
+            self.on_shared(plan.type_url, kind)
         log.debug("%s answered in %.1f ms", plan.type_url, (time.monotonic() - started) * 1e3)
         # A copy per caller: the body is shared (immutable bytes), the lists are not.
-        return Result(shared.body, shared.plan, shared.resources, list(shared.answers), list(shared.failures))
+        return Result(shared.body, shared.plan, shared.resources, list(shared.answers), list(shared.failures), kind)
 
     async def _fan_out_and_merge(
         self, plan: Plan, replicas: tuple[Replica, ...], request: bytes,
@@ -93,7 +117,8 @@ class Aggregator:
         if plan.fan_out:
             answers = await self.fanout.all(replicas, request, metadata, timeout)
         else:
-            answers = await self.fanout.first(replicas, request, metadata, timeout)
+            answers = await self.fanout.first(replicas, request, metadata, timeout,
+                                              accept=lambda a: not merge(plan, [a], ctx).rejected)
         failures = self._apply_failure_policy(plan, answers)
         merged = merge(plan, answers, ctx)
         for answer, reason in merged.rejected:
@@ -104,6 +129,9 @@ class Aggregator:
             )
         if failures:
             log.warning("partial answer for %s: %s", plan.type_url, "; ".join(f"{r}: {w}" for r, w in failures))
+        # The replicas' bodies are merged now: drop them (keeping ok-ness) so that they are not held while
+        # the merged answer is sent, shared or cached — for 30k proxies that is the size of the answer again.
+        answers = [dataclasses.replace(a, body=b"") if a.body else a for a in answers]
         return Result(merged.body, plan, merged.resources, answers, failures)
 
     def _upstream_request(
@@ -142,13 +170,18 @@ class Aggregator:
         view = wire.view_response(result.body)
         match = False
         for i in range(len(view.resources)):
-            cfg = wire.client_config(view.resource_any(i))
-            if proxy_id in cfg.node.id:
+            try:
+                cfg = wire.client_config(view.resource_any(i))
+            except wire.WireError:
+                return False  # an unreadable entry could be a look-alike: refuse rather than guess
+            if cfg.node.id == proxy_id:
                 ns_value = cfg.node.metadata.fields.get("NAMESPACE")
                 ns = ns_value.string_value if ns_value is not None else ""
-                if cfg.node.id != proxy_id or ns != caller.scope:
+                if ns != caller.scope:
                     return False
                 match = True
+            elif _may_match_connection(proxy_id, cfg.node.id):
+                return False
         return match
 
     def _not_found(self, plan: Plan) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import socket
@@ -10,13 +11,15 @@ from dataclasses import dataclass, field
 
 from envoy.config.core.v3 import base_pb2
 
+from .admin import build_admin
 from .aggregator import Aggregator, Settings
-from .auth import Authenticator, AuthMode, parse_spiffe, spiffe_ids_of_pem
-from .config import Config
+from .auth import Authenticator, AuthMode, TokenReviewer, parse_spiffe, spiffe_ids_of_pem
+from .config import Config, plaintext_exposed
 from .discovery import DnsSource, ReplicaSet, ReplicaSource, StaticSource
-from .errors import ConfigError
+from .errors import ConfigError, Unavailable
 from .fanout import FanOut
-from .server import AdsService, CertificateReloader, ServingTLS, build_server, set_serving
+from .metrics import Metrics
+from .server import AdsService, CallObserver, CertificateReloader, ServingTLS, build_server, set_serving
 from .upstream import TokenFile, UpstreamPool, UpstreamTLS
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,23 @@ def upstream_identity_node(cfg: Config) -> base_pb2.Node:
     return node
 
 
+def token_reviewer(cfg: Config) -> TokenReviewer:
+    """--token-review: Kubernetes TokenReview against the cluster that issued the callers' tokens."""
+    from .kubernetes import TokenReviewUnavailable, token_reviewer_from_config
+
+    reviewer = token_reviewer_from_config(cfg)
+
+    async def review(token: str) -> tuple[str, str] | None:
+        try:
+            identity = await reviewer.review(token)
+        except TokenReviewUnavailable as err:
+            # An outage is not a verdict on the token: UNAVAILABLE, so istioctl users retry.
+            raise Unavailable(f"cannot review the token now: {err}") from None
+        return None if identity is None else (identity.namespace, identity.service_account)
+
+    return review
+
+
 def sources_of(cfg: Config) -> list[ReplicaSource]:
     sources: list[ReplicaSource] = []
     if cfg.istiod:
@@ -65,6 +85,7 @@ class Proxy:
     pool: UpstreamPool = field(init=False)
     service: AdsService = field(init=False)
     port: int = 0
+    _ca_task: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         cfg = self.cfg
@@ -83,31 +104,73 @@ class Proxy:
             upstream_node=upstream_identity_node(cfg) if mode is AuthMode.IDENTITY else None,
             coalesce=cfg.coalesce, cache_ttl=cfg.cache_ttl,
         )
-        aggregator = Aggregator(self.replicas, FanOut(self.pool), settings)
+        self.metrics = Metrics()  # per Proxy: two proxies in one process never share counters
+        fanout = FanOut(self.pool, on_answer=self.metrics.observe_upstream)
+        aggregator = Aggregator(self.replicas, fanout, settings)
+        aggregator.on_shared = self.metrics.shared_answer
         authenticator = Authenticator(
             mode, istio_namespace=cfg.istio_namespace, allowed_namespaces=frozenset(cfg.debug_allowed_namespaces),
-            trust_domain=cfg.trust_domain,
+            trust_domain=cfg.trust_domain, token_reviewer=token_reviewer(cfg) if cfg.token_review else None,
         )
-        self.service = AdsService(aggregator, authenticator)
+        self.service = AdsService(aggregator, authenticator, CallObserver(self.metrics))
         self.replicas.add_listener(self.pool.retain)
+        self.replicas.add_listener(self.metrics.retain)
+        self.admin = build_admin(cfg, self.replicas, self.pool, self.metrics, fanout, settings.upstream_node)
         self.reloader = None
         if not cfg.plaintext:
             self.reloader = CertificateReloader(ServingTLS(
-                cfg.tls_cert, cfg.tls_key, cfg.client_ca or None, require_client_cert=cfg.upstream_identity,
+                cfg.tls_cert, cfg.tls_key, cfg.client_ca or None,
+                # gRPC Python cannot ask for a client certificate optionally: with --token-review the port
+                # takes token callers and does not request certificates.
+                require_client_cert=cfg.upstream_identity and not cfg.token_review,
             ))
 
     async def start(self) -> None:
         self.server, self.health, self.port = build_server(
             self.service, listen=self.cfg.listen, max_message_bytes=self.cfg.max_message_bytes, tls=self.reloader
         )
+        await self._watch_ca_configmap()
         await self.replicas.start()
+        # gRPC health follows readiness (a replica known and connected), as /readyz does.
+        await self.admin.start(lambda ready: set_serving(self.health, ready))
         await self.server.start()
-        await set_serving(self.health, True)
         log.info("serving ADS on %s (%s), %s mode", self.cfg.listen.rpartition(":")[0] + f":{self.port}",
                  "plaintext" if self.cfg.plaintext else "TLS",
                  "identity" if self.cfg.upstream_identity else "forward")
+        if plaintext_exposed(self.cfg):
+            log.warning("plaintext ADS listener on %s is reachable beyond this host: callers' tokens travel "
+                        "unencrypted; use --tls-cert/--tls-key, or listen on 127.0.0.1 behind a port-forward",
+                        self.cfg.listen)
+
+    async def _watch_ca_configmap(self) -> None:
+        """--istiod-ca-configmap: trust the istio-ca-root-cert ConfigMap, and follow its rotation."""
+        if not self.cfg.istiod_ca_configmap:
+            return
+        from .kubernetes import root_cert_watcher_from_config
+
+        watcher = root_cert_watcher_from_config(self.cfg)
+        try:
+            pem = await asyncio.wait_for(watcher.first(), 30)
+        except TimeoutError:
+            raise ConfigError("--istiod-ca-configmap: no istio-ca-root-cert ConfigMap within 30 s") from None
+        self.pool.refresh_tls(dataclasses.replace(self.pool.tls, ca_pem=pem))
+
+        def changed(new: bytes) -> None:
+            if new != self.pool.tls.ca_pem:
+                log.info("istio root CA changed in the istio-ca-root-cert ConfigMap; reconnecting upstream")
+                self.pool.refresh_tls(dataclasses.replace(self.pool.tls, ca_pem=new))
+
+        self._ca_task = asyncio.create_task(watcher.run(changed), name="istio-ca-root-cert watch")
+
+    @property
+    def admin_port(self) -> int:
+        """The bound admin HTTP port (0 when --admin-listen is '')."""
+        return self.admin.port
 
     async def stop(self, grace: float | None = None) -> None:
+        if self._ca_task is not None:
+            self._ca_task.cancel()
+        await self.admin.stop()
         await set_serving(self.health, False)
         # In-flight calls get `grace` seconds to finish; new calls are refused meanwhile.
         await self.server.stop(self.cfg.drain_seconds if grace is None else grace)

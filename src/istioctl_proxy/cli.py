@@ -22,6 +22,14 @@ def _serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _check(ns: argparse.Namespace) -> int:
+    from .check import run_check
+
+    # The report is the output: only errors of the libraries underneath may interleave with it.
+    logs.setup("error", "text")
+    return asyncio.run(run_check(ns))
+
+
 def _simulate(ns: argparse.Namespace) -> int:
     from .simulate import run_simulator
 
@@ -58,6 +66,13 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the aggregating ADS proxy")
     add_serve_flags(serve)
     serve.set_defaults(func=_serve)
+
+    check = sub.add_parser("check", help="doctor: config, discovery, TCP, TLS, auth, syncz per replica, and fixes")
+    add_serve_flags(check)
+    check.add_argument("--token-file", default="", help="forward mode: a caller's bearer token (file) to check "
+                       "istiod's authentication with")
+    check.add_argument("--timeout", type=float, default=5.0, help="seconds each discovery, TCP and TLS step may take")
+    check.set_defaults(func=_check)
 
     sim = sub.add_parser("simulate", help="run simulated istiod replicas (one port each)")
     sim.add_argument("--replicas", type=int, default=3)

@@ -246,6 +246,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError("--upstream-identity needs --upstream-cert/--upstream-key or --upstream-token-file")
     elif cfg.upstream_cert or cfg.upstream_token_file or cfg.token_review:
         raise ConfigError("--upstream-cert/--upstream-token-file/--token-review need --upstream-identity")
+    if cfg.admin_status_page and not cfg.admin_listen:
+        raise ConfigError("--admin-status-page needs the admin port: set --admin-listen (e.g. 127.0.0.1:15090)")
+    if cfg.admin_status_page and not cfg.upstream_identity:
+        # Forward mode holds no credentials by design; a standing token just for the page would turn the
+        # admin port into a mesh-wide read credential. See docs/operations.md.
+        raise ConfigError(
+            "--admin-status-page shows the proxy's own view of the mesh, which needs the proxy's own "
+            "credentials: use it with --upstream-identity (forward mode has none)"
+        )
     if cfg.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level {cfg.log_level!r}: use debug, info, warning or error")
     if cfg.cache_ttl < 0:

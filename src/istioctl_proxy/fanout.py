@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -61,8 +61,20 @@ def upstream_timeout(caller_remaining: float | None, cap: float) -> float:
 @dataclass
 class FanOut:
     pool: UpstreamPool
+    # Told every replica's outcome (metrics: per-replica latency and errors); must not raise or block.
+    on_answer: Callable[[Answer], None] | None = None
 
-    async def _one(self, replica: Replica, request: bytes, metadata: tuple[tuple[str, str], ...], timeout: float) -> Answer:
+    async def _one(
+        self, replica: Replica, request: bytes, metadata: tuple[tuple[str, str], ...], timeout: float
+    ) -> Answer:
+        answer = await self._ask(replica, request, metadata, timeout)
+        if self.on_answer is not None:
+            self.on_answer(answer)
+        return answer
+
+    async def _ask(
+        self, replica: Replica, request: bytes, metadata: tuple[tuple[str, str], ...], timeout: float
+    ) -> Answer:
         started = time.monotonic()
         try:
             # wait_for backs up the gRPC deadline: a replica that accepts and never answers is cut off.
@@ -81,18 +93,26 @@ class FanOut:
         return list(await asyncio.gather(*(self._one(r, request, metadata, timeout) for r in replicas)))
 
     async def first(
-        self, replicas: Sequence[Replica], request: bytes, metadata: tuple[tuple[str, str], ...], timeout: float
+        self, replicas: Sequence[Replica], request: bytes, metadata: tuple[tuple[str, str], ...], timeout: float,
+        accept: Callable[[Answer], bool] | None = None,
     ) -> list[Answer]:
-        """One replica at a time, healthiest first, until one answers or the time is up."""
+        """One replica at a time, healthiest first, until one answers usably (`accept`) or the time is up."""
         deadline = time.monotonic() + timeout
         ordered = sorted(replicas, key=lambda r: (r.address in self.pool.last_error, r.address))
         answers: list[Answer] = []
-        for replica in ordered:
+        for n, replica in enumerate(ordered):
             remaining = deadline - time.monotonic()
             if remaining <= 0.01:
                 break
-            answer = await self._one(replica, request, metadata, remaining)
+            # A replica that accepts and never answers must not use up the whole budget while others could
+            # answer: every candidate but the last gets half of what is left.
+            budget = remaining if n == len(ordered) - 1 else remaining / 2
+            answer = await self._one(replica, request, metadata, budget)
             answers.append(answer)
+            if answer.ok and accept is not None and not accept(answer):
+                # A malformed answer is that replica's failure: rank it last next time, ask the next one now.
+                self.pool.last_error[replica.address] = "malformed answer"
+                continue
             if answer.ok:
                 break
         return answers

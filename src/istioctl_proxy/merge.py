@@ -11,7 +11,9 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 
 from . import wire
 from .fanout import Answer
@@ -96,7 +98,7 @@ def merge_syncz_fast(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -
         indexes.append(index)
         total += index.count
     # One set over all replicas: a key seen twice (across or within replicas) needs the exact dedup.
-    if len({key for index in indexes for key in index.node_keys}) != total:
+    if len(set().union(*(index.node_keys for index in indexes))) != total:
         return None
     parts = [a.body for a in answers if a.body is not None]
     ident = external_identifier([i.identifier() for i in indexes], ctx.external_id)
@@ -115,6 +117,9 @@ def merge_syncz(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Mer
     for vi, (answer, view) in enumerate(good):
         try:
             ids = [wire.syncz_node_id(view.resource_any(i)) for i in range(len(view.resources))]
+            for i in range(len(view.resources)):
+                if wire.any_type_url(view.resource_any(i)) != wire.CLIENT_CONFIG_URL:
+                    raise wire.WireError(f"resource {i} is not a ClientConfig")
         except wire.WireError as err:
             bad.append((answer, f"malformed syncz resource: {err}"))
             good[vi] = (answer, wire.ResponseView(b""))
@@ -143,13 +148,19 @@ def merge_syncz(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Mer
 
 
 def _last_updated(any_bytes: bytes) -> float:
-    cfg = wire.client_config(any_bytes)
+    try:
+        cfg = wire.client_config(any_bytes)
+    except wire.WireError:
+        return 0.0  # undecodable: never preferred over a readable copy
     stamps = [c.last_updated.ToNanoseconds() for c in cfg.generic_xds_configs if c.HasField("last_updated")]
     return max(stamps, default=0) / 1e9
 
 
 def _namespace(any_bytes: bytes) -> str:
-    cfg = wire.client_config(any_bytes)
+    try:
+        cfg = wire.client_config(any_bytes)
+    except wire.WireError:
+        return ""  # undecodable: in no namespace, so never shown to a scoped caller
     ns = cfg.node.metadata.fields.get("NAMESPACE")
     if ns is not None and ns.string_value:
         return str(ns.string_value)
@@ -160,8 +171,13 @@ def _namespace(any_bytes: bytes) -> str:
 def merge_proxy_holder(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged:
     """config_dump: the replica that holds the proxy answers non-empty; pass its bytes through."""
     good, bad = _views(answers, plan.type_url)
-    for _, view in good:
+    for answer, view in good:
         if view.resources:
+            try:  # upb checks every Any's framing (not the dumps inside): the caller must be able to read it
+                discovery_pb2.DiscoveryResponse.FromString(view.raw)
+            except DecodeError as err:
+                bad.append((answer, f"malformed config_dump answer: {err}"))
+                continue
             return Merged(view.raw, len(view.resources), bad)
     # Nobody holds it: istiod's answer for an unknown proxy is an empty response, not an error.
     views = [v for _, v in good]
@@ -177,7 +193,11 @@ def _debug_bodies(
         if len(view.resources) != 1:
             bad.append((answer, f"expected one debug resource, got {len(view.resources)}"))
             continue
-        msg = any_pb2.Any.FromString(view.resource_any(0))
+        try:
+            msg = any_pb2.Any.FromString(view.resource_any(0))
+        except DecodeError as err:
+            bad.append((answer, f"malformed debug resource: {err}"))
+            continue
         out.append((answer, view, bytes(msg.value)))
     return out, bad
 
@@ -218,8 +238,11 @@ def _combine_json(kind: Merge, values: list[object]) -> object:
         for v in values:
             if not isinstance(v, dict):
                 raise ValueError("not a JSON object")
-            total += int(v.get("totalClients", 0))
-            clients.extend(v.get("clients") or [])
+            count, listed = v.get("totalClients", 0), v.get("clients") or []
+            if not isinstance(count, int) or not isinstance(listed, list):
+                raise ValueError("totalClients must be a number and clients a list")
+            total += count
+            clients.extend(listed)
         return {"totalClients": total, "clients": clients}
     merged: dict[str, object] = {}
     for v in values:
@@ -238,7 +261,7 @@ def merge_debug(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Mer
             try:
                 value = _json(body)
                 _combine_json(plan.merge, [value])  # shape check per replica, so one bad body stays contained
-            except ValueError as err:
+            except (ValueError, TypeError, RecursionError) as err:
                 bad.append((answer, f"debug body of {plan.debug_path!r} is not the expected JSON: {err}"))
                 continue
             values.append(value)

@@ -94,7 +94,10 @@ def plan_request(type_url: str, resource_names: list[str] | tuple[str, ...]) -> 
     if type_url == DEBUG:
         if len(names) != 1:
             raise InvalidRequest(f"{DEBUG} needs exactly one resource name (a debug path), got {len(names)}")
-        parts = urlsplit(names[0])
+        try:
+            parts = urlsplit(names[0])
+        except ValueError as err:  # e.g. "//[x": an unbalanced IPv6 bracket
+            raise InvalidRequest(f"debug path {names[0][:100]!r} is not a valid path: {err}") from None
         path = parts.path.strip("/")
         query = parse_qs(parts.query)
         proxy_id = query.get("proxyID", [""])[0]
@@ -105,6 +108,6 @@ def plan_request(type_url: str, resource_names: list[str] | tuple[str, ...]) -> 
     if not type_url:
         raise InvalidRequest(f"request has no type_url; supported: {', '.join(SUPPORTED_TYPES)}")
     raise UnsupportedType(
-        f"type {type_url!r} is not served by istioctl-proxy (it aggregates istiod debug types, it is not "
+        f"type {type_url[:200]!r} is not served by istioctl-proxy (it aggregates istiod debug types, it is not "
         f"a control plane); supported: {', '.join(SUPPORTED_TYPES)}"
     )

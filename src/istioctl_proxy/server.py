@@ -13,10 +13,12 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2, discovery_pb2
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -24,6 +26,7 @@ from .aggregator import Aggregator, Result
 from .auth import Authenticator, Caller
 from .errors import InvalidRequest, ProxyError
 from .metrics import Metrics
+from .upstream import LARGE_MESSAGE_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ class AdsService:
         failures: list[str] = []
         # istiod answers each request on the stream afresh (ACK-looking ones too) and never pushes debug
         # types unasked: so one response per request, in order, until the client half-closes.
-        async for req in requests:
+        async for req in _decoded(requests, context):
             if req.HasField("node") and req.node.id:
                 node = req.node
             if node is None:
@@ -100,20 +103,38 @@ class AdsService:
         caller = await self._caller(context)
         node: base_pb2.Node | None = None
         failures: list[str] = []
-        subscribed: dict[str, list[str]] = {}
-        async for req in requests:
+        subscribed: dict[str, dict[str, None]] = {}  # per type: an ordered set of names
+        async for req in _decoded(requests, context):
             if req.HasField("node") and req.node.id:
                 node = req.node
             if node is None:
                 await _fail(context, InvalidRequest("missing node information: the first request must carry node.id"))
                 return
-            names = subscribed.setdefault(req.type_url, [])
-            names.extend(n for n in req.resource_names_subscribe if n not in names)
+            names = subscribed.setdefault(req.type_url, {})
+            names.update(dict.fromkeys(req.resource_names_subscribe))
             for n in req.resource_names_unsubscribe:
-                if n in names:
-                    names.remove(n)
+                names.pop(n, None)
             result = await self._answer(context, caller, req.type_url, list(names), node, failures)
             yield to_delta(result)
+
+
+_Req = TypeVar("_Req", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
+
+
+async def _decoded(
+    requests: AsyncIterator[_Req], context: grpc.aio.ServicerContext[object, object]
+) -> AsyncIterator[_Req]:
+    """The stream's requests; bytes that are not a request end the call with INVALID_ARGUMENT, not UNKNOWN."""
+    it = aiter(requests)
+    while True:
+        try:
+            req = await anext(it)
+        except StopAsyncIteration:
+            return
+        except DecodeError as err:
+            await _fail(context, InvalidRequest(f"malformed request: {err}"))
+            return
+        yield req
 
 
 def to_delta(result: Result) -> discovery_pb2.DeltaDiscoveryResponse:
@@ -138,7 +159,19 @@ def to_delta(result: Result) -> discovery_pb2.DeltaDiscoveryResponse:
 
 async def _fail(context: grpc.aio.ServicerContext[object, object], err: ProxyError) -> None:
     """The one place a ProxyError becomes a gRPC status."""
-    await context.abort(err.code, err.message)
+    await context.abort(err.code, _fit_trailer(err.message))
+
+
+# grpc-message travels in a trailer, percent-encoded (up to 3x), and clients drop trailers past 8-16 KiB:
+# a message echoing a huge caller input would turn a precise status into "Stream removed".
+_MAX_MESSAGE_BYTES = 1024
+
+
+def _fit_trailer(message: str) -> str:
+    raw = message.encode()
+    if len(raw) <= _MAX_MESSAGE_BYTES:
+        return message
+    return raw[:_MAX_MESSAGE_BYTES].decode(errors="ignore") + "... (truncated)"
 
 
 class CallObserver:
@@ -156,6 +189,8 @@ class CallObserver:
             counted = "PARTIAL" if result is not None and result.failures else outcome
             self.metrics.observe_call(type_url, counted, seconds, result.resources if result else 0,
                                       len(result.body) if result else 0)
+        # The caller chose this string: one line, bounded, whatever it holds.
+        type_url = type_url[:200].encode("unicode_escape").decode("ascii")
         if result is None:
             log.info(
                 "call type=%s caller=%s outcome=%s latency_ms=%.1f", type_url, caller.principal, outcome, seconds * 1e3
@@ -230,6 +265,7 @@ def build_server(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
+            *LARGE_MESSAGE_OPTIONS,
         ]
     )
     handlers = {

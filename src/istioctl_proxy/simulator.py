@@ -14,7 +14,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
@@ -44,11 +44,13 @@ _STATUS = {
 }
 NOT_CONNECTED = "Proxy not connected to this Pilot instance. It may be connected to another instance.\n"
 NO_PROXY_ID = "You must provide a proxyID in the query string\n"
-DEBUG_LIST = sorted([
-    "adsz", "ambientz", "authorizationz", "cachez", "clusterz", "config_dump", "configz", "connections", "ecdsz",
-    "edsz", "endpointShardz", "endpointz", "inject", "instancesz", "krtz", "mcsz", "mesh", "ndsz", "networkz",
-    "push_status", "pushcontext", "registryz", "resourcesz", "sidecarz", "syncz", "telemetryz",
-])
+# What istiod's `list` answers (verified against pilot-discovery in tests/e2e/test_simulator_fidelity.py).
+DEBUG_LIST = [
+    "adsz", "adsz?push=true", "ambientz", "authorizationz", "cachez", "cachez?clear=true", "cachez?sizes=true",
+    "clusterz", "config_dump", "configz", "connections", "ecdsz", "edsz", "endpointShardz", "endpointz", "inject",
+    "instancesz", "krtz", "mcsz", "mesh", "ndsz", "networkz", "push_status", "pushcontext", "registryz",
+    "resourcesz", "sidecarz", "syncz", "telemetryz",
+]  # fmt: skip
 
 
 @dataclass
@@ -87,11 +89,19 @@ class SimProxy:
         out: dict[str, object] = {"cluster_id": self.cluster_id, "proxy": self.id, "proxy_type": self.proxy_type,
                                   "istio_version": self.istio_version}
         names = {"CDS": "cluster", "LDS": "listener", "RDS": "route", "EDS": "endpoint"}
+        sent_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.updated))
+        resources: dict[str, dict[str, str]] = {}
         for short, state in self.states.items():
+            status: dict[str, str] = {"sentTime": sent_at}  # a Go time.Time: never omitted
             if state != "NOT_SENT":
-                out[f"{names[short]}_sent"] = "v1"
+                out[f"{names[short]}_sent"] = status["sent"] = "v1"
                 if state == "SYNCED":
-                    out[f"{names[short]}_acked"] = "v1"
+                    out[f"{names[short]}_acked"] = status["acked"] = "v1"
+            if state == "ERROR":
+                status["lastError"] = self.error
+            resources[TYPES[short]] = status
+        # debug.go Syncz: per watched type, {sent, acked, sentTime, lastError} (omitempty strings).
+        out["resources"] = resources
         return out
 
 
@@ -100,6 +110,8 @@ class Faults:
     latency: float = 0.0  # seconds before each answer
     fail_code: grpc.StatusCode | None = None
     hang: bool = False
+    # Malformed answers: given (type_url, the correct answer bytes), return what to send instead.
+    garbage: Callable[[str, bytes], bytes] | None = None
 
 
 @dataclass
@@ -288,14 +300,15 @@ class SimulatorService:
                     raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "authentication required")
                 assert identity is not None or req.type_url not in (SYNCZ, CONFIG_DUMP, DEBUG)
                 if req.type_url == SYNCZ:
-                    yield r.syncz(r.caller_scope(identity))  # type: ignore[arg-type]
+                    answer = r.syncz(r.caller_scope(identity))  # type: ignore[arg-type]
                 elif req.type_url == CONFIG_DUMP:
-                    yield r.config_dump(list(req.resource_names), r.caller_scope(identity))  # type: ignore[arg-type]
+                    answer = r.config_dump(list(req.resource_names), r.caller_scope(identity))  # type: ignore[arg-type]
                 elif req.type_url == DEBUG:
-                    yield r.debug(list(req.resource_names), identity)  # type: ignore[arg-type]
+                    answer = r.debug(list(req.resource_names), identity)  # type: ignore[arg-type]
                 else:
                     # A real istiod would serve Envoy types; the simulator answers them empty.
-                    yield r._envelope(req.type_url).SerializeToString()
+                    answer = r._envelope(req.type_url).SerializeToString()
+                yield answer if r.faults.garbage is None else r.faults.garbage(req.type_url, answer)
         except _Abort as err:
             await context.abort(err.code, err.message)
 

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.status.v3 import csds_pb2
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 
 # DiscoveryResponse field numbers (envoy/service/discovery/v3/discovery.proto).
 _VERSION_INFO, _RESOURCES, _TYPE_URL, _NONCE, _CONTROL_PLANE = 1, 2, 4, 5, 6
@@ -89,7 +88,10 @@ class ResponseView:
     def identifier(self) -> str | None:
         if self.control_plane is None:
             return None
-        cp = base_pb2.ControlPlane.FromString(self.control_plane)
+        try:
+            cp = base_pb2.ControlPlane.FromString(self.control_plane)
+        except DecodeError:
+            return None  # unreadable: the merge takes another replica's identifier; never fail the call
         return str(cp.identifier)
 
 
@@ -127,11 +129,22 @@ def client_config(any_bytes: bytes) -> csds_pb2.ClientConfig:
     """Decode one syncz resource (a google.protobuf.Any holding a ClientConfig)."""
     from google.protobuf import any_pb2
 
-    msg = any_pb2.Any.FromString(any_bytes)
-    cfg = csds_pb2.ClientConfig()
-    if not msg.Unpack(cfg):
-        raise WireError(f"resource is {msg.type_url}, not a ClientConfig")
+    try:
+        msg = any_pb2.Any.FromString(any_bytes)
+        cfg = csds_pb2.ClientConfig()
+        if not msg.Unpack(cfg):
+            raise WireError(f"resource is {msg.type_url}, not a ClientConfig")
+    except DecodeError as err:
+        raise WireError(f"undecodable ClientConfig: {err}") from None
     return cfg
+
+
+def any_type_url(any_bytes: bytes) -> bytes:
+    """The type URL of a serialized Any (field 1), read without decoding its value."""
+    for number, _start, value_start, end in iter_fields(any_bytes):
+        if number == 1:
+            return bytes(any_bytes[value_start:end])
+    return b""
 
 
 def syncz_node_id(any_bytes: bytes) -> str:
@@ -155,9 +168,10 @@ def syncz_node_id(any_bytes: bytes) -> str:
 
 # -- The syncz fast path ---------------------------------------------------------------------------------
 # Reading node ids field by field in Python costs ~10 µs per resource (≈300 ms for 30k proxies). The fast
-# path below does the same work at C speed: upb checks the envelope's wire format and counts resources,
-# and one regex pass captures every node id. It only ever *answers* when it can prove its reading is the
-# exact one (see syncz_fast_index); otherwise it returns None and the field-by-field reader decides.
+# path below does the same work at C speed: upb checks the response's wire format and envelope strings and
+# counts resources, and one regex pass captures every node id. It only ever *answers* when it can prove its
+# reading is the exact one (see syncz_fast_index); otherwise it returns None and the field-by-field reader
+# decides.
 
 CLIENT_CONFIG_URL = b"type.googleapis.com/envoy.service.status.v3.ClientConfig"
 _VARINT = rb"[\x80-\xff]{0,9}[\x00-\x7f]"
@@ -170,32 +184,6 @@ _NODE_ID = re.compile(
 )
 
 
-def _envelope_class() -> type[Message]:
-    """A DiscoveryResponse whose resources are opaque bytes: upb validates and counts, decodes nothing else.
-
-    proto2 and all-bytes on purpose: presence of control_plane is observable, and UTF-8 is checked by us
-    (a bad envelope string falls back to the exact reader, which rejects it with its usual message).
-    """
-    F = descriptor_pb2.FieldDescriptorProto
-    fdp = descriptor_pb2.FileDescriptorProto(
-        name="istioctl_proxy/syncz_envelope.proto", package="istioctl_proxy.fast", syntax="proto2"
-    )
-    msg = fdp.message_type.add(name="Envelope")
-    for name, number, kind, label in (
-        ("version_info", _VERSION_INFO, F.TYPE_BYTES, F.LABEL_OPTIONAL),
-        ("resources", _RESOURCES, F.TYPE_BYTES, F.LABEL_REPEATED),
-        ("type_url", _TYPE_URL, F.TYPE_BYTES, F.LABEL_OPTIONAL),
-        ("control_plane", _CONTROL_PLANE, F.TYPE_BYTES, F.LABEL_OPTIONAL),
-    ):
-        msg.field.add(name=name, number=number, type=kind, label=label)
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("istioctl_proxy.fast.Envelope"))
-
-
-_Envelope = _envelope_class()
-
-
 @dataclass(frozen=True)
 class SynczIndex:
     """What the syncz merge needs from one replica's answer, read without touching Python per resource."""
@@ -205,11 +193,10 @@ class SynczIndex:
     version_info: str
     control_plane: bytes | None
     node_keys: list[bytes]  # one per resource: length byte + UTF-8 id (equal keys ⇔ equal ids)
+    ident: str | None = None  # the control plane identifier, decoded by syncz_fast_index
 
     def identifier(self) -> str | None:
-        if self.control_plane is None:
-            return None
-        return str(base_pb2.ControlPlane.FromString(self.control_plane).identifier)
+        return self.ident
 
 
 def syncz_fast_index(raw: bytes) -> SynczIndex | None:
@@ -220,10 +207,13 @@ def syncz_fast_index(raw: bytes) -> SynczIndex | None:
     then every occurrence is a resource's own Any header — and every resource produced one match.
     """
     try:
-        env = _Envelope.FromString(raw)
+        # upb, eagerly: the framing and every envelope string (type URLs, version, nonce, control plane) are
+        # checked — exactly what the caller's own parse of the merged answer will need — while each Any's
+        # value stays opaque bytes. Anything it refuses goes to the exact reader, which rejects the replica.
+        env = discovery_pb2.DiscoveryResponse.FromString(raw)
     except DecodeError:
         return None
-    count = len(env.resources)  # type: ignore[attr-defined]
+    count = len(env.resources)
     if raw.count(CLIENT_CONFIG_URL) != count:
         return None
     keys = _NODE_ID.findall(raw)
@@ -231,9 +221,9 @@ def syncz_fast_index(raw: bytes) -> SynczIndex | None:
         return None
     try:
         b"".join(keys).decode()  # the exact reader rejects non-UTF-8 ids: leave those to it
-        type_url = bytes(env.type_url).decode()  # type: ignore[attr-defined]
-        version_info = bytes(env.version_info).decode()  # type: ignore[attr-defined]
     except UnicodeDecodeError:
         return None
-    cp = bytes(env.control_plane) if env.HasField("control_plane") else None  # type: ignore[attr-defined]
-    return SynczIndex(count, type_url, version_info, cp, keys)
+    has_cp = env.HasField("control_plane")
+    return SynczIndex(count, str(env.type_url), str(env.version_info),
+                      env.control_plane.SerializeToString() if has_cp else None, keys,
+                      str(env.control_plane.identifier) if has_cp else None)

@@ -1,0 +1,285 @@
+"""The admin HTTP port: /metrics, /healthz, /readyz and (opt-in) the status page.
+
+It runs in the proxy's own asyncio loop (aiohttp's AppRunner + TCPSite), so it sees the live objects and
+needs no locking. Readiness is probed here too, and drives gRPC health as well as /readyz, so Kubernetes
+(HTTP probe) and gRPC health checkers always agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from envoy.config.core.v3 import base_pb2
+
+from .config import Config
+from .discovery import Replica, ReplicaSet, split_host_port
+from .errors import ConfigError
+from .fanout import FanOut
+from .metrics import Metrics
+from .statuspage import StatusPage
+from .upstream import UpstreamPool, fetch_unverified_root
+
+log = logging.getLogger(__name__)
+
+OnReadiness = Callable[[bool], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One replica at the last readiness probe."""
+
+    replica: Replica
+    up: bool
+    why: str = ""  # when not up
+
+
+class Readiness:
+    """Ready when at least one known replica has a connected channel (TCP + TLS handshake done).
+
+    Channel connectivity needs no credentials, so it works in forward mode too, where the proxy cannot
+    make a call of its own. Probes run every `interval` seconds and at once when discovery changes.
+    """
+
+    def __init__(self, replicas: ReplicaSet, pool: UpstreamPool, metrics: Metrics, *,
+                 interval: float = 2.0, probe_timeout: float = 1.0) -> None:
+        self.replicas = replicas
+        self.pool = pool
+        self.metrics = metrics
+        self.interval = interval
+        self.probe_timeout = probe_timeout
+        self.ready = False
+        self.reason = "starting: no readiness probe has run yet"
+        self.probes: dict[str, Probe] = {}
+        self._announced: bool | None = None
+        self._listeners: list[OnReadiness] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        replicas.add_listener(lambda _: self._wake.set())
+
+    def add_listener(self, listener: OnReadiness) -> None:
+        """Called with the new readiness on every change (and once with the first result)."""
+        self._listeners.append(listener)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="readiness probe")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.probe_once()
+            except Exception:  # a probe bug must not stop readiness for good
+                log.exception("readiness probe failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+
+    async def probe_once(self) -> None:
+        replicas = self.replicas.current()
+        if not replicas:
+            self.probes = {}
+            self.metrics.set_replicas({})
+            await self._set(False, "no istiod replica is known: discovery (--istiod, --istiod-dns, --istiod-k8s) "
+                                   "has found none yet")
+            return
+        probes = await asyncio.gather(*(self._probe(r) for r in replicas))
+        self.probes = {p.replica.address: p for p in probes}
+        self.metrics.set_replicas({p.replica: p.up for p in probes})
+        up = sum(p.up for p in probes)
+        if up:
+            await self._set(True, f"{up} of {len(probes)} istiod replicas reachable")
+        else:
+            whys = "; ".join(f"{p.replica.label}: {p.why}" for p in probes)
+            await self._set(False, f"none of the {len(probes)} known istiod replicas is reachable: {whys}")
+
+    async def _probe(self, replica: Replica) -> Probe:
+        if self.pool.tls.skip_verify:
+            # Such a channel dials synchronously (to fetch the root) when created: a dead replica would
+            # stall the event loop, so reachability is tried in a thread first.
+            try:
+                await asyncio.to_thread(fetch_unverified_root, replica.address, self.probe_timeout)
+            except (OSError, ValueError) as err:
+                return Probe(replica, False, f"cannot connect: {err}")
+        try:
+            channel = self.pool.channel(replica.address)
+        except (OSError, ValueError) as err:  # --istiod-insecure-skip-verify dials to fetch the root first
+            return Probe(replica, False, f"cannot connect: {err}")
+        if channel.get_state(try_to_connect=True) is grpc.ChannelConnectivity.READY:
+            return Probe(replica, True)
+        try:
+            await asyncio.wait_for(channel.channel_ready(), self.probe_timeout)
+        except TimeoutError:
+            state = channel.get_state().name
+            last = self.pool.last_error.get(replica.address)
+            hint = f"; last call: {last}" if last else "; `istioctl-proxy check` shows which step fails"
+            return Probe(replica, False, f"not connected ({state}){hint}")
+        return Probe(replica, True)
+
+    async def _set(self, ready: bool, reason: str) -> None:
+        self.ready, self.reason = ready, reason
+        self.metrics.ready.set(1 if ready else 0)
+        if ready == self._announced:
+            return
+        self._announced = ready
+        (log.info if ready else log.warning)("%s: %s", "ready" if ready else "not ready", reason)
+        for listener in self._listeners:
+            await listener(ready)
+
+
+def _local_host(host_header: str, allowed: frozenset[str]) -> bool:
+    """Is Host an IP literal, localhost or the configured admin host? Stops DNS rebinding to the page."""
+    host = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
+    host = host.strip("[]").lower()
+    if host in allowed or host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+_SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    # Everything the page needs comes from this port; nothing inline, nothing from elsewhere.
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                               "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+}
+
+
+class AdminServer:
+    """The HTTP side: routes over Metrics, Readiness and, when enabled, the StatusPage."""
+
+    def __init__(self, listen: str, metrics: Metrics, readiness: Readiness, status: StatusPage | None) -> None:
+        self.listen = listen
+        self.metrics = metrics
+        self.readiness = readiness
+        self.status = status
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        host, _ = split_host_port(listen, allow_zero=True)
+        self._allowed_hosts = frozenset({host.lower()})
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._headers])
+        app.router.add_get("/metrics", self.metrics_handler)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        if self.status is not None:
+            for path, handler in self.status.routes().items():
+                app.router.add_get(path, self._local_only(handler))
+        else:
+            app.router.add_get("/", self.no_status_page)
+        return app
+
+    @web.middleware
+    async def _headers(self, request: web.Request,
+                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        response = await handler(request)
+        for key, value in _SECURITY_HEADERS.items():
+            response.headers.setdefault(key, value)
+        return response
+
+    def _local_only(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            if not _local_host(request.host, self._allowed_hosts):
+                return web.Response(status=421, text="the status page answers only to an IP address, localhost or "
+                                    "the --admin-listen host (see docs/operations.md)\n")
+            return await handler(request)
+        return guarded
+
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        body, content_type = self.metrics.exposition(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def healthz(self, _: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(self, _: web.Request) -> web.Response:
+        r = self.readiness
+        text = ("ready: " if r.ready else "not ready: ") + r.reason + "\n"
+        return web.Response(status=200 if r.ready else 503, text=text)
+
+    async def no_status_page(self, _: web.Request) -> web.Response:
+        return web.Response(status=404, text="istioctl-proxy admin port: /metrics /healthz /readyz\n"
+                            "The status page is off; start with --admin-status-page (see docs/operations.md).\n")
+
+    async def start(self) -> int:
+        host, port = split_host_port(self.listen, allow_zero=True)
+        # No access log: Prometheus and kubelet probes would fill it with nothing worth reading.
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
+        self.port = int(self._runner.addresses[0][1])
+        log.info("admin HTTP on %s:%d (/metrics /healthz /readyz%s)", host, self.port,
+                 " and the status page at /" if self.status else "")
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+class Admin:
+    """What Proxy starts and stops: readiness always, the HTTP port unless --admin-listen is ''."""
+
+    def __init__(self, cfg: Config, readiness: Readiness, metrics: Metrics, status: StatusPage | None) -> None:
+        self.cfg = cfg
+        self.readiness = readiness
+        self.server = AdminServer(cfg.admin_listen, metrics, readiness, status) if cfg.admin_listen else None
+
+    @property
+    def port(self) -> int:
+        return self.server.port if self.server else 0
+
+    async def start(self, on_readiness: OnReadiness) -> None:
+        self.readiness.add_listener(on_readiness)
+        self.readiness.start()
+        if self.server is not None:
+            try:
+                await self.server.start()
+            except OSError as err:
+                await self.readiness.stop()
+                raise ConfigError(f"cannot listen on --admin-listen {self.cfg.admin_listen}: {err}") from None
+
+    async def stop(self) -> None:
+        await self.readiness.stop()
+        if self.server is not None:
+            await self.server.stop()
+
+
+def build_admin(cfg: Config, replicas: ReplicaSet, pool: UpstreamPool, metrics: Metrics, fanout: FanOut,
+                upstream_node: base_pb2.Node | None) -> Admin:
+    """The admin side of a Proxy; raises ConfigError for admin flags that do not fit the rest."""
+    readiness = Readiness(replicas, pool, metrics)
+    status = None
+    if cfg.admin_status_page and upstream_node is not None:
+        status = StatusPage(replicas, fanout, upstream_node, metrics, readiness, timeout=cfg.upstream_timeout)
+    return Admin(cfg, readiness, metrics, status)
+
+
+__all__ = ["Admin", "AdminServer", "Probe", "Readiness", "build_admin"]

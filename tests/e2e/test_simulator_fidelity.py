@@ -1,0 +1,167 @@
+"""The simulator says what istiod says: each debug type URL compared field by field with a real istiod.
+
+If istiod changes a shape (a field, a metadata key, an identifier key, a debug body), this fails, so the
+simulator — the embedded default and the benchmarks' load source — cannot drift silently.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.status.v3 import csds_pb2
+from google.protobuf.message import Message
+
+from istioctl_proxy.simulator import SimProxy, SimReplica
+
+from .ads import (
+    CDS,
+    CONFIG_DUMP,
+    DEBUG,
+    LDS,
+    SYNCZ,
+    AdsClient,
+    XdsState,
+    close_clients,
+    debug_request,
+    start_clients,
+    tls_channel,
+)
+from .mesh import EnvoyProxy, Mesh, async_wait_until
+
+pytestmark = pytest.mark.e2e
+
+ADMIN = {"namespace": "istio-system"}
+
+
+def fields(msg: Message) -> set[str]:
+    return {f.name for f, _ in msg.ListFields()}
+
+
+def sim_response(raw: bytes) -> discovery_pb2.DiscoveryResponse:
+    return discovery_pb2.DiscoveryResponse.FromString(raw)
+
+
+@pytest.fixture
+async def real(mesh: Mesh) -> AsyncIterator[tuple[Mesh, list[AdsClient]]]:
+    r = mesh.replicas[0]
+    clients = [
+        mesh.ads_client(r, "fid-synced", "team-f", {CDS: XdsState.SYNCED, LDS: XdsState.SYNCED}),
+        mesh.ads_client(r, "fid-stale", "team-f", {CDS: XdsState.SYNCED, LDS: XdsState.STALE}),
+        mesh.ads_client(r, "fid-error", "team-f", {CDS: XdsState.ERROR, LDS: XdsState.SYNCED}),
+    ]
+    await start_clients(clients)
+
+    async def settled() -> bool:
+        return r.proxy_states().get("fid-error.team-f", {}).get("CDS") == "ERROR"
+
+    await async_wait_until(settled, 30, what="fidelity proxies settled")
+    yield mesh, clients
+    await close_clients(clients)
+
+
+def simulated() -> SimReplica:
+    rep = SimReplica("istiod-sim")
+    rep.proxies = [
+        SimProxy("fid-synced", "team-f", states={"CDS": "SYNCED", "LDS": "SYNCED"}),
+        SimProxy("fid-stale", "team-f", states={"CDS": "SYNCED", "LDS": "STALE"}),
+        SimProxy("fid-error", "team-f", states={"CDS": "ERROR", "LDS": "SYNCED"}),
+    ]
+    return rep
+
+
+async def ask(mesh: Mesh, type_url: str, names: tuple[str, ...] = ()) -> discovery_pb2.DiscoveryResponse:
+    admin = mesh.ca.issue_spiffe("istio-system", "default")
+    async with tls_channel(mesh.replicas[0].secure_address, mesh.root_cert_pem, client=admin) as ch:
+        return await debug_request(ch, type_url, names)
+
+
+def shape_of_syncz(resp: discovery_pb2.DiscoveryResponse, only: set[str]) -> dict[str, Any]:
+    shape: dict[str, Any] = {"envelope": fields(resp), "any_types": {a.type_url for a in resp.resources}}
+    ident = json.loads(resp.control_plane.identifier)
+    shape["identifier_keys"] = set(ident)
+    shape["info_keys"] = set(ident["Info"])
+    per_status: dict[str, set[str]] = {}
+    for a in resp.resources:
+        cfg = csds_pb2.ClientConfig()
+        assert a.Unpack(cfg)
+        if cfg.node.id not in only:
+            continue
+        shape.setdefault("client_config", set()).update(fields(cfg))
+        shape.setdefault("node", set()).update(fields(cfg.node))
+        shape.setdefault("metadata_keys", set()).update(cfg.node.metadata.fields)
+        assert "~" not in cfg.node.id  # proxy.ID (pod.ns), not the raw node id
+        for x in cfg.generic_xds_configs:
+            status = csds_pb2.ConfigStatus.Name(x.config_status)
+            per_status.setdefault(status, set()).update(fields(x))
+            if x.HasField("error_state"):
+                shape.setdefault("error_state", set()).update(fields(x.error_state))
+        types = [x.type_url for x in cfg.generic_xds_configs]
+        assert types == sorted(types)  # istiod sorts them by type URL
+    shape["per_status"] = per_status
+    return shape
+
+
+async def test_syncz_has_istiods_shape(real: tuple[Mesh, list[AdsClient]]) -> None:
+    mesh, clients = real
+    ids = {c.proxy_id for c in clients}
+    got = shape_of_syncz(await ask(mesh, SYNCZ), ids)
+    want = shape_of_syncz(sim_response(simulated().syncz("")), ids)
+    assert set(got["per_status"]) == {"SYNCED", "STALE", "ERROR"}
+    assert want == got
+
+
+async def test_config_dump_has_istiods_shape(real: tuple[Mesh, list[AdsClient]], envoy_router: EnvoyProxy) -> None:
+    mesh, _ = real
+    real_dump = await _dump(mesh, envoy_router)
+    sim = simulated()
+    sim_dump = sim_response(sim.config_dump(["fid-synced.team-f"], ""))
+    assert fields(sim_dump) == fields(real_dump)
+    assert [a.type_url for a in sim_dump.resources] == [a.type_url for a in real_dump.resources]
+    assert not real_dump.HasField("control_plane")
+    unknown_real = await ask(mesh, CONFIG_DUMP, ("nobody.nowhere",))
+    unknown_sim = sim_response(sim.config_dump(["nobody.nowhere"], ""))
+    assert len(unknown_real.resources) == len(unknown_sim.resources) == 0
+    assert fields(unknown_sim) - {"version_info"} == fields(unknown_real) - {"version_info"}
+
+
+async def _dump(mesh: Mesh, envoy: EnvoyProxy) -> discovery_pb2.DiscoveryResponse:
+    admin = mesh.ca.issue_spiffe("istio-system", "default")
+    async with tls_channel(envoy.replica.secure_address, mesh.root_cert_pem, client=admin) as ch:
+        return await debug_request(ch, CONFIG_DUMP, (envoy.proxy_id,))
+
+
+def _body(resp: discovery_pb2.DiscoveryResponse) -> str:
+    assert len(resp.resources) == 1 and resp.resources[0].type_url == DEBUG
+    return resp.resources[0].value.decode()
+
+
+async def test_debug_bodies_have_istiods_shape(real: tuple[Mesh, list[AdsClient]]) -> None:
+    mesh, clients = real
+    sim = simulated()
+    identity = ("istio-system", "default")
+
+    real_syncz = await ask(mesh, DEBUG, ("syncz",))
+    sim_syncz = sim_response(sim.debug(["syncz"], identity))
+    assert fields(sim_syncz) - {"version_info"} == fields(real_syncz) - {"version_info"}
+    real_rows = {row["proxy"]: row for row in json.loads(_body(real_syncz))}
+    sim_rows = {row["proxy"]: row for row in json.loads(_body(sim_syncz))}
+    for pid in ("fid-synced.team-f", "fid-stale.team-f"):
+        assert set(sim_rows[pid]) == set(real_rows[pid]), (pid, json.dumps(real_rows[pid]))
+
+    real_ads, sim_ads = (
+        json.loads(_body(await ask(mesh, DEBUG, ("adsz",)))),
+        json.loads(_body(sim_response(sim.debug(["adsz"], identity)))),
+    )
+    assert set(sim_ads) == set(real_ads)
+    assert set(sim_ads["clients"][0]) <= set(real_ads["clients"][0])
+
+    real_list = json.loads(_body(await ask(mesh, DEBUG, ("list",))))
+    sim_list = json.loads(_body(sim_response(sim.debug(["list"], identity))))
+    assert sim_list == real_list, json.dumps(real_list)
+
+    for path in ("config_dump?proxyID=nobody.nowhere", "edsz", "no-such-path"):
+        assert _body(sim_response(sim.debug([path], identity))) == _body(await ask(mesh, DEBUG, (path,))), path

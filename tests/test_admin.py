@@ -1,0 +1,139 @@
+"""The admin port: /healthz, /readyz (and gRPC health with it) as replicas go away and come back."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+import time
+
+import aiohttp
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from istioctl_proxy import client
+from istioctl_proxy.config import Config, validate
+from istioctl_proxy.errors import ConfigError
+from istioctl_proxy.server import SERVICE
+from istioctl_proxy.simulator import build_simulator_server
+
+from .helpers import ADMIN_TOKEN, stack
+
+ANY_PORT = "127.0.0.1:0"
+
+
+async def get(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}{path}") as response:
+        return response.status, await response.text()
+
+
+async def grpc_health(address: str) -> int:
+    async with grpc.aio.insecure_channel(address) as ch:
+        reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+        return int(reply.status)
+
+
+async def wait_for(port: int, path: str, status: int, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        code, body = await get(port, path)
+        if code == status:
+            return body
+        assert time.monotonic() < deadline, f"{path} stayed {code}: {body}"
+        await asyncio.sleep(0.05)
+
+
+async def test_healthz_is_alive_and_unknown_paths_404() -> None:
+    async with stack(1, 1, admin_listen=ANY_PORT) as s:
+        assert await get(s.proxy.admin_port, "/healthz") == (200, "ok\n")
+        code, body = await get(s.proxy.admin_port, "/")
+        assert code == 404 and "--admin-status-page" in body
+        assert (await get(s.proxy.admin_port, "/api/status"))[0] == 404
+
+
+async def test_readyz_and_grpc_health_flip_when_replicas_go_away_and_come_back() -> None:
+    async with stack(2, 6, admin_listen=ANY_PORT) as s:
+        port = s.proxy.admin_port
+        s.proxy.admin.readiness.interval = 0.1
+        assert "2 of 2 istiod replicas reachable" in await wait_for(port, "/readyz", 200)
+        assert await grpc_health(s.address) == health_pb2.HealthCheckResponse.SERVING
+
+        await s.mesh.stop()
+        body = await wait_for(port, "/readyz", 503)
+        assert "none of the 2 known istiod replicas is reachable" in body
+        assert await grpc_health(s.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        # The same replicas come back on the same ports (a rollout, a network partition healing).
+        for replica, address in zip(s.replicas, s.mesh.addresses, strict=True):
+            server, _ = build_simulator_server(replica, address)
+            await server.start()
+            s.mesh.servers.append(server)
+        await wait_for(port, "/readyz", 200)
+        assert await grpc_health(s.address) == health_pb2.HealthCheckResponse.SERVING
+        resp, _ = await client.request(s.target(), client.SYNCZ)
+        assert len(resp.resources) == 6
+
+
+async def test_ready_with_one_replica_of_two_and_reason_names_the_count() -> None:
+    async with stack(2, 4, admin_listen=ANY_PORT) as s:
+        s.proxy.admin.readiness.interval = 0.1
+        await s.mesh.servers[0].stop(0)
+        body = await wait_for(s.proxy.admin_port, "/readyz", 200)
+        deadline = time.monotonic() + 10
+        while "1 of 2" not in body and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            body = (await get(s.proxy.admin_port, "/readyz"))[1]
+        assert "1 of 2 istiod replicas reachable" in body
+
+
+async def test_not_ready_without_any_known_replica() -> None:
+    async with stack(mesh=[], admin_listen=ANY_PORT) as s:
+        body = await wait_for(s.proxy.admin_port, "/readyz", 503)
+        assert "no istiod replica is known" in body
+        assert await grpc_health(s.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_status_page_needs_identity_mode_and_an_admin_port() -> None:
+    cfg = Config(listen="127.0.0.1:0", plaintext=True, istiod=("127.0.0.1:1",), istiod_plaintext=True)
+    with pytest.raises(ConfigError, match="--upstream-identity"):
+        validate(dataclasses.replace(cfg, admin_status_page=True))
+    with pytest.raises(ConfigError, match="--admin-listen"):
+        validate(dataclasses.replace(cfg, admin_status_page=True, admin_listen=""))
+
+
+async def test_admin_port_in_use_is_a_config_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(ConfigError, match="--admin-listen"):
+            async with stack(1, 1, admin_listen=busy):
+                pass
+
+
+async def test_one_log_line_per_call_without_the_token(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="istioctl_proxy.server")
+    async with stack(3, 6) as s:
+        await client.request(s.target(), client.SYNCZ)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("call ")]
+    assert len(lines) == 1
+    line = lines[0]
+    for part in ("type=istio.io/debug/syncz", "caller=bearer:", "replicas_asked=3", "answered=3", "failed=0",
+                 "resources=6", "bytes=", "latency_ms="):
+        assert part in line
+    assert ADMIN_TOKEN not in caplog.text
+
+
+async def test_readiness_with_insecure_skip_verify_never_blocks_on_a_dead_replica() -> None:
+    async with stack(2, 4, identity=True, istiod_ca="", istiod_insecure_skip_verify=True, admin_listen=ANY_PORT) as s:
+        s.proxy.admin.readiness.interval = 0.1
+        await wait_for(s.proxy.admin_port, "/readyz", 200)
+        await s.mesh.stop()
+        body = await wait_for(s.proxy.admin_port, "/readyz", 503)
+        assert "cannot connect" in body
+        # The loop stayed responsive while the replicas were being dialled.
+        started = time.monotonic()
+        assert (await get(s.proxy.admin_port, "/healthz"))[0] == 200
+        assert time.monotonic() - started < 0.5
