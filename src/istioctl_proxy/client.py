@@ -86,8 +86,18 @@ async def request(
         req = discovery_pb2.DiscoveryRequest(
             type_url=type_url, resource_names=names or [], node=istioctl_node(t.namespace)
         )
-        await call.write(req)
-        await call.done_writing()
+        try:
+            await call.write(req)
+            await call.done_writing()
+        except grpc.aio.AioRpcError:
+            # The server may end the stream (e.g. UNAUTHENTICATED) before our write lands; its status is the
+            # answer, not the write's "Internal error from Core".
+            if await call.code() != grpc.StatusCode.OK:
+                raise grpc.aio.AioRpcError(
+                    await call.code(), await call.initial_metadata(), await call.trailing_metadata(),
+                    await call.details(),
+                ) from None
+            raise
         resp = await call.read()
         if resp is grpc.aio.EOF:
             await call  # raises the status

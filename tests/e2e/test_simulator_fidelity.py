@@ -140,7 +140,7 @@ def _body(resp: discovery_pb2.DiscoveryResponse) -> str:
 
 
 async def test_debug_bodies_have_istiods_shape(real: tuple[Mesh, list[AdsClient]]) -> None:
-    mesh, clients = real
+    mesh, _ = real
     sim = simulated()
     identity = ("istio-system", "default")
 
