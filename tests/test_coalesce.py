@@ -298,3 +298,28 @@ async def test_no_coalesce_flag_sends_every_call_upstream() -> None:
         await asyncio.gather(*(client.request(s.target(), client.SYNCZ) for _ in range(3)))
         assert sum(r.requests for r in s.replicas) - before == 6
     assert ADMIN_TOKEN
+
+
+async def test_a_caller_never_joins_a_flight_that_outlasts_its_deadline() -> None:
+    """A flight started with a long deadline must not make a hurried caller wait past its own."""
+    from istioctl_proxy.coalesce import COALESCED, OWN, Coalescer
+
+    c: Coalescer[str] = Coalescer()
+    release = asyncio.Event()
+
+    async def slow() -> str:
+        await release.wait()
+        return "slow"
+
+    async def fast() -> str:
+        return "fast"
+
+    loop = asyncio.get_running_loop()
+    long_flight = asyncio.ensure_future(c.serve("k", slow, deadline=loop.time() + 30))
+    await asyncio.sleep(0)
+    assert await c.serve("k", fast, deadline=loop.time() + 1) == ("fast", OWN)
+    joiner = asyncio.ensure_future(c.serve("k", fast, deadline=loop.time() + 60))
+    await asyncio.sleep(0)
+    release.set()
+    assert await long_flight == ("slow", OWN)
+    assert await joiner == ("slow", COALESCED)

@@ -102,7 +102,8 @@ class Aggregator:
         key = FlightKey(caller.key, plan.type_url, plan.resource_names, request, ctx.scope,
                         (plan.fan_out, tuple(r.address for r in replicas)))
         shared, kind = await self.coalescer.serve(
-            key, lambda: self._fan_out_and_merge(plan, replicas, request, metadata, timeout, ctx)
+            key, lambda: self._fan_out_and_merge(plan, replicas, request, metadata, timeout, ctx),
+            deadline=time.monotonic() + timeout,
         )
         if kind and self.on_shared is not None:
             self.on_shared(plan.type_url, kind)

@@ -84,6 +84,7 @@ class Coalescer(Generic[T]):
         self._cacheable = cacheable
         self._clock = clock
         self._flights: dict[Hashable, asyncio.Task[T]] = {}
+        self._deadlines: dict[Hashable, float] = {}  # when each flight's work gives up
         self._cache: OrderedDict[Hashable, _Entry[T]] = OrderedDict()
         self._bytes = 0
         self.stats = CoalesceStats()
@@ -98,8 +99,15 @@ class Coalescer(Generic[T]):
     async def run(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> T:
         return (await self.serve(key, work))[0]
 
-    async def serve(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> tuple[T, str]:
-        """The answer, and how it was had: OWN (this call's fan-out), COALESCED or CACHED."""
+    async def serve(
+        self, key: Hashable, work: Callable[[], Awaitable[T]], deadline: float | None = None
+    ) -> tuple[T, str]:
+        """The answer, and how it was had: OWN (this call's fan-out), COALESCED or CACHED.
+
+        `deadline` (on the coalescer's clock) is when this caller's work would give up. A caller joins a
+        flight only if that flight ends no later than its own deadline, so a flight started with a long
+        deadline can never make a hurried caller miss its own.
+        """
         if not self.enabled:
             self.stats.flights += 1
             return await work(), OWN
@@ -112,10 +120,15 @@ class Coalescer(Generic[T]):
             return entry.value, CACHED
         task = self._flights.get(key)
         kind = COALESCED
+        if task is not None and deadline is not None and self._deadlines.get(key, 0.0) > deadline:
+            # The flight in the air may outlast this caller: answer it with its own, unshared fan-out.
+            self.stats.flights += 1
+            return await work(), OWN
         if task is None:
             task = asyncio.get_running_loop().create_task(self._fly(key, work, now))
             task.add_done_callback(_consume)
             self._flights[key] = task
+            self._deadlines[key] = deadline if deadline is not None else float("inf")
             self.stats.flights += 1
             kind = OWN
         else:
@@ -130,6 +143,7 @@ class Coalescer(Generic[T]):
             # Leave the flight table before anyone can see the result: later arrivals go to the cache or
             # start a new flight, never join a finished one.
             self._flights.pop(key, None)
+            self._deadlines.pop(key, None)
         if self.ttl > 0 and self._cacheable(value):
             self._store(key, _Entry(value, started, self._size(value)))
         return value

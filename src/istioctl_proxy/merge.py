@@ -225,6 +225,14 @@ def _json(body: bytes) -> object:
     return json.loads(body)
 
 
+def _is_json(body: bytes) -> bool:
+    try:
+        json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 def _combine_json(kind: Merge, values: list[object]) -> object:
     if kind is Merge.JSON_ARRAY:
         merged_list: list[object] = []
@@ -271,9 +279,13 @@ def merge_debug(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Mer
         merged = json.dumps(_combine_json(plan.merge, values), indent=2).encode()
         return Merged(debug_response(plan, used, merged), 1, bad)
     if plan.merge is Merge.DEBUG_PROXY:
-        for _, view, body in bodies:
-            if not body.startswith((NOT_CONNECTED, MUST_PROVIDE)):
-                return Merged(debug_response(plan, [view], body), 1, bad)
+        holders = [(view, body) for _, view, body in bodies if not body.startswith((NOT_CONNECTED, MUST_PROVIDE))]
+        if len(holders) > 1:
+            # Two replicas claim the proxy (a reconnect window, or one answering garbage): prefer a body that
+            # is the JSON istiod's proxy-scoped handlers write over one that is not.
+            holders.sort(key=lambda h: not _is_json(h[1]))
+        if holders:
+            return Merged(debug_response(plan, [holders[0][0]], holders[0][1]), 1, bad)
     # ANY_ONE, or nobody holds the proxy: the first answer as istiod gave it.
     if not bodies:
         return Merged(debug_response(plan, views, b""), 0, bad)

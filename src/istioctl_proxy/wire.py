@@ -110,8 +110,13 @@ def view_response(raw: bytes) -> ResponseView:
                 view.version_info = bytes(mv[value_start:end]).decode()
             elif number == _CONTROL_PLANE:
                 view.control_plane = bytes(mv[value_start:end])
+                base_pb2.ControlPlane.FromString(view.control_plane)  # its identifier must be valid UTF-8
+            elif number == _NONCE:
+                bytes(mv[value_start:end]).decode()  # passed through with the body: the caller would reject it
     except UnicodeDecodeError as err:
         raise WireError(f"invalid UTF-8 in envelope: {err}") from err
+    except DecodeError as err:
+        raise WireError(f"malformed control_plane: {err}") from err
     return view
 
 

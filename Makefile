@@ -1,0 +1,19 @@
+PYTHON ?= .venv/bin/python
+
+.PHONY: bench bench-quick soak
+
+# The benchmark of docs/benchmarks.md: simulated replicas + the proxy in separate processes, real gRPC on
+# loopback; rewrites the generated part of docs/benchmarks.md and docs/bench-*.png. BENCH_ARGS=--quick for ~5 min.
+bench:
+	$(PYTHON) -m bench.run $(BENCH_ARGS)
+
+bench-quick:
+	$(PYTHON) -m bench.run --quick $(BENCH_ARGS)
+
+# The reliability suites at full length (docs/security.md): 60 s of 200-stream load and 60 s of faults under
+# load, and 3x the default fuzz cases (30k+). Figures go to bench/results/reliability/*.json.
+SOAK_SECONDS ?= 60
+FUZZ_SCALE ?= 3
+soak:
+	SOAK_SECONDS=$(SOAK_SECONDS) FUZZ_SCALE=$(FUZZ_SCALE) $(PYTHON) -m pytest -p no:cacheprovider -o timeout=3600 -q \
+		tests/test_load.py tests/test_faults.py tests/test_fuzz.py tests/test_errors.py tests/test_security.py

@@ -1,0 +1,644 @@
+"""The benchmark: `make bench` (or `.venv/bin/python -m bench.run [--quick]`).
+
+Per scenario (replicas K, proxies P, injected replica latency, TLS) it starts the simulated replicas in one
+process (bench.replicas) and the proxy in another (`istioctl-proxy serve`, so psutil can read its CPU
+seconds and peak RSS), then measures four ways of getting the same answer, alternating in every round so
+that the noise of a shared 2-core machine falls on all of them alike:
+
+  proxy     one call to istioctl-proxy over a warm channel (it fans out over its warm channels and merges)
+  floor     the client asks every replica itself, concurrently, over warm channels, and merges nothing
+  slowest   the slowest replica (the one holding the most proxies) asked alone, warm channel
+  baseline  the seed sample's algorithm, re-implemented here: replicas one after another, a fresh
+            connection (and TLS handshake) per replica per call, decode every answer and re-encode one
+
+Every client reads raw response bytes (no decoding) except the baseline, whose decode is part of it.
+Results: bench/results/<stamp>.json, then bench.report writes docs/benchmarks.md and docs/bench-*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import psutil
+from envoy.service.discovery.v3 import discovery_pb2
+
+from istioctl_proxy import client, wire
+from istioctl_proxy.app import free_port
+from istioctl_proxy.pki import TestCA, write_file
+from istioctl_proxy.policy import SYNCZ
+
+from .replicas import TOKEN
+
+ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+MODES = ("proxy", "floor", "slowest", "baseline")
+# A second proxy process started with ISTIOCTL_PROXY_GRPC_DEFAULTS=1, alternated with the others: the A/B
+# of the gRPC transport tuning (upstream.LARGE_MESSAGE_OPTIONS) under the same noise.
+UNTUNED = "proxy-grpc-defaults"
+MiB = 1024 * 1024
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The harness's own client settings, identical for every mode (so no mode is favoured).
+CLIENT_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", 256 * MiB),
+    ("grpc.max_send_message_length", 256 * MiB),
+    ("grpc.use_local_subchannel_pool", 1),
+]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    replicas: int
+    proxies: int
+    latency: float  # seconds injected in every replica
+    tls: bool
+
+    @property
+    def name(self) -> str:
+        security = "TLS" if self.tls else "plain"
+        return f"K={self.replicas} P={self.proxies // 1000}k lat={self.latency * 1e3:.0f}ms {security}"
+
+
+@dataclass
+class Pki:
+    directory: str
+    ca: str
+    istiod_cert: str
+    istiod_key: str
+    proxy_cert: str
+    proxy_key: str
+    ca_pem: bytes
+
+    @classmethod
+    def make(cls, directory: str) -> Pki:
+        ca = TestCA()
+        istiod = ca.issue(dns=("istiod.istio-system.svc",))
+        proxy = ca.issue(dns=("localhost",), ips=("127.0.0.1",))
+
+        def w(name: str, data: bytes) -> str:
+            return write_file(os.path.join(directory, name), data)
+
+        return cls(
+            directory,
+            w("ca.pem", ca.cert_pem),
+            w("istiod.pem", istiod.cert_pem),
+            w("istiod-key.pem", istiod.key_pem),
+            w("proxy.pem", proxy.cert_pem),
+            w("proxy-key.pem", proxy.key_pem),
+            ca.cert_pem,
+        )
+
+
+# -- processes -----------------------------------------------------------------------------------------
+
+
+class ReplicaProcess:
+    """bench.replicas in a child process."""
+
+    def __init__(self, replicas: int, proxies: int, pki: Pki | None) -> None:
+        cmd = [sys.executable, "-m", "bench.replicas", "--replicas", str(replicas), "--proxies", str(proxies)]
+        if pki is not None:
+            cmd += ["--tls-cert", pki.istiod_cert, "--tls-key", pki.istiod_key]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self._read()
+        self.addresses: list[str] = line["addresses"]
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("replica process exited")
+        out: dict[str, Any] = json.loads(line)
+        return out
+
+    def command(self, text: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def requests(self) -> list[int]:
+        return list(self.command("stats")["requests"])
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.command("quit")
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class ProxyProcess:
+    """`istioctl-proxy serve` in a child process, observed with psutil."""
+
+    def __init__(
+        self, addresses: Sequence[str], pki: Pki | None, extra: Sequence[str] = (), env: dict[str, str] | None = None
+    ) -> None:
+        self.port = free_port()
+        cmd = [
+            sys.executable,
+            "-m",
+            "istioctl_proxy",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--istiod",
+            ",".join(addresses),
+            "--admin-listen",
+            "",
+            "--log-level",
+            "warning",
+            *extra,
+        ]
+        if pki is None:
+            cmd += ["--plaintext", "--istiod-plaintext"]
+        else:
+            cmd += ["--tls-cert", pki.proxy_cert, "--tls-key", pki.proxy_key, "--istiod-ca", pki.ca]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
+        self.ps = psutil.Process(self.proc.pid)
+
+    def cpu(self) -> float:
+        t = self.ps.cpu_times()
+        return float(t.user + t.system)
+
+    def rss(self) -> int:
+        return int(self.ps.memory_info().rss)
+
+    async def idle_rss(self, seconds: float = 30.0) -> int:
+        """RSS once the proxy listens and before any call: imports, gRPC, channels."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)
+        return self.rss()
+
+    def peak_rss(self) -> int:
+        """VmHWM: the kernel's own high-water mark of resident memory, so no sample can miss a peak."""
+        with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return self.rss()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# -- the client side ---------------------------------------------------------------------------------------
+
+
+def _channel(address: str, pki: Pki | None, authority: str) -> grpc.aio.Channel:
+    if pki is None:
+        return grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
+    opts = [*CLIENT_OPTIONS, ("grpc.ssl_target_name_override", authority), ("grpc.default_authority", authority)]
+    return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(pki.ca_pem), options=opts)
+
+
+REQUEST = discovery_pb2.DiscoveryRequest(type_url=SYNCZ, node=client.istioctl_node("istio-system")).SerializeToString()
+METADATA = (("authorization", f"Bearer {TOKEN}"),)
+
+
+async def ask(ch: grpc.aio.Channel, timeout: float = 120.0) -> bytes:
+    """One syncz on a new stream; the raw response bytes (nothing decoded)."""
+    method = ch.stream_stream(ADS, request_serializer=None, response_deserializer=None)
+    call = method(metadata=METADATA, timeout=timeout)
+    try:
+        await call.write(REQUEST)
+        body = await call.read()
+    finally:
+        call.cancel()
+    if not isinstance(body, bytes):
+        raise RuntimeError("stream closed without an answer")
+    return body
+
+
+def baseline_merge(bodies: Sequence[bytes]) -> bytes:
+    """What a straightforward aggregator does: decode each answer, append resources, re-encode."""
+    out = discovery_pb2.DiscoveryResponse(type_url=SYNCZ)
+    for body in bodies:
+        resp = discovery_pb2.DiscoveryResponse.FromString(body)
+        out.resources.extend(resp.resources)
+        out.version_info = max(out.version_info, resp.version_info)
+    out.control_plane.identifier = '{"Component":"istiod","ID":"<external>"}'
+    return bytes(out.SerializeToString())
+
+
+@dataclass
+class Clients:
+    proxy: grpc.aio.Channel
+    replicas: list[grpc.aio.Channel]
+    untuned: grpc.aio.Channel | None
+    addresses: list[str]
+    slowest: int
+    pki: Pki | None
+
+    async def call(self, mode: str) -> int:
+        """One call in `mode`; returns the bytes the client received."""
+        if mode == "proxy":
+            return len(await ask(self.proxy))
+        if mode == UNTUNED:
+            assert self.untuned is not None
+            return len(await ask(self.untuned))
+        if mode == "floor":
+            return sum(map(len, await asyncio.gather(*(ask(ch) for ch in self.replicas))))
+        if mode == "slowest":
+            return len(await ask(self.replicas[self.slowest]))
+        bodies = []
+        for address in self.addresses:
+            async with _channel(address, self.pki, "istiod.istio-system.svc") as ch:
+                bodies.append(await ask(ch))
+        return len(baseline_merge(bodies))
+
+
+@contextlib.asynccontextmanager
+async def clients(
+    proxy: ProxyProcess, replicas: ReplicaProcess, pki: Pki | None, k: int, untuned: ProxyProcess | None = None
+) -> AsyncIterator[Clients]:
+    c = Clients(
+        _channel(f"127.0.0.1:{proxy.port}", pki, "localhost"),
+        [_channel(a, pki, "istiod.istio-system.svc") for a in replicas.addresses],
+        _channel(f"127.0.0.1:{untuned.port}", pki, "localhost") if untuned else None,
+        replicas.addresses,
+        0,
+        pki,
+    )  # make_mesh deals proxies round-robin: replica 0 holds the most
+    try:
+        yield c
+    finally:
+        await c.proxy.close()
+        if c.untuned is not None:
+            await c.untuned.close()
+        for ch in c.replicas:
+            await ch.close()
+
+
+async def wait_ready(c: Clients, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            await ask(c.proxy, timeout=5)
+            if c.untuned is not None:
+                await ask(c.untuned, timeout=5)
+            return
+        except grpc.aio.AioRpcError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+# -- measuring -----------------------------------------------------------------------------------------------
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    i = (len(s) - 1) * q / 100
+    lo, hi = int(i), min(int(i) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (i - lo)
+
+
+@dataclass
+class ModeStats:
+    latencies: list[float] = field(default_factory=list)
+    round_p50: list[float] = field(default_factory=list)
+    busy: float = 0.0  # wall seconds spent in this mode's blocks
+    bytes: int = 0
+
+    def summary(self) -> dict[str, float]:
+        lat = self.latencies
+        return {
+            "p50_ms": pct(lat, 50) * 1e3,
+            "p95_ms": pct(lat, 95) * 1e3,
+            "p99_ms": pct(lat, 99) * 1e3,
+            "calls": len(lat),
+            "calls_per_s": len(lat) / self.busy if self.busy else 0.0,
+            "bytes": self.bytes,
+        }
+
+
+async def run_scenario(
+    sc: Scenario, replicas: ReplicaProcess, pki: Pki | None, rounds: int, calls: int, modes: Sequence[str]
+) -> dict[str, Any]:
+    replicas.command(f"latency {sc.latency}")
+    proxy = ProxyProcess(replicas.addresses, pki)
+    untuned = (
+        ProxyProcess(replicas.addresses, pki, env={"ISTIOCTL_PROXY_GRPC_DEFAULTS": "1"}) if UNTUNED in modes else None
+    )
+    try:
+        idle_rss = await proxy.idle_rss()
+        async with clients(proxy, replicas, pki, sc.replicas, untuned) as c:
+            await wait_ready(c)
+            for mode in modes:  # warm every path (and the proxy's upstream channels) before measuring
+                await c.call(mode)
+            stats = {m: ModeStats() for m in modes}
+            cpu = 0.0
+            upstream = [0] * sc.replicas
+            for r in range(rounds):
+                order = list(modes[r % len(modes) :]) + list(modes[: r % len(modes)])
+                for mode in order:
+                    before_cpu, before_req = proxy.cpu(), replicas.requests() if mode == "proxy" else []
+                    block: list[float] = []
+                    started = time.perf_counter()
+                    for _ in range(calls):
+                        t = time.perf_counter()
+                        stats[mode].bytes = await c.call(mode)
+                        block.append(time.perf_counter() - t)
+                    stats[mode].busy += time.perf_counter() - started
+                    stats[mode].latencies += block
+                    stats[mode].round_p50.append(statistics.median(block))
+                    if mode == "proxy":
+                        cpu += proxy.cpu() - before_cpu
+                        upstream = [
+                            u + a - b for u, a, b in zip(upstream, replicas.requests(), before_req, strict=True)
+                        ]
+            out: dict[str, Any] = {
+                "scenario": dataclasses.asdict(sc),
+                "name": sc.name,
+                "modes": {m: s.summary() for m, s in stats.items()},
+            }
+            if "proxy" in stats:
+                n = len(stats["proxy"].latencies)
+                out["proxy_cpu_s_per_call"] = cpu / n
+                out["upstream_calls_per_replica_per_call"] = [u / n for u in upstream]
+                out["peak_rss"] = proxy.peak_rss()
+                out["idle_rss"] = idle_rss
+                out["merged_bytes"] = stats["proxy"].bytes
+            if "proxy" in stats and "floor" in stats:
+                # Per-round ratios: each round's proxy and floor ran seconds apart, so the machine's mood cancels.
+                ratios = [p / f for p, f in zip(stats["proxy"].round_p50, stats["floor"].round_p50, strict=True)]
+                out["proxy_over_floor"] = statistics.median(ratios)
+                out["added_ms_per_mib"] = (stats["proxy"].summary()["p50_ms"] - stats["floor"].summary()["p50_ms"]) / (
+                    stats["proxy"].bytes / MiB
+                )
+            if UNTUNED in stats:
+                ratios = [u / p for p, u in zip(stats["proxy"].round_p50, stats[UNTUNED].round_p50, strict=True)]
+                out["untuned_over_tuned"] = statistics.median(ratios)
+            if "proxy" in stats and "baseline" in stats:
+                ratios = [b / p for p, b in zip(stats["proxy"].round_p50, stats["baseline"].round_p50, strict=True)]
+                out["baseline_over_proxy"] = statistics.median(ratios)
+            return out
+    finally:
+        proxy.close()
+        if untuned is not None:
+            untuned.close()
+
+
+async def run_concurrency(
+    replicas: ReplicaProcess,
+    pki: Pki | None,
+    k: int,
+    p: int,
+    callers: int,
+    seconds: float,
+    variant: str,
+    latency: float,
+) -> dict[str, Any]:
+    """`callers` identical syncz callers (same token) in a closed loop for `seconds`; every answer checked."""
+    extra = {"no-coalesce": ["--no-coalesce"], "coalesce": [], "cache-1s": ["--cache-ttl", "1"]}[variant]
+    replicas.command(f"latency {latency}")
+    proxy = ProxyProcess(replicas.addresses, pki, extra)
+    try:
+        async with clients(proxy, replicas, pki, k) as c:
+            await wait_ready(c)
+            await c.call("proxy")
+            channels = [_channel(f"127.0.0.1:{proxy.port}", pki, "localhost") for _ in range(callers)]
+            latencies: list[float] = []
+            wrong = 0
+            stop = time.monotonic() + seconds
+
+            async def caller(ch: grpc.aio.Channel) -> None:
+                nonlocal wrong
+                while time.monotonic() < stop:
+                    t = time.perf_counter()
+                    body = await ask(ch)
+                    latencies.append(time.perf_counter() - t)
+                    index = wire.syncz_fast_index(body)
+                    if index is None or index.count != p or len(set(index.node_keys)) != p:
+                        wrong += 1
+
+            before, cpu0 = replicas.requests(), proxy.cpu()
+            started = time.monotonic()
+            await asyncio.gather(*(caller(ch) for ch in channels))
+            wall = time.monotonic() - started
+            after = replicas.requests()
+            for ch in channels:
+                await ch.close()
+            n = len(latencies)
+            return {
+                "variant": variant,
+                "replicas": k,
+                "proxies": p,
+                "callers": callers,
+                "seconds": wall,
+                "latency": latency,
+                "tls": pki is not None,
+                "calls": n,
+                "calls_per_s": n / wall,
+                "wrong": wrong,
+                "p50_ms": pct(latencies, 50) * 1e3,
+                "p95_ms": pct(latencies, 95) * 1e3,
+                "p99_ms": pct(latencies, 99) * 1e3,
+                "upstream_per_replica_per_s": [(a - b) / wall for a, b in zip(after, before, strict=True)],
+                "proxy_cpu_s_per_call": (proxy.cpu() - cpu0) / max(n, 1),
+                "peak_rss": proxy.peak_rss(),
+            }
+    finally:
+        proxy.close()
+
+
+def merge_microbench(k: int = 5, p: int = 30_000, repeat: int = 9) -> dict[str, Any]:
+    """The syncz merge alone, in this process, on one core: fast path and exact (field-by-field) path."""
+    from istioctl_proxy import merge
+    from istioctl_proxy.discovery import Replica
+    from istioctl_proxy.fanout import Answer
+    from istioctl_proxy.policy import plan_request
+    from istioctl_proxy.simulator import make_mesh
+
+    answers = [Answer(Replica(f"r{i}"), r.syncz("")) for i, r in enumerate(make_mesh(k, p))]
+    total = sum(len(a.body or b"") for a in answers)
+    plan, ctx = plan_request(SYNCZ, []), merge.MergeContext()
+
+    def timed(fn: Callable[[], object], n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+        return out
+
+    fast = timed(lambda: merge.merge(plan, answers, ctx), repeat)
+    real_fast = merge.merge_syncz_fast
+    merge.merge_syncz_fast = lambda *_a: None
+    try:
+        exact = timed(lambda: merge.merge(plan, answers, ctx), 3)
+    finally:
+        merge.merge_syncz_fast = real_fast
+    return {
+        "replicas": k,
+        "proxies": p,
+        "payload_bytes": total,
+        "fast_ms_median": statistics.median(fast) * 1e3,
+        "fast_ms_best": min(fast) * 1e3,
+        "fast_mb_s_median": total / statistics.median(fast) / 1e6,
+        "fast_mb_s_best": total / min(fast) / 1e6,
+        "exact_ms_median": statistics.median(exact) * 1e3,
+        "exact_mb_s_median": total / statistics.median(exact) / 1e6,
+    }
+
+
+# -- the matrix ----------------------------------------------------------------------------------------------
+
+
+def matrix(ns: argparse.Namespace) -> Iterator[Scenario]:
+    for tls in ns.tls:
+        for k in ns.replicas:
+            for p in ns.proxies:
+                for lat in ns.latency:
+                    if ns.quick and not (k == 5 or p == 30_000):
+                        continue  # quick: the K=5 row and the P=30k column of the matrix
+                    if ns.quick and tls and not (k == 5 and p == 30_000):
+                        continue  # quick: TLS only where its target is (K=5, P=30k)
+                    yield Scenario(k, p, lat, tls)
+
+
+async def amain(ns: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "args": vars(ns).copy(),
+        "scenarios": [],
+        "concurrency": [],
+    }
+    results["args"]["command"] = "python -m bench.run " + " ".join(sys.argv[1:])
+    scenarios = list(matrix(ns))
+    print(f"{len(scenarios)} scenarios, {ns.rounds} rounds x {ns.calls} calls per mode", flush=True)
+    with tempfile.TemporaryDirectory(prefix="istioctl-proxy-bench-") as tmp:
+        pki = Pki.make(tmp)
+        groups: dict[tuple[int, int, bool], list[Scenario]] = {}
+        for sc in scenarios:
+            groups.setdefault((sc.replicas, sc.proxies, sc.tls), []).append(sc)
+        for (k, p, tls), group in groups.items():
+            reps = ReplicaProcess(k, p, pki if tls else None)
+            try:
+                for sc in group:
+                    t = time.monotonic()
+                    modes = (*MODES, UNTUNED) if (k, p) == (5, 30_000) and ns.ab_grpc else MODES
+                    res = await run_scenario(sc, reps, pki if tls else None, ns.rounds, ns.calls, modes)
+                    results["scenarios"].append(res)
+                    m = res["modes"]
+                    print(
+                        f"{sc.name:32s} proxy {m['proxy']['p50_ms']:7.1f} floor {m['floor']['p50_ms']:7.1f} "
+                        f"slowest {m['slowest']['p50_ms']:7.1f} baseline {m['baseline']['p50_ms']:7.1f} ms p50; "
+                        f"proxy/floor {res['proxy_over_floor']:.2f} baseline/proxy {res['baseline_over_proxy']:.2f} "
+                        f"cpu {res['proxy_cpu_s_per_call'] * 1e3:.1f} ms/call rss {res['peak_rss'] / MiB:.0f} MiB "
+                        f"({time.monotonic() - t:.0f}s)"
+                        + (f" untuned/tuned {res['untuned_over_tuned']:.2f}" if "untuned_over_tuned" in res else ""),
+                        flush=True,
+                    )
+            finally:
+                reps.close()
+        if ns.concurrency_seconds > 0:
+            k, p = ns.concurrency_replicas, ns.concurrency_proxies
+            reps = ReplicaProcess(k, p, None)
+            try:
+                for variant in ns.concurrency_variants:
+                    res = await run_concurrency(
+                        reps, None, k, p, ns.callers, ns.concurrency_seconds, variant, ns.concurrency_latency
+                    )
+                    results["concurrency"].append(res)
+                    print(
+                        f"concurrency {variant:12s} {res['calls_per_s']:6.1f} calls/s p50 {res['p50_ms']:.0f} ms "
+                        f"upstream/replica/s {max(res['upstream_per_replica_per_s']):.2f} wrong {res['wrong']} "
+                        f"rss {res['peak_rss'] / MiB:.0f} MiB",
+                        flush=True,
+                    )
+            finally:
+                reps.close()
+    if ns.merge_bench:
+        results["merge"] = merge_microbench()
+        print(
+            f"merge 5x30k: fast {results['merge']['fast_mb_s_median']:.0f} MB/s (best "
+            f"{results['merge']['fast_mb_s_best']:.0f}), exact {results['merge']['exact_mb_s_median']:.0f} MB/s",
+            flush=True,
+        )
+    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return results
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="a subset of the matrix and shorter runs (~10 minutes)")
+    p.add_argument("--replicas", default="1,3,5", help="K values")
+    p.add_argument("--proxies", default="1k,10k,30k", help="P values (k = thousand)")
+    p.add_argument("--latency", default="0,50", help="injected replica latency values, ms")
+    p.add_argument("--tls", default="off,on", help="off, on or both")
+    p.add_argument("--rounds", type=int, default=0, help="alternation rounds (default 7; quick 5)")
+    p.add_argument("--calls", type=int, default=0, help="calls per mode per round (default 3; quick 2)")
+    p.add_argument("--callers", type=int, default=50)
+    p.add_argument("--concurrency-seconds", type=float, default=-1, help="default 30 (quick 10); 0 skips")
+    p.add_argument("--concurrency-replicas", type=int, default=5)
+    p.add_argument("--concurrency-proxies", type=int, default=10_000)
+    p.add_argument("--concurrency-latency", type=float, default=0.05)
+    p.add_argument("--concurrency-variants", default="no-coalesce,coalesce,cache-1s")
+    p.add_argument("--no-merge-bench", dest="merge_bench", action="store_false")
+    p.add_argument(
+        "--no-ab-grpc",
+        dest="ab_grpc",
+        action="store_false",
+        help="skip the gRPC-defaults proxy alternated in the K=5 P=30k scenarios",
+    )
+    p.add_argument("--out", default="", help="results JSON (default bench/results/<stamp>.json)")
+    p.add_argument("--no-report", dest="report", action="store_false", help="do not rewrite docs/benchmarks.md")
+    ns = p.parse_args(argv)
+    ns.replicas = [int(x) for x in ns.replicas.split(",")]
+    ns.proxies = [int(float(x[:-1]) * 1000) if x.endswith("k") else int(x) for x in ns.proxies.split(",")]
+    ns.latency = [float(x) / 1e3 for x in ns.latency.split(",")]
+    ns.tls = [{"off": False, "on": True}[x] for x in ns.tls.split(",")]
+    ns.rounds = ns.rounds or (5 if ns.quick else 7)
+    ns.calls = ns.calls or (2 if ns.quick else 3)
+    if ns.concurrency_seconds < 0:
+        ns.concurrency_seconds = 10.0 if ns.quick else 30.0
+    ns.concurrency_variants = ns.concurrency_variants.split(",")
+    return ns
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = parse(argv)
+    results = asyncio.run(amain(ns))
+    out = ns.out or os.path.join(ROOT, "bench", "results", time.strftime("%Y%m%d-%H%M%S") + ".json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    print(f"results: {out}")
+    if ns.report:
+        from .report import write_report
+
+        print(f"report: {write_report(results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
