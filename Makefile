@@ -1,6 +1,6 @@
 PYTHON ?= .venv/bin/python
 
-.PHONY: bench bench-quick soak
+.PHONY: bench bench-quick bench-real soak
 
 # The benchmark of docs/benchmarks.md: simulated replicas + the proxy in separate processes, real gRPC on
 # loopback; rewrites the generated part of docs/benchmarks.md and docs/bench-*.png. BENCH_ARGS=--quick for ~5 min.
@@ -9,6 +9,11 @@ bench:
 
 bench-quick:
 	$(PYTHON) -m bench.run --quick $(BENCH_ARGS)
+
+# The same comparison in front of real pilot-discovery replicas (needs scripts/install-peers and
+# scripts/install-k8s-peers); rewrites the real-istiod block of docs/benchmarks.md.
+bench-real:
+	ISTIOCTL_PROXY_E2E_BASE_PORT=27000 $(PYTHON) -m bench.real_istiod $(BENCH_ARGS)
 
 # The reliability suites at full length (docs/security.md): 60 s of 200-stream load and 60 s of faults under
 # load, and 3x the default fuzz cases (30k+). Figures go to bench/results/reliability/*.json.
