@@ -1,0 +1,348 @@
+"""Shared machinery of the reliability suites (load, faults, fuzz, errors, security).
+
+- `ads_call`: one ADS stream over a real gRPC channel, recorded as an `Outcome` (status, details,
+  responses, trailers, time taken against the deadline) instead of raising.
+- `Background`: a proxy stack running in its own thread and event loop, so synchronous hypothesis tests
+  can fire thousands of cases at one server over one channel.
+- `Usage`: tasks, file descriptors and RSS, for leak and plateau checks.
+- `record_figures`: the numbers docs/security.md quotes, written to bench/results/reliability/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+
+from istioctl_proxy.server import FAILED_REPLICAS_KEY
+
+ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
+SOTW = ADS + "StreamAggregatedResources"
+DELTA = ADS + "DeltaAggregatedResources"
+FIGURES_DIR = Path(__file__).resolve().parent.parent / "bench" / "results" / "reliability"
+
+T = TypeVar("T")
+Message = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
+
+
+@dataclass
+class Outcome:
+    """What one client stream saw."""
+
+    code: grpc.StatusCode
+    details: str
+    responses: list[bytes]
+    trailers: tuple[tuple[str, str], ...]
+    elapsed: float
+    deadline: float
+
+    @property
+    def ok(self) -> bool:
+        return self.code == grpc.StatusCode.OK
+
+    @property
+    def failed_replicas(self) -> list[str]:
+        return [v for k, v in self.trailers if k == FAILED_REPLICAS_KEY]
+
+    def sotw(self, i: int = 0) -> discovery_pb2.DiscoveryResponse:
+        return discovery_pb2.DiscoveryResponse.FromString(self.responses[i])
+
+    def delta(self, i: int = 0) -> discovery_pb2.DeltaDiscoveryResponse:
+        return discovery_pb2.DeltaDiscoveryResponse.FromString(self.responses[i])
+
+
+def _bytes(m: Message | bytes) -> bytes:
+    return m if isinstance(m, bytes) else m.SerializeToString()
+
+
+# grpc.aio reports its own INTERNAL "Internal error from Core" when a write races the server ending the
+# call (the server's real status is lost on the client side). ads_call then asks again with the
+# synchronous client, which reports the server's status, and counts it here.
+CLIENT_ARTIFACT = "Internal error from Core"
+ARTIFACTS: dict[str, int] = {"aio-write-race-retried": 0}
+
+
+async def ads_call(
+    channel: grpc.aio.Channel | str,
+    requests: Sequence[Message | bytes],
+    *,
+    metadata: Sequence[tuple[str, str | bytes]] = (),
+    timeout: float = 10.0,
+    delta: bool = False,
+    cancel_after: float | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+) -> Outcome:
+    """Write each request and read its answer, half-close, read to the end; never raises for a status.
+
+    `channel` may be an address (a channel is then opened for this one call, plaintext unless
+    `credentials`); with an address the client-side write race above is retried synchronously.
+    """
+    if isinstance(channel, str):
+        address = channel
+        opts = list(options) or channel_options()
+        ch = (grpc.aio.secure_channel(address, credentials, options=opts) if credentials
+              else grpc.aio.insecure_channel(address, options=opts))
+        async with ch:
+            out = await ads_call(ch, requests, metadata=metadata, timeout=timeout, delta=delta,
+                                 cancel_after=cancel_after)
+        if out.code == grpc.StatusCode.INTERNAL and out.details == CLIENT_ARTIFACT and cancel_after is None:
+            ARTIFACTS["aio-write-race-retried"] += 1
+            return await asyncio.to_thread(
+                sync_call, address, [_bytes(r) for r in requests], metadata, delta, timeout, credentials, opts)
+        return out
+    started = time.monotonic()
+    call = channel.stream_stream(DELTA if delta else SOTW)(metadata=tuple(metadata), timeout=timeout)
+    responses: list[bytes] = []
+
+    async def run() -> None:
+        # Lock-step, as istioctl does: a request, then its answer. Writing on after the server has ended
+        # the call would make grpc.aio report its own INTERNAL instead of the server's status.
+        for req in requests:
+            await call.write(_bytes(req))
+            resp = await call.read()
+            if resp is grpc.aio.EOF:
+                return
+            assert isinstance(resp, bytes)
+            responses.append(resp)
+        await call.done_writing()
+        while True:
+            resp = await call.read()
+            if resp is grpc.aio.EOF:
+                return
+            assert isinstance(resp, bytes)
+            responses.append(resp)
+
+    try:
+        if cancel_after is None:
+            await run()
+        else:
+            task = asyncio.ensure_future(run())
+            done, _ = await asyncio.wait({task}, timeout=cancel_after)
+            if not done:
+                call.cancel()
+                # grpc.aio: a write still waiting to send the call's metadata never wakes up once the call
+                # is cancelled, so stop our side of it too.
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await task
+    except grpc.aio.AioRpcError:
+        pass
+    except asyncio.InvalidStateError:
+        pass  # write() on a call that already ended: its status says why
+    code = await call.code()
+    details = await call.details() or ""
+    trailers = tuple((k, str(v)) for k, v in (await call.trailing_metadata() or ()))
+    return Outcome(code, details, responses, trailers, time.monotonic() - started, timeout)
+
+
+def sync_call(
+    address: str, requests: Sequence[bytes], metadata: Sequence[tuple[str, str | bytes]], delta: bool,
+    timeout: float, credentials: grpc.ChannelCredentials | None = None, options: Sequence[tuple[str, Any]] = (),
+) -> Outcome:
+    """The same call with the synchronous client."""
+    ch = grpc.secure_channel(address, credentials, options=options) if credentials else grpc.insecure_channel(
+        address, options=options)
+    started = time.monotonic()
+    responses: list[bytes] = []
+    try:
+        method = ch.stream_stream(DELTA if delta else SOTW)
+        try:
+            for resp in method(iter(requests), metadata=tuple(metadata), timeout=timeout):
+                responses.append(resp)
+            code, details = grpc.StatusCode.OK, ""
+        except grpc.RpcError as err:
+            code, details = err.code(), err.details() or ""  # type: ignore[attr-defined]
+    finally:
+        ch.close()
+    return Outcome(code, details, responses, (), time.monotonic() - started, timeout)
+
+
+def channel_options(max_mib: int = 256) -> list[tuple[str, Any]]:
+    return [("grpc.max_receive_message_length", max_mib << 20), ("grpc.max_send_message_length", max_mib << 20)]
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+# -- A stack in a background thread ------------------------------------------------------------------------
+
+
+class Background:
+    """Run an async context manager (e.g. helpers.stack()) in a thread with its own event loop."""
+
+    def __init__(self, factory: Callable[[], contextlib.AbstractAsyncContextManager[T]]) -> None:
+        self._factory = factory
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="background-stack", daemon=True)
+        self._cm: contextlib.AbstractAsyncContextManager[Any] | None = None
+        self.value: Any = None
+
+    def run(self, coro: Awaitable[T], timeout: float = 60.0) -> T:
+        async def wrapper() -> T:
+            return await coro
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(timeout)
+
+    def __enter__(self) -> Background:
+        self._thread.start()
+        self._cm = self._factory()
+        self.value = self.run(self._cm.__aenter__())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._cm is not None:
+                self.run(self._cm.__aexit__(None, None, None))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+    def tasks(self) -> int:
+        async def count() -> int:
+            return len(asyncio.all_tasks())
+
+        return self.run(count())
+
+
+# -- Resource usage ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Usage:
+    tasks: int
+    fds: int
+    rss: int  # bytes
+    threads: int
+
+    @classmethod
+    def now(cls) -> Usage:
+        status = _proc_status()
+        return cls(tasks=_tasks_here(), fds=len(os.listdir("/proc/self/fd")), rss=status["VmRSS"] * 1024,
+                   threads=status["Threads"])
+
+    def as_dict(self) -> dict[str, float]:
+        return {"tasks": self.tasks, "fds": self.fds, "rss_mib": round(self.rss / 2**20, 1), "threads": self.threads}
+
+
+def _proc_status() -> dict[str, int]:
+    """The numeric fields of /proc/self/status (VmRSS in KiB, Threads, ...)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            parts = value.split()
+            if parts and parts[0].isdigit():
+                out[key] = int(parts[0])
+    return out
+
+
+def rss() -> int:
+    return _proc_status()["VmRSS"] * 1024
+
+
+def _tasks_here() -> int:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return 0
+    return len(asyncio.all_tasks())
+
+
+def open_fds() -> dict[int, str]:
+    """This process's file descriptors and what they are (for leak reports)."""
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return out
+
+
+async def warm_grpc(tls: tuple[bytes, bytes] | None = None) -> None:
+    """gRPC creates process-wide descriptors and threads on first use (pollers, event engine): use a server
+    and a channel once, so that a leak check's baseline already has them."""
+    from istioctl_proxy.simulator import SimReplica, build_simulator_server
+
+    server, port = build_simulator_server(SimReplica("warm-up"), "127.0.0.1:0",
+                                          tls=(tls[0], tls[1], None) if tls else None)
+    await server.start()
+    try:
+        if tls:
+            creds = grpc.ssl_channel_credentials(tls[0])
+            ch = grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=[("grpc.ssl_target_name_override", "x")])
+        else:
+            ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        async with ch:
+            await ads_call(ch, [discovery_pb2.DiscoveryRequest(type_url="x")], timeout=2)
+    finally:
+        await server.stop(0)
+
+
+async def settle(check: Callable[[], bool], timeout: float = 10.0, step: float = 0.1) -> bool:
+    """Wait until `check()` holds (e.g. task counts back down after cancellation), up to `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        await asyncio.sleep(step)
+    return check()
+
+
+@dataclass
+class RssSampler:
+    """Samples the process RSS every `every` seconds while running."""
+
+    every: float = 0.5
+    samples: list[tuple[float, int]] = field(default_factory=list)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[RssSampler]:
+        started = time.monotonic()
+
+        async def loop() -> None:
+            while True:
+                self.samples.append((time.monotonic() - started, rss()))
+                await asyncio.sleep(self.every)
+
+        task = asyncio.create_task(loop())
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def thirds(self) -> tuple[int, int, int]:
+        """Peak RSS in each third of the run."""
+        values = [rss for _, rss in self.samples]
+        n = max(1, len(values) // 3)
+        parts = [values[:n], values[n : 2 * n], values[2 * n :] or values[-1:]]
+        return max(parts[0]), max(parts[1] or parts[0]), max(parts[2])
+
+
+# -- Figures for docs/security.md -----------------------------------------------------------------------------
+
+
+def record_figures(name: str, figures: dict[str, Any]) -> None:
+    """Write one suite's figures (and print them, so `pytest -s` shows them too)."""
+    FIGURES_DIR.mkdir(parents=True, exist_ok=True)
+    figures = {"recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **figures}
+    (FIGURES_DIR / f"{name}.json").write_text(json.dumps(figures, indent=2, sort_keys=True, default=str) + "\n")
+    print(f"\n[figures] {name}: {json.dumps(figures, sort_keys=True, default=str)}")
+
+
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name, "")
+    return float(value) if value else default

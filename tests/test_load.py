@@ -1,0 +1,273 @@
+"""Load: 200 concurrent client streams of mixed requests against 5 healthy simulated replicas.
+
+Every call must succeed with a complete answer (no replica is faulty, so no failure is excusable), memory
+must plateau, and tasks and file descriptors must come back to where they were. The default suite runs
+~10 s; `make soak` runs the full 60 s (SOAK_SECONDS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import gc
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+
+from istioctl_proxy import client, wire
+from istioctl_proxy.policy import CONFIG_DUMP, DEBUG, SYNCZ
+from istioctl_proxy.simulator import SimReplica
+
+from .helpers import ADMIN_TOKEN, stack
+from .reliability import (
+    Outcome,
+    RssSampler,
+    Usage,
+    ads_call,
+    bearer,
+    channel_options,
+    env_float,
+    record_figures,
+    settle,
+)
+
+SECONDS = env_float("SOAK_SECONDS", 10.0)
+STREAMS = int(env_float("LOAD_STREAMS", 200))
+REPLICAS, PROXIES = 5, 250
+DEADLINE = 30.0
+
+
+@dataclass
+class Mesh:
+    """What a correct answer contains, from the simulated replicas' own data."""
+
+    ids: set[str]
+    by_namespace: dict[str, set[str]]
+
+    @classmethod
+    def of(cls, replicas: list[SimReplica]) -> Mesh:
+        by_ns: dict[str, set[str]] = collections.defaultdict(set)
+        for r in replicas:
+            for p in r.proxies:
+                by_ns[p.namespace].add(p.id)
+        return cls({i for ids in by_ns.values() for i in ids}, dict(by_ns))
+
+
+def _req(type_url: str, names: list[str] | None = None, ns: str = "istio-system") -> discovery_pb2.DiscoveryRequest:
+    return discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names or [], node=client.istioctl_node(ns),
+                                          response_nonce="istioctl-random-nonce")
+
+
+def _syncz_ids(resp: discovery_pb2.DiscoveryResponse) -> list[str]:
+    return [wire.syncz_node_id(r.SerializeToString()) for r in resp.resources]
+
+
+def _debug_body(resp: discovery_pb2.DiscoveryResponse) -> bytes:
+    assert len(resp.resources) == 1, f"{len(resp.resources)} debug resources"
+    return bytes(resp.resources[0].value)
+
+
+Check = Callable[[Outcome], str]  # "" when the outcome is right, else why not
+
+
+def kinds(mesh: Mesh, rng: random.Random) -> dict[str, Callable[[grpc.aio.Channel], Awaitable[tuple[Outcome, Check]]]]:
+    """Each request kind: how to make the call, and how to tell a right answer."""
+    every = sorted(mesh.ids)
+    ns1 = mesh.by_namespace["ns-1"]
+
+    def complete(out: Outcome, n: int) -> str:
+        if not out.ok:
+            return f"{out.code.name}: {out.details}"
+        if out.failed_replicas:
+            return f"partial: {out.failed_replicas}"
+        if len(out.responses) != n:
+            return f"{len(out.responses)} responses, want {n}"
+        return ""
+
+    async def syncz(ch: grpc.aio.Channel) -> tuple[Outcome, Check]:
+        out = await ads_call(ch, [_req(SYNCZ)], metadata=bearer(ADMIN_TOKEN), timeout=DEADLINE)
+
+        def check(o: Outcome) -> str:
+            if why := complete(o, 1):
+                return why
+            resp = o.sotw()
+            if sorted(_syncz_ids(resp)) != every:
+                return f"syncz has {len(resp.resources)} proxies, want {len(every)}"
+            if json.loads(resp.control_plane.identifier)["ID"] != "<external>":
+                return "control plane ID is not <external>"
+            return ""
+
+        return out, check
+
+    async def syncz_scoped(ch: grpc.aio.Channel) -> tuple[Outcome, Check]:
+        out = await ads_call(ch, [_req(SYNCZ, ns="ns-1")], metadata=bearer("ns-1-token"), timeout=DEADLINE)
+        return out, lambda o: complete(o, 1) or ("" if set(_syncz_ids(o.sotw())) == ns1 else "ns-1 view is wrong")
+
+    async def config_dump(ch: grpc.aio.Channel) -> tuple[Outcome, Check]:
+        proxy = rng.choice(every)
+        out = await ads_call(ch, [_req(CONFIG_DUMP, [proxy])], metadata=bearer(ADMIN_TOKEN), timeout=DEADLINE)
+        return out, lambda o: complete(o, 1) or ("" if len(o.sotw().resources) == 7 else f"no dump of {proxy}")
+
+    async def config_dump_unknown(ch: grpc.aio.Channel) -> tuple[Outcome, Check]:
+        out = await ads_call(ch, [_req(CONFIG_DUMP, ["nobody.nowhere"])], metadata=bearer(ADMIN_TOKEN),
+                             timeout=DEADLINE)
+        return out, lambda o: complete(o, 1) or ("" if not o.sotw().resources else "unknown proxy was dumped")
+
+    async def debug_syncz(ch: grpc.aio.Channel) -> tuple[Outcome, Check]:
+        out = await ads_call(ch, [_req(DEBUG, ["syncz"])], metadata=bearer(ADMIN_TOKEN), timeout=DEADLINE)
+        return out, lambda o: complete(o, 1) or (
+            "" if {e["proxy"] for e in json.loads(_debug_body(o.sotw()))} == mesh.ids else "debug syncz incomplete")
+
+    async def debug_adsz(ch: grpc.aio.Channel) -> tuple[Outcome, Check]:
+        out = await ads_call(ch, [_req(DEBUG, ["adsz"])], metadata=bearer(ADMIN_TOKEN), timeout=DEADLINE)
+        return out, lambda o: complete(o, 1) or (
+            "" if json.loads(_debug_body(o.sotw()))["totalClients"] == len(every) else "adsz total is wrong")
+
+    async def debug_configz(ch: grpc.aio.Channel) -> tuple[Outcome, Check]:
+        out = await ads_call(ch, [_req(DEBUG, ["configz"])], metadata=bearer(ADMIN_TOKEN), timeout=DEADLINE)
+        return out, lambda o: complete(o, 1) or ("" if _debug_body(o.sotw()) == b"[]" else "configz body is wrong")
+
+    async def debug_proxy(ch: grpc.aio.Channel) -> tuple[Outcome, Check]:
+        proxy = rng.choice(every)
+        out = await ads_call(ch, [_req(DEBUG, [f"config_dump?proxyID={proxy}"])], metadata=bearer(ADMIN_TOKEN),
+                             timeout=DEADLINE)
+        return out, lambda o: complete(o, 1) or (
+            "" if json.loads(_debug_body(o.sotw())).get("proxy") == proxy else f"debug dump of {proxy} missing")
+
+    async def one_stream_three_requests(ch: grpc.aio.Channel) -> tuple[Outcome, Check]:
+        proxy = rng.choice(every)
+        reqs = [_req(SYNCZ), _req(CONFIG_DUMP, [proxy]), _req(DEBUG, ["list"])]
+        out = await ads_call(ch, reqs, metadata=bearer(ADMIN_TOKEN), timeout=DEADLINE)
+
+        def check(o: Outcome) -> str:
+            if why := complete(o, 3):
+                return why
+            types = [o.sotw(i).type_url for i in range(3)]
+            return "" if types == [SYNCZ, CONFIG_DUMP, DEBUG] else f"answers out of order: {types}"
+
+        return out, check
+
+    async def delta_syncz(ch: grpc.aio.Channel) -> tuple[Outcome, Check]:
+        req = discovery_pb2.DeltaDiscoveryRequest(type_url=SYNCZ, node=client.istioctl_node("istio-system"))
+        out = await ads_call(ch, [req], metadata=bearer(ADMIN_TOKEN), timeout=DEADLINE, delta=True)
+        return out, lambda o: complete(o, 1) or (
+            "" if {r.name for r in o.delta().resources} == mesh.ids else "delta syncz names are wrong")
+
+    return {f.__name__: f for f in (syncz, syncz_scoped, config_dump, config_dump_unknown, debug_syncz, debug_adsz,
+                                    debug_configz, debug_proxy, one_stream_three_requests, delta_syncz)}
+
+
+@dataclass
+class Tally:
+    calls: collections.Counter[str] = field(default_factory=collections.Counter)
+    failures: collections.Counter[str] = field(default_factory=collections.Counter)
+    examples: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    late: int = 0
+
+    def add(self, kind: str, out: Outcome, why: str) -> None:
+        self.calls[kind] += 1
+        self.latencies.append(out.elapsed)
+        if out.elapsed > out.deadline:
+            self.late += 1
+        if why:
+            self.failures[f"{kind}: {why.split(':')[0]}"] += 1
+            if len(self.examples) < 10:
+                self.examples.append(f"{kind}: {why}")
+
+
+async def drive(address: str, mesh: Mesh, streams: int, seconds: float, tally: Tally, seed: int = 1) -> None:
+    """`streams` concurrent workers, each one stream at a time, until `seconds` have passed.
+
+    A quarter of the workers dial a new channel per call (istioctl runs one command per process), the
+    rest reuse theirs; both must leave nothing behind.
+    """
+    stop = time.monotonic() + seconds
+
+    async def worker(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        table = kinds(mesh, rng)
+        names = sorted(table)
+        fresh = i % 4 == 0
+        ch: grpc.aio.Channel | None = None
+        try:
+            while time.monotonic() < stop:
+                if ch is None:
+                    ch = grpc.aio.insecure_channel(address, options=channel_options())
+                kind = rng.choice(names)
+                out, check = await table[kind](ch)
+                try:
+                    why = check(out)
+                except Exception as err:  # a malformed answer is a failure, not a test crash
+                    why = f"unreadable answer: {err!r}"
+                tally.add(kind, out, why)
+                if fresh:
+                    await ch.close()
+                    ch = None
+        finally:
+            if ch is not None:
+                await ch.close()
+
+    await asyncio.gather(*(worker(i) for i in range(streams)))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+async def test_200_mixed_streams_no_failures_bounded_memory_no_leaks() -> None:
+    async with stack(REPLICAS, PROXIES) as s:
+        mesh = Mesh.of(s.replicas)
+        # Warm up: upstream channels, lazily built caches and allocator arenas exist before we measure.
+        warm = Tally()
+        await drive(s.address, mesh, 20, 1.5, warm, seed=99)
+        assert not warm.failures, warm.examples
+        gc.collect()
+        await asyncio.sleep(0.5)
+        before = Usage.now()
+
+        tally = Tally()
+        started = time.monotonic()
+        sampler = RssSampler()
+        async with sampler.running():
+            await drive(s.address, mesh, STREAMS, SECONDS, tally)
+        wall = time.monotonic() - started
+
+        gc.collect()
+        # Cancelled server-side handlers and closed channels unwind asynchronously: give them a moment.
+        await settle(lambda: Usage.now().tasks <= before.tasks and Usage.now().fds <= before.fds, timeout=10)
+        after = Usage.now()
+        upstream_requests = sum(r.requests for r in s.replicas)
+    gc.collect()
+    await asyncio.sleep(0.2)
+    stopped = Usage.now()
+
+    first, middle, last = sampler.thirds()
+    total = sum(tally.calls.values())
+    record_figures("load", {
+        "seconds": round(wall, 1), "streams": STREAMS, "replicas": REPLICAS, "proxies": PROXIES,
+        "calls": total, "calls_per_second": round(total / wall, 1), "calls_by_kind": dict(tally.calls),
+        "failed": sum(tally.failures.values()), "failed_why": dict(tally.failures), "late": tally.late,
+        "upstream_requests": upstream_requests,
+        "latency_p50_ms": round(_percentile(tally.latencies, 0.5) * 1e3, 1),
+        "latency_p99_ms": round(_percentile(tally.latencies, 0.99) * 1e3, 1),
+        "latency_max_ms": round(max(tally.latencies, default=0) * 1e3, 1),
+        "usage_before": before.as_dict(), "usage_after": after.as_dict(), "usage_after_stop": stopped.as_dict(),
+        "rss_peak_by_third_mib": [round(x / 2**20, 1) for x in (first, middle, last)],
+    })
+
+    assert total >= STREAMS, f"only {total} calls in {wall:.0f}s"
+    assert set(tally.calls) == set(kinds(mesh, random.Random()))
+    assert not tally.failures, f"{sum(tally.failures.values())} failed calls: {tally.examples}"
+    assert tally.late == 0
+    # Leaks: everything the calls created is gone again (tasks in this loop; fds of the whole process).
+    assert after.tasks <= before.tasks, (before, after)
+    assert after.fds <= before.fds + 2, (before, after)
+    # Plateau: the last third of the run does not keep growing past the middle third.
+    assert last <= middle + max(24 * 2**20, middle // 10), [x / 2**20 for x in (first, middle, last)]
