@@ -82,16 +82,10 @@ class AdsService:
         self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[bytes]:
         caller = await self._caller(context)
-        node: base_pb2.Node | None = None
         failures: list[str] = []
         # istiod answers each request on the stream afresh (ACK-looking ones too) and never pushes debug
         # types unasked: so one response per request, in order, until the client half-closes.
-        async for req in _decoded(requests, context):
-            if req.HasField("node") and req.node.id:
-                node = req.node
-            if node is None:
-                await _fail(context, InvalidRequest("missing node information: the first request must carry node.id"))
-                return
+        async for req, node in _with_node(requests, context):
             result = await self._answer(context, caller, req.type_url, list(req.resource_names), node, failures)
             yield result.body
 
@@ -101,15 +95,9 @@ class AdsService:
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
         caller = await self._caller(context)
-        node: base_pb2.Node | None = None
         failures: list[str] = []
         subscribed: dict[str, dict[str, None]] = {}  # per type: an ordered set of names
-        async for req in _decoded(requests, context):
-            if req.HasField("node") and req.node.id:
-                node = req.node
-            if node is None:
-                await _fail(context, InvalidRequest("missing node information: the first request must carry node.id"))
-                return
+        async for req, node in _with_node(requests, context):
             names = subscribed.setdefault(req.type_url, {})
             names.update(dict.fromkeys(req.resource_names_subscribe))
             for n in req.resource_names_unsubscribe:
@@ -119,6 +107,20 @@ class AdsService:
 
 
 _Req = TypeVar("_Req", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
+
+
+async def _with_node(
+    requests: AsyncIterator[_Req], context: grpc.aio.ServicerContext[object, object]
+) -> AsyncIterator[tuple[_Req, base_pb2.Node]]:
+    """Each request with the stream's node: the first request must carry node.id, as istiod requires."""
+    node: base_pb2.Node | None = None
+    async for req in _decoded(requests, context):
+        if req.HasField("node") and req.node.id:
+            node = req.node
+        if node is None:
+            await _fail(context, InvalidRequest("missing node information: the first request must carry node.id"))
+            return
+        yield req, node
 
 
 async def _decoded(
