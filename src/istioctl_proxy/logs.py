@@ -24,12 +24,16 @@ class _Redacting(logging.Formatter):
 
 class _Json(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {
+        out: dict[str, object] = {
             "time": self.formatTime(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": redact(record.getMessage()),
         }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            # Structured members for log pipelines; strings are redacted like the message.
+            out.update({k: redact(v) if isinstance(v, str) else v for k, v in fields.items() if k not in out})
         if record.exc_info:
             out["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(out)

@@ -53,6 +53,7 @@ class AdsService:
         try:
             return await self.authenticator.authenticate(context)
         except ProxyError as err:
+            self.observer.refused(err.code.name, context.peer())
             await _fail(context, err)
             raise AssertionError("unreachable") from None
 
@@ -185,6 +186,12 @@ class CallObserver:
     def in_flight(self, type_url: str) -> contextlib.AbstractContextManager[None]:
         return self.metrics.calling(type_url) if self.metrics is not None else contextlib.nullcontext()
 
+    def refused(self, outcome: str, peer: str) -> None:
+        """A stream refused before any request was read (no or bad credentials): no type URL yet."""
+        if self.metrics is not None:
+            self.metrics.observe_call("", outcome, 0.0, 0, 0)
+        log.info("call refused outcome=%s peer=%s", outcome, peer, extra={"fields": {"outcome": outcome, "peer": peer}})
+
     def call(self, type_url: str, caller: Caller, outcome: str, seconds: float, result: Result | None) -> None:
         if self.metrics is not None:
             # PARTIAL: answered, but without some replicas (the trailer names them).
@@ -193,18 +200,16 @@ class CallObserver:
                                       len(result.body) if result else 0)
         # The caller chose this string: one line, bounded, whatever it holds.
         type_url = type_url[:200].encode("unicode_escape").decode("ascii")
-        if result is None:
-            log.info(
-                "call type=%s caller=%s outcome=%s latency_ms=%.1f", type_url, caller.principal, outcome, seconds * 1e3
+        fields: dict[str, object] = {
+            "type": type_url, "caller": caller.principal, "outcome": outcome, "latency_ms": round(seconds * 1e3, 1)
+        }
+        if result is not None:
+            fields.update(
+                replicas_asked=len(result.answers), answered=sum(a.ok for a in result.answers),
+                failed=len(result.failures), resources=result.resources, bytes=len(result.body),
             )
-            return
-        answered = sum(a.ok for a in result.answers)
-        log.info(
-            "call type=%s caller=%s outcome=%s replicas_asked=%d answered=%d failed=%d resources=%d bytes=%d "
-            "latency_ms=%.1f",
-            type_url, caller.principal, outcome, len(result.answers), answered, len(result.failures),
-            result.resources, len(result.body), seconds * 1e3,
-        )
+        # Text logs get key=value pairs; JSON logs (logs.py) get the same fields as JSON members.
+        log.info("call " + " ".join(f"{k}=%s" for k in fields), *fields.values(), extra={"fields": fields})
 
 
 @dataclass(frozen=True)
