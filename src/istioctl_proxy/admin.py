@@ -24,7 +24,7 @@ from .errors import ConfigError
 from .fanout import FanOut
 from .metrics import Metrics
 from .statuspage import StatusPage
-from .upstream import UpstreamPool, fetch_unverified_root
+from .upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +106,8 @@ class Readiness:
             await self._set(False, f"none of the {len(probes)} known istiod replicas is reachable: {whys}")
 
     async def _probe(self, replica: Replica) -> Probe:
-        if self.pool.tls.skip_verify:
-            # Such a channel dials synchronously (to fetch the root) when created: a dead replica would
-            # stall the event loop, so reachability is tried in a thread first.
-            try:
-                await asyncio.to_thread(fetch_unverified_root, replica.address, self.probe_timeout)
-            except (OSError, ValueError) as err:
-                return Probe(replica, False, f"cannot connect: {err}")
         try:
-            channel = self.pool.channel(replica.address)
+            channel = await self.pool.open_channel(replica.address, self.probe_timeout)
         except (OSError, ValueError) as err:  # --istiod-insecure-skip-verify dials to fetch the root first
             return Probe(replica, False, f"cannot connect: {err}")
         if channel.get_state(try_to_connect=True) is grpc.ChannelConnectivity.READY:

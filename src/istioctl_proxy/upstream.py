@@ -109,6 +109,7 @@ class UpstreamPool:
         self.max_message_bytes = max_message_bytes
         self.token_file = token_file
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._unverified_roots: dict[str, bytes] = {}  # --istiod-insecure-skip-verify only
         self._retiring: set[asyncio.Task[None]] = set()
         self.last_ok: dict[str, float] = {}
         self.last_error: dict[str, str] = {}
@@ -134,10 +135,20 @@ class UpstreamPool:
     def _credentials(self, address: str) -> grpc.ChannelCredentials:
         root = self.tls.ca_pem
         if self.tls.skip_verify and root is None:
-            root = fetch_unverified_root(address)
+            root = self._unverified_roots.get(address) or fetch_unverified_root(address)
         return grpc.ssl_channel_credentials(
             root_certificates=root, private_key=self.tls.key_pem, certificate_chain=self.tls.cert_pem
         )
+
+    async def open_channel(self, address: str, timeout: float = 5.0) -> grpc.aio.Channel:
+        """The channel to `address`; with --istiod-insecure-skip-verify the root is fetched off the loop first."""
+        if (
+            address not in self._channels and self.tls.skip_verify and self.tls.ca_pem is None
+            and address not in self._unverified_roots
+        ):
+            # A dead replica must not stall the event loop while we dial it for its certificate.
+            self._unverified_roots[address] = await asyncio.to_thread(fetch_unverified_root, address, timeout)
+        return self.channel(address)
 
     def channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
@@ -152,6 +163,8 @@ class UpstreamPool:
     def retain(self, replicas: tuple[Replica, ...]) -> None:
         """Close, after a grace period, the channels of replicas discovery no longer lists."""
         keep = {r.address for r in replicas}
+        for address in [a for a in self._unverified_roots if a not in keep]:
+            del self._unverified_roots[address]
         for address in [a for a in self._channels if a not in keep]:
             ch = self._channels.pop(address)
             task = asyncio.get_running_loop().create_task(self._retire(ch))
@@ -181,7 +194,11 @@ class UpstreamPool:
         if self.token_file is not None:
             metadata = (*metadata, ("authorization", "Bearer " + self.token_file.read()))
         started = time.monotonic()
-        call = self.channel(replica.address).stream_stream(ADS_METHOD)(metadata=metadata, timeout=timeout)
+        try:
+            channel = await self.open_channel(replica.address, timeout)
+        except (OSError, ValueError) as err:
+            raise UpstreamError(grpc.StatusCode.UNAVAILABLE, f"cannot fetch istiod's certificate: {err}") from None
+        call = channel.stream_stream(ADS_METHOD)(metadata=metadata, timeout=timeout)
         try:
             await call.write(request)
             response = await call.read()
