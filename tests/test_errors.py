@@ -330,6 +330,7 @@ def mangles(draw: st.DrawFn) -> Mangle:
         if how == "cut":
             return body[:at]
         if how == "flip":
+            at = min(at, len(body) - 1)
             return body[:at] + bytes([body[at] ^ junk[0]]) + body[at + 1:] if body else junk
         if how == "splice":
             return body[:at] + junk + body[at:]
@@ -388,3 +389,22 @@ def test_zz_record_figures() -> None:
                                          "random_corruptions_total": sum(
                                              v for k, v in GARBAGE_CASES.items() if ":" not in k),
                                          "bad_request_table": len(BAD_REQUESTS) * 2})
+
+
+def test_a_field_of_the_wrong_wire_type_is_not_a_resource() -> None:
+    """Found by the fuzzer: field 2 as fixed32 parses (upb skips it as unknown), so a non-holder's answer
+    looked like it held the proxy and the holder's dump was lost. It must count as malformed instead."""
+    from istioctl_proxy.discovery import Replica
+    from istioctl_proxy.fanout import Answer
+    from istioctl_proxy.merge import MergeContext, merge
+    from istioctl_proxy.policy import plan_request
+    from istioctl_proxy.simulator import SimProxy, SimReplica
+
+    holder = SimReplica("istiod-1", proxies=[SimProxy("web", "team")])
+    empty = SimReplica("istiod-0").config_dump(["web.team"], "")
+    plan = plan_request(CONFIG_DUMP, ["web.team"])
+    answers = [Answer(Replica("127.0.0.1:1"), b"\x15\x00\x00\x00\x00" + empty),
+               Answer(Replica("127.0.0.1:2"), holder.config_dump(["web.team"], ""))]
+    merged = merge(plan, answers, MergeContext())
+    assert merged.resources == 7
+    assert [a.replica.address for a, _ in merged.rejected] == ["127.0.0.1:1"]

@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 # DiscoveryResponse field numbers (envoy/service/discovery/v3/discovery.proto).
 _VERSION_INFO, _RESOURCES, _TYPE_URL, _NONCE, _CONTROL_PLANE = 1, 2, 4, 5, 6
 _LEN = 2  # wire type of length-delimited fields
+_ENVELOPE = frozenset({_VERSION_INFO, _RESOURCES, _TYPE_URL, _NONCE, _CONTROL_PLANE})
 
 
 class WireError(ValueError):
@@ -42,8 +43,8 @@ def _varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
             raise WireError("varint too long")
 
 
-def iter_fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, int, int]]:
-    """Yield (field number, field start, value start, field end) for each top-level field."""
+def iter_fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, int, int, int]]:
+    """Yield (field number, wire type, field start, value start, field end) for each top-level field."""
     pos, end = 0, len(buf)
     while pos < end:
         start = pos
@@ -63,7 +64,7 @@ def iter_fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, int, int]]:
             raise WireError(f"unsupported wire type {wire_type}")
         if pos > end or number == 0:
             raise WireError("truncated or invalid field")
-        yield number, start, value_start, pos
+        yield number, wire_type, start, value_start, pos
 
 
 @dataclass
@@ -100,7 +101,10 @@ def view_response(raw: bytes) -> ResponseView:
     view = ResponseView(raw)
     mv = memoryview(raw)
     try:
-        for number, start, value_start, end in iter_fields(mv):
+        for number, wire_type, start, value_start, end in iter_fields(mv):
+            if number in _ENVELOPE and wire_type != _LEN:
+                # upb would skip it as an unknown field; a "resource" that is not one must not count as one.
+                raise WireError(f"field {number} has wire type {wire_type}, not length-delimited")
             if number == _RESOURCES:
                 view.resources.append((start, end))
                 view.resource_values.append((value_start, end))
@@ -146,7 +150,7 @@ def client_config(any_bytes: bytes) -> csds_pb2.ClientConfig:
 
 def any_type_url(any_bytes: bytes) -> bytes:
     """The type URL of a serialized Any (field 1), read without decoding its value."""
-    for number, _start, value_start, end in iter_fields(any_bytes):
+    for number, _wire_type, _start, value_start, end in iter_fields(any_bytes):
         if number == 1:
             return bytes(any_bytes[value_start:end])
     return b""
@@ -159,7 +163,7 @@ def syncz_node_id(any_bytes: bytes) -> str:
     """
     mv = memoryview(any_bytes)
     for path_number in (2, 1, 1):
-        for number, _start, value_start, end in iter_fields(mv):
+        for number, _wire_type, _start, value_start, end in iter_fields(mv):
             if number == path_number:
                 mv = mv[value_start:end]
                 break
