@@ -82,29 +82,17 @@ async def request(
     async with channel(t) as ch:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch)
         md = (("authorization", f"Bearer {t.token}"),) if t.token else ()
-        call = stub.StreamAggregatedResources(metadata=md, timeout=timeout)
         req = discovery_pb2.DiscoveryRequest(
             type_url=type_url, resource_names=names or [], node=istioctl_node(t.namespace)
         )
-        try:
-            await call.write(req)
-            await call.done_writing()
-        except grpc.aio.AioRpcError:
-            # The server may end the stream (e.g. UNAUTHENTICATED) before our write lands; its status is the
-            # answer, not the write's "Internal error from Core".
-            if await call.code() != grpc.StatusCode.OK:
-                raise grpc.aio.AioRpcError(
-                    await call.code(), await call.initial_metadata(), await call.trailing_metadata(),
-                    await call.details(),
-                ) from None
-            raise
-        resp = await call.read()
-        if resp is grpc.aio.EOF:
-            await call  # raises the status
+        # The request goes in as an iterator, not call.write(): when the server ends the stream before
+        # reading (UNAUTHENTICATED), a racing write makes grpc.aio report its own "Internal error from Core"
+        # instead of the server's status.
+        call = stub.StreamAggregatedResources(iter([req]), metadata=md, timeout=timeout)
+        responses = [r async for r in call]  # to the end, so the status and trailing metadata are there
+        if not responses:
             raise RuntimeError("stream closed without a response")
-        # Drain to the end so trailing metadata is there.
-        while await call.read() is not grpc.aio.EOF:
-            pass
+        resp = responses[0]
         trailers = tuple((k, str(v)) for k, v in (await call.trailing_metadata() or ()))
         return resp, trailers
 

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -57,6 +57,9 @@ class AdsService:
             await _fail(context, err)
             raise AssertionError("unreachable") from None
 
+    async def _authenticate(self, context: grpc.aio.ServicerContext[object, object], into: list[Caller]) -> None:
+        into.append(await self._caller(context))
+
     async def _answer(
         self, context: grpc.aio.ServicerContext[object, object], caller: Caller, type_url: str, names: list[str],
         node: base_pb2.Node, failures: list[str],
@@ -82,12 +85,12 @@ class AdsService:
     async def stream(
         self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[bytes]:
-        caller = await self._caller(context)
+        callers: list[Caller] = []
         failures: list[str] = []
         # istiod answers each request on the stream afresh (ACK-looking ones too) and never pushes debug
         # types unasked: so one response per request, in order, until the client half-closes.
-        async for req, node in _with_node(requests, context):
-            result = await self._answer(context, caller, req.type_url, list(req.resource_names), node, failures)
+        async for req, node in _with_node(requests, context, lambda: self._authenticate(context, callers)):
+            result = await self._answer(context, callers[0], req.type_url, list(req.resource_names), node, failures)
             yield result.body
 
     async def delta(
@@ -95,15 +98,15 @@ class AdsService:
         requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
-        caller = await self._caller(context)
+        callers: list[Caller] = []
         failures: list[str] = []
         subscribed: dict[str, dict[str, None]] = {}  # per type: an ordered set of names
-        async for req, node in _with_node(requests, context):
+        async for req, node in _with_node(requests, context, lambda: self._authenticate(context, callers)):
             names = subscribed.setdefault(req.type_url, {})
             names.update(dict.fromkeys(req.resource_names_subscribe))
             for n in req.resource_names_unsubscribe:
                 names.pop(n, None)
-            result = await self._answer(context, caller, req.type_url, list(names), node, failures)
+            result = await self._answer(context, callers[0], req.type_url, list(names), node, failures)
             yield to_delta(result)
 
 
@@ -111,11 +114,13 @@ _Req = TypeVar("_Req", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscov
 
 
 async def _with_node(
-    requests: AsyncIterator[_Req], context: grpc.aio.ServicerContext[object, object]
+    requests: AsyncIterator[_Req],
+    context: grpc.aio.ServicerContext[object, object],
+    authenticate: Callable[[], Awaitable[None]],
 ) -> AsyncIterator[tuple[_Req, base_pb2.Node]]:
     """Each request with the stream's node: the first request must carry node.id, as istiod requires."""
     node: base_pb2.Node | None = None
-    async for req in _decoded(requests, context):
+    async for req in _decoded(requests, context, authenticate):
         if req.HasField("node") and req.node.id:
             node = req.node
         if node is None:
@@ -125,18 +130,33 @@ async def _with_node(
 
 
 async def _decoded(
-    requests: AsyncIterator[_Req], context: grpc.aio.ServicerContext[object, object]
+    requests: AsyncIterator[_Req],
+    context: grpc.aio.ServicerContext[object, object],
+    authenticate: Callable[[], Awaitable[None]],
 ) -> AsyncIterator[_Req]:
-    """The stream's requests; bytes that are not a request end the call with INVALID_ARGUMENT, not UNKNOWN."""
+    """The stream's requests; bytes that are not a request end the call with INVALID_ARGUMENT, not UNKNOWN.
+
+    The caller is authenticated once the first message has arrived (or the stream ended): refusing a
+    stream before reading it races the client's first write, and grpc.aio clients then report their own
+    "Internal error from Core" instead of our UNAUTHENTICATED.
+    """
     it = aiter(requests)
+    first = True
     while True:
         try:
             req = await anext(it)
         except StopAsyncIteration:
+            if first:
+                await authenticate()
             return
         except DecodeError as err:
+            if first:
+                await authenticate()
             await _fail(context, InvalidRequest(f"malformed request: {err}"))
             return
+        if first:
+            await authenticate()
+            first = False
         yield req
 
 
