@@ -34,10 +34,10 @@ from tests.e2e.mesh import Mesh, Peers
 from tests.e2e.pki import CertKey, TestCA
 from tests.e2e.proxy_process import ProxyProcess
 
+from . import run
 from .run import baseline_merge, pct
 
 ROOT = Path(__file__).resolve().parents[1]
-ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 SYNCZ = "istio.io/debug/syncz"
 MODES = ("proxy", "floor", "slowest", "baseline")
 BEGIN, END = "<!-- real-istiod:begin -->", "<!-- real-istiod:end -->"
@@ -55,15 +55,7 @@ def channel(address: str, root: bytes, leaf: CertKey, authority: str) -> grpc.ai
 
 
 async def ask(ch: grpc.aio.Channel) -> bytes:
-    call = ch.stream_stream(ADS, request_serializer=None, response_deserializer=None)(timeout=60)
-    try:
-        await call.write(REQUEST)
-        body = await call.read()
-    finally:
-        call.cancel()
-    if not isinstance(body, bytes):
-        raise RuntimeError("no answer")
-    return body
+    return await run.ask(ch, 60, request=REQUEST, metadata=())  # identity is the client certificate
 
 
 async def measure(ns: argparse.Namespace, mesh: Mesh, proxy: ProxyProcess) -> dict[str, Any]:

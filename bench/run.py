@@ -219,12 +219,15 @@ REQUEST = discovery_pb2.DiscoveryRequest(type_url=SYNCZ, node=client.istioctl_no
 METADATA = (("authorization", f"Bearer {TOKEN}"),)
 
 
-async def ask(ch: grpc.aio.Channel, timeout: float = 120.0) -> bytes:
+async def ask(
+    ch: grpc.aio.Channel, timeout: float = 120.0, *, request: bytes = REQUEST,
+    metadata: tuple[tuple[str, str], ...] = METADATA,
+) -> bytes:
     """One syncz on a new stream; the raw response bytes (nothing decoded)."""
     method = ch.stream_stream(ADS, request_serializer=None, response_deserializer=None)
-    call = method(metadata=METADATA, timeout=timeout)
+    call = method(metadata=metadata, timeout=timeout)
     try:
-        await call.write(REQUEST)
+        await call.write(request)
         body = await call.read()
     finally:
         call.cancel()
