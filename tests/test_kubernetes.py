@@ -970,3 +970,30 @@ async def test_token_review_callers_are_scoped_through_the_proxy(cluster: KubeCl
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.request(s.target(ns1_token, namespace="ns-1"), "istio.io/debug", ["syncz"])
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_flags_give_one_source_per_cluster(cluster: KubeCluster, admin: AsyncClient) -> None:
+    """`--istiod-k8s --kubeconfig a,b` (or several contexts): one labelled source per cluster, merged."""
+    import dataclasses as dc
+
+    from istioctl_proxy.app import sources_of
+    from istioctl_proxy.config import Config
+    from istioctl_proxy.errors import ConfigError
+
+    ns = _ns_name("multi")
+    await ensure_namespace(admin, ns)
+    await create_istiod_pod(admin, ns, "istiod-m", "127.0.0.61")
+    east = cluster.apiserver.admin_kubeconfig(context="east")
+    west = cluster.apiserver.admin_kubeconfig(context="west")
+    cfg = Config(istiod_k8s=True, istio_namespace=ns, kubeconfig=f"{east},{west}")
+    sources = sources_of(cfg)
+    assert [s.name for s in sources] == [f"k8s:east/{ns}", f"k8s:west/{ns}"]
+    replicas = ReplicaSet(sources)
+    await replicas.start()
+    try:
+        await until(lambda: len(replicas.current()) == 1, 10, "the pod, seen through both clusters")
+        assert replicas.current()[0].address == addr("127.0.0.61")
+    finally:
+        await replicas.stop()
+    with pytest.raises(ConfigError, match="same length"):
+        sources_of(dc.replace(cfg, context="a,b,c"))

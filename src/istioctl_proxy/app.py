@@ -70,9 +70,9 @@ def sources_of(cfg: Config) -> list[ReplicaSource]:
     for target in cfg.istiod_dns:
         sources.append(DnsSource(target, interval=cfg.istiod_dns_interval))
     if cfg.istiod_k8s:
-        from .kubernetes import pod_source_from_config  # optional: only with Kubernetes discovery
+        from .kubernetes import pod_sources_from_config  # optional: only with Kubernetes discovery
 
-        sources.append(pod_source_from_config(cfg))
+        sources.extend(pod_sources_from_config(cfg))
     return sources
 
 

@@ -105,8 +105,8 @@ def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = 
     flag("istiod-selector", "app=istiod", "label selector of istiod pods")
     flag("revision", "", "istio revision: adds istio.io/rev=<rev> to the selector and sets the SAN default")
     flag("istiod-port", "15012", "port of the pods found by --istiod-k8s")
-    flag("kubeconfig", "", "kubeconfig for --istiod-k8s (default: in-cluster, then ~/.kube/config)")
-    flag("context", "", "kubeconfig context")
+    flag("kubeconfig", "", "kubeconfig(s) for --istiod-k8s, comma-separated (default: in-cluster, then ~/.kube/config)")
+    flag("context", "", "kubeconfig context(s), comma-separated: one replica source per cluster")
     switch("istiod-plaintext", "talk to istiod without TLS (15010-style)")
     flag("istiod-ca", "", "istio root CA (PEM) that istiod's certificate must chain to")
     switch("istiod-ca-configmap", "trust the istio-ca-root-cert ConfigMap of --istio-namespace (watched)")
@@ -264,7 +264,7 @@ def validate(cfg: Config) -> None:
     for name, path in (
         ("tls-cert", cfg.tls_cert), ("tls-key", cfg.tls_key), ("client-ca", cfg.client_ca),
         ("istiod-ca", cfg.istiod_ca), ("upstream-cert", cfg.upstream_cert), ("upstream-key", cfg.upstream_key),
-        ("upstream-token-file", cfg.upstream_token_file), ("kubeconfig", cfg.kubeconfig),
+        ("upstream-token-file", cfg.upstream_token_file), *(("kubeconfig", k) for k in cfg.kubeconfig.split(",") if k),
         ("token-review-kubeconfig", cfg.token_review_kubeconfig),
     ):
         _readable(name, path)

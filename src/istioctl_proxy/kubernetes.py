@@ -17,6 +17,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,6 +39,7 @@ from lightkube.models.authentication_v1 import TokenReviewSpec
 from lightkube.resources.authentication_v1 import TokenReview
 from lightkube.resources.core_v1 import ConfigMap, Pod
 
+from . import errors
 from .discovery import OnChange, Replica, join_host_port
 
 if TYPE_CHECKING:
@@ -785,6 +787,25 @@ def _identity_from_username(username: str) -> TokenIdentity | None:
 # Wiring from the command line (`Config` attributes; "" means "not given").
 
 
+def pod_sources_from_config(cfg: Config) -> list[KubernetesPodSource]:
+    """One source per cluster: `--kubeconfig` and `--context` take comma-separated lists (one kubeconfig
+    with several contexts, several kubeconfigs, or pairs of both), so replicas of several clusters merge
+    into one set, each labelled k8s:<context>/<namespace>."""
+    kubeconfigs = [k for k in cfg.kubeconfig.split(",") if k] or [""]
+    contexts = [c for c in cfg.context.split(",") if c] or [""]
+    if len(kubeconfigs) > 1 and len(contexts) > 1 and len(kubeconfigs) != len(contexts):
+        raise errors.ConfigError(
+            "--kubeconfig and --context lists must have the same length (or one of them a single entry)"
+        )
+    n = max(len(kubeconfigs), len(contexts))
+    pairs = zip(kubeconfigs * n if len(kubeconfigs) == 1 else kubeconfigs,
+                contexts * n if len(contexts) == 1 else contexts, strict=True)
+    return [
+        pod_source_from_config(dataclasses.replace(cfg, kubeconfig=kubeconfig, context=context))
+        for kubeconfig, context in pairs
+    ]
+
+
 def pod_source_from_config(cfg: Config) -> KubernetesPodSource:
     """`--istiod-k8s` with `--istio-namespace`, `--istiod-selector`, `--revision`, `--istiod-port`,
     `--kubeconfig`, `--context`."""
@@ -801,7 +822,8 @@ def pod_source_from_config(cfg: Config) -> KubernetesPodSource:
 def root_cert_watcher_from_config(cfg: Config) -> RootCertWatcher:
     """`--istiod-ca-configmap`: the istio-ca-root-cert ConfigMap of `--istio-namespace`, same cluster."""
     return RootCertWatcher(
-        cfg.istio_namespace, kubeconfig=cfg.kubeconfig or None, context=cfg.context or None
+        # With several clusters, the CA ConfigMap is read from the first (the one istiod runs in).
+        cfg.istio_namespace, kubeconfig=cfg.kubeconfig.split(",")[0] or None, context=cfg.context.split(",")[0] or None
     )
 
 
