@@ -38,6 +38,30 @@ class Pki:
     def client(self, namespace: str, sa: str = "default") -> Leaf:
         return self.ca.issue(spiffe=f"spiffe://cluster.local/ns/{namespace}/sa/{sa}")
 
+    def identity_config(self, istiod: tuple[str, ...], **overrides: object) -> Config:
+        """Identity mode, mTLS on both sides, everything from this CA; `overrides` replace any field."""
+        ca = self.path("ca.pem", self.ca.cert_pem)
+        cfg = Config(
+            listen="127.0.0.1:0",
+            tls_cert=self.path("tls.crt", self.proxy_serving.cert_pem),
+            tls_key=self.path("tls.key", self.proxy_serving.key_pem),
+            client_ca=ca,
+            istiod=istiod,
+            istiod_ca=ca,
+            upstream_identity=True,
+            upstream_cert=self.path("up.crt", self.upstream.cert_pem),
+            upstream_key=self.path("up.key", self.upstream.key_pem),
+            admin_listen="",
+            drain_seconds=1.0,
+        )
+        return dataclasses.replace(cfg, **overrides)  # type: ignore[arg-type]
+
+    def admin_target(self, address: str) -> client.Target:
+        """An istio-system/default mTLS caller of the proxy at `address`."""
+        leaf = self.client("istio-system")
+        return client.Target(address, ca_pem=self.ca.cert_pem, cert_pem=leaf.cert_pem, key_pem=leaf.key_pem,
+                             authority="localhost")
+
 
 def make_pki(directory: str) -> Pki:
     ca = TestCA()
@@ -107,20 +131,7 @@ async def stack(
             )
         else:
             await sim.start(tls=(pki.istiod.cert_pem, pki.istiod.key_pem, pki.ca.cert_pem))
-            ca = pki.path("ca.pem", pki.ca.cert_pem)
-            cfg = Config(
-                listen="127.0.0.1:0",
-                tls_cert=pki.path("tls.crt", pki.proxy_serving.cert_pem),
-                tls_key=pki.path("tls.key", pki.proxy_serving.key_pem),
-                client_ca=ca,
-                istiod=(),
-                istiod_ca=ca,
-                upstream_identity=True,
-                upstream_cert=pki.path("up.crt", pki.upstream.cert_pem),
-                upstream_key=pki.path("up.key", pki.upstream.key_pem),
-                admin_listen="",
-                drain_seconds=1.0,
-            )
+            cfg = pki.identity_config(())
         cfg = dataclasses.replace(cfg, istiod=tuple(sim.addresses), **config)  # type: ignore[arg-type]
         proxy = Proxy(cfg)
         await proxy.start()

@@ -12,7 +12,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from istioctl_proxy import client
 from istioctl_proxy.app import Proxy
-from istioctl_proxy.config import Config
 from istioctl_proxy.pki import TestCA, write_file
 from istioctl_proxy.simulate import SimulatedMesh
 from istioctl_proxy.simulator import make_mesh
@@ -38,32 +37,14 @@ async def test_insecure_skip_verify_reaches_an_istiod_with_an_unknown_ca() -> No
         mesh = SimulatedMesh(make_mesh(2, 4, tokens=TOKENS))
         await mesh.start(tls=(istiod.cert_pem, istiod.key_pem, pki.ca.cert_pem))
         ca = pki.path("ca.pem", pki.ca.cert_pem)
-        cfg = Config(
-            listen="127.0.0.1:0",
-            tls_cert=pki.path("c", pki.proxy_serving.cert_pem),
-            tls_key=pki.path("k", pki.proxy_serving.key_pem),
-            client_ca=ca,
-            istiod=tuple(mesh.addresses),
-            istiod_insecure_skip_verify=True,
-            upstream_identity=True,
-            upstream_cert=pki.path("uc", pki.upstream.cert_pem),
-            upstream_key=pki.path("uk", pki.upstream.key_pem),
-            admin_listen="",
-        )
+        cfg = pki.identity_config(tuple(mesh.addresses), istiod_ca="", istiod_insecure_skip_verify=True)
         for verify in (False, True):
             proxy = Proxy(
                 cfg if not verify else dataclasses.replace(cfg, istiod_insecure_skip_verify=False, istiod_ca=ca)
             )
             await proxy.start()
             try:
-                leaf = pki.client("istio-system")
-                target = client.Target(
-                    f"127.0.0.1:{proxy.port}",
-                    ca_pem=pki.ca.cert_pem,
-                    cert_pem=leaf.cert_pem,
-                    key_pem=leaf.key_pem,
-                    authority="localhost",
-                )
+                target = pki.admin_target(f"127.0.0.1:{proxy.port}")
                 if not verify:
                     resp, _ = await client.request(target, client.SYNCZ)
                     assert len(resp.resources) == 4
@@ -85,33 +66,15 @@ async def test_identity_mode_upstream_token_file_is_reread_when_rotated() -> Non
         mesh = SimulatedMesh(make_mesh(2, 4, tokens={"token-1": ("istio-system", "default")}))
         await mesh.start()
         token_file = write_file(os.path.join(tmp, "token"), b"token-1\n")
-        ca = pki.path("ca.pem", pki.ca.cert_pem)
-        cfg = Config(
-            listen="127.0.0.1:0",
-            tls_cert=pki.path("c", pki.proxy_serving.cert_pem),
-            tls_key=pki.path("k", pki.proxy_serving.key_pem),
-            client_ca=ca,
-            istiod=tuple(mesh.addresses),
-            istiod_plaintext=True,
-            upstream_identity=True,
-            upstream_token_file=token_file,
-            admin_listen="",
-        )
+        cfg = pki.identity_config(tuple(mesh.addresses), istiod_ca="", istiod_plaintext=True,
+                                  upstream_cert="", upstream_key="", upstream_token_file=token_file)
         proxy = Proxy(cfg)
         await proxy.start()
         try:
-            leaf = pki.client("istio-system")
-            target = client.Target(
-                f"127.0.0.1:{proxy.port}",
-                ca_pem=pki.ca.cert_pem,
-                cert_pem=leaf.cert_pem,
-                key_pem=leaf.key_pem,
-                authority="localhost",
-            )
+            target = pki.admin_target(f"127.0.0.1:{proxy.port}")
             resp, _ = await client.request(target, client.SYNCZ)
             assert len(resp.resources) == 4
-            for r in mesh.replicas:
-                r.tokens = {"token-2": ("istio-system", "default")}
+            # Rotation: the old token stops working and the file holds the new one (mtime and size change).
             write_file(token_file, b"token-2-rotated-and-longer\n")
             for r in mesh.replicas:
                 r.tokens = {"token-2-rotated-and-longer": ("istio-system", "default")}

@@ -59,7 +59,3 @@ class UpstreamFailed(ProxyError):
     def __init__(self, message: str, code: grpc.StatusCode) -> None:
         super().__init__(message)
         self.code = code
-
-
-def status_of(err: ProxyError) -> tuple[grpc.StatusCode, str]:
-    return err.code, err.message

@@ -26,7 +26,9 @@ from .aggregator import Aggregator, Result
 from .auth import Authenticator, Caller
 from .errors import InvalidRequest, ProxyError
 from .metrics import Metrics
+from .policy import Merge
 from .upstream import LARGE_MESSAGE_OPTIONS
+from .wire import syncz_node_id
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +170,13 @@ def to_delta(result: Result) -> discovery_pb2.DeltaDiscoveryResponse:
     )
     if sotw.HasField("control_plane"):
         out.control_plane.CopyFrom(sotw.control_plane)
+    plan = result.plan
     for i, res in enumerate(sotw.resources):
-        name = result.plan.resource_names[0] if result.plan.debug_path else ""
-        if result.plan.merge.value == "syncz":
-            from .wire import syncz_node_id
-
+        if plan.merge is Merge.SYNCZ:
             name = syncz_node_id(res.SerializeToString())
-        elif not name:
+        elif plan.debug_path:
+            name = plan.resource_names[0]
+        else:  # config_dump: istiod's dump entries are unnamed
             name = f"{res.type_url.rpartition('/')[2]}/{i}"
         out.resources.add(name=name, version=sotw.version_info, resource=res)
     return out
