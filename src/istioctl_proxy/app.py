@@ -19,7 +19,15 @@ from .discovery import DnsSource, ReplicaSet, ReplicaSource, StaticSource
 from .errors import ConfigError, Unavailable
 from .fanout import FanOut
 from .metrics import Metrics
-from .server import AdsService, CallObserver, CertificateReloader, ServingTLS, build_server, set_serving
+from .server import (
+    AdsService,
+    CallObserver,
+    CertificateReloader,
+    ServingTLS,
+    StreamLimits,
+    build_server,
+    set_serving,
+)
 from .upstream import TokenFile, UpstreamPool, UpstreamTLS
 
 log = logging.getLogger(__name__)
@@ -76,6 +84,16 @@ def sources_of(cfg: Config) -> list[ReplicaSource]:
     return sources
 
 
+def stream_limits(cfg: Config) -> StreamLimits:
+    return StreamLimits(
+        first_message_timeout=cfg.first_message_timeout, idle_timeout=cfg.stream_idle_timeout,
+        max_age=cfg.max_stream_age, max_streams=cfg.max_streams,
+        max_streams_per_connection=cfg.max_streams_per_connection,
+        send_budget_bytes=cfg.send_budget_mib * 1024 * 1024, send_timeout=cfg.send_timeout,
+        slow_reader_seconds=cfg.slow_reader_seconds,
+    )
+
+
 @dataclass
 class Proxy:
     """A configured, not yet started proxy. `start()` binds; `stop()` drains."""
@@ -112,7 +130,7 @@ class Proxy:
             mode, istio_namespace=cfg.istio_namespace, allowed_namespaces=frozenset(cfg.debug_allowed_namespaces),
             trust_domain=cfg.trust_domain, token_reviewer=token_reviewer(cfg) if cfg.token_review else None,
         )
-        self.service = AdsService(aggregator, authenticator, CallObserver(self.metrics))
+        self.service = AdsService(aggregator, authenticator, CallObserver(self.metrics), stream_limits(cfg))
         self.replicas.add_listener(self.pool.retain)
         self.replicas.add_listener(self.metrics.retain)
         self.admin = build_admin(cfg, self.replicas, self.pool, self.metrics, fanout, settings.upstream_node)
@@ -127,7 +145,8 @@ class Proxy:
 
     async def start(self) -> None:
         self.server, self.health, self.port = build_server(
-            self.service, listen=self.cfg.listen, max_message_bytes=self.cfg.max_message_bytes, tls=self.reloader
+            self.service, listen=self.cfg.listen, max_message_bytes=self.cfg.max_message_bytes, tls=self.reloader,
+            max_request_bytes=self.cfg.max_request_bytes,
         )
         await self._watch_ca_configmap()
         await self.replicas.start()

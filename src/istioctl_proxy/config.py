@@ -54,6 +54,15 @@ class Config:
     token_review_audiences: tuple[str, ...] = ("istio-ca",)
     external_id: str = "<external>"
     max_message_mib: int = 256
+    max_request_kib: int = 1024
+    first_message_timeout: float = 10.0
+    stream_idle_timeout: float = 300.0
+    max_stream_age: float = 1800.0
+    max_streams: int = 10000
+    max_streams_per_connection: int = 100
+    send_budget_mib: int = 256
+    send_timeout: float = 60.0
+    slow_reader_seconds: float = 5.0
     admin_listen: str = "127.0.0.1:15090"
     admin_status_page: bool = False
     cache_ttl: float = 0.0
@@ -65,6 +74,10 @@ class Config:
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mib * MiB
+
+    @property
+    def max_request_bytes(self) -> int:
+        return self.max_request_kib * 1024
 
     @property
     def san(self) -> str:
@@ -97,7 +110,16 @@ def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = 
     flag("tls-cert", "", "serving certificate (PEM); re-read when the file changes")
     flag("tls-key", "", "serving key (PEM)")
     flag("client-ca", "", "CA that client certificates must chain to (identity mode callers)")
-    flag("max-message-mib", "256", "largest gRPC message accepted or sent, both directions, in MiB")
+    flag("max-message-mib", "256", "largest answer sent to a caller or accepted from istiod, in MiB")
+    flag("max-request-kib", "1024", "largest request accepted from a caller, in KiB (istioctl's are tiny)")
+    flag("first-message-timeout", "10", "seconds a new stream may take to send its first request")
+    flag("stream-idle-timeout", "300", "seconds a stream may wait between answers and its next request")
+    flag("max-stream-age", "1800", "seconds after which a stream is ended (UNAVAILABLE) when it next waits")
+    flag("max-streams", "10000", "ADS streams open at once, over all connections")
+    flag("max-streams-per-connection", "100", "ADS streams open at once on one client connection")
+    flag("send-budget-mib", "256", "MiB of answers waiting for their callers to read them, over all streams")
+    flag("send-timeout", "60", "seconds a caller may take to read one answer before its stream is cut")
+    flag("slow-reader-seconds", "5", "an answer unread this long is cut when other streams need the send budget")
     flag("istiod", "", "static istiod replicas, HOST:PORT[,HOST:PORT...]")
     flag("istiod-dns", "", "DNS name(s) NAME:PORT whose A/AAAA records are the replicas (headless Service)")
     flag("istiod-dns-interval", "5", "seconds between DNS re-resolutions")
@@ -206,6 +228,15 @@ def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) 
         token_review_audiences=_csv(ns.token_review_audiences) or ("istio-ca",),
         external_id=ns.external_id,
         max_message_mib=int(_number("max-message-mib", ns.max_message_mib, int)),
+        max_request_kib=int(_number("max-request-kib", ns.max_request_kib, int)),
+        first_message_timeout=_number("first-message-timeout", ns.first_message_timeout, float),
+        stream_idle_timeout=_number("stream-idle-timeout", ns.stream_idle_timeout, float),
+        max_stream_age=_number("max-stream-age", ns.max_stream_age, float),
+        max_streams=int(_number("max-streams", ns.max_streams, int)),
+        max_streams_per_connection=int(_number("max-streams-per-connection", ns.max_streams_per_connection, int)),
+        send_budget_mib=int(_number("send-budget-mib", ns.send_budget_mib, int)),
+        send_timeout=_number("send-timeout", ns.send_timeout, float),
+        slow_reader_seconds=_number("slow-reader-seconds", ns.slow_reader_seconds, float),
         admin_listen=ns.admin_listen,
         admin_status_page=bool(ns.admin_status_page),
         cache_ttl=_number("cache-ttl", ns.cache_ttl, float),

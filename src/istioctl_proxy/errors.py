@@ -6,7 +6,11 @@ ProxyError
 ├── Unauthenticated     UNAUTHENTICATED    no or unusable credentials
 ├── PermissionDenied    PERMISSION_DENIED  credentials valid, request out of scope
 ├── Unavailable         UNAVAILABLE        a dependency (e.g. the TokenReview API) cannot answer now
-│   └── NoReplicas      UNAVAILABLE        discovery knows no istiod replica
+│   ├── NoReplicas      UNAVAILABLE        discovery knows no istiod replica
+│   └── StreamTooOld    UNAVAILABLE        the stream reached --max-stream-age: reconnect
+├── ResourceExhausted   RESOURCE_EXHAUSTED a stream cap, the send budget or a slow reader's send timeout
+├── StreamTimeout       DEADLINE_EXCEEDED  no first request, or no request for the idle timeout
+├── Internal            INTERNAL           an unexpected error (a bug): logged with its traceback, counted
 └── UpstreamFailed      (the upstream's)   replicas failed; carries the most telling upstream code
 
 ConfigError: bad configuration at start-up; the CLI prints it as one line and exits 2.
@@ -51,6 +55,24 @@ class Unavailable(ProxyError):
 
 class NoReplicas(Unavailable):
     pass
+
+
+class StreamTooOld(Unavailable):
+    pass
+
+
+class ResourceExhausted(ProxyError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class StreamTimeout(ProxyError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Internal(ProxyError):
+    """What the caller sees of an unexpected exception: a short generic message, never its text."""
+
+    code = grpc.StatusCode.INTERNAL
 
 
 class UpstreamFailed(ProxyError):

@@ -17,9 +17,19 @@ def redact(text: str) -> str:
     return _SECRET.sub(lambda m: (m.group(1) or "") + "[REDACTED]", text)
 
 
+# Line breaks and other control characters, including Unicode's own line separators: escaped, so that one
+# record is one line whatever a caller or a replica put in it (upstream error texts reach log messages),
+# and nobody can forge a log line. Tracebacks become one line too (read them with `sed 's/\\n/\n/g'`).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 class _Redacting(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        return one_line(redact(super().format(record)))
 
 
 class _Json(logging.Formatter):

@@ -56,6 +56,7 @@ class Metrics:
         self._define_call_metrics()
         self._define_upstream_metrics()
         self._define_state_metrics()
+        self._define_stream_metrics()
 
     def _define_call_metrics(self) -> None:
         r = self.registry
@@ -94,6 +95,21 @@ class Metrics:
         self.replica_up = Gauge("istioctl_proxy_replica_up", "1 if the replica's channel was connected at the "
                                 "last probe, else 0.", ["replica", "source"], registry=r)
         self.ready = Gauge("istioctl_proxy_ready", "1 when /readyz answers 200.", registry=r)
+
+    def _define_stream_metrics(self) -> None:
+        r = self.registry
+        self.streams_open = Gauge("istioctl_proxy_streams_open", "ADS streams open now.", registry=r)
+        self.streams_cut = Counter("istioctl_proxy_streams_cut",
+                                   "Streams the proxy ended or refused to protect itself, by reason "
+                                   "(first_message_timeout, idle_timeout, max_age, max_streams, "
+                                   "max_streams_per_connection, send_budget, slow_reader).",
+                                   ["reason"], registry=r)
+        self.send_queued_bytes = Gauge("istioctl_proxy_send_queued_bytes",
+                                       "Bytes of answers handed to gRPC and not yet taken by their callers "
+                                       "(bounded by --send-budget-mib).", registry=r)
+        self.internal_errors = Counter("istioctl_proxy_internal_errors",
+                                       "Unexpected exceptions at the gRPC boundary (answered INTERNAL, logged "
+                                       "with a traceback): each one is a bug.", registry=r)
 
     # -- the data path ---------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -1,21 +1,26 @@
 """The gRPC front: ADS (SotW and Delta), health and reflection, TLS serving with certificate reload.
 
-The servicer is thin: it authenticates the stream, hands each request to the Aggregator, and maps
-ProxyErrors to gRPC statuses in one place (`_fail`).
+The servicer is thin: it authenticates the stream from its metadata, holds each stream to its limits
+(`StreamLimits`: stream caps, first-message, idle and age timeouts, the send budget), hands each request
+to the Aggregator, and turns errors into gRPC statuses in one place (`_finish`). Anything unexpected
+becomes INTERNAL there, logged with its traceback and counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeAlias
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2, discovery_pb2
 from google.protobuf.message import DecodeError
@@ -24,7 +29,15 @@ from grpc_reflection.v1alpha import reflection
 
 from .aggregator import Aggregator, Result
 from .auth import Authenticator, Caller
-from .errors import InvalidRequest, ProxyError
+from .errors import (
+    ConfigError,
+    Internal,
+    InvalidRequest,
+    ProxyError,
+    ResourceExhausted,
+    StreamTimeout,
+    StreamTooOld,
+)
 from .metrics import Metrics
 from .policy import Merge
 from .upstream import LARGE_MESSAGE_OPTIONS
@@ -34,37 +47,286 @@ log = logging.getLogger(__name__)
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 FAILED_REPLICAS_KEY = "x-istioctl-proxy-failed-replicas"
+MiB = 1024 * 1024
+
+Context: TypeAlias = "grpc.aio.ServicerContext[object, object]"
 
 
-def _remaining(context: grpc.aio.ServicerContext[object, object]) -> float | None:
+def _remaining(context: Context) -> float | None:
     left = context.time_remaining()
     return None if left is None or left > 1e8 else float(left)
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """What one stream, and all of them together, may hold (flags in config.py)."""
+
+    first_message_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    max_age: float = 1800.0
+    max_streams: int = 10000
+    max_streams_per_connection: int = 100
+    send_budget_bytes: int = 256 * MiB
+    send_timeout: float = 60.0
+    slow_reader_seconds: float = 5.0
+
+
+class _Protocol(Protocol):
+    """SotW or Delta: how a stream's raw requests become (type, names, node) and answers become bytes."""
+
+    def decode(self, raw: bytes) -> tuple[str, list[str], base_pb2.Node | None]: ...
+
+    def encode(self, result: Result) -> bytes: ...
+
+
+class _Sotw:
+    def decode(self, raw: bytes) -> tuple[str, list[str], base_pb2.Node | None]:
+        req = discovery_pb2.DiscoveryRequest.FromString(raw)
+        return req.type_url, list(req.resource_names), req.node if req.HasField("node") else None
+
+    def encode(self, result: Result) -> bytes:
+        return result.body  # the merged bytes are already a serialized DiscoveryResponse
+
+
+class _Delta:
+    def __init__(self) -> None:
+        self.subscribed: dict[str, dict[str, None]] = {}  # per type: an ordered set of names
+
+    def decode(self, raw: bytes) -> tuple[str, list[str], base_pb2.Node | None]:
+        req = discovery_pb2.DeltaDiscoveryRequest.FromString(raw)
+        names = self.subscribed.setdefault(req.type_url, {})
+        names.update(dict.fromkeys(req.resource_names_subscribe))
+        for n in req.resource_names_unsubscribe:
+            names.pop(n, None)
+        return req.type_url, list(names), req.node if req.HasField("node") else None
+
+    def encode(self, result: Result) -> bytes:
+        return bytes(to_delta(result).SerializeToString())
+
+
+@dataclass
+class _Hold:
+    size: int
+    since: float
+    evicted: asyncio.Future[None]
+
+
+@dataclass
+class SendBudget:
+    """Bytes of answers handed to gRPC and not yet taken by their callers, over all streams.
+
+    Each stream has at most one answer in flight (the next write waits for the previous one), so one
+    stream holds at most one answer. When the budget is full, a new answer waits for room; streams whose
+    answer has sat unread for `slow_reader_seconds` are cut first, so slow readers cannot starve others.
+    """
+
+    total: int
+    slow_reader_seconds: float
+    on_change: Callable[[int], None] = lambda used: None
+    on_evict: Callable[[], None] = lambda: None
+    used: int = 0
+    _holds: list[_Hold] = field(default_factory=list)
+    _waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int, wait: float) -> AsyncIterator[asyncio.Future[None]]:
+        """Room for `size` bytes (waiting up to `wait` s); yields a future set if this hold is cut."""
+        size = min(size, self.total)  # an answer larger than the whole budget takes all of it, alone
+        deadline = time.monotonic() + wait
+        loop = asyncio.get_running_loop()
+        while self.used + size > self.total:
+            self._evict_slow(self.used + size - self.total)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ResourceExhausted(
+                    f"the proxy's send budget ({self.total // MiB} MiB, --send-budget-mib) stayed full for "
+                    f"{wait:.0f}s: too many answers are waiting for their callers to read them"
+                )
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, min(left, self.slow_reader_seconds))
+            except TimeoutError:
+                pass
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+        held = _Hold(size, time.monotonic(), loop.create_future())
+        self._holds.append(held)
+        self.used += size
+        self.on_change(self.used)
+        try:
+            yield held.evicted
+        finally:
+            self._holds.remove(held)
+            self.used -= size
+            self.on_change(self.used)
+            for w in self._waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    def _evict_slow(self, needed: int) -> None:
+        now = time.monotonic()
+        for held in sorted(self._holds, key=lambda h: h.since):
+            if needed <= 0 or now - held.since < self.slow_reader_seconds:
+                return
+            if not held.evicted.done():
+                held.evicted.set_result(None)
+                self.on_evict()
+                needed -= held.size
+
+
+@dataclass
+class StreamTable:
+    """Open streams, in total and per client connection (the peer address names the connection)."""
+
+    limits: StreamLimits
+    by_peer: collections.Counter[str] = field(default_factory=collections.Counter)
+    total: int = 0
+
+    def admit(self, peer: str) -> tuple[str, str]:
+        """("", "") when the stream may open (and it is counted), else (reason, message)."""
+        if self.total >= self.limits.max_streams:
+            return "max_streams", f"the proxy has {self.total} streams open (--max-streams); try again later"
+        if self.by_peer[peer] >= self.limits.max_streams_per_connection:
+            return "max_streams_per_connection", (
+                f"{self.by_peer[peer]} streams are open on this connection (--max-streams-per-connection)")
+        self.total += 1
+        self.by_peer[peer] += 1
+        return "", ""
+
+    def release(self, peer: str) -> None:
+        self.total -= 1
+        self.by_peer[peer] -= 1
+        if not self.by_peer[peer]:
+            del self.by_peer[peer]
 
 
 class AdsService:
     """StreamAggregatedResources and DeltaAggregatedResources over the Aggregator."""
 
     def __init__(
-        self, aggregator: Aggregator, authenticator: Authenticator, observer: CallObserver | None = None
+        self, aggregator: Aggregator, authenticator: Authenticator, observer: CallObserver | None = None,
+        limits: StreamLimits | None = None,
     ) -> None:
         self.aggregator = aggregator
         self.authenticator = authenticator
         self.observer = observer or CallObserver()
+        self.limits = limits or StreamLimits()
+        self.streams = StreamTable(self.limits)
+        self.budget = SendBudget(
+            self.limits.send_budget_bytes, self.limits.slow_reader_seconds,
+            on_change=self.observer.queued, on_evict=lambda: self.observer.cut("slow_reader"),
+        )
 
-    async def _caller(self, context: grpc.aio.ServicerContext[object, object]) -> Caller:
+    async def stream(self, requests: object, context: Context) -> None:
+        # istiod answers each request on the stream afresh (ACK-looking ones too) and never pushes debug
+        # types unasked: so one response per request, in order, until the client half-closes.
+        await self._serve(context, _Sotw())
+
+    async def delta(self, requests: object, context: Context) -> None:
+        await self._serve(context, _Delta())
+
+    async def _serve(self, context: Context, protocol: _Protocol) -> None:
+        """One stream, start to end. Errors end it here with a status; nothing is raised to gRPC.
+
+        context.abort() would raise, and gRPC keeps the AbortError (its traceback, and so every frame's
+        requests and answers) on the call's state after the call ends: set the status and return instead.
+        """
         try:
-            return await self.authenticator.authenticate(context)
+            await self._run(context, protocol)
         except ProxyError as err:
-            self.observer.refused(err.code.name, context.peer())
-            await _fail(context, err)
-            raise AssertionError("unreachable") from None
+            _finish(context, err)
+        except asyncio.CancelledError:
+            raise  # the caller hung up, or the server is stopping
+        except Exception:
+            log.exception("unexpected error serving %s from %s; the caller gets INTERNAL", type(protocol).__name__,
+                          context.peer())
+            self.observer.internal_error()
+            _finish(context, Internal("internal error in istioctl-proxy (logged there)"))
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext[object, object], into: list[Caller]) -> None:
-        into.append(await self._caller(context))
+    async def _run(self, context: Context, protocol: _Protocol) -> None:
+        peer = context.peer()
+        reason, message = self.streams.admit(peer)
+        if reason:
+            self.observer.cut(reason)
+            raise ResourceExhausted(message)
+        self.observer.stream_opened()
+        try:
+            await self._requests(context, protocol)
+        finally:
+            self.streams.release(peer)
+            self.observer.stream_closed()
+
+    async def _requests(self, context: Context, protocol: _Protocol) -> None:
+        limits = self.limits
+        started = time.monotonic()
+        # Who is calling is decided from the metadata before any message is read: a refused caller can make
+        # us hold at most one request of --max-request-kib, never decoded.
+        caller, refusal = await self._authenticate(context)
+        raw = await self._read(context, limits.first_message_timeout, None if refusal else "first_message_timeout")
+        if refusal is not None:
+            # Refused only now: ending the stream before the client's first write lands makes grpc.aio
+            # clients report their own "Internal error from Core" instead of UNAUTHENTICATED.
+            self.observer.refused(refusal.code.name, context.peer())
+            raise refusal
+        assert caller is not None
+        node: base_pb2.Node | None = None
+        while raw is not None:
+            try:
+                type_url, names, sent_node = protocol.decode(raw)
+            except DecodeError as err:
+                raise InvalidRequest(f"malformed request: {err}") from None
+            del raw  # a request is small, but nothing of it outlives its answer
+            if sent_node is not None and sent_node.id:
+                node = sent_node
+            if node is None:
+                raise InvalidRequest("missing node information: the first request must carry node.id")
+            result = await self._answer(context, caller, type_url, names, node)
+            # Per request, not cumulative: the trailer describes the latest answer.
+            context.set_trailing_metadata(failed_replicas_trailer(result.failures))
+            body = protocol.encode(result)
+            del result
+            await self._send(context, body)
+            del body
+            age_left = limits.max_age - (time.monotonic() - started)
+            if age_left <= 0:
+                self.observer.cut("max_age")
+                raise StreamTooOld(f"the stream is older than {limits.max_age:.0f}s (--max-stream-age): reconnect")
+            if age_left < limits.idle_timeout:
+                raw = await self._read(context, age_left, "max_age")
+            else:
+                raw = await self._read(context, limits.idle_timeout, "idle_timeout")
+
+    async def _authenticate(self, context: Context) -> tuple[Caller | None, ProxyError | None]:
+        try:
+            return await self.authenticator.authenticate(context), None
+        except ProxyError as err:
+            return None, err
+
+    async def _read(self, context: Context, timeout: float, reason: str | None) -> bytes | None:
+        """The next raw request, or None when the client half-closed (or, for reason None, timed out)."""
+        try:
+            async with asyncio.timeout(timeout):
+                msg = await context.read()
+        except TimeoutError:
+            if reason is None:
+                return None
+            self.observer.cut(reason)
+            if reason == "max_age":
+                raise StreamTooOld(
+                    f"the stream reached {self.limits.max_age:.0f}s (--max-stream-age): reconnect") from None
+            which = ("no request within {:.0f}s of opening the stream (--first-message-timeout)"
+                     if reason == "first_message_timeout"
+                     else "no request for {:.0f}s (--stream-idle-timeout)")
+            raise StreamTimeout(which.format(timeout)) from None
+        if msg is grpc.aio.EOF:
+            return None
+        assert isinstance(msg, bytes)
+        return msg
 
     async def _answer(
-        self, context: grpc.aio.ServicerContext[object, object], caller: Caller, type_url: str, names: list[str],
-        node: base_pb2.Node, failures: list[str],
+        self, context: Context, caller: Caller, type_url: str, names: list[str], node: base_pb2.Node
     ) -> Result:
         started = time.monotonic()
         try:
@@ -72,94 +334,67 @@ class AdsService:
                 result = await self.aggregator.answer(type_url, names, node, caller, _remaining(context))
         except ProxyError as err:
             self.observer.call(type_url, caller, err.code.name, time.monotonic() - started, None)
-            await _fail(context, err)
-            raise AssertionError("unreachable") from None
+            raise
         except asyncio.CancelledError:
             # The caller hung up (or the server is stopping) mid-call: still one log line and one count.
             self.observer.call(type_url, caller, "CANCELLED", time.monotonic() - started, None)
             raise
+        except Exception:
+            self.observer.call(type_url, caller, "INTERNAL", time.monotonic() - started, None)
+            raise
         self.observer.call(type_url, caller, "OK", time.monotonic() - started, result)
-        if result.failures:
-            failures.extend(f"{r}: {why}" for r, why in result.failures)
-            context.set_trailing_metadata(tuple((FAILED_REPLICAS_KEY, f) for f in failures))
         return result
 
-    async def stream(
-        self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext[object, object]
-    ) -> AsyncIterator[bytes]:
-        callers: list[Caller] = []
-        failures: list[str] = []
-        # istiod answers each request on the stream afresh (ACK-looking ones too) and never pushes debug
-        # types unasked: so one response per request, in order, until the client half-closes.
-        async for req, node in _with_node(requests, context, lambda: self._authenticate(context, callers)):
-            result = await self._answer(context, callers[0], req.type_url, list(req.resource_names), node, failures)
-            yield result.body
-
-    async def delta(
-        self,
-        requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
-        context: grpc.aio.ServicerContext[object, object],
-    ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
-        callers: list[Caller] = []
-        failures: list[str] = []
-        subscribed: dict[str, dict[str, None]] = {}  # per type: an ordered set of names
-        async for req, node in _with_node(requests, context, lambda: self._authenticate(context, callers)):
-            names = subscribed.setdefault(req.type_url, {})
-            names.update(dict.fromkeys(req.resource_names_subscribe))
-            for n in req.resource_names_unsubscribe:
-                names.pop(n, None)
-            result = await self._answer(context, callers[0], req.type_url, list(names), node, failures)
-            yield to_delta(result)
+    async def _send(self, context: Context, body: bytes) -> None:
+        """Write one answer within the send budget; a caller that does not read it in time is cut."""
+        limits = self.limits
+        async with self.budget.hold(len(body), limits.send_timeout) as evicted:
+            write = asyncio.ensure_future(context.write(body))
+            try:
+                done, _ = await asyncio.wait({write, evicted}, timeout=limits.send_timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not write.done():
+                    write.cancel()
+            if write in done:
+                write.result()
+                return
+        if evicted.done():
+            raise ResourceExhausted(
+                f"the answer was not read for {limits.slow_reader_seconds:.0f}s while the proxy's send budget "
+                "was full (--slow-reader-seconds): read answers as they come"
+            )
+        self.observer.cut("send_timeout")
+        raise ResourceExhausted(f"the answer was not read within {limits.send_timeout:.0f}s (--send-timeout)")
 
 
-_Req = TypeVar("_Req", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
+# One trailer entry per failed replica, each printable ASCII and bounded, and all of them bounded:
+# replicas' error texts are not ours to trust, and gRPC ends a call INTERNAL ("Invalid metadata") on a
+# newline or non-ASCII byte in a value, and RESOURCE_EXHAUSTED when trailers outgrow the client's limit.
+_TRAILER_VALUE_CHARS = 256
+_TRAILER_TOTAL_CHARS = 2048
 
 
-async def _with_node(
-    requests: AsyncIterator[_Req],
-    context: grpc.aio.ServicerContext[object, object],
-    authenticate: Callable[[], Awaitable[None]],
-) -> AsyncIterator[tuple[_Req, base_pb2.Node]]:
-    """Each request with the stream's node: the first request must carry node.id, as istiod requires."""
-    node: base_pb2.Node | None = None
-    async for req in _decoded(requests, context, authenticate):
-        if req.HasField("node") and req.node.id:
-            node = req.node
-        if node is None:
-            await _fail(context, InvalidRequest("missing node information: the first request must carry node.id"))
-            return
-        yield req, node
+def printable(text: str) -> str:
+    """`text` as printable ASCII: anything else backslash-escaped (\\n, \\xe9, \\u2028)."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-async def _decoded(
-    requests: AsyncIterator[_Req],
-    context: grpc.aio.ServicerContext[object, object],
-    authenticate: Callable[[], Awaitable[None]],
-) -> AsyncIterator[_Req]:
-    """The stream's requests; bytes that are not a request end the call with INVALID_ARGUMENT, not UNKNOWN.
-
-    The caller is authenticated once the first message has arrived (or the stream ended): refusing a
-    stream before reading it races the client's first write, and grpc.aio clients then report their own
-    "Internal error from Core" instead of our UNAUTHENTICATED.
-    """
-    it = aiter(requests)
-    first = True
-    while True:
-        try:
-            req = await anext(it)
-        except StopAsyncIteration:
-            if first:
-                await authenticate()
-            return
-        except DecodeError as err:
-            if first:
-                await authenticate()
-            await _fail(context, InvalidRequest(f"malformed request: {err}"))
-            return
-        if first:
-            await authenticate()
-            first = False
-        yield req
+def failed_replicas_trailer(failures: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    out: list[tuple[str, str]] = []
+    total = 0
+    for i, (replica, why) in enumerate(failures):
+        value = printable(f"{replica}: {why}")
+        if len(value) > _TRAILER_VALUE_CHARS:
+            value = value[: _TRAILER_VALUE_CHARS - 15] + "... (truncated)"
+        if total + len(value) > _TRAILER_TOTAL_CHARS:
+            out.append((FAILED_REPLICAS_KEY, f"... and {len(failures) - i} more failed replicas"))
+            break
+        out.append((FAILED_REPLICAS_KEY, value))
+        total += len(value)
+    return tuple(out)
 
 
 def to_delta(result: Result) -> discovery_pb2.DeltaDiscoveryResponse:
@@ -182,9 +417,10 @@ def to_delta(result: Result) -> discovery_pb2.DeltaDiscoveryResponse:
     return out
 
 
-async def _fail(context: grpc.aio.ServicerContext[object, object], err: ProxyError) -> None:
-    """The one place a ProxyError becomes a gRPC status."""
-    await context.abort(err.code, _fit_trailer(err.message))
+def _finish(context: Context, err: ProxyError) -> None:
+    """The one place a ProxyError becomes a gRPC status (sent when the handler returns)."""
+    context.set_code(err.code)
+    context.set_details(_fit_trailer(err.message))
 
 
 # grpc-message travels in a trailer, percent-encoded (up to 3x), and clients drop trailers past 8-16 KiB:
@@ -207,6 +443,28 @@ class CallObserver:
 
     def in_flight(self, type_url: str) -> contextlib.AbstractContextManager[None]:
         return self.metrics.calling(type_url) if self.metrics is not None else contextlib.nullcontext()
+
+    def stream_opened(self) -> None:
+        if self.metrics is not None:
+            self.metrics.streams_open.inc()
+
+    def stream_closed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.streams_open.dec()
+
+    def cut(self, reason: str) -> None:
+        """A stream ended or refused by a limit (a flag names each)."""
+        if self.metrics is not None:
+            self.metrics.streams_cut.labels(reason).inc()
+        log.info("stream cut reason=%s", reason, extra={"fields": {"outcome": "CUT", "reason": reason}})
+
+    def queued(self, used: int) -> None:
+        if self.metrics is not None:
+            self.metrics.send_queued_bytes.set(used)
+
+    def internal_error(self) -> None:
+        if self.metrics is not None:
+            self.metrics.internal_errors.inc()
 
     def refused(self, outcome: str, peer: str) -> None:
         """A stream refused before any request was read (no or bad credentials): no type URL yet."""
@@ -242,72 +500,120 @@ class ServingTLS:
     require_client_cert: bool = False
 
 
+def check_pair(cert_pem: bytes, key_pem: bytes) -> None:
+    """Raise ValueError unless cert_pem is a certificate chain whose first certificate belongs to key_pem."""
+    try:
+        leaf = x509.load_pem_x509_certificates(cert_pem)[0]
+    except ValueError as err:
+        raise ValueError(f"the certificate file holds no PEM certificate ({err})") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as err:
+        # The exception text of a key parser is about the key's structure, never its content.
+        raise ValueError(f"the key file holds no unencrypted PEM private key ({err})") from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if leaf.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
+        raise ValueError("the key does not belong to the certificate (a rotation half done?)")
+
+
 class CertificateReloader:
-    """Serves the current files of a ServingTLS; new handshakes pick up rotated files (cert-manager)."""
+    """Serves the current files of a ServingTLS; new handshakes pick up rotated files (cert-manager).
+
+    A changed pair is used only if the key belongs to the certificate: a half-written rotation (the
+    certificate written before its key) or a broken file keeps the previous pair, logged once per change.
+    """
 
     def __init__(self, tls: ServingTLS) -> None:
         self.tls = tls
-        self._stamp: tuple[float, ...] = ()
+        self._stamp: tuple[int, ...] = ()
+        self._rejected: tuple[int, ...] = ()
         self._config: grpc.ServerCertificateConfiguration | None = None
         self.reloads = 0
+        self.rejected = 0
 
     def _files(self) -> list[str]:
         return [f for f in (self.tls.cert_file, self.tls.key_file, self.tls.client_ca_file) if f]
 
+    def _read(self) -> grpc.ServerCertificateConfiguration:
+        with open(self.tls.cert_file, "rb") as c, open(self.tls.key_file, "rb") as k:
+            cert, key = c.read(), k.read()
+        check_pair(cert, key)
+        ca = None
+        if self.tls.client_ca_file:
+            with open(self.tls.client_ca_file, "rb") as f:
+                ca = f.read()
+            try:
+                x509.load_pem_x509_certificates(ca)
+            except ValueError as err:
+                raise ValueError(f"the client CA file holds no PEM certificate ({err})") from None
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
     def load(self) -> grpc.ServerCertificateConfiguration:
-        stamp = tuple(os.stat(f).st_mtime_ns for f in self._files())
-        if self._config is None or stamp != self._stamp:
-            with open(self.tls.cert_file, "rb") as c, open(self.tls.key_file, "rb") as k:
-                pair = (k.read(), c.read())
-            ca = None
-            if self.tls.client_ca_file:
-                with open(self.tls.client_ca_file, "rb") as f:
-                    ca = f.read()
-            self._config = grpc.ssl_server_certificate_configuration([pair], root_certificates=ca)
-            if self._stamp:
-                self.reloads += 1
-                log.info("serving certificate reloaded from %s", self.tls.cert_file)
-            self._stamp = stamp
-        return self._config
+        """The current configuration; raises (OSError, ValueError) only when there is none yet."""
+        try:
+            stamp = tuple(os.stat(f).st_mtime_ns for f in self._files())
+        except OSError:
+            if self._config is None:
+                raise
+            stamp = self._rejected  # a file is missing mid-rotation: keep serving, retry on the next handshake
+        if self._config is not None and stamp in (self._stamp, self._rejected):
+            return self._config
+        try:
+            config = self._read()
+        except (OSError, ValueError) as err:
+            if self._config is None:
+                raise
+            self._rejected = stamp
+            self.rejected += 1
+            log.error("serving certificate files changed but were not loaded, still serving the previous "
+                      "certificate: %s: %s", self.tls.cert_file, err)
+            return self._config
+        if self._config is not None:
+            self.reloads += 1
+            log.info("serving certificate reloaded from %s", self.tls.cert_file)
+        self._config, self._stamp, self._rejected = config, stamp, ()
+        return config
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         # Called by gRPC on each new handshake; None keeps the current configuration.
+        before = self._config
         try:
-            before = self._config
             config = self.load()
-            return config if config is not before else None
-        except (OSError, ValueError) as err:
-            log.error("could not reload serving certificate (keeping the old one): %s", err)
+        except Exception:  # never into gRPC's handshake: keep what is served
+            log.exception("could not check the serving certificate files; keeping the current certificate")
             return None
+        return config if config is not before else None
 
     def credentials(self) -> grpc.ServerCredentials:
+        try:
+            first = self.load()
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--tls-cert/--tls-key: {err}") from None
         return grpc.dynamic_ssl_server_credentials(
-            self.load(), self.fetch, require_client_authentication=self.tls.require_client_cert
+            first, self.fetch, require_client_authentication=self.tls.require_client_cert
         )
 
 
 def build_server(
-    service: AdsService, *, listen: str, max_message_bytes: int, tls: CertificateReloader | None
+    service: AdsService, *, listen: str, max_message_bytes: int, tls: CertificateReloader | None,
+    max_request_bytes: int = MiB,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
+            # Callers' requests are tiny; gRPC refuses larger ones (RESOURCE_EXHAUSTED) from the length
+            # prefix, before any of the body is held for us.
+            ("grpc.max_receive_message_length", max_request_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
             *LARGE_MESSAGE_OPTIONS,
         ]
     )
+    # Requests and answers arrive and leave as bytes: requests are decoded only once the caller is
+    # authenticated, and the merged answers are already serialized.
     handlers = {
-        "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
-            service.stream,
-            request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
-            response_serializer=None,  # the merged bytes are already a serialized DiscoveryResponse
-        ),
-        "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
-            service.delta,
-            request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
-            response_serializer=discovery_pb2.DeltaDiscoveryResponse.SerializeToString,
-        ),
+        "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(service.stream),
+        "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(service.delta),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     health_servicer = health.aio.HealthServicer()
@@ -330,4 +636,5 @@ async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool)
         await health_servicer.set(name, status)
 
 
-__all__ = ["AdsService", "CertificateReloader", "ServingTLS", "build_server", "set_serving"]
+__all__ = ["AdsService", "CertificateReloader", "SendBudget", "ServingTLS", "StreamLimits", "build_server",
+           "failed_replicas_trailer", "printable", "set_serving"]
