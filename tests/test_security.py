@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import datetime
+import gc
 import json
 import logging
 import os
 import re
+import sys
+import types
 from collections.abc import AsyncIterator
 
 import grpc
@@ -26,16 +31,18 @@ import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
 from istioctl_proxy import client
-from istioctl_proxy.app import Proxy
+from istioctl_proxy import server as server_module
+from istioctl_proxy.app import Proxy, free_port
 from istioctl_proxy.config import Config, add_serve_flags, from_args, plaintext_exposed, validate
 from istioctl_proxy.errors import ConfigError
 from istioctl_proxy.pki import Leaf, TestCA, write_file
 from istioctl_proxy.policy import CONFIG_DUMP, DEBUG, SYNCZ
+from istioctl_proxy.server import CertificateReloader, ServingTLS
 from istioctl_proxy.simulate import SimulatedMesh
 from istioctl_proxy.simulator import SimProxy, SimReplica, make_mesh
 
 from .helpers import ADMIN_TOKEN, TOKENS, Stack, stack
-from .reliability import ads_call, record_figures
+from .reliability import ads_call, bearer, record_figures, settle
 
 FIGURES: dict[str, int] = {}
 
@@ -328,6 +335,207 @@ async def test_upstream_certificates_are_verified(tls_istiod: tuple[TestCA, str,
                 _count("refused upstream: unverified istiod")
         finally:
             await proxy.stop(0)
+
+
+# -- Memory before authentication (issue 10 item 3) ----------------------------------------------------------
+
+
+def _proc_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def _serve_subprocess(port: int) -> asyncio.subprocess.Process:
+    """`istioctl-proxy serve` in its own process (so its RSS is its own), once it listens."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "istioctl_proxy", "serve", "--plaintext", "--listen", f"127.0.0.1:{port}",
+        "--istiod", "127.0.0.1:9", "--istiod-plaintext", "--admin-listen", "",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    while b"serving ADS on" not in (line := await asyncio.wait_for(proc.stderr.readline(), 60)):
+        assert line, "the proxy exited before serving"
+    return proc
+
+
+async def test_a_huge_request_is_refused_at_the_request_limit_before_memory_grows() -> None:
+    """One 250 MiB request took the proxy's RSS from 67 to 838 MiB; now gRPC refuses it at 1 MiB."""
+    port = free_port()
+    proc = await _serve_subprocess(port)
+    try:
+        before = _proc_rss(proc.pid)
+        name = "x" * (250 * 2**20)
+        req = discovery_pb2.DiscoveryRequest(type_url=SYNCZ, resource_names=[name],
+                                             node=client.istioctl_node("istio-system")).SerializeToString()
+        del name
+        peaks = [before]
+        for md in ((), bearer(ADMIN_TOKEN)):  # refused caller, then an authenticated one
+            out = await ads_call(f"127.0.0.1:{port}", [req], metadata=md, timeout=60)
+            peaks.append(_proc_rss(proc.pid))
+            assert out.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED), out
+            if md:
+                assert out.code == grpc.StatusCode.RESOURCE_EXHAUSTED, out
+        # Just under the limit is still read and decoded: the policy's own check answers it.
+        small = discovery_pb2.DiscoveryRequest(type_url=SYNCZ, resource_names=["y" * 1_000_000],
+                                               node=client.istioctl_node("istio-system"))
+        out = await ads_call(f"127.0.0.1:{port}", [small], metadata=bearer(ADMIN_TOKEN), timeout=60)
+        assert out.code == grpc.StatusCode.INVALID_ARGUMENT and "resource name longer" in out.details, out
+        grown = max(peaks) - before
+        FIGURES["rss_growth_mib_after_250mib_request"] = round(grown / 2**20)
+        assert grown < 64 * 2**20, f"RSS grew {grown / 2**20:.0f} MiB for a refused 250 MiB request"
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def test_refused_callers_see_unauthenticated_not_a_write_race() -> None:
+    """Authentication is decided from metadata before anything is read, yet grpc.aio clients that write
+    first still read UNAUTHENTICATED (not their own "Internal error from Core"), and nothing is decoded:
+    a refused caller's garbage is UNAUTHENTICATED, not INVALID_ARGUMENT."""
+    async with stack(2, 4, first_message_timeout=0.5) as s:
+        garbage = b"\xff\xff\xff\xff"
+        async with grpc.aio.insecure_channel(s.address) as ch:
+            for is_delta in (False, True):
+                for req in (discovery_pb2.DiscoveryRequest(type_url=SYNCZ, node=client.istioctl_node("x")), garbage):
+                    for _ in range(5):
+                        out = await ads_call(ch, [req], delta=is_delta)  # the aio write path, not retried
+                        assert out.code == grpc.StatusCode.UNAUTHENTICATED, (is_delta, out.details)
+                # A refused caller that sends nothing is ended by the first-message timeout, still UNAUTHENTICATED.
+                out = await ads_call(ch, [], delta=is_delta, timeout=30)
+                assert out.code == grpc.StatusCode.UNAUTHENTICATED, out
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.request(s.target(token=""), SYNCZ)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert sum(r.requests for r in s.replicas) == 0
+
+
+def _server_frames() -> list[object]:
+    """Live frames of server.py functions and exceptions raised through them (tracebacks hold frames)."""
+    gc.collect()
+    out: list[object] = []
+    for o in gc.get_objects():
+        if isinstance(o, types.FrameType) and o.f_code.co_filename == server_module.__file__:
+            out.append(o)
+        elif isinstance(o, BaseException) and o.__traceback__ is not None:
+            tb: types.TracebackType | None = o.__traceback__
+            while tb is not None:
+                if tb.tb_frame.f_code.co_filename == server_module.__file__:
+                    out.append(o)
+                    break
+                tb = tb.tb_next
+    return out
+
+
+async def test_nothing_of_an_aborted_stream_stays_referenced() -> None:
+    """grpc.aio keeps an abort's AbortError (so its traceback, frames and their requests) on the call's
+    state until the next call arrives: streams ended by an error must leave no frame behind."""
+    async with stack(2, 4) as s:
+        async with grpc.aio.insecure_channel(s.address) as ch:
+            big = ["n" * 500_000]
+            no_node = discovery_pb2.DiscoveryRequest(type_url=SYNCZ, resource_names=big)
+            bad_type = discovery_pb2.DiscoveryRequest(type_url="bogus" * 100_000,
+                                                      node=client.istioctl_node("istio-system"))
+            for req, code in ((no_node, grpc.StatusCode.INVALID_ARGUMENT), (bad_type, grpc.StatusCode.UNIMPLEMENTED),
+                              (b"\xff\xff", grpc.StatusCode.INVALID_ARGUMENT)):
+                out = await ads_call(ch, [req], metadata=bearer(ADMIN_TOKEN))
+                assert out.code == code, out
+                assert await settle(lambda: not _server_frames(), timeout=5), _server_frames()
+
+
+# -- Replicas' error texts (issue 10 item 4) ---------------------------------------------------------------------
+
+ROGUE_TEXT = "caf\u00e9\nx-forged: 1\r\n\u2028" + "\u00e9" * 600
+
+
+@contextlib.asynccontextmanager
+async def _rogue_replica(message: str) -> AsyncIterator[str]:
+    """An 'istiod' that fails every call with `message` as its status details."""
+
+    async def fail(requests: object, context: grpc.aio.ServicerContext[object, object]) -> None:
+        await context.abort(grpc.StatusCode.INTERNAL, message)
+
+    server = grpc.aio.server()
+    handler = grpc.stream_stream_rpc_method_handler(fail)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "envoy.service.discovery.v3.AggregatedDiscoveryService",
+        {"StreamAggregatedResources": handler, "DeltaAggregatedResources": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+async def test_replica_error_texts_never_break_the_call_and_the_trailer_is_per_request() -> None:
+    async with _rogue_replica(ROGUE_TEXT) as rogue, stack(2, 4) as s:
+        proxy = Proxy(dataclasses.replace(s.proxy.cfg, istiod=(*s.proxy.cfg.istiod, rogue), listen="127.0.0.1:0"))
+        await proxy.start()
+        try:
+            address = f"127.0.0.1:{proxy.port}"
+            reqs = [discovery_pb2.DiscoveryRequest(type_url=SYNCZ, node=client.istioctl_node("istio-system"))] * 300
+            async with grpc.aio.insecure_channel(address) as ch:
+                out = await ads_call(ch, reqs, metadata=bearer(ADMIN_TOKEN), timeout=120)
+            assert out.code == grpc.StatusCode.OK, out.details
+            assert len(out.responses) == 300
+            assert len(out.failed_replicas) == 1, out.failed_replicas  # the latest request's, not 300 of them
+            value = out.failed_replicas[0]
+            assert rogue in value and value.isascii() and value.isprintable() and len(value) <= 256, value
+            assert "caf\\xe9\\nx-forged: 1\\r\\n\\u2028" in value
+        finally:
+            await proxy.stop(0)
+
+
+def test_trailer_is_bounded_in_total() -> None:
+    from istioctl_proxy.server import failed_replicas_trailer
+
+    failures = [(f"10.0.0.{i}:15012", "\u00e9\n" * 1000) for i in range(100)]
+    trailer = failed_replicas_trailer(failures)
+    assert sum(len(v) for _, v in trailer) <= 2048 + 100
+    assert trailer[-1][1].startswith("... and ") and all(v.isascii() and v.isprintable() for _, v in trailer)
+    assert failed_replicas_trailer([]) == ()
+
+
+# -- Serving certificate rotation ------------------------------------------------------------------------------
+
+
+def test_a_broken_or_half_written_serving_certificate_is_not_reloaded(
+    tmp_path: os.PathLike[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    ca = TestCA()
+    first, second = ca.issue(dns=("localhost",)), ca.issue(dns=("localhost",))
+    cert = write_file(os.path.join(str(tmp_path), "tls.crt"), first.cert_pem)
+    key = write_file(os.path.join(str(tmp_path), "tls.key"), first.key_pem)
+    reloader = CertificateReloader(ServingTLS(cert, key))
+    reloader.credentials()
+
+    def bump(path: str, data: bytes) -> None:
+        write_file(path, data)
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a visibly new mtime on any filesystem
+
+    bump(cert, second.cert_pem)  # the certificate written before its key
+    assert reloader.fetch() is None
+    assert reloader.fetch() is None  # logged once per change, not per handshake
+    bump(cert, b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
+    assert reloader.fetch() is None
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("reloaded" in m for m in messages), messages
+    assert sum("were not loaded" in m and "does not belong" in m for m in messages) == 1, messages
+    assert sum("were not loaded" in m for m in messages) == 2, messages
+    assert reloader.rejected == 2 and reloader.reloads == 0
+    bump(cert, second.cert_pem)
+    bump(key, second.key_pem)  # the rotation completes
+    assert reloader.fetch() is not None
+    assert reloader.reloads == 1 and any("reloaded" in r.getMessage() for r in caplog.records)
+    # A broken pair at start-up is a one-line configuration error, not a traceback at the first handshake.
+    bump(key, first.key_pem)
+    with pytest.raises(ConfigError, match="does not belong"):
+        CertificateReloader(ServingTLS(cert, key)).credentials()
 
 
 def test_zz_record_figures() -> None:
