@@ -47,3 +47,28 @@ async def test_refused_streams_are_counted() -> None:
             await client.request(s.target(token=""), client.SYNCZ)
         await eventually(s.proxy.admin_port, "istioctl_proxy_calls_total", 1.0, type_url="other",
                          outcome="UNAUTHENTICATED")
+
+
+def test_text_logs_are_one_line_per_record_whatever_the_message_holds() -> None:
+    """Replicas' error texts reach log messages (partial-answer warnings): they cannot forge log lines."""
+    buf = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    logs.setup("info", "text")
+    root.handlers[0].setStream(buf)  # type: ignore[attr-defined]
+    try:
+        forged = "2026-01-01 00:00:00,000 INFO istioctl_proxy.server: call type=x caller=spiffe://evil outcome=OK"
+        log = logging.getLogger("istioctl_proxy.aggregator")
+        log.warning("partial answer: 10.0.0.1:15012: UNAVAILABLE: %s", f"boom\n{forged}\r\n{forged}\u2028{forged}")
+        try:
+            raise RuntimeError(f"bad\n{forged}")
+        except RuntimeError:
+            log.exception("unexpected")
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert all(not line.startswith("2026-01-01") for line in lines)
+    assert "boom\\n2026-01-01" in lines[0] and "\\u2028" in lines[0]
+    assert "Traceback" in lines[1] and "RuntimeError: bad\\n2026" in lines[1]

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Mapping
 
 import aiohttp
 import grpc
 import pytest
+from envoy.service.discovery.v3 import discovery_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from istioctl_proxy import client
 from istioctl_proxy.discovery import Replica
 from istioctl_proxy.fanout import Answer
 from istioctl_proxy.metrics import CACHED, COALESCED, Metrics
+from istioctl_proxy.pki import write_file
 from istioctl_proxy.policy import SYNCZ
 
 from .helpers import stack
+from .reliability import ads_call
 
 Samples = Mapping[tuple[str, frozenset[tuple[str, str]]], float]
 ANY_PORT = "127.0.0.1:0"
@@ -159,3 +163,40 @@ def test_series_of_a_dropped_replica_are_removed() -> None:
     assert gone.address not in text
     assert kept.address in text
     assert set(m.last_answer) == {kept.address}
+
+
+async def test_unexpected_exceptions_become_internal_logged_and_counted(
+    caplog: pytest.LogCaptureFixture, tmp_path: os.PathLike[str]
+) -> None:
+    """One catch-all at the gRPC boundary: INTERNAL with a short message (no Python class name, no text of
+    the exception), the traceback in the log, and a counter."""
+    token_file = write_file(os.path.join(str(tmp_path), "token"), b"upstream-token\n")
+    async with stack(2, 4, identity=True, upstream_token_file=token_file, admin_listen=ANY_PORT) as s:
+        assert s.pki is not None
+        target = s.target(leaf=s.pki.client("istio-system"))
+        os.remove(token_file)  # a missing --upstream-token-file: an OSError deep in the data path
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.request(target, SYNCZ, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INTERNAL, err.value.details()
+        assert err.value.details() == "internal error in istioctl-proxy (logged there)", err.value.details()
+
+        async def broken(*args: object) -> object:
+            raise KeyError("secret-looking internal detail")
+
+        s.proxy.service.aggregator.answer = broken  # type: ignore[method-assign]
+        await eventually(s.proxy.admin_port, "istioctl_proxy_internal_errors_total", 1)
+        for is_delta in (False, True):
+            req: object = (discovery_pb2.DeltaDiscoveryRequest if is_delta else discovery_pb2.DiscoveryRequest)(
+                type_url=SYNCZ, node=client.istioctl_node("istio-system"))
+            async with grpc.aio.secure_channel(s.address, grpc.ssl_channel_credentials(
+                s.pki.ca.cert_pem, target.key_pem, target.cert_pem),
+                    options=[("grpc.ssl_target_name_override", "localhost")]) as ch:
+                out = await ads_call(ch, [req], delta=is_delta)  # type: ignore[list-item]
+            assert out.code == grpc.StatusCode.INTERNAL, out
+            assert out.details == "internal error in istioctl-proxy (logged there)", out.details
+        after = await eventually(s.proxy.admin_port, "istioctl_proxy_internal_errors_total", 3)
+        assert value(after, "istioctl_proxy_calls_total", type_url=SYNCZ, outcome="INTERNAL") == 3
+    logged = [r for r in caplog.records if r.exc_info and "unexpected error" in r.getMessage()]
+    assert len(logged) == 3, [r.getMessage() for r in logged]
+    assert isinstance(logged[0].exc_info[1], FileNotFoundError)  # type: ignore[index]
+    assert "secret-looking internal detail" in str(logged[-1].exc_info[1])  # type: ignore[index]
