@@ -42,7 +42,7 @@ from istioctl_proxy.simulate import SimulatedMesh
 from istioctl_proxy.simulator import SimProxy, SimReplica, make_mesh
 
 from .helpers import ADMIN_TOKEN, TOKENS, Stack, stack
-from .reliability import ads_call, bearer, record_figures, settle
+from .reliability import DELTA, SOTW, ads_call, bearer, record_figures, settle
 
 FIGURES: dict[str, int] = {}
 
@@ -404,8 +404,10 @@ async def test_refused_callers_see_unauthenticated_not_a_write_race() -> None:
                         out = await ads_call(ch, [req], delta=is_delta)  # the aio write path, not retried
                         assert out.code == grpc.StatusCode.UNAUTHENTICATED, (is_delta, out.details)
                 # A refused caller that sends nothing is ended by the first-message timeout, still UNAUTHENTICATED.
-                out = await ads_call(ch, [], delta=is_delta, timeout=30)
-                assert out.code == grpc.StatusCode.UNAUTHENTICATED, out
+                silent = ch.stream_stream(DELTA if is_delta else SOTW)(timeout=30)
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    assert await silent.read() is grpc.aio.EOF
+                assert await silent.code() == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.request(s.target(token=""), SYNCZ)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED

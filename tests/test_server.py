@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import os
 import tempfile
 
 import grpc
+from envoy.service.discovery.v3 import discovery_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from istioctl_proxy import client
 from istioctl_proxy.app import Proxy
 from istioctl_proxy.pki import TestCA, write_file
+from istioctl_proxy.policy import CONFIG_DUMP, SYNCZ
 from istioctl_proxy.simulate import SimulatedMesh
-from istioctl_proxy.simulator import make_mesh
+from istioctl_proxy.simulator import SimProxy, make_mesh
 
-from .helpers import TOKENS, make_pki, stack
+from .helpers import ADMIN_TOKEN, TOKENS, Stack, make_pki, stack
+from .reliability import DELTA, SOTW, ads_call, bearer, settle
 
 
 async def test_health_and_reflection_are_served() -> None:
@@ -83,3 +88,137 @@ async def test_identity_mode_upstream_token_file_is_reread_when_rotated() -> Non
         finally:
             await proxy.stop(0)
             await mesh.stop()
+
+
+# -- Stream limits (issue 10, "Degraded today") ------------------------------------------------------------------
+
+
+def _metric(s: Stack, name: str, **labels: str) -> float:
+    return s.proxy.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def _syncz(ns: str = "istio-system") -> discovery_pb2.DiscoveryRequest:
+    return discovery_pb2.DiscoveryRequest(type_url=SYNCZ, node=client.istioctl_node(ns))
+
+
+async def test_streams_that_send_nothing_or_stop_sending_or_grow_old_are_ended() -> None:
+    async with stack(2, 4, first_message_timeout=0.3, stream_idle_timeout=0.6, max_stream_age=60.0) as s:
+        async with grpc.aio.insecure_channel(s.address) as ch:
+            # Never a request: DEADLINE_EXCEEDED naming the flag, both endpoints.
+            for method in (SOTW, DELTA):
+                silent = ch.stream_stream(method)(metadata=bearer(ADMIN_TOKEN), timeout=30)
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    assert await silent.read() is grpc.aio.EOF
+                assert await silent.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert "--first-message-timeout" in (await silent.details() or "")
+            # One answer, then silence: answered, then ended by the idle timeout.
+            call = ch.stream_stream(SOTW)(metadata=bearer(ADMIN_TOKEN), timeout=30)
+            await call.write(_syncz().SerializeToString())
+            assert isinstance(await call.read(), bytes)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                assert await call.read() is grpc.aio.EOF
+            assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "--stream-idle-timeout" in (await call.details() or "")
+        assert _metric(s, "istioctl_proxy_streams_cut_total", reason="first_message_timeout") == 2
+        assert _metric(s, "istioctl_proxy_streams_cut_total", reason="idle_timeout") == 1
+    async with stack(2, 4, stream_idle_timeout=60.0, max_stream_age=0.5) as s:
+        async with grpc.aio.insecure_channel(s.address) as ch:
+            call = ch.stream_stream(SOTW)(metadata=bearer(ADMIN_TOKEN), timeout=30)
+            answers = 0
+            while True:  # a busy stream is still ended at its age, between two answers
+                try:
+                    await call.write(_syncz().SerializeToString())
+                    if await call.read() is grpc.aio.EOF:
+                        break
+                except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                    break
+                answers += 1
+            assert answers >= 1
+            assert await call.code() == grpc.StatusCode.UNAVAILABLE and "--max-stream-age" in (await call.details())
+        assert _metric(s, "istioctl_proxy_streams_cut_total", reason="max_age") == 1
+        assert _metric(s, "istioctl_proxy_streams_open") == 0
+
+
+async def test_streams_are_capped_per_connection_and_in_total() -> None:
+    async with stack(2, 4, max_streams_per_connection=3, max_streams=5) as s:
+        # One connection per channel (gRPC shares a connection between identical channels by default).
+        channels = [grpc.aio.insecure_channel(s.address, options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(3)]
+        held = []
+        try:
+            async def hold(ch: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:  # type: ignore[type-arg]
+                call = ch.stream_stream(SOTW)(metadata=bearer(ADMIN_TOKEN), timeout=30)
+                await call.write(_syncz().SerializeToString())
+                assert isinstance(await call.read(), bytes)  # answered: the stream is open on the proxy
+                return call
+
+            held += [await hold(channels[0]) for _ in range(3)]
+            out = await ads_call(channels[0], [_syncz()], metadata=bearer(ADMIN_TOKEN))
+            assert out.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams-per-connection" in out.details
+            held += [await hold(channels[1]) for _ in range(2)]
+            out = await ads_call(channels[2], [_syncz()], metadata=bearer(ADMIN_TOKEN))
+            assert out.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams" in out.details, out
+            assert _metric(s, "istioctl_proxy_streams_open") == 5
+            assert _metric(s, "istioctl_proxy_streams_cut_total", reason="max_streams_per_connection") == 1
+            assert _metric(s, "istioctl_proxy_streams_cut_total", reason="max_streams") == 1
+            # Room again once a stream ends.
+            await held[0].done_writing()
+            assert await held[0].read() is grpc.aio.EOF
+            out = await ads_call(channels[2], [_syncz()], metadata=bearer(ADMIN_TOKEN))
+            assert out.code == grpc.StatusCode.OK, out
+        finally:
+            for call in held:
+                call.cancel()
+            for ch in channels:
+                await ch.close()
+
+
+async def test_slow_readers_are_cut_and_others_are_unaffected() -> None:
+    """Answers nobody reads hold the send budget; past it, the slow streams are cut (RESOURCE_EXHAUSTED)
+    and a caller who reads gets its answer at once."""
+    mesh = make_mesh(2, 4, tokens=TOKENS)
+    mesh[0].proxies.append(SimProxy("big", "ns-9", states={"LDS": "ERROR"}, error="e" * (6 << 20)))
+    async with stack(mesh=mesh, send_budget_mib=6, slow_reader_seconds=0.2, send_timeout=30.0) as s:
+        opts = [("grpc.max_receive_message_length", 64 << 20)]
+        async with grpc.aio.insecure_channel(s.address, options=opts) as slow_ch, \
+                grpc.aio.insecure_channel(s.address) as ch:
+            slow = []
+            for _ in range(3):
+                call = slow_ch.stream_stream(SOTW)(metadata=bearer(ADMIN_TOKEN), timeout=60)
+                await call.write(_syncz().SerializeToString())  # a 6 MiB answer, never read
+                slow.append(call)
+            assert await settle(lambda: _metric(s, "istioctl_proxy_send_queued_bytes") == 6 << 20)
+            # One answer fills the 6 MiB budget; the others wait, so the budget is never exceeded. A caller who
+            # reads gets its small answer once the stalled stream is cut.
+            small = s.replicas[1].proxies[0].id
+            for _ in range(3):
+                out = await ads_call(ch, [discovery_pb2.DiscoveryRequest(
+                    type_url=CONFIG_DUMP, resource_names=[small], node=client.istioctl_node("istio-system"))],
+                    metadata=bearer(ADMIN_TOKEN), timeout=30)
+                assert out.code == grpc.StatusCode.OK and out.responses, out
+            assert _metric(s, "istioctl_proxy_streams_cut_total", reason="slow_reader") >= 1
+            assert _metric(s, "istioctl_proxy_send_queued_bytes") <= 6 << 20
+            codes = []
+            for call in slow:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    while await call.read() is not grpc.aio.EOF:
+                        pass
+                codes.append(await call.code())
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
+            assert await settle(lambda: _metric(s, "istioctl_proxy_send_queued_bytes") == 0)
+
+
+async def test_an_answer_not_read_within_the_send_timeout_is_cut() -> None:
+    mesh = make_mesh(1, 2, tokens=TOKENS)
+    mesh[0].proxies.append(SimProxy("big", "ns-9", states={"LDS": "ERROR"}, error="e" * (6 << 20)))
+    async with stack(mesh=mesh, send_timeout=0.5) as s:
+        async with grpc.aio.insecure_channel(s.address, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+            call = ch.stream_stream(SOTW)(metadata=bearer(ADMIN_TOKEN), timeout=60)
+            await call.write(_syncz().SerializeToString())
+            assert await settle(lambda: _metric(s, "istioctl_proxy_streams_cut_total", reason="send_timeout") == 1)
+            assert await settle(lambda: _metric(s, "istioctl_proxy_streams_open") == 0)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--send-timeout" in (await call.details() or "")

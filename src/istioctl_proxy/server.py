@@ -253,6 +253,9 @@ class AdsService:
             raise ResourceExhausted(message)
         self.observer.stream_opened()
         try:
+            # Headers now, not with the first answer: when a write is cut (a slow reader), grpc.aio would
+            # otherwise try to send them again with the status, fail the batch, and never send the status.
+            await context.send_initial_metadata(())
             await self._requests(context, protocol)
         finally:
             self.streams.release(peer)
@@ -292,7 +295,7 @@ class AdsService:
             age_left = limits.max_age - (time.monotonic() - started)
             if age_left <= 0:
                 self.observer.cut("max_age")
-                raise StreamTooOld(f"the stream is older than {limits.max_age:.0f}s (--max-stream-age): reconnect")
+                raise StreamTooOld(f"the stream is older than {limits.max_age:g}s (--max-stream-age): reconnect")
             if age_left < limits.idle_timeout:
                 raw = await self._read(context, age_left, "max_age")
             else:
@@ -315,10 +318,10 @@ class AdsService:
             self.observer.cut(reason)
             if reason == "max_age":
                 raise StreamTooOld(
-                    f"the stream reached {self.limits.max_age:.0f}s (--max-stream-age): reconnect") from None
-            which = ("no request within {:.0f}s of opening the stream (--first-message-timeout)"
+                    f"the stream reached {self.limits.max_age:g}s (--max-stream-age): reconnect") from None
+            which = ("no request within {:g}s of opening the stream (--first-message-timeout)"
                      if reason == "first_message_timeout"
-                     else "no request for {:.0f}s (--stream-idle-timeout)")
+                     else "no request for {:g}s (--stream-idle-timeout)")
             raise StreamTimeout(which.format(timeout)) from None
         if msg is grpc.aio.EOF:
             return None
@@ -356,16 +359,23 @@ class AdsService:
             finally:
                 if not write.done():
                     write.cancel()
+                    write.add_done_callback(_consume)
             if write in done:
                 write.result()
                 return
         if evicted.done():
             raise ResourceExhausted(
-                f"the answer was not read for {limits.slow_reader_seconds:.0f}s while the proxy's send budget "
+                f"the answer was not read for {limits.slow_reader_seconds:g}s while the proxy's send budget "
                 "was full (--slow-reader-seconds): read answers as they come"
             )
         self.observer.cut("send_timeout")
-        raise ResourceExhausted(f"the answer was not read within {limits.send_timeout:.0f}s (--send-timeout)")
+        raise ResourceExhausted(f"the answer was not read within {limits.send_timeout:g}s (--send-timeout)")
+
+
+def _consume(task: asyncio.Future[None]) -> None:
+    """A cut write's outcome is known (the stream is being ended): retrieve it so it is not reported."""
+    if not task.cancelled():
+        task.exception()
 
 
 # One trailer entry per failed replica, each printable ASCII and bounded, and all of them bounded:
@@ -606,6 +616,11 @@ def build_server(
             ("grpc.max_receive_message_length", max_request_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # gRPC Python cannot reset one stream: an answer a cut slow reader never takes stays in gRPC's
+            # buffer until its connection goes. Connections therefore age out too (GOAWAY at the stream
+            # age, closed after the send timeout), as istiod's own do.
+            ("grpc.max_connection_age_ms", int(service.limits.max_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(service.limits.send_timeout * 1000)),
             *LARGE_MESSAGE_OPTIONS,
         ]
     )
