@@ -25,6 +25,7 @@ from istioctl_proxy.simulator import SimReplica
 
 from .helpers import ADMIN_TOKEN, stack
 from .reliability import (
+    SOTW,
     Outcome,
     RssSampler,
     Usage,
@@ -181,7 +182,8 @@ class Tally:
                 self.examples.append(f"{kind}: {why}")
 
 
-async def drive(address: str, mesh: Mesh, streams: int, seconds: float, tally: Tally, seed: int = 1) -> None:
+async def drive(address: str, mesh: Mesh, streams: int, seconds: float, tally: Tally, seed: int = 1,
+                only: frozenset[str] = frozenset()) -> None:
     """`streams` concurrent workers, each one stream at a time, until `seconds` have passed.
 
     A quarter of the workers dial a new channel per call (istioctl runs one command per process), the
@@ -192,7 +194,7 @@ async def drive(address: str, mesh: Mesh, streams: int, seconds: float, tally: T
     async def worker(i: int) -> None:
         rng = random.Random(seed * 1000 + i)
         table = kinds(mesh, rng)
-        names = sorted(table)
+        names = sorted(only or table)
         fresh = i % 4 == 0
         ch: grpc.aio.Channel | None = None
         try:
@@ -271,3 +273,115 @@ async def test_200_mixed_streams_no_failures_bounded_memory_no_leaks() -> None:
     assert after.fds <= before.fds + 2, (before, after)
     # Plateau: the last third of the run does not keep growing past the middle third.
     assert last <= middle + max(24 * 2**20, middle // 10), [x / 2**20 for x in (first, middle, last)]
+
+
+# -- Adversarial load (issue 10): legitimate calls beside idle streams and slow readers --------------------------
+
+ADV_STREAMS = int(env_float("LOAD_ADV_STREAMS", 300))
+IDLE_STREAMS = int(env_float("LOAD_IDLE_STREAMS", 5000))
+SLOW_READERS = int(env_float("LOAD_SLOW_READERS", 50))
+ADV_SECONDS = env_float("SOAK_SECONDS", 6.0)
+BIG_ANSWER = int(env_float("LOAD_SLOW_ANSWER_MIB", 4)) << 20
+# Calls whose answers do not include the slow readers' 4 MiB proxy (it lives in a namespace of its own).
+LEGIT = frozenset({"syncz_scoped", "config_dump", "config_dump_unknown", "debug_configz", "debug_proxy"})
+# Process RSS (proxy, 5 simulated replicas and every client of the test) at the attack's peak, and the
+# legitimate calls' p99 under attack against the same calls' p99 just before it: generous bounds, so that
+# a noisy machine does not fail them, and a proxy that holds what it should not does.
+RSS_BOUND_MIB = 900
+P99_RATIO_BOUND = 4.0
+
+
+async def test_legitimate_calls_keep_their_p99_beside_idle_streams_and_slow_readers() -> None:
+    from istioctl_proxy.simulator import SimProxy, make_mesh
+
+    from .helpers import TOKENS
+
+    sim = make_mesh(REPLICAS, PROXIES, tokens=TOKENS)
+    mesh = Mesh.of(sim)
+    sim[0].proxies.append(SimProxy("big", "ns-big", states={"LDS": "ERROR"}, error="e" * BIG_ANSWER))
+    limits = {"first_message_timeout": 600.0, "max_streams": IDLE_STREAMS + ADV_STREAMS + SLOW_READERS + 100,
+              "send_budget_mib": 64, "slow_reader_seconds": 1.0}
+    async with stack(mesh=sim, **limits) as s:  # type: ignore[arg-type]
+        metrics = s.proxy.metrics.registry
+
+        def gauge(name: str) -> float:
+            return metrics.get_sample_value(name) or 0.0
+
+        warm = Tally()
+        await drive(s.address, mesh, 20, 1.5, warm, seed=99, only=LEGIT)
+        assert not warm.failures, warm.examples
+        gc.collect()
+        before = Usage.now()
+        baseline = Tally()
+        await drive(s.address, mesh, ADV_STREAMS, ADV_SECONDS, baseline, seed=1, only=LEGIT)
+
+        # The attack: idle streams that never send (100 per connection, the default cap) and slow readers.
+        per_conn = 100
+        conns = [grpc.aio.insecure_channel(s.address, options=[("grpc.use_local_subchannel_pool", 1),
+                                                               *channel_options()])
+                 for _ in range((IDLE_STREAMS + per_conn - 1) // per_conn + 1)]
+        attack: list[grpc.aio.StreamStreamCall] = []  # type: ignore[type-arg]
+        sampler = RssSampler()
+        try:
+            async with sampler.running():
+                for i in range(IDLE_STREAMS):
+                    call = conns[i // per_conn].stream_stream(SOTW)(metadata=bearer(ADMIN_TOKEN))
+                    attack.append(call)
+                    if (i + 1) % 200 == 0:
+                        # In waves: gRPC core itself cancels streams that arrive faster than the server
+                        # takes them (overload protection), which would make the count unreachable.
+                        opened = await settle(lambda: gauge("istioctl_proxy_streams_open") >= len(attack),
+                                              timeout=60)
+                        assert opened, (len(attack), gauge("istioctl_proxy_streams_open"))
+                slow_conn = conns[-1]
+                big = _req(SYNCZ).SerializeToString()  # the whole mesh, with the 4 MiB proxy
+                for _ in range(SLOW_READERS):
+                    call = slow_conn.stream_stream(SOTW)(metadata=bearer(ADMIN_TOKEN))
+                    try:
+                        await call.write(big)  # and never read
+                    except grpc.aio.AioRpcError:
+                        why = f"{await call.code()}: {await call.details()}"
+                        raise AssertionError(f"slow reader refused: {why}") from None
+                    attack.append(call)
+                opened = await settle(lambda: gauge("istioctl_proxy_streams_open") >= IDLE_STREAMS + SLOW_READERS,
+                                      timeout=120)
+                assert opened, gauge("istioctl_proxy_streams_open")
+                under_attack = Tally()
+                queued: list[float] = []
+
+                async def watch() -> None:
+                    while True:
+                        queued.append(gauge("istioctl_proxy_send_queued_bytes"))
+                        await asyncio.sleep(0.05)
+
+                watcher = asyncio.create_task(watch())
+                await drive(s.address, mesh, ADV_STREAMS, ADV_SECONDS, under_attack, seed=2, only=LEGIT)
+                watcher.cancel()
+                queued_peak = max(queued, default=0.0)
+                open_during = gauge("istioctl_proxy_streams_open")
+        finally:
+            for call in attack:
+                call.cancel()
+            for ch in conns:
+                await ch.close()
+        cut = metrics.get_sample_value("istioctl_proxy_streams_cut_total", {"reason": "slow_reader"}) or 0.0
+    peak = max(r for _, r in sampler.samples)
+    p99_base, p99_attack = _percentile(baseline.latencies, 0.99), _percentile(under_attack.latencies, 0.99)
+    record_figures("adversarial_load", {
+        "seconds_per_phase": ADV_SECONDS, "legit_streams": ADV_STREAMS, "idle_streams": IDLE_STREAMS,
+        "slow_readers": SLOW_READERS, "slow_answer_bytes": BIG_ANSWER,
+        "calls_baseline": len(baseline.latencies), "calls_under_attack": len(under_attack.latencies),
+        "failed_baseline": sum(baseline.failures.values()), "failed_under_attack": sum(under_attack.failures.values()),
+        "p50_ms_baseline": round(_percentile(baseline.latencies, 0.5) * 1e3, 1),
+        "p50_ms_under_attack": round(_percentile(under_attack.latencies, 0.5) * 1e3, 1),
+        "p99_ms_baseline": round(p99_base * 1e3, 1), "p99_ms_under_attack": round(p99_attack * 1e3, 1),
+        "p99_ratio": round(p99_attack / p99_base, 2) if p99_base else None,
+        "rss_before_mib": round(before.rss / 2**20, 1), "rss_peak_mib": round(peak / 2**20, 1),
+        "send_budget_mib": 64, "send_queued_peak_mib": round(queued_peak / 2**20, 1),
+        "streams_open_during_attack": open_during, "slow_readers_cut": cut,
+    })
+    assert not baseline.failures and not under_attack.failures, (baseline.examples, under_attack.examples)
+    assert len(under_attack.latencies) >= ADV_STREAMS
+    assert queued_peak <= 64 << 20
+    assert peak < RSS_BOUND_MIB * 2**20, f"peak RSS {peak / 2**20:.0f} MiB"
+    assert p99_attack <= P99_RATIO_BOUND * p99_base, (p99_base, p99_attack)
