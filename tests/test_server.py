@@ -9,14 +9,17 @@ import os
 import tempfile
 
 import grpc
+import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from istioctl_proxy import client
 from istioctl_proxy.app import Proxy
+from istioctl_proxy.errors import ResourceExhausted
 from istioctl_proxy.pki import TestCA, write_file
 from istioctl_proxy.policy import CONFIG_DUMP, SYNCZ
+from istioctl_proxy.server import SendBudget
 from istioctl_proxy.simulate import SimulatedMesh
 from istioctl_proxy.simulator import SimProxy, make_mesh
 
@@ -222,3 +225,30 @@ async def test_an_answer_not_read_within_the_send_timeout_is_cut() -> None:
                     pass
             assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "--send-timeout" in (await call.details() or "")
+
+
+async def test_send_budget_waits_cuts_the_oldest_stalled_answer_and_refuses_when_nothing_can_be_cut() -> None:
+    cuts: list[int] = []
+    full: list[int] = []
+    budget = SendBudget(10, slow_reader_seconds=0.05, on_evict=lambda: cuts.append(1), on_full=lambda: full.append(1))
+    async with budget.hold(8, 1.0) as evicted:
+
+        async def second() -> int:
+            async with budget.hold(8, 30.0):
+                return budget.used
+
+        waiting = asyncio.create_task(second())
+        await evicted  # the stalled first answer is cut for the waiting one
+        assert cuts == [1] and budget.used == 8
+    assert await waiting == 8
+    assert budget.used == 0
+    # An answer larger than the whole budget takes all of it, alone.
+    async with budget.hold(100, 1.0):
+        assert budget.used == 10
+    # Nothing stalled long enough to cut: the waiter is refused after its wait, and counted.
+    patient = SendBudget(10, slow_reader_seconds=600.0, on_full=lambda: full.append(1))
+    async with patient.hold(10, 1.0):
+        with pytest.raises(ResourceExhausted, match="--send-budget-mib"):
+            async with patient.hold(1, 0.1):
+                pass
+    assert full == [1] and patient.used == 0

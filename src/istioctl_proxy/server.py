@@ -124,6 +124,7 @@ class SendBudget:
     slow_reader_seconds: float
     on_change: Callable[[int], None] = lambda used: None
     on_evict: Callable[[], None] = lambda: None
+    on_full: Callable[[], None] = lambda: None
     used: int = 0
     _holds: list[_Hold] = field(default_factory=list)
     _waiters: list[asyncio.Future[None]] = field(default_factory=list)
@@ -138,6 +139,7 @@ class SendBudget:
             self._evict_slow(self.used + size - self.total)
             left = deadline - time.monotonic()
             if left <= 0:
+                self.on_full()
                 raise ResourceExhausted(
                     f"the proxy's send budget ({self.total // MiB} MiB, --send-budget-mib) stayed full for "
                     f"{wait:.0f}s: too many answers are waiting for their callers to read them"
@@ -217,6 +219,7 @@ class AdsService:
         self.budget = SendBudget(
             self.limits.send_budget_bytes, self.limits.slow_reader_seconds,
             on_change=self.observer.queued, on_evict=lambda: self.observer.cut("slow_reader"),
+            on_full=lambda: self.observer.cut("send_budget"),
         )
 
     async def stream(self, requests: object, context: Context) -> None:
