@@ -116,8 +116,7 @@ def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = 
     flag("stream-idle-timeout", "300", "seconds a stream may wait between answers and its next request")
     flag("max-stream-age", "1800", "seconds after which a stream is ended (UNAVAILABLE) when it next waits")
     flag("max-streams", "10000", "ADS streams open at once, over all connections")
-    flag("max-streams-per-connection", "100", "streams at once on one client connection (HTTP/2 setting: "
-         "clients queue the rest)")
+    flag("max-streams-per-connection", "100", "ADS streams open at once on one client connection")
     flag("send-budget-mib", "256", "MiB of answers waiting for their callers to read them, over all streams")
     flag("send-timeout", "60", "seconds a caller may take to read one answer before its stream is cut")
     flag("slow-reader-seconds", "5", "an answer unread this long is cut when other streams need the send budget")

@@ -101,8 +101,8 @@ class Metrics:
         self.streams_open = Gauge("istioctl_proxy_streams_open", "ADS streams open now.", registry=r)
         self.streams_cut = Counter("istioctl_proxy_streams_cut",
                                    "Streams the proxy ended or refused to protect itself, by reason "
-                                   "(first_message_timeout, idle_timeout, max_age, max_streams, send_budget, "
-                                   "slow_reader, send_timeout).",
+                                   "(first_message_timeout, idle_timeout, max_age, max_streams, "
+                                   "max_streams_per_connection, send_budget, slow_reader, send_timeout).",
                                    ["reason"], registry=r)
         self.send_queued_bytes = Gauge("istioctl_proxy_send_queued_bytes",
                                        "Bytes of answers handed to gRPC and not yet taken by their callers "

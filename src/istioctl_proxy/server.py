@@ -9,6 +9,7 @@ becomes INTERNAL there, logged with its traceback and counted.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -179,21 +180,28 @@ class SendBudget:
 
 @dataclass
 class StreamTable:
-    """Open streams over all connections. Per connection, HTTP/2 itself caps them (build_server): clients
-    queue streams past SETTINGS_MAX_CONCURRENT_STREAMS instead of failing them."""
+    """Open streams, in total and per client connection (the peer address names the connection)."""
 
     limits: StreamLimits
+    by_peer: collections.Counter[str] = field(default_factory=collections.Counter)
     total: int = 0
 
-    def admit(self) -> str:
-        """"" when the stream may open (and it is counted), else why not."""
+    def admit(self, peer: str) -> tuple[str, str]:
+        """("", "") when the stream may open (and it is counted), else (reason, message)."""
         if self.total >= self.limits.max_streams:
-            return f"the proxy has {self.total} streams open (--max-streams); try again later"
+            return "max_streams", f"the proxy has {self.total} streams open (--max-streams); try again later"
+        if self.by_peer[peer] >= self.limits.max_streams_per_connection:
+            return "max_streams_per_connection", (
+                f"{self.by_peer[peer]} streams are open on this connection (--max-streams-per-connection)")
         self.total += 1
-        return ""
+        self.by_peer[peer] += 1
+        return "", ""
 
-    def release(self) -> None:
+    def release(self, peer: str) -> None:
         self.total -= 1
+        self.by_peer[peer] -= 1
+        if not self.by_peer[peer]:
+            del self.by_peer[peer]
 
 
 class AdsService:
@@ -241,10 +249,11 @@ class AdsService:
             _finish(context, Internal("internal error in istioctl-proxy (logged there)"))
 
     async def _run(self, context: Context, protocol: _Protocol) -> None:
-        refused = self.streams.admit()
-        if refused:
-            self.observer.cut("max_streams")
-            raise ResourceExhausted(refused)
+        peer = context.peer()
+        reason, message = self.streams.admit(peer)
+        if reason:
+            self.observer.cut(reason)
+            raise ResourceExhausted(message)
         self.observer.stream_opened()
         try:
             # Headers now, not with the first answer: when a write is cut (a slow reader), grpc.aio would
@@ -252,7 +261,7 @@ class AdsService:
             await context.send_initial_metadata(())
             await self._requests(context, protocol)
         finally:
-            self.streams.release()
+            self.streams.release(peer)
             self.observer.stream_closed()
 
     async def _requests(self, context: Context, protocol: _Protocol) -> None:
@@ -615,8 +624,6 @@ def build_server(
             # age, closed after the send timeout), as istiod's own do.
             ("grpc.max_connection_age_ms", int(service.limits.max_age * 1000)),
             ("grpc.max_connection_age_grace_ms", int(service.limits.send_timeout * 1000)),
-            # Streams per connection: HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS, so clients wait for a slot.
-            ("grpc.max_concurrent_streams", service.limits.max_streams_per_connection),
             *LARGE_MESSAGE_OPTIONS,
         ]
     )
