@@ -315,7 +315,7 @@ async def test_legitimate_calls_keep_their_p99_beside_idle_streams_and_slow_read
         baseline = Tally()
         await drive(s.address, mesh, ADV_STREAMS, ADV_SECONDS, baseline, seed=1, only=LEGIT)
 
-        # The attack: idle streams that never send (100 per connection, the default cap) and slow readers.
+        # The attack: idle streams that never send (100 per connection) and slow readers.
         per_conn = 100
         conns = [grpc.aio.insecure_channel(s.address, options=[("grpc.use_local_subchannel_pool", 1),
                                                                *channel_options()])

@@ -59,7 +59,7 @@ class Config:
     stream_idle_timeout: float = 300.0
     max_stream_age: float = 1800.0
     max_streams: int = 10000
-    max_streams_per_connection: int = 100
+    max_streams_per_connection: int = 1000
     send_budget_mib: int = 256
     send_timeout: float = 60.0
     slow_reader_seconds: float = 5.0
@@ -116,7 +116,8 @@ def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = 
     flag("stream-idle-timeout", "300", "seconds a stream may wait between answers and its next request")
     flag("max-stream-age", "1800", "seconds after which a stream is ended (UNAVAILABLE) when it next waits")
     flag("max-streams", "10000", "ADS streams open at once, over all connections")
-    flag("max-streams-per-connection", "100", "ADS streams open at once on one client connection")
+    flag("max-streams-per-connection", "1000", "ADS streams open at once on one client connection (gRPC "
+         "clients in one process share one)")
     flag("send-budget-mib", "256", "MiB of answers waiting for their callers to read them, over all streams")
     flag("send-timeout", "60", "seconds a caller may take to read one answer before its stream is cut")
     flag("slow-reader-seconds", "5", "an answer unread this long is cut when other streams need the send budget")

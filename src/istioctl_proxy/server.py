@@ -65,7 +65,7 @@ class StreamLimits:
     idle_timeout: float = 300.0
     max_age: float = 1800.0
     max_streams: int = 10000
-    max_streams_per_connection: int = 100
+    max_streams_per_connection: int = 1000
     send_budget_bytes: int = 256 * MiB
     send_timeout: float = 60.0
     slow_reader_seconds: float = 5.0
