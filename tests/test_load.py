@@ -287,7 +287,7 @@ LEGIT = frozenset({"syncz_scoped", "config_dump", "config_dump_unknown", "debug_
 # Process RSS (proxy, 5 simulated replicas and every client of the test) at the attack's peak, and the
 # legitimate calls' p99 under attack against the same calls' p99 just before it: generous bounds, so that
 # a noisy machine does not fail them, and a proxy that holds what it should not does.
-RSS_BOUND_MIB = 900
+RSS_BOUND_MIB = 1200
 P99_RATIO_BOUND = 4.0
 
 
