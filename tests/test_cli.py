@@ -35,6 +35,54 @@ def test_flags_from_environment() -> None:
     assert cfg.plaintext and cfg.istiod_plaintext and cfg.upstream_timeout == 3.5
 
 
+SWITCHES = ("plaintext", "istiod-k8s", "istiod-plaintext", "istiod-ca-configmap", "istiod-insecure-skip-verify",
+            "require-all", "upstream-identity", "token-review", "admin-status-page", "coalesce")
+
+
+def _switch_fields(args: list[str], env: dict[str, str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_serve_flags(p, env)
+    return p.parse_args(args)
+
+
+def test_every_switch_is_a_boolean_flag_with_a_no_form() -> None:
+    p = argparse.ArgumentParser()
+    add_serve_flags(p, {})
+    switches = {a.option_strings[0][2:] for a in p._actions if a.nargs == 0 and a.option_strings[0] != "-h"}
+    assert switches == set(SWITCHES)
+    for name in SWITCHES:
+        assert any(a.option_strings == [f"--{name}", f"--no-{name}"] for a in p._actions), name
+
+
+@pytest.mark.parametrize("name", SWITCHES)
+def test_a_switch_set_by_its_variable_is_turned_off_by_its_no_flag(name: str) -> None:
+    var = "ISTIOCTL_PROXY_" + name.upper().replace("-", "_")
+    dest = name.replace("-", "_")
+    assert getattr(_switch_fields([], {var: "true"}), dest) is True
+    assert getattr(_switch_fields([f"--no-{name}"], {var: "true"}), dest) is False
+    assert getattr(_switch_fields([f"--{name}"], {var: "false"}), dest) is True
+    assert getattr(_switch_fields([], {var: "off"}), dest) is False
+
+
+def test_switches_through_the_whole_config() -> None:
+    base = ["--istiod", "a:1", "--plaintext"]
+    on = {"ISTIOCTL_PROXY_ISTIOD_PLAINTEXT": "true", "ISTIOCTL_PROXY_REQUIRE_ALL": "1"}
+    cfg = _cfg(base, on)
+    assert cfg.istiod_plaintext and cfg.require_all and cfg.coalesce
+    with pytest.raises(ConfigError, match="--istiod-ca"):  # plaintext upstream turned off: TLS needs a CA
+        _cfg([*base, "--no-istiod-plaintext", "--no-require-all"], on)
+    cfg = _cfg([*base, "--no-require-all", "--no-coalesce"], on)
+    assert not cfg.require_all and not cfg.coalesce and cfg.istiod_plaintext
+    # The variable of the old --no-coalesce switch still turns sharing off, and --coalesce back on.
+    assert not _cfg(base, {**on, "ISTIOCTL_PROXY_NO_COALESCE": "true"}).coalesce
+    assert _cfg([*base, "--coalesce"], {**on, "ISTIOCTL_PROXY_NO_COALESCE": "true"}).coalesce
+
+
+def test_a_switch_variable_that_is_not_a_boolean_is_one_clear_error() -> None:
+    with pytest.raises(ConfigError, match="ISTIOCTL_PROXY_REQUIRE_ALL='maybe': a switch takes true or false"):
+        _cfg(["--istiod", "a:1", "--plaintext", "--istiod-plaintext"], {"ISTIOCTL_PROXY_REQUIRE_ALL": "maybe"})
+
+
 def test_plaintext_listens_on_loopback_unless_told_otherwise() -> None:
     assert _cfg(["--plaintext", "--istiod", "a:1", "--istiod-plaintext"]).listen == "127.0.0.1:9090"
     assert (

@@ -101,9 +101,12 @@ def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = 
     def flag(name: str, default: object = None, help: str = "") -> None:
         p.add_argument(f"--{name}", default=d(name, default), help=f"{help} [env {env_name(name)}]")
 
-    def switch(name: str, help: str) -> None:
-        value = str(d(name, "")).lower() in ("1", "true", "yes", "on")
-        p.add_argument(f"--{name}", action="store_true", default=value, help=f"{help} [env {env_name(name)}=true]")
+    def switch(name: str, help: str, default: bool = False) -> None:
+        # --NAME / --no-NAME: a switch the environment turned on can be turned off on the command line.
+        raw = str(d(name, "")).strip().lower()
+        value: bool | str = _SWITCH_VALUES.get(raw, raw) if raw else default
+        p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=value,
+                       help=f"{help} [env {env_name(name)}=true|false]")
 
     flag("listen", None, "HOST:PORT to serve ADS on (default 0.0.0.0:9090; 127.0.0.1:9090 with --plaintext)")
     switch("plaintext", "serve without TLS (for port-forward and local use)")
@@ -149,12 +152,27 @@ def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = 
     flag("token-review-audiences", "istio-ca", "audiences a caller token must have, comma-separated")
     flag("external-id", "<external>", "the ISTIOD value of merged syncz answers")
     flag("cache-ttl", "0", "seconds identical answers are cached per caller (0: coalescing only)")
-    switch("no-coalesce", "do not share one fan-out between identical concurrent requests of one caller")
+    # Was a --no-coalesce store_true switch; its ISTIOCTL_PROXY_NO_COALESCE=true still turns sharing off.
+    no_coalesce = str(env.get(env_name("no-coalesce"), "")).strip().lower()
+    switch("coalesce", "share one fan-out between identical concurrent requests of one caller",
+           default=not _SWITCH_VALUES.get(no_coalesce, False))
     flag("admin-listen", "127.0.0.1:15090", "HOST:PORT of the admin HTTP port (metrics, health); '' disables")
     switch("admin-status-page", "serve the status page at / on the admin port (shows the whole mesh)")
     flag("log-level", "info", "debug, info, warning or error")
     flag("log-format", "text", "text or json")
     flag("drain-seconds", "20", "on SIGTERM, how long in-flight calls may take to finish")
+
+
+# What a switch's ISTIOCTL_PROXY_* variable may say; anything else is a ConfigError naming the variable.
+_SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                  "off": False}
+
+
+def _switch(ns: argparse.Namespace, name: str) -> bool:
+    value = getattr(ns, name.replace("-", "_"))
+    if not isinstance(value, bool):
+        raise ConfigError(f"{ENV_PREFIX}{name.upper().replace('-', '_')}={value!r}: a switch takes true or false")
+    return value
 
 
 def _csv(value: str | None) -> tuple[str, ...]:
@@ -188,7 +206,7 @@ def _is_loopback(listen: str) -> bool:
 
 def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
     environ = os.environ if environ is None else environ
-    plaintext = bool(ns.plaintext)
+    plaintext = _switch(ns, "plaintext")
     listen = ns.listen or ("127.0.0.1:9090" if plaintext else "0.0.0.0:9090")
     for name, value in (("listen", listen), ("admin-listen", ns.admin_listen or "127.0.0.1:1")):
         try:
@@ -204,27 +222,27 @@ def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) 
         istiod=_csv(ns.istiod),
         istiod_dns=_csv(ns.istiod_dns),
         istiod_dns_interval=_number("istiod-dns-interval", ns.istiod_dns_interval, float),
-        istiod_k8s=bool(ns.istiod_k8s),
+        istiod_k8s=_switch(ns, "istiod-k8s"),
         istiod_selector=ns.istiod_selector,
         revision=ns.revision,
         istiod_port=int(_number("istiod-port", ns.istiod_port, int)),
         kubeconfig=ns.kubeconfig,
         context=ns.context,
-        istiod_plaintext=bool(ns.istiod_plaintext),
+        istiod_plaintext=_switch(ns, "istiod-plaintext"),
         istiod_ca=ns.istiod_ca,
-        istiod_ca_configmap=bool(ns.istiod_ca_configmap),
+        istiod_ca_configmap=_switch(ns, "istiod-ca-configmap"),
         istiod_san=ns.istiod_san,
-        istiod_insecure_skip_verify=bool(ns.istiod_insecure_skip_verify),
+        istiod_insecure_skip_verify=_switch(ns, "istiod-insecure-skip-verify"),
         istio_namespace=ns.istio_namespace or environ.get("POD_NAMESPACE") or "istio-system",
         trust_domain=ns.trust_domain,
         debug_allowed_namespaces=_csv(ns.debug_allowed_namespaces),
-        require_all=bool(ns.require_all),
+        require_all=_switch(ns, "require-all"),
         upstream_timeout=_number("upstream-timeout", ns.upstream_timeout, float),
-        upstream_identity=bool(ns.upstream_identity),
+        upstream_identity=_switch(ns, "upstream-identity"),
         upstream_cert=ns.upstream_cert,
         upstream_key=ns.upstream_key,
         upstream_token_file=ns.upstream_token_file,
-        token_review=bool(ns.token_review),
+        token_review=_switch(ns, "token-review"),
         token_review_kubeconfig=ns.token_review_kubeconfig,
         token_review_audiences=_csv(ns.token_review_audiences) or ("istio-ca",),
         external_id=ns.external_id,
@@ -239,9 +257,9 @@ def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) 
         send_timeout=_number("send-timeout", ns.send_timeout, float),
         slow_reader_seconds=_number("slow-reader-seconds", ns.slow_reader_seconds, float),
         admin_listen=ns.admin_listen,
-        admin_status_page=bool(ns.admin_status_page),
+        admin_status_page=_switch(ns, "admin-status-page"),
         cache_ttl=_number("cache-ttl", ns.cache_ttl, float),
-        coalesce=not bool(getattr(ns, "no_coalesce", False)),
+        coalesce=_switch(ns, "coalesce"),
         log_level=ns.log_level.lower(),
         log_format=ns.log_format.lower(),
         drain_seconds=_number("drain-seconds", ns.drain_seconds, float),
