@@ -50,7 +50,6 @@ from .k8s.cluster import (
     KubeCluster,
     PeersMissingError,
     free_port,
-    peers_missing,
 )
 from .k8s.objects import (
     Recorder,
@@ -62,8 +61,7 @@ from .k8s.objects import (
     set_pod_status,
 )
 
-# A cold build of the peers (only when .peers/bin lacks them) happens inside the first test's setup.
-pytestmark = pytest.mark.timeout(3600 if peers_missing() else 240)
+pytestmark = pytest.mark.timeout(240)
 
 MANIFEST = ROOT / "deploy" / "manifests" / "istioctl-proxy.yaml"
 CHART = ROOT / "deploy" / "helm" / "istioctl-proxy"
@@ -764,11 +762,8 @@ def helm_template(*args: str, namespace: str = "external-istiod") -> list[dict[s
 
 @pytest.fixture(scope="session")
 def helm() -> Path:
-    if not os.access(HELM, os.X_OK):
-        script = str(ROOT / "scripts" / "install-k8s-peers")
-        out = subprocess.run([script, "helm"], capture_output=True, text=True, check=False, timeout=3000)
-        if out.returncode != 0:
-            pytest.fail(f"building helm failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}", pytrace=False)
+    if not os.access(HELM, os.X_OK):  # built by scripts/test before pytest, never inside a test
+        pytest.fail(f"{HELM} is missing: build it with `scripts/install-k8s-peers helm`", pytrace=False)
     return HELM
 
 
