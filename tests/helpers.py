@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import inspect
 import os
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from istioctl_proxy import client
@@ -17,6 +19,9 @@ from istioctl_proxy.simulate import SimulatedMesh
 from istioctl_proxy.simulator import SimReplica, make_mesh
 
 ADMIN_TOKEN = "admin-token"
+# How long `until` waits for an event before it fails the test: a backstop against hangs, not a bound the
+# test asserts, so it is generous enough to hold on a loaded machine.
+EVENT_TIMEOUT = 120.0
 TOKENS: Mapping[str, tuple[str, str]] = {
     ADMIN_TOKEN: ("istio-system", "default"),
     "ns-1-token": ("ns-1", "default"),
@@ -140,3 +145,21 @@ async def stack(
         finally:
             await proxy.stop(0)
             await sim.stop()
+
+
+async def until(check: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = EVENT_TIMEOUT) -> None:
+    """Wait for an event the code under test makes observable (a counter, a state); fail naming `what`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = check()
+        if await result if inspect.isawaitable(result) else result:
+            return
+        assert loop.time() < deadline, f"gave up after {timeout:.0f}s waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def in_flight(proxy: Proxy, type_url: str) -> int:
+    """Calls of `type_url` the proxy is answering now (its istioctl_proxy_calls_in_flight gauge)."""
+    value = proxy.metrics.registry.get_sample_value("istioctl_proxy_calls_in_flight", {"type_url": type_url})
+    return int(value or 0)

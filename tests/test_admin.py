@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import socket
-import time
+import threading
 
 import aiohttp
 import grpc
@@ -15,11 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from istioctl_proxy import client
 from istioctl_proxy.config import Config, validate
+from istioctl_proxy.discovery import Replica
 from istioctl_proxy.errors import ConfigError
 from istioctl_proxy.server import SERVICE
 from istioctl_proxy.simulator import build_simulator_server
 
-from .helpers import ADMIN_TOKEN, stack
+from .helpers import ADMIN_TOKEN, EVENT_TIMEOUT, stack, until
 
 ANY_PORT = "127.0.0.1:0"
 
@@ -35,14 +37,49 @@ async def grpc_health(address: str) -> int:
         return int(reply.status)
 
 
-async def wait_for(port: int, path: str, status: int, timeout: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        code, body = await get(port, path)
-        if code == status:
-            return body
-        assert time.monotonic() < deadline, f"{path} stayed {code}: {body}"
-        await asyncio.sleep(0.05)
+async def wait_for(port: int, path: str, status: int) -> str:
+    last: list[tuple[int, str]] = []
+
+    async def reached() -> bool:
+        last[:] = [await get(port, path)]
+        return last[0][0] == status
+
+    await until(reached, f"{path} to answer {status} (last: {last})")
+    return last[0][1]
+
+
+class Blackhole:
+    """A TCP listener that accepts and then never says a word, in its own thread (it must answer nothing
+    even while the event loop is blocked). `connected` is set on the first connection, `closed` when the
+    dialler gives up on it."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connected = threading.Event()
+        self.closed = threading.Event()
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.listener.accept()
+            self.conns.append(conn)
+            self.connected.set()
+            while conn.recv(4096):  # the ClientHello, then nothing until the dialler hangs up
+                pass
+            self.closed.set()
+
+    def __enter__(self) -> Blackhole:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for sock in (*self.conns, self.listener):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self.thread.join()
 
 
 async def test_healthz_is_alive_and_unknown_paths_404() -> None:
@@ -80,12 +117,12 @@ async def test_ready_with_one_replica_of_two_and_reason_names_the_count() -> Non
     async with stack(2, 4, admin_listen=ANY_PORT) as s:
         s.proxy.admin.readiness.interval = 0.1
         await s.mesh.servers[0].stop(0)
-        body = await wait_for(s.proxy.admin_port, "/readyz", 200)
-        deadline = time.monotonic() + 10
-        while "1 of 2" not in body and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-            body = (await get(s.proxy.admin_port, "/readyz"))[1]
-        assert "1 of 2 istiod replicas reachable" in body
+        await wait_for(s.proxy.admin_port, "/readyz", 200)
+
+        async def one_of_two() -> bool:
+            return "1 of 2 istiod replicas reachable" in (await get(s.proxy.admin_port, "/readyz"))[1]
+
+        await until(one_of_two, "/readyz to name 1 of 2 replicas")
 
 
 async def test_not_ready_without_any_known_replica() -> None:
@@ -133,7 +170,11 @@ async def test_readiness_with_insecure_skip_verify_never_blocks_on_a_dead_replic
         await s.mesh.stop()
         body = await wait_for(s.proxy.admin_port, "/readyz", 503)
         assert "none of the 2 known istiod replicas is reachable" in body
-        # The loop stayed responsive while the replicas were being dialled.
-        started = time.monotonic()
-        assert (await get(s.proxy.admin_port, "/healthz"))[0] == 200
-        assert time.monotonic() - started < 0.5
+        # A replica that accepts TCP and never answers the TLS handshake, dialled for its certificate with
+        # an hour to spare: a dial on the event loop would freeze the admin port until it gave up.
+        s.proxy.admin.readiness.probe_timeout = 3600
+        with Blackhole() as hole:
+            s.proxy.replicas._update("static", [*s.proxy.replicas.current(), Replica(hole.address)])
+            assert await asyncio.to_thread(hole.connected.wait, EVENT_TIMEOUT), "the probe never dialled"
+            assert (await get(s.proxy.admin_port, "/healthz"))[0] == 200
+            assert not hole.closed.is_set(), "/healthz answered only after the dial gave up"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
 
@@ -24,23 +22,24 @@ async def test_dead_replica_yields_partial_answer_naming_it() -> None:
 
 
 async def test_slow_replica_is_cut_off_before_the_callers_deadline() -> None:
-    async with stack(3, 9) as s:
-        s.replicas[0].faults.latency = 30.0
-        started = time.monotonic()
-        resp, trailers = await client.request(s.target(), client.SYNCZ, timeout=2.0)
-        elapsed = time.monotonic() - started
-        assert elapsed < 2.0
+    # The caller's own deadline is the clock: had the proxy waited for the slow replica, the call would
+    # end DEADLINE_EXCEEDED instead of answering with the other two (a generous deadline, for loaded machines).
+    async with stack(3, 9, upstream_timeout=600) as s:
+        s.replicas[0].faults.latency = 3600.0
+        resp, trailers = await client.request(s.target(), client.SYNCZ, timeout=10.0)
         assert len(resp.resources) == 6
-        assert any("DEADLINE_EXCEEDED" in v for k, v in trailers if k == FAILED_REPLICAS_KEY)
+        failed = [v for k, v in trailers if k == FAILED_REPLICAS_KEY]
+        assert len(failed) == 1 and failed[0].startswith(s.mesh.addresses[0]) and "DEADLINE_EXCEEDED" in failed[0]
 
 
 async def test_hung_replica_is_cut_off_by_the_upstream_timeout_cap() -> None:
+    # The cap, not the caller's hour-long deadline, ends the wait: the answer says it gave up after the cap.
     async with stack(2, 4, upstream_timeout=0.5) as s:
         s.replicas[1].faults.hang = True
-        started = time.monotonic()
-        resp, _ = await client.request(s.target(), client.SYNCZ, timeout=30)
-        assert time.monotonic() - started < 2.0
+        resp, trailers = await client.request(s.target(), client.SYNCZ, timeout=3600)
         assert len(resp.resources) == 2
+        failed = [v for k, v in trailers if k == FAILED_REPLICAS_KEY]
+        assert len(failed) == 1 and failed[0].startswith(s.mesh.addresses[1]) and "DEADLINE_EXCEEDED" in failed[0]
 
 
 async def test_require_all_fails_the_call_when_a_replica_fails() -> None:
