@@ -1,6 +1,6 @@
 PYTHON ?= .venv/bin/python
 
-.PHONY: bench bench-quick bench-real soak
+.PHONY: bench bench-quick bench-real soak lock
 
 # The benchmark of docs/benchmarks.md: simulated replicas + the proxy in separate processes, real gRPC on
 # loopback; rewrites the generated part of docs/benchmarks.md and docs/bench-*.png. BENCH_ARGS=--quick for ~5 min.
@@ -22,3 +22,7 @@ FUZZ_SCALE ?= 3
 soak:
 	SOAK_SECONDS=$(SOAK_SECONDS) FUZZ_SCALE=$(FUZZ_SCALE) $(PYTHON) -m pytest -p no:cacheprovider -o timeout=3600 -q \
 		tests/test_load.py tests/test_faults.py tests/test_fuzz.py tests/test_errors.py tests/test_security.py
+
+# Re-resolves the image's runtime dependencies into constraints.txt (deploy/Dockerfile installs exactly those).
+lock:
+	scripts/lock
