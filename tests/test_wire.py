@@ -1,0 +1,150 @@
+"""wire.py on its own: the field reader, the response view, the envelope override and the syncz readers."""
+
+from __future__ import annotations
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.status.v3 import csds_pb2
+from google.protobuf import any_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from istioctl_proxy import wire
+from istioctl_proxy.wire import WireError
+
+SYNCZ = "istio.io/debug/syncz"
+
+
+def syncz_resource(node_id: str) -> any_pb2.Any:
+    resource = any_pb2.Any()
+    resource.Pack(csds_pb2.ClientConfig(node=base_pb2.Node(id=node_id)))
+    return resource
+
+
+def response(ids: list[str], *, version: str = "v1", nonce: str = "n1", identifier: str | None = "istiod-0") -> bytes:
+    resp = discovery_pb2.DiscoveryResponse(type_url=SYNCZ, version_info=version, nonce=nonce,
+                                           resources=[syncz_resource(i) for i in ids])
+    if identifier is not None:
+        resp.control_plane.identifier = identifier
+    return bytes(resp.SerializeToString())
+
+
+def test_iter_fields_spans_every_wire_type() -> None:
+    # 1: varint 150, 2: "ab", 3: fixed64, 4: fixed32
+    raw = b"\x08\x96\x01" + b"\x12\x02ab" + b"\x19" + bytes(8) + b"\x25" + bytes(4)
+    fields = list(wire.iter_fields(raw))
+    assert [(n, t) for n, t, *_ in fields] == [(1, 0), (2, 2), (3, 1), (4, 5)]
+    assert [raw[start:end] for _, _, start, _, end in fields] == [raw[0:3], raw[3:7], raw[7:16], raw[16:21]]
+    assert raw[fields[1][3]:fields[1][4]] == b"ab"  # the value start of a length-delimited field skips its length
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    (b"\x08", "truncated varint"),
+    (b"\x08" + b"\xff" * 10 + b"\x01", "varint too long"),
+    (b"\x0b", "unsupported wire type 3"),
+    (b"\x12\x05ab", "truncated or invalid field"),
+    (b"\x02\x00", "truncated or invalid field"),  # field number 0
+    (b"\x19\x00", "truncated or invalid field"),  # fixed64 with one byte
+])
+def test_iter_fields_rejects_malformed_input(raw: bytes, message: str) -> None:
+    with pytest.raises(WireError, match=message):
+        list(wire.iter_fields(raw))
+
+
+def test_view_response_indexes_resources_and_envelope_without_decoding_them() -> None:
+    raw = response(["a.ns-1", "b.ns-2"])
+    view = wire.view_response(raw)
+    assert (view.type_url, view.version_info, view.identifier()) == (SYNCZ, "v1", "istiod-0")
+    assert len(view.resources) == 2
+    parsed = discovery_pb2.DiscoveryResponse.FromString(raw)
+    for i, original in enumerate(parsed.resources):
+        assert any_pb2.Any.FromString(view.resource_any(i)) == original
+        # A resource's bytes are a field of its own: alone they parse as a response with just that resource.
+        assert list(discovery_pb2.DiscoveryResponse.FromString(view.resource_bytes(i)).resources) == [original]
+
+
+def test_view_of_a_response_without_control_plane_has_no_identifier() -> None:
+    assert wire.view_response(response(["a.ns-1"], identifier=None)).identifier() is None
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    (b"\x10\x01", "field 2 has wire type 0"),  # resources as a varint
+    (b"\x22\x02\xff\xfe", "invalid UTF-8"),  # type_url
+    (b"\x0a\x01\xff", "invalid UTF-8"),  # version_info
+    (b"\x2a\x01\xff", "invalid UTF-8"),  # nonce
+    (b"\x32\x03\x0a\x01\xff", "malformed control_plane"),  # identifier not UTF-8
+    (b"\x32\x02\x0a\x05", "malformed control_plane"),  # identifier truncated inside control_plane
+])
+def test_view_response_rejects_what_istioctl_could_not_parse(raw: bytes, message: str) -> None:
+    with pytest.raises(WireError, match=message):
+        wire.view_response(raw)
+
+
+def test_concatenated_bodies_and_envelope_are_the_merged_response() -> None:
+    """The merge's premise: bodies concatenate their resources, the trailing envelope's fields win."""
+    one, two = response(["a.ns-1"], version="1", nonce="x"), response(["b.ns-2", "c.ns-3"], version="2")
+    env = wire.envelope(type_url=SYNCZ, version_info="merged", nonce="n", control_plane_identifier="<external>")
+    merged = discovery_pb2.DiscoveryResponse.FromString(one + two + env)
+    ids = [csds_pb2.ClientConfig.FromString(r.value).node.id for r in merged.resources]
+    assert ids == ["a.ns-1", "b.ns-2", "c.ns-3"]
+    assert (merged.version_info, merged.nonce, merged.control_plane.identifier) == ("merged", "n", "<external>")
+
+
+def test_envelope_without_identifier_leaves_the_bodies_control_plane() -> None:
+    raw = response(["a.ns-1"]) + wire.envelope(type_url=SYNCZ, version_info="v", nonce="n")
+    assert discovery_pb2.DiscoveryResponse.FromString(raw).control_plane.identifier == "istiod-0"
+
+
+def test_client_config_decodes_syncz_resources_and_refuses_others() -> None:
+    good = syncz_resource("a.ns-1").SerializeToString()
+    assert wire.client_config(good).node.id == "a.ns-1"
+    other = any_pb2.Any()
+    other.Pack(base_pb2.Node(id="x"))
+    with pytest.raises(WireError, match="not a ClientConfig"):
+        wire.client_config(other.SerializeToString())
+    with pytest.raises(WireError, match="undecodable"):
+        wire.client_config(b"\x0a\x05ab")
+
+
+def test_any_type_url_reads_field_one_only() -> None:
+    assert wire.any_type_url(syncz_resource("a").SerializeToString()) == wire.CLIENT_CONFIG_URL
+    assert wire.any_type_url(b"\x12\x01x") == b""
+
+
+def test_syncz_node_id_reads_three_nested_first_fields() -> None:
+    assert wire.syncz_node_id(syncz_resource("sidecar~10.0.0.1~a.ns-1~ns-1.svc.cluster.local").SerializeToString()) \
+        == "sidecar~10.0.0.1~a.ns-1~ns-1.svc.cluster.local"
+    no_node = any_pb2.Any()
+    no_node.Pack(csds_pb2.ClientConfig())
+    assert wire.syncz_node_id(no_node.SerializeToString()) == ""
+    with pytest.raises(WireError, match="not UTF-8"):
+        # Any{2: ClientConfig{1: Node{1: b"\xff"}}}
+        wire.syncz_node_id(b"\x12\x05\x0a\x03\x0a\x01\xff")
+
+
+def test_fast_index_declines_what_it_cannot_prove() -> None:
+    assert wire.syncz_fast_index(b"\x0b") is None  # not a response
+    long_id = "x" * 200  # ids of 128+ bytes have a two-byte length: the exact reader's job
+    assert wire.syncz_fast_index(response([long_id])) is None
+    # A resource quoting the ClientConfig type URL inside an id: one URL too many, so no fast answer.
+    assert wire.syncz_fast_index(response([wire.CLIENT_CONFIG_URL.decode()])) is None
+    index = wire.syncz_fast_index(response(["a.ns-1", "b.ns-2"]))
+    assert index is not None
+    assert (index.count, index.type_url, index.version_info, index.identifier()) == (2, SYNCZ, "v1", "istiod-0")
+    assert [k[1:].decode() for k in index.node_keys] == ["a.ns-1", "b.ns-2"]
+
+
+ids = st.lists(st.text(min_size=1, max_size=150), max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids=ids, version=st.text(max_size=20), identifier=st.none() | st.text(max_size=30))
+def test_the_byte_readers_agree_with_protobuf(ids: list[str], version: str, identifier: str | None) -> None:
+    raw = response(ids, version=version, identifier=identifier)
+    view = wire.view_response(raw)
+    assert (len(view.resources), view.version_info, view.identifier()) == (len(ids), version, identifier)
+    assert [wire.syncz_node_id(view.resource_any(i)) for i in range(len(ids))] == ids
+    index = wire.syncz_fast_index(raw)
+    if index is not None:  # when it answers, it answers exactly
+        assert index.count == len(ids) and [k[1:].decode() for k in index.node_keys] == ids
