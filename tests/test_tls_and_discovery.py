@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from istioctl_proxy import client
 from istioctl_proxy.discovery import DnsSource, Replica, ReplicaSet, StaticSource
 
-from .helpers import stack
+from .helpers import EVENT_TIMEOUT, stack
 
 
 def _served_cert(port: int) -> bytes:
@@ -66,11 +66,11 @@ async def test_dns_discovery_follows_changes_and_survives_outage() -> None:
     rs = ReplicaSet([DnsSource("istiod-headless.istio-system.svc:15012", interval=0.05, resolver=resolver)])
     await rs.start()
     try:
-        await asyncio.wait_for(rs.wait_changed(0), 2)
+        await asyncio.wait_for(rs.wait_changed(0), EVENT_TIMEOUT)
         assert [r.address for r in rs.current()] == ["127.0.0.2:15012", "127.0.0.3:15012"]
         held = rs.current()  # an in-flight call keeps the tuple it started with
         resolver.records = ["127.0.0.3", "127.0.0.4"]
-        await asyncio.wait_for(rs.wait_changed(), 2)
+        await asyncio.wait_for(rs.wait_changed(), EVENT_TIMEOUT)
         assert [r.address for r in rs.current()] == ["127.0.0.3:15012", "127.0.0.4:15012"]
         assert [r.address for r in held] == ["127.0.0.2:15012", "127.0.0.3:15012"]
         resolver.records = []  # DNS outage: keep the last known set
