@@ -126,8 +126,9 @@ async def test_in_flight_gauge_counts_a_slow_call() -> None:
         await call
         samples = await scrape(s.proxy.admin_port)
         assert value(samples, "istioctl_proxy_calls_in_flight", type_url=SYNCZ) == 0
+        # At least the 0.6 s the replicas wait (a loaded machine may add any amount on top).
         assert value(samples, "istioctl_proxy_call_duration_seconds_bucket", type_url=SYNCZ, le="0.5") == 0
-        assert value(samples, "istioctl_proxy_call_duration_seconds_bucket", type_url=SYNCZ, le="1.0") == 1
+        assert value(samples, "istioctl_proxy_call_duration_seconds_bucket", type_url=SYNCZ, le="+Inf") == 1
 
 
 async def test_openmetrics_is_negotiated() -> None:
