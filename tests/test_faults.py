@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -349,42 +350,53 @@ async def test_faults_under_load_every_call_answered_in_time(tmp_path: os.PathLi
             return sum(log.calls.values())
 
         async def faults() -> None:
-            # Each fault waits for the traffic to have seen the previous one, however slow the machine is.
-            await until(lambda: calls() >= WORKERS, "the first calls to be answered")
-            await r.replicas.kill(1)
-            events.append(f"{time.monotonic() - started:.1f}s: r1 killed")
-            await until(lambda: log.named["r1"] >= 3, "the killed r1 to be named in partial answers")
-            answered_before = r.replicas.mesh[1].requests
-            await r.replicas.restart(1)
-            events.append(f"{time.monotonic() - started:.1f}s: r1 restarted")
-            await until(lambda: r.replicas.mesh[1].requests > answered_before, "calls to reach the restarted r1")
-            before = await asyncio.to_thread(_served_serial, r)
-            new = r.ca.issue(dns=("localhost",), ips=("127.0.0.1",))
-            r.volume.write(new)
-            events.append(f"{time.monotonic() - started:.1f}s: serving certificate rotated")
-            calls_at_rotation = calls()
+            try:
+                # Each fault waits for the traffic to have seen the previous one, however slow the machine is.
+                await until(lambda: calls() >= WORKERS, "the first calls to be answered")
+                await r.replicas.kill(1)
+                events.append(f"{time.monotonic() - started:.1f}s: r1 killed")
+                await until(lambda: log.named["r1"] >= 3, "the killed r1 to be named in partial answers")
+                answered_before = r.replicas.mesh[1].requests
+                await r.replicas.restart(1)
+                events.append(f"{time.monotonic() - started:.1f}s: r1 restarted")
+                await until(lambda: r.replicas.mesh[1].requests > answered_before, "calls to reach the restarted r1")
+                before = await asyncio.to_thread(_served_serial, r)
+                new = r.ca.issue(dns=("localhost",), ips=("127.0.0.1",))
+                r.volume.write(new)
+                events.append(f"{time.monotonic() - started:.1f}s: serving certificate rotated")
+                calls_at_rotation = calls()
 
-            async def rotated() -> bool:  # new handshakes present the new certificate; old connections go on
-                return await asyncio.to_thread(_served_serial, r) != before
+                async def rotated() -> bool:  # new handshakes present the new certificate; old connections go on
+                    return await asyncio.to_thread(_served_serial, r) != before
 
-            await until(rotated, "new TLS handshakes to present the rotated certificate")
-            await until(lambda: calls() >= calls_at_rotation + WORKERS, "calls to go on after the rotation")
-            drain["rotated_serial_changed"] = True
-            faults_done.set()
+                await until(rotated, "new TLS handshakes to present the rotated certificate")
+                await until(lambda: calls() >= calls_at_rotation + WORKERS, "calls to go on after the rotation")
+                drain["rotated_serial_changed"] = True
+            finally:
+                faults_done.set()  # a failed step must not leave the traffic running on
 
         async with sampler.running():
-            await asyncio.gather(traffic(r, SECONDS, WORKERS, log, faults_done), faults())
+            # A TaskGroup: a failing fault step cancels the traffic instead of leaving it running on.
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(traffic(r, SECONDS, WORKERS, log, faults_done))
+                tasks.create_task(faults())
         load_wall = time.monotonic() - started
         mid = Usage.now()
 
         # The SIGTERM path (Proxy.stop): in-flight calls finish, new calls are refused at once.
         await until(lambda: in_flight(r.proxy, SYNCZ) == 0, "the proxy to finish the load's calls")
+        # From here the hung replica holds calls for 6 s rather than the 2 s cap, so that they are still in
+        # flight when the stop begins however long ten TLS dials take on this machine.
+        aggregator = r.proxy.service.aggregator
+        aggregator.settings = dataclasses.replace(aggregator.settings, upstream_timeout=6.0)
         in_flight_ch = [r.channel() for _ in range(10)]
         pending = [asyncio.ensure_future(ads_call(ch, [_req(SYNCZ)], metadata=bearer(ADMIN_TOKEN), timeout=DEADLINE))
                    for ch in in_flight_ch]
-        # All ten are in the proxy now, waiting on the slow and the hung replica.
-        await until(lambda: in_flight(r.proxy, SYNCZ) == 10, "ten calls in flight in the proxy")
-        stopping = asyncio.ensure_future(r.proxy.stop(10.0))
+        await until(lambda: in_flight(r.proxy, SYNCZ) + sum(f.done() for f in pending) == 10,
+                    "ten calls to reach the proxy")
+        drain["in_flight_at_stop"] = in_flight(r.proxy, SYNCZ)
+        assert drain["in_flight_at_stop"] > 0, "every call ended before the stop: the drain would prove nothing"
+        stopping = asyncio.ensure_future(r.proxy.stop(30.0))
         refused: list[Outcome] = []
         accepted: list[Outcome] = []
         while len(refused) < 5:
