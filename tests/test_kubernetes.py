@@ -121,6 +121,7 @@ async def running(*coros: Awaitable[None]) -> AsyncIterator[list[asyncio.Task[No
 
 def pod_source(server: ApiServer, namespace: str, **kw: Any) -> KubernetesPodSource:
     kw.setdefault("backoff", Backoff(FAST.initial, FAST.maximum))
+    kw.setdefault("allow_loopback", True)  # the tests' pods report 127.0.0.x IPs; the default skips them
     return KubernetesPodSource(namespace, kubeconfig=server.admin_kubeconfig(), **kw)
 
 
@@ -230,8 +231,10 @@ async def test_two_sources_merge_into_one_replica_set(cluster: KubeCluster, admi
         await ensure_namespace(admin, n)
     await create_istiod_pod(admin, ns1, "istiod-1", "127.0.0.41")
     await create_istiod_pod(admin, ns2, "istiod-2", "127.0.0.42")
-    s1 = KubernetesPodSource(ns1, kubeconfig=cluster.apiserver.admin_kubeconfig(context="east"), backoff=FAST)
-    s2 = KubernetesPodSource(ns2, kubeconfig=cluster.apiserver.admin_kubeconfig(context="west"), backoff=FAST)
+    s1 = KubernetesPodSource(ns1, kubeconfig=cluster.apiserver.admin_kubeconfig(context="east"), backoff=FAST,
+                             allow_loopback=True)
+    s2 = KubernetesPodSource(ns2, kubeconfig=cluster.apiserver.admin_kubeconfig(context="west"), backoff=FAST,
+                             allow_loopback=True)
     assert (s1.name, s2.name) == (f"k8s:east/{ns1}", f"k8s:west/{ns2}")
     replicas = ReplicaSet([s1, s2])
     await replicas.start()
@@ -360,7 +363,7 @@ async def test_in_cluster_config_with_shipped_rbac_and_token_rotation(
     assert target.label == "in-cluster"
     assert k8s.own_namespace(service_account_dir=sa_dir) == namespace
 
-    source = KubernetesPodSource(namespace, target=target, watch_timeout=1, backoff=FAST)
+    source = KubernetesPodSource(namespace, target=target, watch_timeout=1, backoff=FAST, allow_loopback=True)
     assert source.name == f"k8s:in-cluster/{namespace}"
     rec = Recorder()
     async with running(source.run(rec)):
@@ -456,7 +459,7 @@ async def test_shipped_role_is_exactly_what_the_code_uses(cluster: KubeCluster, 
         ),
         namespace=namespace,
     )
-    source = KubernetesPodSource(namespace, target=target, revision="default", backoff=FAST)
+    source = KubernetesPodSource(namespace, target=target, revision="default", backoff=FAST, allow_loopback=True)
     watcher = RootCertWatcher(namespace, target=target, backoff=FAST)
     rec, pems = Recorder(), []
     labels = {"metadata": {"labels": {"istio.io/rev": "default"}}}
@@ -886,7 +889,7 @@ async def test_rolling_replace_of_three_replicas_fails_no_call(
     cfg = Config(
         listen="127.0.0.1:0", plaintext=True, admin_listen="", drain_seconds=1.0,
         istiod_k8s=True, kubeconfig=str(cluster.apiserver.admin_kubeconfig()), istio_namespace=ns,
-        istiod_port=port, istiod_plaintext=True,
+        istiod_port=port, istiod_plaintext=True, istiod_allow_loopback=True,
     )  # fmt: skip
     proxy = Proxy(cfg)
     await proxy.start()
@@ -985,7 +988,7 @@ async def test_flags_give_one_source_per_cluster(cluster: KubeCluster, admin: As
     await create_istiod_pod(admin, ns, "istiod-m", "127.0.0.61")
     east = cluster.apiserver.admin_kubeconfig(context="east")
     west = cluster.apiserver.admin_kubeconfig(context="west")
-    cfg = Config(istiod_k8s=True, istio_namespace=ns, kubeconfig=f"{east},{west}")
+    cfg = Config(istiod_k8s=True, istio_namespace=ns, kubeconfig=f"{east},{west}", istiod_allow_loopback=True)
     sources = sources_of(cfg)
     assert [s.name for s in sources] == [f"k8s:east/{ns}", f"k8s:west/{ns}"]
     replicas = ReplicaSet(sources)

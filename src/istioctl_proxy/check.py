@@ -213,6 +213,8 @@ _CA_FIX = ("the mesh root: kubectl -n istio-system get configmap istio-ca-root-c
 
 
 async def _configmap_ca(cfg: Config, timeout: float) -> tuple[Step, bytes | None]:
+    from .kubernetes import CaRejected
+
     where = f"ConfigMap istio-ca-root-cert in {cfg.istio_namespace}"
     try:
         from .kubernetes import root_cert_watcher_from_config
@@ -221,6 +223,10 @@ async def _configmap_ca(cfg: Config, timeout: float) -> tuple[Step, bytes | None
     except TimeoutError:
         return Step("istio CA", FAIL, f"no {where} after {timeout:.0f}s",
                     "is istiod running (it writes the ConfigMap), and may this identity get/list/watch it?"), None
+    except CaRejected as err:  # a running proxy keeps its last good root; a new one would not start
+        return Step("istio CA", FAIL, str(err), "the ConfigMap's root-cert.pem must be the PEM bundle istiod "
+                    "writes: find who changed it (kubectl get configmap istio-ca-root-cert -o yaml shows "
+                    "managedFields) and restore it, or give --istiod-ca"), None
     except Exception as err:  # kubeconfig, RBAC, API server: all reported the same way
         return Step("istio CA", FAIL, f"cannot read {where}: {err}", "check --kubeconfig/--context and RBAC "
                     "(configmaps get/list/watch), or give --istiod-ca"), None
