@@ -692,7 +692,7 @@ class RootCertWatcher:
         self.key = key
         self.pem: bytes | None = None
         self.rejected = 0  # updates refused because they do not parse
-        self.rejection: Rejection | None = None  # the latest refused update, while it is the current value
+        self.rejection: Rejection | None = None  # the latest refused update, until a good value arrives
         self.on_rejected = on_rejected
         self._on_change: Callable[[bytes], None] | None = None
         self._refused_value: str | None = None  # not counted twice when the watch replays the same object
@@ -710,6 +710,11 @@ class RootCertWatcher:
     @property
     def stats(self) -> ReflectorStats:
         return self._reflector.stats
+
+    @property
+    def resource_version(self) -> str | None:
+        """The resourceVersion of the last list or event seen: lets a caller wait until an update was looked at."""
+        return self._reflector.resource_version
 
     async def run(self, on_change: Callable[[bytes], None]) -> None:
         self._on_change = on_change
@@ -936,6 +941,11 @@ class TokenReviewAuthenticator:
         self.limited: dict[str, int] = {}  # reviews refused by a limit, by limit
         self.in_flight = 0  # API calls in progress now
         self.max_in_flight = 0  # the most API calls ever in progress at once
+
+    @property
+    def client_open(self) -> bool:
+        """Whether an API client (a connection pool) is open; `close()` closes it."""
+        return self._client is not None
 
     async def close(self) -> None:
         """Cancel reviews in flight and close the API client."""
