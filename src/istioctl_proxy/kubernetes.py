@@ -1134,7 +1134,8 @@ def target_from_flags(kubeconfig: str, context: str, *, flag: str = "--kubeconfi
         target.client()  # builds TLS contexts and auth from the config; opens no connection
     except Exception as err:
         detail = str(err) if isinstance(err, ConfigError | OSError | ValueError) else f"{type(err).__name__}: {err}"
-        raise errors.ConfigError(f"{where}: not a usable kubeconfig: {detail}") from None
+        # PyYAML's messages span lines (with a caret under the column): one line, as every config error.
+        raise errors.ConfigError(f"{where}: not a usable kubeconfig: {' '.join(detail.split())}") from None
     return target
 
 
@@ -1161,20 +1162,21 @@ def pod_source_from_config(cfg: Config, *, on_skip: Callable[[str], None] | None
     """`--istiod-k8s` with `--istio-namespace`, `--istiod-selector`, `--revision`, `--istiod-port`,
     `--kubeconfig`, `--context`, `--istiod-allow-loopback`, `--istiod-allow-host-network`."""
     _check_namespace(cfg.istio_namespace)
-    target = target_from_flags(cfg.kubeconfig, cfg.context)
-    try:
-        return KubernetesPodSource(
-            cfg.istio_namespace,
-            port=cfg.istiod_port,
-            selector=cfg.istiod_selector or DEFAULT_SELECTOR,
-            revision=cfg.revision or None,
-            target=target,
-            allow_loopback=cfg.istiod_allow_loopback,
-            allow_host_network=cfg.istiod_allow_host_network,
-            on_skip=on_skip,
-        )
-    except ValueError as err:  # the selector, with --revision's term added
+    selector = cfg.istiod_selector or DEFAULT_SELECTOR
+    try:  # checked first: it needs no cluster, and it is the likelier typo
+        parse_label_selector(revision_selector(selector, cfg.revision or None))
+    except ValueError as err:
         raise errors.ConfigError(f"--istiod-selector/--revision: {err}") from None
+    return KubernetesPodSource(
+        cfg.istio_namespace,
+        port=cfg.istiod_port,
+        selector=selector,
+        revision=cfg.revision or None,
+        target=target_from_flags(cfg.kubeconfig, cfg.context),
+        allow_loopback=cfg.istiod_allow_loopback,
+        allow_host_network=cfg.istiod_allow_host_network,
+        on_skip=on_skip,
+    )
 
 
 def root_cert_watcher_from_config(cfg: Config) -> RootCertWatcher:
