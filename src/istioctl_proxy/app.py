@@ -162,11 +162,12 @@ class Proxy:
             ))
 
     async def start(self) -> None:
+        # First: without a usable upstream root there is nothing to serve, and nothing is bound yet.
+        await self._watch_ca_configmap()
         self.server, self.health, self.port = build_server(
             self.service, listen=self.cfg.listen, max_message_bytes=self.cfg.max_message_bytes, tls=self.reloader,
             max_request_bytes=self.cfg.max_request_bytes,
         )
-        await self._watch_ca_configmap()
         await self.replicas.start()
         # gRPC health follows readiness (a replica known and connected), as /readyz does.
         await self.admin.start(lambda ready: set_serving(self.health, ready))
@@ -189,7 +190,10 @@ class Proxy:
         try:
             pem = await asyncio.wait_for(watcher.first(), 30)
         except TimeoutError:
-            raise ConfigError("--istiod-ca-configmap: no istio-ca-root-cert ConfigMap within 30 s") from None
+            # The reflector retried quietly meanwhile (RBAC, unreachable API server): its last error is the why.
+            why = f"; last error: {watcher.stats.last_error}" if watcher.stats.last_error else ""
+            raise ConfigError(f"--istiod-ca-configmap: no istio-ca-root-cert ConfigMap in {self.cfg.istio_namespace} "
+                              f"within 30 s{why}") from None
         except CaRejected as err:
             raise ConfigError(f"--istiod-ca-configmap: {err}") from None
         self.pool.refresh_tls(dataclasses.replace(self.pool.tls, ca_pem=pem))
