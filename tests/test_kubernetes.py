@@ -1512,3 +1512,18 @@ async def test_kubernetes_churn_and_stop_leave_nothing_behind(
     assert proxy.pool.channels_opened == proxy.pool.channels_closed
     left = asyncio.all_tasks() - baseline - {asyncio.current_task()}
     assert not left, left
+
+
+async def test_check_says_when_discovery_skipped_pods_for_their_address(
+    cluster: KubeCluster, admin: AsyncClient, ns: str
+) -> None:
+    from istioctl_proxy import cli
+    from istioctl_proxy.check import run_check
+
+    await create_istiod_pod(admin, ns, "istiod-lo", "127.0.0.5")
+    argv = ["check", "--plaintext", "--istiod-plaintext", "--istiod-k8s", "--kubeconfig",
+            str(cluster.apiserver.admin_kubeconfig()), "--istio-namespace", ns, "--timeout", "5"]  # fmt: skip
+    out = io.StringIO()
+    assert await run_check(cli.parser().parse_args(argv), out, io.StringIO()) == 1
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("✗ discovery k8s:")]
+    assert len(lines) == 1 and "1 ready pod(s) skipped for their address" in lines[0], out.getvalue()

@@ -288,7 +288,11 @@ async def discovery_steps(cfg: Config, timeout: float) -> tuple[list[Step], list
             steps.append(Step(f"discovery {source.name}", FAIL, f"{type(err).__name__}: {err}", fix))
             continue
         if not found:
-            steps.append(Step(f"discovery {source.name}", FAIL, "found no replicas", fix))
+            skipped = getattr(source, "skipped", 0)  # Kubernetes: ready pods at addresses it must not dial
+            why = (f"found no replicas ({skipped} ready pod(s) skipped for their address: loopback, link-local "
+                   "or hostNetwork; see --istiod-allow-loopback/--istiod-allow-host-network)") if skipped else (
+                   "found no replicas")  # fmt: skip
+            steps.append(Step(f"discovery {source.name}", FAIL, why, fix))
             continue
         steps.append(Step(f"discovery {source.name}", OK, ", ".join(r.label if r.label == r.address else
                                                                        f"{r.name}={r.address}" for r in found)))
