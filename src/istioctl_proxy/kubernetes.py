@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, NoReturn, TypeVar
 
 import httpx2
 from cryptography import x509
@@ -962,7 +962,8 @@ class TokenReviewAuthenticator:
     async def review(self, token: str, peer: str = "") -> TokenIdentity | None:
         """The service account the token belongs to, or None if it is not a valid SA token for us.
 
-        `peer` (the caller's address) is what the per-peer limits count. Raises TokenReviewUnavailable when
+        `peer` (the caller's address, as gRPC gives it) is what the per-peer limits count; without one only
+        the global limits apply. Raises TokenReviewUnavailable when
         the API server could not give a verdict, TokenReviewLimited when a new review is over a limit.
         """
         token = token.strip()
@@ -988,6 +989,10 @@ class TokenReviewAuthenticator:
     def _admit(self, host: str) -> None:
         """Take a rate token for a new review, or raise TokenReviewLimited (nothing is taken then)."""
         limits, now = self.limits, self._clock()
+        if not host:  # not a network caller (the library used directly): only the global limits apply
+            if not self._bucket.take(limits.rate, limits.burst, now):
+                self._refuse("rate")
+            return
         if self._peer_inflight.get(host, 0) >= limits.peer_concurrency:
             self._refuse("peer-concurrency")
         bucket = self._peer_buckets.get(host)
@@ -1005,7 +1010,7 @@ class TokenReviewAuthenticator:
         # Counted now, not when the task starts: calls arriving in the same tick must see each other.
         self._peer_inflight[host] = self._peer_inflight.get(host, 0) + 1
 
-    def _refuse(self, limit: str) -> None:
+    def _refuse(self, limit: str) -> NoReturn:
         self.limited[limit] = self.limited.get(limit, 0) + 1
         if self.on_limited is not None:
             self.on_limited(limit)
@@ -1021,6 +1026,8 @@ class TokenReviewAuthenticator:
         # A done callback, not a `finally`: it also runs for a task cancelled before it ever started.
         if self._inflight.get(key) is task:
             del self._inflight[key]
+        if not host:
+            return
         left = self._peer_inflight.get(host, 1) - 1
         if left > 0:
             self._peer_inflight[host] = left
