@@ -191,3 +191,47 @@ async def test_pool_close_closes_channels_still_in_their_retirement_grace() -> N
     await pool.close()
     assert pool.retiring == 0
     assert pool.channels_opened == pool.channels_closed == 3
+
+
+async def test_a_late_answer_of_a_dropped_replica_brings_no_state_back() -> None:
+    """A call still in flight to a replica that discovery drops ends after the drop: its outcome must not
+    re-create the replica's last_error or metric series (they would then never be pruned)."""
+    import grpc
+    import pytest
+
+    port = free_port()
+    hung = SimReplica("istiod-hung", tokens=dict(TOKENS))
+    hung.faults.hang = True
+    servers = {}
+    for ip, replica in (("127.0.0.2", hung), ("127.0.0.3", SimReplica("istiod-ok", tokens=dict(TOKENS)))):
+        servers[ip], _ = build_simulator_server(replica, f"{ip}:{port}")
+        await servers[ip].start()
+    resolver = ControlledResolver(["127.0.0.2"])
+    cfg = Config(listen="127.0.0.1:0", plaintext=True, istiod_dns=(f"istiod.test:{port}",), istiod_dns_interval=0.01,
+                 istiod_plaintext=True, admin_listen="", drain_seconds=0.1, upstream_timeout=600)
+    proxy = Proxy(cfg)
+    (source,) = proxy.replicas.sources
+    assert isinstance(source, DnsSource)
+    source.resolver = resolver
+    await proxy.start()
+    gone = f"127.0.0.2:{port}"
+    try:
+        while [r.address for r in proxy.replicas.current()] != [gone]:
+            await asyncio.wait_for(proxy.replicas.wait_changed(), 30)
+        target = client.Target(f"127.0.0.1:{proxy.port}", plaintext=True, token=ADMIN_TOKEN)
+        call = asyncio.create_task(client.request(target, client.SYNCZ, timeout=600))
+        await wait_for_counter(lambda: hung.requests >= 1, "the call to reach the hung replica")
+        resolver.records = ["127.0.0.3"]
+        while [r.address for r in proxy.replicas.current()] != [f"127.0.0.3:{port}"]:
+            await asyncio.wait_for(proxy.replicas.wait_changed(), 30)
+        await servers.pop("127.0.0.2").stop(0)  # now the call in flight to the dropped replica fails
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call
+        assert gone not in proxy.pool.last_error and gone not in proxy.pool.last_ok
+        assert gone not in proxy.metrics.last_answer
+        samples = [s for m in proxy.metrics.registry.collect() for s in m.samples if s.labels.get("replica") == gone]
+        assert samples == []
+    finally:
+        await proxy.stop(0)
+        for server in servers.values():
+            await server.stop(0)

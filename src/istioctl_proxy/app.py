@@ -19,7 +19,7 @@ from .auth import Authenticator, AuthMode, TokenReviewer, parse_spiffe, spiffe_i
 from .config import Config, plaintext_exposed
 from .discovery import DnsSource, ReplicaSet, ReplicaSource, StaticSource
 from .errors import ConfigError, ResourceExhausted, Unavailable
-from .fanout import FanOut
+from .fanout import Answer, FanOut
 from .metrics import Metrics
 from .server import (
     AdsService,
@@ -135,7 +135,7 @@ class Proxy:
             upstream_node=upstream_identity_node(cfg) if mode is AuthMode.IDENTITY else None,
             coalesce=cfg.coalesce, cache_ttl=cfg.cache_ttl,
         )
-        fanout = FanOut(self.pool, on_answer=self.metrics.observe_upstream)
+        fanout = FanOut(self.pool, on_answer=self._observe_upstream)
         aggregator = Aggregator(self.replicas, fanout, settings)
         aggregator.on_shared = self.metrics.shared_answer
         if cfg.token_review:
@@ -160,6 +160,11 @@ class Proxy:
                 # takes token callers and does not request certificates.
                 require_client_cert=cfg.upstream_identity and not cfg.token_review,
             ))
+
+    def _observe_upstream(self, answer: Answer) -> None:
+        # A late answer of a replica discovery has dropped would re-create its series after Metrics.retain.
+        if answer.replica in self.replicas.current():
+            self.metrics.observe_upstream(answer)
 
     async def start(self) -> None:
         # First: without a usable upstream root there is nothing to serve, and nothing is bound yet.

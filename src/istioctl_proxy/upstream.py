@@ -119,6 +119,7 @@ class UpstreamPool:
         self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}
         self.last_ok: dict[str, float] = {}
         self.last_error: dict[str, str] = {}
+        self._known: set[str] | None = None  # the replicas of the last retain(); None: no discovery yet
         self.channels_opened = 0  # for metrics and leak tests: opened - closed is what is open now
         self.channels_closed = 0
 
@@ -182,6 +183,7 @@ class UpstreamPool:
     def retain(self, replicas: tuple[Replica, ...]) -> None:
         """Close, after a grace period, the channels of replicas discovery no longer lists; forget their state."""
         keep = {r.address for r in replicas}
+        self._known = keep
         for state in (self._unverified_roots, self.last_ok, self.last_error):
             for address in [a for a in state if a not in keep]:
                 del state[address]
@@ -226,6 +228,14 @@ class UpstreamPool:
         for ch in channels:
             await self._close_channel(ch)
 
+    def _note_error(self, address: str, error: str) -> None:
+        # A call that outlived its replica (discovery dropped it meanwhile) must not bring its state back.
+        if self._listed(address):
+            self.last_error[address] = error
+
+    def _listed(self, address: str) -> bool:
+        return self._known is None or address in self._known
+
     async def ask(
         self, replica: Replica, request: bytes, metadata: tuple[tuple[str, str], ...], timeout: float
     ) -> bytes:
@@ -249,16 +259,17 @@ class UpstreamPool:
                 raise UpstreamError(code, details or code.name)
             assert isinstance(response, bytes)
         except grpc.aio.AioRpcError as err:
-            self.last_error[replica.address] = f"{err.code().name}: {err.details()}"
+            self._note_error(replica.address, f"{err.code().name}: {err.details()}")
             raise UpstreamError(err.code(), err.details() or err.code().name) from None
         except UpstreamError as err:
-            self.last_error[replica.address] = str(err)
+            self._note_error(replica.address, str(err))
             raise
         finally:
             # istiod would keep the stream open for more requests; we asked for one answer only.
             with contextlib.suppress(Exception):
                 call.cancel()
-        self.last_ok[replica.address] = time.monotonic()
-        self.last_error.pop(replica.address, None)
+        if self._listed(replica.address):  # see _note_error
+            self.last_ok[replica.address] = time.monotonic()
+            self.last_error.pop(replica.address, None)
         log.debug("%s answered %d bytes in %.1f ms", replica.label, len(response), (time.monotonic() - started) * 1e3)
         return response
