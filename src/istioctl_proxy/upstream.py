@@ -176,8 +176,13 @@ class UpstreamPool:
                 ch = grpc.aio.insecure_channel(address, options=self._options())
             else:
                 ch = grpc.aio.secure_channel(address, self._credentials(address), options=self._options())
-            self._channels[address] = ch
             self.channels_opened += 1
+            if self._listed(address):
+                self._channels[address] = ch
+            else:
+                # A call or readiness probe that took its replica list before discovery dropped this one:
+                # it gets a channel, which is retired like the others instead of staying open for good.
+                self._retire_later(ch)
         return ch
 
     def retain(self, replicas: tuple[Replica, ...]) -> None:
@@ -191,10 +196,12 @@ class UpstreamPool:
 
     def _retire_channels(self, keep: set[str]) -> None:
         for address in [a for a in self._channels if a not in keep]:
-            ch = self._channels.pop(address)
-            task = asyncio.get_running_loop().create_task(self._retire(ch))
-            self._retiring[task] = ch
-            task.add_done_callback(self._retired)
+            self._retire_later(self._channels.pop(address))
+
+    def _retire_later(self, ch: grpc.aio.Channel) -> None:
+        task = asyncio.get_running_loop().create_task(self._retire(ch))
+        self._retiring[task] = ch
+        task.add_done_callback(self._retired)
 
     def _retired(self, task: asyncio.Task[None]) -> None:
         self._retiring.pop(task, None)
