@@ -98,6 +98,11 @@ class Readiness:
                                    "has found none yet")
             return
         probes = await asyncio.gather(*(self._probe(r) for r in replicas))
+        # Discovery may have dropped some meanwhile: their series must not come back after Metrics.retain.
+        current = set(self.replicas.current())
+        probes = [p for p in probes if p.replica in current]
+        if not probes:
+            return  # the set changed under this probe; the change woke the next one
         self.probes = {p.replica.address: p for p in probes}
         self.metrics.set_replicas({p.replica: p.up for p in probes})
         up = sum(p.up for p in probes)
