@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import grpc
 import pytest
@@ -114,3 +115,41 @@ async def test_identity_mode_certificate_from_another_ca_is_refused() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.request(s.target(leaf=stranger), client.SYNCZ, timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_token_review_limits_per_peer_address() -> None:
+    from istioctl_proxy.kubernetes import ReviewLimits, peer_host
+
+    # The per-peer limits count addresses, not connections: the port a client dials from does not matter.
+    assert peer_host("ipv4:10.0.0.1:5000") == peer_host("ipv4:10.0.0.1:5001") == "10.0.0.1"
+    assert peer_host("ipv6:[::1]:5000") == "::1"
+    assert peer_host("unix:/run/x.sock") == "unix:/run/x.sock"
+    # The flags' shape: bursts are two seconds' worth (at least 1), a peer gets half the concurrency.
+    assert ReviewLimits.from_rates(20, 2, 4) == ReviewLimits(rate=20, burst=40, peer_rate=2, peer_burst=4,
+                                                             concurrency=4, peer_concurrency=2)
+    tiny = ReviewLimits.from_rates(0.001, 0.001, 1)
+    assert (tiny.burst, tiny.peer_burst, tiny.peer_concurrency) == (1, 1, 1)
+
+
+async def test_token_reviewer_gets_the_callers_peer_address(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig.json"  # never used: the test replaces the reviewer
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "x",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "unused"}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+    }))  # fmt: skip
+    peers: list[str] = []
+
+    async def reviewer(token: str, peer: str) -> tuple[str, str] | None:
+        peers.append(peer)
+        return ("istio-system", "default") if token == "good" else None
+
+    async with stack(2, 4, identity=True, token_review=True, token_review_kubeconfig=str(kubeconfig)) as s:
+        s.proxy.service.authenticator.token_reviewer = reviewer
+        resp, _ = await client.request(s.target("good"), client.SYNCZ)
+        assert len(resp.resources) == 4
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.request(s.target("bad"), client.SYNCZ)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert len(peers) == 2 and all(p.startswith("ipv4:127.0.0.1:") for p in peers), peers

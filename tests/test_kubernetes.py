@@ -7,13 +7,18 @@ through the status subresource, exactly what a kubelet's status manager sends.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import base64
 import contextlib
+import io
 import itertools
 import json
 import os
+import secrets
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -119,6 +124,7 @@ async def running(*coros: Awaitable[None]) -> AsyncIterator[list[asyncio.Task[No
 
 def pod_source(server: ApiServer, namespace: str, **kw: Any) -> KubernetesPodSource:
     kw.setdefault("backoff", Backoff(FAST.initial, FAST.maximum))
+    kw.setdefault("allow_loopback", True)  # the tests' pods report 127.0.0.x IPs; the default skips them
     return KubernetesPodSource(namespace, kubeconfig=server.admin_kubeconfig(), **kw)
 
 
@@ -228,8 +234,10 @@ async def test_two_sources_merge_into_one_replica_set(cluster: KubeCluster, admi
         await ensure_namespace(admin, n)
     await create_istiod_pod(admin, ns1, "istiod-1", "127.0.0.41")
     await create_istiod_pod(admin, ns2, "istiod-2", "127.0.0.42")
-    s1 = KubernetesPodSource(ns1, kubeconfig=cluster.apiserver.admin_kubeconfig(context="east"), backoff=FAST)
-    s2 = KubernetesPodSource(ns2, kubeconfig=cluster.apiserver.admin_kubeconfig(context="west"), backoff=FAST)
+    s1 = KubernetesPodSource(ns1, kubeconfig=cluster.apiserver.admin_kubeconfig(context="east"), backoff=FAST,
+                             allow_loopback=True)
+    s2 = KubernetesPodSource(ns2, kubeconfig=cluster.apiserver.admin_kubeconfig(context="west"), backoff=FAST,
+                             allow_loopback=True)
     assert (s1.name, s2.name) == (f"k8s:east/{ns1}", f"k8s:west/{ns2}")
     replicas = ReplicaSet([s1, s2])
     await replicas.start()
@@ -358,7 +366,7 @@ async def test_in_cluster_config_with_shipped_rbac_and_token_rotation(
     assert target.label == "in-cluster"
     assert k8s.own_namespace(service_account_dir=sa_dir) == namespace
 
-    source = KubernetesPodSource(namespace, target=target, watch_timeout=1, backoff=FAST)
+    source = KubernetesPodSource(namespace, target=target, watch_timeout=1, backoff=FAST, allow_loopback=True)
     assert source.name == f"k8s:in-cluster/{namespace}"
     rec = Recorder()
     async with running(source.run(rec)):
@@ -454,7 +462,7 @@ async def test_shipped_role_is_exactly_what_the_code_uses(cluster: KubeCluster, 
         ),
         namespace=namespace,
     )
-    source = KubernetesPodSource(namespace, target=target, revision="default", backoff=FAST)
+    source = KubernetesPodSource(namespace, target=target, revision="default", backoff=FAST, allow_loopback=True)
     watcher = RootCertWatcher(namespace, target=target, backoff=FAST)
     rec, pems = Recorder(), []
     labels = {"metadata": {"labels": {"istio.io/rev": "default"}}}
@@ -881,7 +889,7 @@ async def test_rolling_replace_of_three_replicas_fails_no_call(
     cfg = Config(
         listen="127.0.0.1:0", plaintext=True, admin_listen="", drain_seconds=1.0,
         istiod_k8s=True, kubeconfig=str(cluster.apiserver.admin_kubeconfig()), istio_namespace=ns,
-        istiod_port=port, istiod_plaintext=True,
+        istiod_port=port, istiod_plaintext=True, istiod_allow_loopback=True,
     )  # fmt: skip
     proxy = Proxy(cfg)
     await proxy.start()
@@ -980,7 +988,7 @@ async def test_flags_give_one_source_per_cluster(cluster: KubeCluster, admin: As
     await create_istiod_pod(admin, ns, "istiod-m", "127.0.0.61")
     east = cluster.apiserver.admin_kubeconfig(context="east")
     west = cluster.apiserver.admin_kubeconfig(context="west")
-    cfg = Config(istiod_k8s=True, istio_namespace=ns, kubeconfig=f"{east},{west}")
+    cfg = Config(istiod_k8s=True, istio_namespace=ns, kubeconfig=f"{east},{west}", istiod_allow_loopback=True)
     sources = sources_of(cfg)
     assert [s.name for s in sources] == [f"k8s:east/{ns}", f"k8s:west/{ns}"]
     replicas = ReplicaSet(sources)
@@ -992,3 +1000,532 @@ async def test_flags_give_one_source_per_cluster(cluster: KubeCluster, admin: As
         await replicas.stop()
     with pytest.raises(ConfigError, match="same length"):
         sources_of(dc.replace(cfg, context="a,b,c"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hardening (issue 17 items 1, 4, 5, 6, 10; issue 11 items 4, 6, 8)
+
+GARBAGE_PEM = (
+    "-----BEGIN CERTIFICATE-----\nZ2FyYmFnZSBwcmV0ZW5kaW5nIHRvIGJlIGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
+)
+
+
+def root_cm(pem: str) -> ConfigMap:
+    return ConfigMap(metadata=ObjectMeta(name="istio-ca-root-cert"), data={"root-cert.pem": pem})
+
+
+async def replace_cm(admin: AsyncClient, namespace: str, pem: str) -> str:
+    """Replace the CA ConfigMap; returns the new resourceVersion (to wait until a watcher has seen it)."""
+    result = await admin.replace(root_cm(pem), namespace=namespace)
+    assert result.metadata is not None and result.metadata.resourceVersion
+    return result.metadata.resourceVersion
+
+
+async def test_garbage_ca_configmap_is_refused_and_the_last_good_root_stays(
+    cluster: KubeCluster, admin: AsyncClient
+) -> None:
+    namespace = _ns_name("ca-bad")
+    await ensure_namespace(admin, namespace)
+    target = load_kube_target(cluster.apiserver.admin_kubeconfig())
+    good1, good2 = cluster.pki.ca_pem.decode(), cluster.pki.issue("rotated root")[0].decode()
+    bad_values = (
+        GARBAGE_PEM,  # looks like PEM, does not parse
+        good1 + GARBAGE_PEM,  # a bundle with one good and one broken certificate
+        good1 + "-----BEGIN CERTIFICATE-----\nMIIB\n",  # truncated
+        "not a certificate at all",
+    )
+    # At start-up (first()) a garbage value is an error saying why, not an endless wait or a broken root.
+    await admin.create(root_cm(GARBAGE_PEM), namespace=namespace)
+    with pytest.raises(k8s.CaRejected, match="not a usable root certificate bundle: a certificate does not parse"):
+        await asyncio.wait_for(RootCertWatcher(namespace, target=target, backoff=FAST).first(), 10)
+
+    await replace_cm(admin, namespace, good1)
+    refused: list[k8s.Rejection] = []
+    watcher = RootCertWatcher(namespace, target=target, backoff=FAST, on_rejected=refused.append)
+    got: list[bytes] = []
+    async with running(watcher.run(got.append)):
+        await until(lambda: got == [good1.encode()], 10, "the first root")
+        for i, bad in enumerate(bad_values, 1):
+            seen = await replace_cm(admin, namespace, bad)
+            await until(lambda v=seen: watcher.resource_version == v, FOLLOW, f"bad value {i} to be seen")
+            assert watcher.rejected == i and len(refused) == i
+            assert watcher.pem == good1.encode() and got == [good1.encode()]
+            assert f"(resourceVersion {seen}) is not a usable root certificate bundle" in (
+                watcher.describe_rejection()
+            )
+        # A later empty value keeps the last *good* root, not the garbage before it.
+        version = await replace_cm(admin, namespace, "")
+        await until(lambda: watcher.resource_version == version, FOLLOW, "the empty value to be seen")
+        assert watcher.pem == good1.encode() and watcher.rejected == len(bad_values)
+        await replace_cm(admin, namespace, good2)
+        await until(lambda: got == [good1.encode(), good2.encode()], FOLLOW, "the rotated root")
+        assert watcher.describe_rejection() == ""
+    assert [r.reason.split(":")[0] for r in refused] == [
+        "a certificate does not parse", "a certificate does not parse", "a certificate block is not terminated",
+        "no PEM certificate in it",
+    ]
+    assert watcher.stats.errors == 0, watcher.stats
+
+
+async def test_garbage_ca_configmap_does_not_take_the_proxy_down(
+    cluster: KubeCluster, admin: AsyncClient, tmp_path: Path
+) -> None:
+    """Through a running proxy: calls keep working on the last good root, the refusal is counted, /readyz
+    says it, `check` fails on it, and a proxy starting on a garbage value refuses to start, in one line."""
+    from istioctl_proxy import cli, client
+    from istioctl_proxy.app import Proxy
+    from istioctl_proxy.check import run_check
+    from istioctl_proxy.errors import ConfigError
+    from istioctl_proxy.simulate import SimulatedMesh
+    from istioctl_proxy.simulator import make_mesh
+
+    from .helpers import make_pki
+
+    namespace = _ns_name("ca-proxy")
+    await ensure_namespace(admin, namespace)
+    pki = make_pki(str(tmp_path))
+    mesh = SimulatedMesh(make_mesh(2, 6))
+    await mesh.start(tls=(pki.istiod.cert_pem, pki.istiod.key_pem, pki.ca.cert_pem))
+    await admin.create(root_cm(pki.ca.cert_pem.decode()), namespace=namespace)
+    kubeconfig = str(cluster.apiserver.admin_kubeconfig())
+    cfg = pki.identity_config(
+        tuple(mesh.addresses), istiod_ca="", istiod_ca_configmap=True, kubeconfig=kubeconfig,
+        istio_namespace=namespace, istiod_san="istiod.istio-system.svc", admin_listen="127.0.0.1:0",
+    )  # fmt: skip
+    leaf = pki.client(namespace)
+    proxy = Proxy(cfg)
+    await proxy.start()
+    target = client.Target(f"127.0.0.1:{proxy.port}", ca_pem=pki.ca.cert_pem, cert_pem=leaf.cert_pem,
+                           key_pem=leaf.key_pem, authority="localhost")  # fmt: skip
+
+    def readyz() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{proxy.admin_port}/readyz", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    try:
+        resp, _ = await client.request(target, client.SYNCZ)
+        assert len(resp.resources) == 6
+        assert proxy.ca_watcher is not None
+        await replace_cm(admin, namespace, GARBAGE_PEM)
+        await until(lambda: proxy.ca_watcher is not None and proxy.ca_watcher.rejected == 1, FOLLOW, "the refusal")
+        # Fresh channels (as after a reconnect) still verify istiod with the last good root.
+        proxy.pool.refresh_tls(proxy.pool.tls)
+        resp, trailers = await client.request(target, client.SYNCZ)
+        assert len(resp.resources) == 6 and not trailers
+        assert proxy.metrics.registry.get_sample_value("istioctl_proxy_ca_updates_rejected_total") == 1
+        status, text = await asyncio.to_thread(readyz)
+        assert status == 200, text
+        assert "warning: " in text and "is not a usable root certificate bundle" in text, text
+
+        out = io.StringIO()
+        argv = ["check", "--plaintext", "--istiod", ",".join(mesh.addresses), "--istiod-ca-configmap",
+                "--kubeconfig", kubeconfig, "--istio-namespace", namespace, "--istiod-san", "istiod.istio-system.svc",
+                "--timeout", "5"]  # fmt: skip
+        code = await run_check(cli.parser().parse_args(argv), out, io.StringIO())
+        assert code == 1
+        ca_lines = [line for line in out.getvalue().splitlines() if line.startswith("✗ istio CA:")]
+        assert len(ca_lines) == 1 and "is not a usable root certificate bundle" in ca_lines[0], out.getvalue()
+
+        # Starting while the value is garbage: a one-line configuration error, not a proxy with a broken root.
+        with pytest.raises(ConfigError, match=r"--istiod-ca-configmap: .* a certificate does not parse"):
+            other = Proxy(cfg)
+            try:
+                await other.start()
+            finally:
+                await other.pool.close()
+    finally:
+        await proxy.stop(0)
+        await mesh.stop()
+
+
+async def reviewer_kubeconfig(cluster: KubeCluster, admin: AsyncClient, *, bind: bool = True) -> tuple[Path, str]:
+    """A service account that reviews tokens (with system:auth-delegator unless `bind` is false); its
+    kubeconfig and its user name (what the audit log records)."""
+    proxy_ns = _ns_name("reviewer")
+    await ensure_namespace(admin, proxy_ns, service_accounts=("istioctl-proxy",))
+    if bind:
+        await admin.create(ClusterRoleBinding(
+            metadata=ObjectMeta(name=f"istioctl-proxy-tokenreview-{proxy_ns}"),
+            roleRef=RoleRef(apiGroup="rbac.authorization.k8s.io", kind="ClusterRole", name="system:auth-delegator"),
+            subjects=[Subject(kind="ServiceAccount", name="istioctl-proxy", namespace=proxy_ns)],
+        ))  # fmt: skip
+    token = await request_token(admin, proxy_ns, "istioctl-proxy", audiences=[k8s_issuer()])
+    kubeconfig = cluster.apiserver.token_kubeconfig(f"reviewer-{proxy_ns}", token)
+    return kubeconfig, f"system:serviceaccount:{proxy_ns}:istioctl-proxy"
+
+
+def tokenreviews_by(cluster: KubeCluster, user: str) -> int:
+    """TokenReviews the API server received from `user`, from its audit log (written before it answers)."""
+    return sum(
+        1 for e in cluster.apiserver.audit_events()
+        if e.get("user", {}).get("username") == user and e.get("verb") == "create"
+        and e.get("objectRef", {}).get("resource") == "tokenreviews"
+    )  # fmt: skip
+
+
+def expired_looking_jwt() -> str:
+    """A JWT-shaped token whose (unverified) exp is an hour ago: the shape that used to skip the negative cache."""
+    def part(obj: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    claims = {"exp": int(time.time()) - 3600, "sub": secrets.token_hex(8)}
+    return f"{part({'alg': 'RS256'})}.{part(claims)}.{secrets.token_urlsafe(32)}"
+
+
+async def test_token_review_cache_ttl_bounds_how_long_a_revoked_token_works(
+    cluster: KubeCluster, admin: AsyncClient, ns: str
+) -> None:
+    from istioctl_proxy.config import Config, add_serve_flags, from_args
+
+    def parsed(env: dict[str, str]) -> Config:
+        p = argparse.ArgumentParser()
+        add_serve_flags(p, env)
+        return from_args(p.parse_args(["--plaintext", "--istiod", "127.0.0.1:1", "--istiod-plaintext"]), env)
+
+    assert parsed({}).token_review_cache_ttl <= 10
+    assert parsed({"ISTIOCTL_PROXY_TOKEN_REVIEW_CACHE_TTL": "3"}).token_review_cache_ttl == 3
+    cfg = Config(token_review_kubeconfig=str(cluster.apiserver.admin_kubeconfig()), token_review_cache_ttl=4)
+    reviewer = k8s.token_reviewer_from_config(cfg)
+    assert reviewer.ttl == 4
+    await reviewer.close()
+
+    now = [1000.0]
+    auth = TokenReviewAuthenticator(kubeconfig=cluster.apiserver.admin_kubeconfig(), ttl=4, clock=lambda: now[0])
+    try:
+        token = await request_token(admin, ns, "default", bound_secret="revocable")
+        assert await auth.review(token) == (ns, "default")
+        await admin.delete(Secret, "revocable", namespace=ns)  # revokes the token
+        # The API server caches its own verdicts (~10 s): wait until a review without our cache says no.
+        probe = TokenReviewAuthenticator(kubeconfig=cluster.apiserver.admin_kubeconfig(), ttl=0)
+        try:
+            deadline = time.monotonic() + 60
+            while await probe.review(token) is not None:
+                assert time.monotonic() < deadline, "the API server never refused the revoked token"
+                await asyncio.sleep(0.2)
+        finally:
+            await probe.close()
+        now[0] += 3.9
+        assert await auth.review(token) == (ns, "default")  # still inside the TTL: cached
+        assert auth.reviews == 1
+        now[0] += 0.2
+        assert await auth.review(token) is None  # past the TTL: asked again, refused
+        assert auth.reviews == 2
+    finally:
+        await auth.close()
+
+
+async def test_random_tokens_cause_at_most_the_bounded_number_of_reviews(
+    cluster: KubeCluster, admin: AsyncClient
+) -> None:
+    """400 calls with random tokens (half of them expired-looking JWTs) from 6 peers make at most `burst`
+    TokenReviews at the real API server (counted in its audit log), the rest are refused by a limit; the
+    refused tokens are then cached, expired-looking or not, so sending them again costs nothing."""
+    kubeconfig, user = await reviewer_kubeconfig(cluster, admin)
+    limits = k8s.ReviewLimits(rate=1, burst=8, peer_rate=1, peer_burst=3, concurrency=2, peer_concurrency=2)
+    now = [1000.0]  # frozen: no bucket refills during the flood, so the bound is exact
+    limited: list[str] = []
+    auth = TokenReviewAuthenticator(kubeconfig=kubeconfig, limits=limits, clock=lambda: now[0],
+                                    on_limited=limited.append)  # fmt: skip
+    tokens = [expired_looking_jwt() if i % 2 == 0 else secrets.token_urlsafe(40) for i in range(400)]
+    peers = [f"ipv4:10.0.0.{i}:{40000 + i}" for i in range(6)]
+    before = tokenreviews_by(cluster, user)
+    try:
+        results = await asyncio.gather(
+            *(auth.review(t, peers[i % len(peers)]) for i, t in enumerate(tokens)), return_exceptions=True
+        )
+        reviewed = [t for t, r in zip(tokens, results, strict=True) if r is None]
+        refused = [r for r in results if isinstance(r, k8s.TokenReviewLimited)]
+        assert len(reviewed) + len(refused) == len(tokens), [r for r in results if r is not None][:3]
+        made = tokenreviews_by(cluster, user) - before
+        assert made == auth.reviews == len(reviewed) <= limits.burst, (made, auth.reviews, len(reviewed))
+        assert len(reviewed) == limits.burst  # the bound is reached, not just respected by accident
+        assert auth.max_in_flight <= limits.concurrency
+        assert {r.limit for r in refused} == {"rate", "peer-concurrency"}
+        assert len(limited) == len(refused) and sum(auth.limited.values()) == len(refused)
+        assert any(t.count(".") == 2 for t in reviewed) and any(t.count(".") != 2 for t in reviewed)
+
+        now[0] += 20.0  # every bucket full again; still inside the 30 s of cached refusals
+        again = await asyncio.gather(*(auth.review(t, peers[0]) for t in reviewed))
+        assert again == [None] * len(reviewed)
+        assert tokenreviews_by(cluster, user) - before == made  # refusals were cached, whatever exp said
+    finally:
+        await auth.close()
+
+
+async def test_token_review_floods_through_the_proxy_get_resource_exhausted(
+    cluster: KubeCluster, admin: AsyncClient
+) -> None:
+    import grpc
+
+    from istioctl_proxy import client
+
+    from .helpers import stack
+
+    kubeconfig, user = await reviewer_kubeconfig(cluster, admin)
+    before = tokenreviews_by(cluster, user)
+    # One peer (every call comes from 127.0.0.1), 0.001 reviews/s: a burst of 1, then one more per 1000 s.
+    async with stack(identity=True, token_review=True, token_review_kubeconfig=str(kubeconfig),
+                     token_review_peer_rate=0.001, token_review_rate=100.0, token_review_concurrency=4) as s:
+        async def call(token: str) -> grpc.StatusCode:
+            try:
+                await client.request(s.target(token), client.SYNCZ)
+            except grpc.aio.AioRpcError as err:
+                return err.code()
+            return grpc.StatusCode.OK
+
+        codes = await asyncio.gather(*(call(secrets.token_urlsafe(40)) for _ in range(40)))
+        metrics = s.proxy.metrics.registry
+        exhausted = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert codes.count(grpc.StatusCode.UNAUTHENTICATED) == 1 and exhausted == 39, codes
+        assert tokenreviews_by(cluster, user) - before == 1
+        assert metrics.get_sample_value("istioctl_proxy_token_reviews_total", {"result": "refused"}) == 1
+        limited = sum(metrics.get_sample_value("istioctl_proxy_token_reviews_limited_total", {"limit": lim}) or 0
+                      for lim in ("rate", "peer-rate", "peer-concurrency"))  # fmt: skip
+        assert limited == exhausted
+
+
+async def test_token_review_refusal_does_not_name_the_reviewer(
+    cluster: KubeCluster, admin: AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reviewer may not create TokenReviews (RBAC missing): callers get a generic UNAVAILABLE, the
+    detail (which names the reviewer's service account) is in the proxy's log only."""
+    import grpc
+
+    from istioctl_proxy import client
+
+    from .helpers import stack
+
+    kubeconfig, user = await reviewer_kubeconfig(cluster, admin, bind=False)
+    reviewer_sa = user.rpartition(":")[2]
+    reviewer_ns = user.split(":")[2]
+    await ensure_namespace(admin, "ns-1", service_accounts=("default",))
+    token = await request_token(admin, "ns-1", "default")
+    async with stack(identity=True, token_review=True, token_review_kubeconfig=str(kubeconfig)) as s:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.request(s.target(token, namespace="ns-1"), client.SYNCZ)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = err.value.details() or ""
+    for secret_detail in (reviewer_ns, reviewer_sa, "serviceaccount", "tokenreviews", "forbidden", "reviewer-"):
+        assert secret_detail not in details.lower(), details
+    assert "retry" in details
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "cannot create resource" in logged and reviewer_ns in logged
+
+
+async def test_shared_review_survives_the_first_caller_hanging_up(
+    cluster: KubeCluster, admin: AsyncClient, ns: str
+) -> None:
+    class Gated(TokenReviewAuthenticator):
+        """Holds each API call until `gate` opens, so callers can come and go while it is in flight."""
+
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.entered, self.gate = asyncio.Event(), asyncio.Event()
+
+        async def _review(self, token: str) -> TokenIdentity | None:
+            self.entered.set()
+            await self.gate.wait()
+            return await super()._review(token)
+
+    auth = Gated(kubeconfig=cluster.apiserver.admin_kubeconfig())
+    try:
+        token = await request_token(admin, ns, "default")
+        first = asyncio.create_task(auth.review(token))
+        await auth.entered.wait()
+        second = asyncio.create_task(auth.review(token))
+        await asyncio.sleep(0)  # one loop turn: `second` starts and joins the review in flight
+        first.cancel()  # the first caller hangs up
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        auth.gate.set()
+        assert await second == (ns, "default")
+        assert auth.reviews == 1
+
+        # Every caller gone: the review still finishes and its verdict is cached for the next one.
+        other = await request_token(admin, ns, "default")
+        auth.entered.clear()
+        auth.gate.clear()
+        leaving = asyncio.create_task(auth.review(other))
+        await auth.entered.wait()
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        auth.gate.set()
+        assert await auth.review(other) == (ns, "default")
+        assert auth.reviews == 2
+    finally:
+        await auth.close()
+
+
+async def test_discovery_does_not_dial_addresses_it_must_not(
+    cluster: KubeCluster, admin: AsyncClient, ns: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from istioctl_proxy.app import sources_of
+    from istioctl_proxy.config import Config
+    from istioctl_proxy.metrics import Metrics
+
+    await create_istiod_pod(admin, ns, "istiod-ok", "10.1.2.3")
+    await create_istiod_pod(admin, ns, "istiod-lo", "127.0.0.5")
+    await create_istiod_pod(admin, ns, "istiod-metadata", "169.254.169.254")
+    await create_istiod_pod(admin, ns, "istiod-v6-ll", "fe80::1")
+    await create_istiod_pod(admin, ns, "istiod-zero", "0.0.0.0")
+    await create_istiod_pod(admin, ns, "istiod-hostnet", "10.1.2.4", host_network=True)
+    skipped: list[str] = []
+    source = pod_source(cluster.apiserver, ns, allow_loopback=False, on_skip=skipped.append)
+    rec = Recorder()
+    async with running(source.run(rec)):
+        await rec.wait_pods({"istiod-ok": addr("10.1.2.3")}, timeout=10)
+        assert sorted(skipped) == ["host-network", "link-local", "link-local", "loopback", "unspecified"]
+        # Another event re-examines every pod: the skips are not logged or counted again.
+        await set_pod_status(admin, ns, "istiod-ok", ip="10.1.2.9", ready=True)
+        await rec.wait_pods({"istiod-ok": addr("10.1.2.9")})
+        assert source.skipped == 5 and len(skipped) == 5
+    logged = [r.getMessage() for r in caplog.records if "not dialling pod" in r.getMessage()]
+    assert len(logged) == 5 and any("istiod-metadata at 169.254.169.254 (link-local" in m for m in logged)
+
+    # Opt-ins: loopback for single-host setups and tests, hostNetwork for such an istiod. Never link-local.
+    opted = pod_source(cluster.apiserver, ns, allow_loopback=True, allow_host_network=True)
+    rec = Recorder()
+    async with running(opted.run(rec)):
+        await rec.wait_pods({"istiod-ok": addr("10.1.2.9"), "istiod-lo": addr("127.0.0.5"),
+                             "istiod-hostnet": addr("10.1.2.4")}, timeout=10)  # fmt: skip
+    assert opted.skipped == 3
+
+    # From the flags, counted in the proxy's metrics.
+    metrics = Metrics()
+    kubeconfig = str(cluster.apiserver.admin_kubeconfig())
+    (flagged,) = sources_of(Config(istiod_k8s=True, istio_namespace=ns, kubeconfig=kubeconfig), metrics)
+    assert isinstance(flagged, KubernetesPodSource) and not flagged.allow_loopback
+    rec = Recorder()
+    async with running(flagged.run(rec)):
+        await rec.wait_pods({"istiod-ok": addr("10.1.2.9")}, timeout=10)
+    assert metrics.registry.get_sample_value("istioctl_proxy_discovery_skipped_pods_total",
+                                             {"reason": "link-local"}) == 2  # fmt: skip
+    (allowed,) = sources_of(Config(istiod_k8s=True, istio_namespace=ns, kubeconfig=kubeconfig,
+                                   istiod_allow_loopback=True, istiod_allow_host_network=True))  # fmt: skip
+    assert isinstance(allowed, KubernetesPodSource) and allowed.allow_loopback and allowed.allow_host_network
+
+
+def test_kubernetes_configuration_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    from istioctl_proxy.pki import TestCA
+
+    ca = TestCA()
+    leaf = ca.issue(spiffe="spiffe://cluster.local/ns/istio-system/sa/istioctl-proxy")
+    files = {"ca.pem": ca.cert_pem, "leaf.pem": leaf.cert_pem, "leaf.key": leaf.key_pem, "empty.yaml": b"{}",
+             "list.yaml": b"- a\n- b\n", "broken.yaml": b"clusters: [\n",
+             "ctx.yaml": b"apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\ncurrent-context: gone\n",
+             "missing-ca.yaml": yaml.safe_dump({
+                 "apiVersion": "v1", "kind": "Config", "current-context": "x",
+                 "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1",
+                                                        "certificate-authority": str(tmp_path / "nowhere.crt")}}],
+                 "users": [{"name": "u", "user": {"token": "t"}}],
+                 "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}]}).encode()}  # fmt: skip
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    k8s_args = ["serve", "--plaintext", "--istiod-plaintext", "--istiod-k8s", "--admin-listen", ""]
+    identity = ["serve", "--tls-cert", "leaf.pem", "--tls-key", "leaf.key", "--client-ca", "ca.pem",
+                "--istiod", "127.0.0.1:1", "--istiod-ca", "ca.pem", "--upstream-identity", "--upstream-cert",
+                "leaf.pem", "--upstream-key", "leaf.key", "--token-review", "--admin-listen", ""]  # fmt: skip
+    cases = {
+        "--kubeconfig empty.yaml: not a usable kubeconfig": [*k8s_args, "--kubeconfig", "empty.yaml"],
+        "--kubeconfig list.yaml: not a usable kubeconfig": [*k8s_args, "--kubeconfig", "list.yaml"],
+        "--kubeconfig broken.yaml: not a usable kubeconfig": [*k8s_args, "--kubeconfig", "broken.yaml"],
+        "Context 'gone' not found": [*k8s_args, "--kubeconfig", "ctx.yaml"],
+        "certificate-authority": [*k8s_args, "--kubeconfig", "missing-ca.yaml"],
+        "--istiod-selector/--revision: invalid label selector term": [
+            *k8s_args, "--kubeconfig", "missing-ca.yaml", "--istiod-selector", "app = istiod x"],
+        "invalid label value": [*k8s_args, "--kubeconfig", "missing-ca.yaml", "--revision=-bad-"],
+        "--istio-namespace 'Istio_System' is not a valid namespace name": [
+            *k8s_args, "--istio-namespace", "Istio_System"],
+        "--token-review-kubeconfig empty.yaml: not a usable kubeconfig": [
+            *identity, "--token-review-kubeconfig", "empty.yaml"],
+        "--kubeconfig broken.yaml: not a usable kubeconfig ": [
+            "serve", "--plaintext", "--istiod", "127.0.0.1:1", "--istiod-ca-configmap", "--kubeconfig", "broken.yaml",
+            "--admin-listen", ""],
+    }  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ISTIOCTL_PROXY_", "KUBERNETES_"))}
+    for expected, argv in cases.items():
+        out = subprocess.run([sys.executable, "-m", "istioctl_proxy", *argv], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2, (argv, out.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("istioctl-proxy: "), (argv, out.stderr[-2000:])
+        assert expected.strip() in lines[0], (expected, lines[0])
+
+
+async def test_kubernetes_churn_and_stop_leave_nothing_behind(
+    cluster: KubeCluster, admin: AsyncClient, ns: str, tmp_path: Path
+) -> None:
+    """Pods come and go for a fixed number of rounds behind a proxy that also watches the CA ConfigMap and
+    reviews tokens; per-replica state follows the pods, and stop() leaves no task, channel or client open."""
+    from istioctl_proxy import client
+    from istioctl_proxy.app import Proxy
+    from istioctl_proxy.simulator import SimReplica, build_simulator_server
+
+    from .helpers import make_pki
+    from .test_tls_and_discovery import churn_through_proxy
+
+    pki = make_pki(str(tmp_path))
+    port = free_port()
+    ips = [f"127.0.0.{i}" for i in range(141, 147)]
+    servers = []
+    for ip in ips:
+        server, _ = build_simulator_server(SimReplica(f"istiod-{ip}"), f"{ip}:{port}",
+                                           tls=(pki.istiod.cert_pem, pki.istiod.key_pem, pki.ca.cert_pem))
+        await server.start()
+        servers.append(server)
+    await admin.create(root_cm(pki.ca.cert_pem.decode()), namespace=ns)
+    kubeconfig = str(cluster.apiserver.admin_kubeconfig())
+    await create_istiod_pod(admin, ns, "istiod-0", ips[0])
+    cfg = pki.identity_config(
+        (), istiod_k8s=True, kubeconfig=kubeconfig, istio_namespace=ns, istiod_port=port, istiod_allow_loopback=True,
+        istiod_ca="", istiod_ca_configmap=True, istiod_san="istiod.istio-system.svc", token_review=True,
+        token_review_kubeconfig=kubeconfig, admin_listen="127.0.0.1:0",
+    )  # fmt: skip
+    baseline = asyncio.all_tasks()
+    proxy = Proxy(cfg)
+    proxy.pool.retire_after = 0.0
+    await proxy.start()
+    target = client.Target(f"127.0.0.1:{proxy.port}", ca_pem=pki.ca.cert_pem, authority="localhost",
+                           token=await request_token(admin, ns, "default"))  # fmt: skip
+    live = {"istiod-0": ips[0]}
+
+    async def change(i: int) -> set[str]:
+        name, ip = f"istiod-{i + 1}", ips[(i + 1) % len(ips)]
+        await create_istiod_pod(admin, ns, name, ip)
+        live[name] = ip
+        if len(live) > 2:
+            gone = min(live, key=lambda n: int(n.rpartition("-")[2]))
+            await force_delete_pod(admin, ns, gone)
+            del live[gone]
+        return {addr(ip, port) for ip in live.values()}
+
+    try:
+        await churn_through_proxy(proxy, 12, change, target)
+        assert proxy.reviewer is not None and proxy.reviewer.client_open
+    finally:
+        await proxy.stop(0)
+        for server in servers:
+            await server.stop(0)
+    assert proxy.reviewer is not None and not proxy.reviewer.client_open
+    assert proxy.pool.channels_opened == proxy.pool.channels_closed
+    left = asyncio.all_tasks() - baseline - {asyncio.current_task()}
+    assert not left, left
+
+
+async def test_check_says_when_discovery_skipped_pods_for_their_address(
+    cluster: KubeCluster, admin: AsyncClient, ns: str
+) -> None:
+    from istioctl_proxy import cli
+    from istioctl_proxy.check import run_check
+
+    await create_istiod_pod(admin, ns, "istiod-lo", "127.0.0.5")
+    argv = ["check", "--plaintext", "--istiod-plaintext", "--istiod-k8s", "--kubeconfig",
+            str(cluster.apiserver.admin_kubeconfig()), "--istio-namespace", ns, "--timeout", "5"]  # fmt: skip
+    out = io.StringIO()
+    assert await run_check(cli.parser().parse_args(argv), out, io.StringIO()) == 1
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("✗ discovery k8s:")]
+    assert len(lines) == 1 and "1 ready pod(s) skipped for their address" in lines[0], out.getvalue()

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from istioctl_proxy import client
+from istioctl_proxy.app import Proxy, free_port
+from istioctl_proxy.config import Config
 from istioctl_proxy.discovery import DnsSource, Replica, ReplicaSet, StaticSource
+from istioctl_proxy.simulator import SimReplica, build_simulator_server
+from istioctl_proxy.upstream import UpstreamPool, UpstreamTLS
 
-from .helpers import EVENT_TIMEOUT, stack
+from .helpers import ADMIN_TOKEN, EVENT_TIMEOUT, TOKENS, stack
 
 
 def _served_cert(port: int) -> bytes:
@@ -105,3 +109,129 @@ async def test_sources_merge_without_duplicates() -> None:
         assert [r.address for r in rs.current()] == ["10.0.0.1:15012", "10.0.0.2:15012"]
     finally:
         await rs.stop()
+
+
+async def churn_through_proxy(
+    proxy: Proxy, rounds: int, change: Callable[[int], Awaitable[set[str]]], target: client.Target
+) -> None:
+    """`rounds` changes of the replica set (each `change(i)` returns the addresses it leads to), a call after
+    each so every replica gets a channel and a last answer; then per-replica state must cover no more than
+    the replicas discovery lists, and once the retiring grace (0 here) is over no dropped channel stays open."""
+    pool, metrics = proxy.pool, proxy.metrics
+    for i in range(rounds):
+        version = proxy.replicas.version
+        expected = await change(i)
+        while {r.address for r in proxy.replicas.current()} != expected:
+            version = await asyncio.wait_for(proxy.replicas.wait_changed(version), 30)
+        await client.request(target, client.SYNCZ, timeout=10)
+        current = {r.address for r in proxy.replicas.current()}
+        for name, state in (("last_ok", pool.last_ok), ("last_error", pool.last_error),
+                            ("last_answer", metrics.last_answer)):
+            assert set(state) <= current, (i, name, set(state) - current)
+        assert set(pool.open_addresses) <= current, (i, set(pool.open_addresses) - current)
+    await wait_for_counter(lambda: pool.retiring == 0, "retired channels to close")
+    assert pool.channels_opened - pool.channels_closed == len(pool.open_addresses)
+    assert pool.channels_opened > len(pool.open_addresses)  # the churn really opened and retired channels
+
+
+async def wait_for_counter(predicate: Callable[[], bool], what: str, limit: int = 100_000) -> None:
+    """Yield to the loop until `predicate` holds; bounded by iterations, not wall-clock."""
+    for _ in range(limit):
+        if predicate():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"never saw {what}")
+
+
+async def test_dns_churn_leaves_no_channels_tasks_or_per_replica_state() -> None:
+    """Replicas come and go through DNS for a fixed number of rounds; channels, tasks and per-replica state
+    (pool last_ok/last_error, metrics) return to their baseline, and stop() closes every channel, the
+    retiring ones included."""
+    port = free_port()
+    ips = [f"127.0.0.{i}" for i in range(2, 8)]
+    servers = []
+    for ip in ips[:-1]:  # the last IP has no server: its calls fail and leave a last_error
+        server, _ = build_simulator_server(SimReplica(f"istiod-{ip}", tokens=dict(TOKENS)), f"{ip}:{port}")
+        await server.start()
+        servers.append(server)
+    resolver = ControlledResolver(ips[:2])
+    baseline = asyncio.all_tasks()
+    cfg = Config(listen="127.0.0.1:0", plaintext=True, istiod_dns=(f"istiod.test:{port}",), istiod_dns_interval=0.01,
+                 istiod_plaintext=True, admin_listen="127.0.0.1:0", drain_seconds=0.1)
+    proxy = Proxy(cfg)
+    (source,) = proxy.replicas.sources
+    assert isinstance(source, DnsSource)
+    source.resolver = resolver
+    proxy.pool.retire_after = 0.0
+    await proxy.start()
+    target = client.Target(f"127.0.0.1:{proxy.port}", plaintext=True, token=ADMIN_TOKEN)
+
+    async def change(i: int) -> set[str]:
+        resolver.records = [ips[(i + k) % len(ips)] for k in range(1 + i % 3)]
+        return {f"{ip}:{port}" for ip in resolver.records}
+
+    try:
+        await churn_through_proxy(proxy, 30, change, target)
+        assert proxy.pool.last_error, "the IP without a server never failed a call"
+    finally:
+        await proxy.stop(0)
+        for server in servers:
+            await server.stop(0)
+    assert proxy.pool.channels_opened == proxy.pool.channels_closed
+    left = asyncio.all_tasks() - baseline - {asyncio.current_task()}
+    assert not left, left
+
+
+async def test_pool_close_closes_channels_still_in_their_retirement_grace() -> None:
+    pool = UpstreamPool(UpstreamTLS(plaintext=True), max_message_bytes=1 << 20)  # default grace: 60 s
+    for i in range(3):
+        pool.channel(f"127.0.0.1:{1000 + i}")
+    pool.retain((Replica("127.0.0.1:1000"),))
+    assert pool.retiring == 2 and pool.open_addresses == ("127.0.0.1:1000",)
+    await pool.close()
+    assert pool.retiring == 0
+    assert pool.channels_opened == pool.channels_closed == 3
+
+
+async def test_a_late_answer_of_a_dropped_replica_brings_no_state_back() -> None:
+    """A call still in flight to a replica that discovery drops ends after the drop: its outcome must not
+    re-create the replica's last_error or metric series (they would then never be pruned)."""
+    import grpc
+    import pytest
+
+    port = free_port()
+    hung = SimReplica("istiod-hung", tokens=dict(TOKENS))
+    hung.faults.hang = True
+    servers = {}
+    for ip, replica in (("127.0.0.2", hung), ("127.0.0.3", SimReplica("istiod-ok", tokens=dict(TOKENS)))):
+        servers[ip], _ = build_simulator_server(replica, f"{ip}:{port}")
+        await servers[ip].start()
+    resolver = ControlledResolver(["127.0.0.2"])
+    cfg = Config(listen="127.0.0.1:0", plaintext=True, istiod_dns=(f"istiod.test:{port}",), istiod_dns_interval=0.01,
+                 istiod_plaintext=True, admin_listen="", drain_seconds=0.1, upstream_timeout=600)
+    proxy = Proxy(cfg)
+    (source,) = proxy.replicas.sources
+    assert isinstance(source, DnsSource)
+    source.resolver = resolver
+    await proxy.start()
+    gone = f"127.0.0.2:{port}"
+    try:
+        while [r.address for r in proxy.replicas.current()] != [gone]:
+            await asyncio.wait_for(proxy.replicas.wait_changed(), 30)
+        target = client.Target(f"127.0.0.1:{proxy.port}", plaintext=True, token=ADMIN_TOKEN)
+        call = asyncio.create_task(client.request(target, client.SYNCZ, timeout=600))
+        await wait_for_counter(lambda: hung.requests >= 1, "the call to reach the hung replica")
+        resolver.records = ["127.0.0.3"]
+        while [r.address for r in proxy.replicas.current()] != [f"127.0.0.3:{port}"]:
+            await asyncio.wait_for(proxy.replicas.wait_changed(), 30)
+        await servers.pop("127.0.0.2").stop(0)  # now the call in flight to the dropped replica fails
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call
+        assert gone not in proxy.pool.last_error and gone not in proxy.pool.last_ok
+        assert gone not in proxy.metrics.last_answer
+        samples = [s for m in proxy.metrics.registry.collect() for s in m.samples if s.labels.get("replica") == gone]
+        assert samples == []
+    finally:
+        await proxy.stop(0)
+        for server in servers.values():
+            await server.stop(0)

@@ -57,6 +57,8 @@ class Readiness:
         self.ready = False
         self.reason = "starting: no readiness probe has run yet"
         self.probes: dict[str, Probe] = {}
+        # Lines /readyz adds whatever the readiness (e.g. a refused CA ConfigMap update); "" adds nothing.
+        self.details: list[Callable[[], str]] = []
         self._announced: bool | None = None
         self._listeners: list[OnReadiness] = []
         self._wake = asyncio.Event()
@@ -96,6 +98,11 @@ class Readiness:
                                    "has found none yet")
             return
         probes = await asyncio.gather(*(self._probe(r) for r in replicas))
+        # Discovery may have dropped some meanwhile: their series must not come back after Metrics.retain.
+        current = set(self.replicas.current())
+        probes = [p for p in probes if p.replica in current]
+        if not probes:
+            return  # the set changed under this probe; the change woke the next one
         self.probes = {p.replica.address: p for p in probes}
         self.metrics.set_replicas({p.replica: p.up for p in probes})
         up = sum(p.up for p in probes)
@@ -208,6 +215,7 @@ class AdminServer:
     async def readyz(self, _: web.Request) -> web.Response:
         r = self.readiness
         text = ("ready: " if r.ready else "not ready: ") + r.reason + "\n"
+        text += "".join(f"warning: {line}\n" for line in (detail() for detail in r.details) if line)
         return web.Response(status=200 if r.ready else 503, text=text)
 
     async def no_status_page(self, _: web.Request) -> web.Response:

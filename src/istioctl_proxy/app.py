@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
 import socket
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from envoy.config.core.v3 import base_pb2
 
@@ -16,8 +18,8 @@ from .aggregator import Aggregator, Settings
 from .auth import Authenticator, AuthMode, TokenReviewer, parse_spiffe, spiffe_ids_of_pem
 from .config import Config, plaintext_exposed
 from .discovery import DnsSource, ReplicaSet, ReplicaSource, StaticSource
-from .errors import ConfigError, Unavailable
-from .fanout import FanOut
+from .errors import ConfigError, ResourceExhausted, Unavailable
+from .fanout import Answer, FanOut
 from .metrics import Metrics
 from .server import (
     AdsService,
@@ -29,6 +31,9 @@ from .server import (
     set_serving,
 )
 from .upstream import TokenFile, UpstreamPool, UpstreamTLS
+
+if TYPE_CHECKING:
+    from .kubernetes import RootCertWatcher, TokenReviewAuthenticator
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +59,28 @@ def upstream_identity_node(cfg: Config) -> base_pb2.Node:
     return node
 
 
-def token_reviewer(cfg: Config) -> TokenReviewer:
+def token_reviewer(reviewer: TokenReviewAuthenticator) -> TokenReviewer:
     """--token-review: Kubernetes TokenReview against the cluster that issued the callers' tokens."""
-    from .kubernetes import TokenReviewUnavailable, token_reviewer_from_config
+    from .kubernetes import TokenReviewLimited, TokenReviewUnavailable
 
-    reviewer = token_reviewer_from_config(cfg)
-
-    async def review(token: str) -> tuple[str, str] | None:
+    async def review(token: str, peer: str) -> tuple[str, str] | None:
         try:
-            identity = await reviewer.review(token)
+            identity = await reviewer.review(token, peer)
         except TokenReviewUnavailable as err:
-            # An outage is not a verdict on the token: UNAVAILABLE, so istioctl users retry.
-            raise Unavailable(f"cannot review the token now: {err}") from None
+            # An outage is not a verdict on the token: UNAVAILABLE, so istioctl users retry. The detail can
+            # name the reviewer's own service account and RBAC ("... cannot create resource tokenreviews"):
+            # it goes to the log, the caller gets a generic message.
+            log.warning("token of %s not reviewed: %s", peer, err)
+            raise Unavailable("cannot verify the bearer token now (Kubernetes TokenReview is unavailable); "
+                              "retry later") from None
+        except TokenReviewLimited:
+            raise ResourceExhausted("too many bearer tokens to verify right now; retry in a few seconds") from None
         return None if identity is None else (identity.namespace, identity.service_account)
 
     return review
 
 
-def sources_of(cfg: Config) -> list[ReplicaSource]:
+def sources_of(cfg: Config, metrics: Metrics | None = None) -> list[ReplicaSource]:
     sources: list[ReplicaSource] = []
     if cfg.istiod:
         sources.append(StaticSource(cfg.istiod))
@@ -80,7 +89,8 @@ def sources_of(cfg: Config) -> list[ReplicaSource]:
     if cfg.istiod_k8s:
         from .kubernetes import pod_sources_from_config  # optional: only with Kubernetes discovery
 
-        sources.extend(pod_sources_from_config(cfg))
+        on_skip = None if metrics is None else (lambda reason: metrics.discovery_skipped.labels(reason).inc())
+        sources.extend(pod_sources_from_config(cfg, on_skip=on_skip))
     return sources
 
 
@@ -104,10 +114,13 @@ class Proxy:
     service: AdsService = field(init=False)
     port: int = 0
     _ca_task: asyncio.Task[None] | None = None
+    ca_watcher: RootCertWatcher | None = None  # --istiod-ca-configmap, once started
+    reviewer: TokenReviewAuthenticator | None = None  # --token-review
 
     def __post_init__(self) -> None:
         cfg = self.cfg
-        self.replicas = ReplicaSet(sources_of(cfg))
+        self.metrics = Metrics()  # per Proxy: two proxies in one process never share counters
+        self.replicas = ReplicaSet(sources_of(cfg, self.metrics))
         tls = UpstreamTLS(
             plaintext=cfg.istiod_plaintext, ca_pem=_read(cfg.istiod_ca), san=cfg.san,
             cert_pem=_read(cfg.upstream_cert), key_pem=_read(cfg.upstream_key),
@@ -122,13 +135,18 @@ class Proxy:
             upstream_node=upstream_identity_node(cfg) if mode is AuthMode.IDENTITY else None,
             coalesce=cfg.coalesce, cache_ttl=cfg.cache_ttl,
         )
-        self.metrics = Metrics()  # per Proxy: two proxies in one process never share counters
-        fanout = FanOut(self.pool, on_answer=self.metrics.observe_upstream)
+        fanout = FanOut(self.pool, on_answer=self._observe_upstream)
         aggregator = Aggregator(self.replicas, fanout, settings)
         aggregator.on_shared = self.metrics.shared_answer
+        if cfg.token_review:
+            from .kubernetes import token_reviewer_from_config
+
+            self.reviewer = token_reviewer_from_config(cfg)
+            self.reviewer.on_review = lambda result: self.metrics.token_reviews.labels(result).inc()
+            self.reviewer.on_limited = lambda limit: self.metrics.token_reviews_limited.labels(limit).inc()
         authenticator = Authenticator(
             mode, istio_namespace=cfg.istio_namespace, allowed_namespaces=frozenset(cfg.debug_allowed_namespaces),
-            trust_domain=cfg.trust_domain, token_reviewer=token_reviewer(cfg) if cfg.token_review else None,
+            trust_domain=cfg.trust_domain, token_reviewer=token_reviewer(self.reviewer) if self.reviewer else None,
         )
         self.service = AdsService(aggregator, authenticator, CallObserver(self.metrics), stream_limits(cfg))
         self.replicas.add_listener(self.pool.retain)
@@ -143,12 +161,18 @@ class Proxy:
                 require_client_cert=cfg.upstream_identity and not cfg.token_review,
             ))
 
+    def _observe_upstream(self, answer: Answer) -> None:
+        # A late answer of a replica discovery has dropped would re-create its series after Metrics.retain.
+        if answer.replica in self.replicas.current():
+            self.metrics.observe_upstream(answer)
+
     async def start(self) -> None:
+        # First: without a usable upstream root there is nothing to serve, and nothing is bound yet.
+        await self._watch_ca_configmap()
         self.server, self.health, self.port = build_server(
             self.service, listen=self.cfg.listen, max_message_bytes=self.cfg.max_message_bytes, tls=self.reloader,
             max_request_bytes=self.cfg.max_request_bytes,
         )
-        await self._watch_ca_configmap()
         await self.replicas.start()
         # gRPC health follows readiness (a replica known and connected), as /readyz does.
         await self.admin.start(lambda ready: set_serving(self.health, ready))
@@ -165,14 +189,23 @@ class Proxy:
         """--istiod-ca-configmap: trust the istio-ca-root-cert ConfigMap, and follow its rotation."""
         if not self.cfg.istiod_ca_configmap:
             return
-        from .kubernetes import root_cert_watcher_from_config
+        from .kubernetes import CaRejected, root_cert_watcher_from_config
 
         watcher = root_cert_watcher_from_config(self.cfg)
         try:
             pem = await asyncio.wait_for(watcher.first(), 30)
         except TimeoutError:
-            raise ConfigError("--istiod-ca-configmap: no istio-ca-root-cert ConfigMap within 30 s") from None
+            # The reflector retried quietly meanwhile (RBAC, unreachable API server): its last error is the why.
+            why = f"; last error: {watcher.stats.last_error}" if watcher.stats.last_error else ""
+            raise ConfigError(f"--istiod-ca-configmap: no istio-ca-root-cert ConfigMap in {self.cfg.istio_namespace} "
+                              f"within 30 s{why}") from None
+        except CaRejected as err:
+            raise ConfigError(f"--istiod-ca-configmap: {err}") from None
         self.pool.refresh_tls(dataclasses.replace(self.pool.tls, ca_pem=pem))
+        self.ca_watcher = watcher
+        watcher.on_rejected = lambda _: self.metrics.ca_updates_rejected.inc()
+        # A refused update leaves the proxy working on the last good root: ready, but /readyz says why.
+        self.admin.readiness.details.append(watcher.describe_rejection)
 
         def changed(new: bytes) -> None:
             if new != self.pool.tls.ca_pem:
@@ -189,12 +222,17 @@ class Proxy:
     async def stop(self, grace: float | None = None) -> None:
         if self._ca_task is not None:
             self._ca_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ca_task  # its finally closes the watch's API client
+            self._ca_task = None
         await self.admin.stop()
         await set_serving(self.health, False)
         # In-flight calls get `grace` seconds to finish; new calls are refused meanwhile.
         await self.server.stop(self.cfg.drain_seconds if grace is None else grace)
         await self.replicas.stop()
         await self.pool.close()
+        if self.reviewer is not None:
+            await self.reviewer.close()
 
 
 async def serve(cfg: Config) -> None:

@@ -80,7 +80,8 @@ def parse_spiffe(uri: str) -> tuple[str, str, str] | None:
     return (m["td"], m["ns"], m["sa"]) if m else None
 
 
-TokenReviewer = Callable[[str], Awaitable["tuple[str, str] | None"]]
+# (token, peer address as gRPC reports it) → (namespace, service account), or None if refused.
+TokenReviewer = Callable[[str, str], Awaitable["tuple[str, str] | None"]]
 
 
 @dataclass
@@ -107,7 +108,7 @@ class Authenticator:
         if pems:
             return self._from_certificate(pems[0])
         if token and self.token_reviewer is not None:
-            reviewed = await self.token_reviewer(token)
+            reviewed = await self.token_reviewer(token, context.peer())
             if reviewed is None:
                 raise Unauthenticated("the bearer token was not accepted by the Kubernetes TokenReview")
             ns, sa = reviewed

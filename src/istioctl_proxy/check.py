@@ -213,6 +213,8 @@ _CA_FIX = ("the mesh root: kubectl -n istio-system get configmap istio-ca-root-c
 
 
 async def _configmap_ca(cfg: Config, timeout: float) -> tuple[Step, bytes | None]:
+    from .kubernetes import CaRejected
+
     where = f"ConfigMap istio-ca-root-cert in {cfg.istio_namespace}"
     try:
         from .kubernetes import root_cert_watcher_from_config
@@ -221,6 +223,10 @@ async def _configmap_ca(cfg: Config, timeout: float) -> tuple[Step, bytes | None
     except TimeoutError:
         return Step("istio CA", FAIL, f"no {where} after {timeout:.0f}s",
                     "is istiod running (it writes the ConfigMap), and may this identity get/list/watch it?"), None
+    except CaRejected as err:  # a running proxy keeps its last good root; a new one would not start
+        return Step("istio CA", FAIL, str(err), "the ConfigMap's root-cert.pem must be the PEM bundle istiod "
+                    "writes: find who changed it (kubectl get configmap istio-ca-root-cert -o yaml shows "
+                    "managedFields) and restore it, or give --istiod-ca"), None
     except Exception as err:  # kubeconfig, RBAC, API server: all reported the same way
         return Step("istio CA", FAIL, f"cannot read {where}: {err}", "check --kubeconfig/--context and RBAC "
                     "(configmaps get/list/watch), or give --istiod-ca"), None
@@ -282,7 +288,11 @@ async def discovery_steps(cfg: Config, timeout: float) -> tuple[list[Step], list
             steps.append(Step(f"discovery {source.name}", FAIL, f"{type(err).__name__}: {err}", fix))
             continue
         if not found:
-            steps.append(Step(f"discovery {source.name}", FAIL, "found no replicas", fix))
+            skipped = getattr(source, "skipped", 0)  # Kubernetes: ready pods at addresses it must not dial
+            why = (f"found no replicas ({skipped} ready pod(s) skipped for their address: loopback, link-local "
+                   "or hostNetwork; see --istiod-allow-loopback/--istiod-allow-host-network)") if skipped else (
+                   "found no replicas")  # fmt: skip
+            steps.append(Step(f"discovery {source.name}", FAIL, why, fix))
             continue
         steps.append(Step(f"discovery {source.name}", OK, ", ".join(r.label if r.label == r.address else
                                                                        f"{r.name}={r.address}" for r in found)))

@@ -33,6 +33,8 @@ class Config:
     istiod_selector: str = "app=istiod"
     revision: str = ""
     istiod_port: int = 15012
+    istiod_allow_loopback: bool = False
+    istiod_allow_host_network: bool = False
     kubeconfig: str = ""
     context: str = ""
     istiod_plaintext: bool = False
@@ -52,6 +54,10 @@ class Config:
     token_review: bool = False
     token_review_kubeconfig: str = ""
     token_review_audiences: tuple[str, ...] = ("istio-ca",)
+    token_review_cache_ttl: float = 10.0
+    token_review_rate: float = 20.0
+    token_review_peer_rate: float = 2.0
+    token_review_concurrency: int = 4
     external_id: str = "<external>"
     max_message_mib: int = 256
     max_request_kib: int = 1024
@@ -131,6 +137,8 @@ def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = 
     flag("istiod-selector", "app=istiod", "label selector of istiod pods")
     flag("revision", "", "istio revision: adds istio.io/rev=<rev> to the selector and sets the SAN default")
     flag("istiod-port", "15012", "port of the pods found by --istiod-k8s")
+    switch("istiod-allow-loopback", "--istiod-k8s: also dial pods whose IP is loopback (single-host setups, tests)")
+    switch("istiod-allow-host-network", "--istiod-k8s: also dial hostNetwork pods (their IP is the node's)")
     flag("kubeconfig", "", "kubeconfig(s) for --istiod-k8s, comma-separated (default: in-cluster, then ~/.kube/config)")
     flag("context", "", "kubeconfig context(s), comma-separated: one replica source per cluster")
     switch("istiod-plaintext", "talk to istiod without TLS (15010-style)")
@@ -150,6 +158,11 @@ def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = 
     switch("token-review", "identity mode: also accept Kubernetes service-account tokens (TokenReview)")
     flag("token-review-kubeconfig", "", "kubeconfig of the cluster that issues caller tokens")
     flag("token-review-audiences", "istio-ca", "audiences a caller token must have, comma-separated")
+    flag("token-review-cache-ttl", "10", "seconds a TokenReview's acceptance is cached (a revoked token works "
+         "this long); refusals are cached 30 s")
+    flag("token-review-rate", "20", "TokenReviews per second all callers together may cause (burst: 2 s worth)")
+    flag("token-review-peer-rate", "2", "TokenReviews per second one caller address may cause (burst: 2 s worth)")
+    flag("token-review-concurrency", "4", "TokenReviews in flight at once (one caller address: half of it)")
     flag("external-id", "<external>", "the ISTIOD value of merged syncz answers")
     flag("cache-ttl", "0", "seconds identical answers are cached per caller (0: coalescing only)")
     # Was a --no-coalesce store_true switch; its ISTIOCTL_PROXY_NO_COALESCE=true still turns sharing off.
@@ -184,7 +197,7 @@ def _number(name: str, value: str, kind: type[float] | type[int]) -> float:
         number = kind(value)
     except ValueError:
         raise ConfigError(f"--{name}: {value!r} is not a number") from None
-    if number <= 0 and name not in ("cache-ttl",):
+    if number <= 0 and name not in ("cache-ttl", "token-review-cache-ttl"):
         raise ConfigError(f"--{name} must be positive")
     return number
 
@@ -226,6 +239,8 @@ def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) 
         istiod_selector=ns.istiod_selector,
         revision=ns.revision,
         istiod_port=int(_number("istiod-port", ns.istiod_port, int)),
+        istiod_allow_loopback=bool(ns.istiod_allow_loopback),
+        istiod_allow_host_network=bool(ns.istiod_allow_host_network),
         kubeconfig=ns.kubeconfig,
         context=ns.context,
         istiod_plaintext=_switch(ns, "istiod-plaintext"),
@@ -245,6 +260,10 @@ def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) 
         token_review=_switch(ns, "token-review"),
         token_review_kubeconfig=ns.token_review_kubeconfig,
         token_review_audiences=_csv(ns.token_review_audiences) or ("istio-ca",),
+        token_review_cache_ttl=_number("token-review-cache-ttl", ns.token_review_cache_ttl, float),
+        token_review_rate=_number("token-review-rate", ns.token_review_rate, float),
+        token_review_peer_rate=_number("token-review-peer-rate", ns.token_review_peer_rate, float),
+        token_review_concurrency=int(_number("token-review-concurrency", ns.token_review_concurrency, int)),
         external_id=ns.external_id,
         max_message_mib=int(_number("max-message-mib", ns.max_message_mib, int)),
         max_request_kib=int(_number("max-request-kib", ns.max_request_kib, int)),
@@ -309,6 +328,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--log-level {cfg.log_level!r}: use debug, info, warning or error")
     if cfg.cache_ttl < 0:
         raise ConfigError("--cache-ttl must be 0 (off) or a positive number of seconds")
+    if cfg.token_review_cache_ttl < 0:
+        raise ConfigError("--token-review-cache-ttl must be 0 (off) or a positive number of seconds")
     if cfg.log_format not in ("text", "json"):
         raise ConfigError(f"--log-format {cfg.log_format!r}: use text or json")
     for name, path in (

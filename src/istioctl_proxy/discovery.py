@@ -132,6 +132,10 @@ class ReplicaSet:
     def current(self) -> tuple[Replica, ...]:
         return self._current
 
+    @property
+    def sources(self) -> tuple[ReplicaSource, ...]:
+        return tuple(self._sources)
+
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
 

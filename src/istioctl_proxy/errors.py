@@ -8,7 +8,8 @@ ProxyError
 ├── Unavailable         UNAVAILABLE        a dependency (e.g. the TokenReview API) cannot answer now
 │   ├── NoReplicas      UNAVAILABLE        discovery knows no istiod replica
 │   └── StreamTooOld    UNAVAILABLE        the stream reached --max-stream-age: reconnect
-├── ResourceExhausted   RESOURCE_EXHAUSTED a stream cap, the send budget or a slow reader's send timeout
+├── ResourceExhausted   RESOURCE_EXHAUSTED a stream cap, the send budget, a slow reader's send timeout, or a
+│                                          TokenReview limit
 ├── StreamTimeout       DEADLINE_EXCEEDED  no first request, or no request for the idle timeout
 ├── Internal            INTERNAL           an unexpected error (a bug): logged with its traceback, counted
 └── UpstreamFailed      (the upstream's)   replicas failed; carries the most telling upstream code

@@ -18,9 +18,12 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -29,9 +32,10 @@ from collections import OrderedDict
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, NoReturn, TypeVar
 
 import httpx2
+from cryptography import x509
 from lightkube import ApiError, AsyncClient, operators
 from lightkube.config.kubeconfig import SERVICE_ACCOUNT, KubeConfig, SingleConfig
 from lightkube.core.exceptions import ConfigError
@@ -55,21 +59,29 @@ __all__ = [
     "ROOT_CERT_KEY",
     "SERVICE_ACCOUNT_DIR",
     "Backoff",
+    "CaRejected",
     "KubeTarget",
     "KubernetesPodSource",
     "ReflectorStats",
+    "Rejection",
+    "ReviewLimits",
     "RootCertWatcher",
     "TokenIdentity",
     "TokenReviewAuthenticator",
+    "TokenReviewLimited",
     "TokenReviewUnavailable",
+    "address_refusal",
     "istiod_san",
     "load_kube_target",
     "own_namespace",
     "parse_label_selector",
+    "parse_root_bundle",
+    "peer_host",
     "pod_replica_ip",
     "pod_source_from_config",
     "revision_selector",
     "root_cert_watcher_from_config",
+    "target_from_flags",
     "token_reviewer_from_config",
 ]
 
@@ -179,6 +191,20 @@ LabelSelector = dict[str, "str | operators.Operator[Any] | Iterable[Any] | None"
 FieldSelector = dict[str, "str | operators.BinaryOperator | operators.SequenceOperator"]
 
 
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _check_label(key: str, values: Iterable[str], selector: str) -> None:
+    """The API server's syntax for label keys and values: a typo fails at start-up, not on every relist."""
+    prefix, _, name = key.rpartition("/")
+    if not _LABEL_NAME.match(name) or (prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix))):
+        raise ValueError(f"invalid label key {key!r} in {selector!r}")
+    for value in values:
+        if value and not _LABEL_NAME.match(value):
+            raise ValueError(f"invalid label value {value!r} for {key!r} in {selector!r}")
+
+
 def _split_selector(selector: str) -> list[str]:
     """Split on commas that are not inside `in (a,b)` value lists."""
     terms: list[str] = []
@@ -211,15 +237,18 @@ def parse_label_selector(selector: str) -> LabelSelector:
             raise ValueError(f"invalid label selector term {term!r} in {selector!r}")
         key: str
         value: str | operators.Operator[Any] | None
+        values: list[str] = []
         if m["notexists"]:
             key, value = m["nk"], operators.not_exists()
         elif m["sk"]:
             values = [v.strip() for v in m["values"].split(",") if v.strip()]
             key, value = m["sk"], operators.in_(values) if m["setop"] == "in" else operators.not_in(values)
         elif m["ek"]:
+            values = [m["value"]]
             key, value = m["ek"], operators.not_equal(m["value"]) if m["op"] == "!=" else m["value"]
         else:
             key, value = m["exists"], None
+        _check_label(key, values, selector)
         if key in out:
             # lightkube takes a mapping; two terms on one key (a!=x,a!=y) would silently lose one.
             raise ValueError(
@@ -451,6 +480,7 @@ def pod_replica_ip(pod: Pod) -> str | None:
 
     Same rule as the EndpointSlice controller's "ready" endpoints: phase Running, condition Ready=True,
     a pod IP, and not terminating (a pod being deleted drains; istiod stops serving soon after).
+    Whether the address is one we may dial at all is `address_refusal`'s question.
     """
     meta, status = pod.metadata, pod.status
     if meta is None or status is None or meta.deletionTimestamp is not None:
@@ -459,6 +489,37 @@ def pod_replica_ip(pod: Pod) -> str | None:
         return None
     ready = any(c.type == "Ready" and c.status == "True" for c in status.conditions or ())
     return status.podIP if ready else None
+
+
+def address_refusal(
+    pod: Pod, ip: str, *, allow_loopback: bool = False, allow_host_network: bool = False
+) -> str | None:
+    """Why discovery must not dial `ip` of `pod` ("loopback", "link-local", ...), or None if it may.
+
+    Anyone who can write a pod's status (or run a pod matching the selector) chooses the address: the
+    proxy would send istioctl callers' tokens to it. Loopback would reach the proxy's own host, link-local
+    the cloud metadata service (169.254.169.254), the unspecified address the local host too; a
+    hostNetwork pod's IP is its node's, where anything may listen. istiod never runs like that in a real
+    mesh; `allow_loopback` is for single-host setups and tests, `allow_host_network` for a hostNetwork
+    istiod.
+    """
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return "invalid"
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_unspecified:
+        return "unspecified"
+    if addr.is_link_local:
+        return "link-local"
+    if addr.is_multicast:
+        return "multicast"
+    if addr.is_loopback and not allow_loopback:
+        return "loopback"
+    if pod.spec is not None and pod.spec.hostNetwork and not allow_host_network:
+        return "host-network"
+    return None
 
 
 class KubernetesPodSource:
@@ -482,12 +543,20 @@ class KubernetesPodSource:
         watch_timeout: float = 300.0,
         backoff: Backoff | None = None,
         request_timeout: float = 10.0,
+        allow_loopback: bool = False,
+        allow_host_network: bool = False,
+        on_skip: Callable[[str], None] | None = None,
     ) -> None:
         # Configuration errors (bad selector, missing kubeconfig/context) surface here, at start-up.
         self.target = target or load_kube_target(kubeconfig, context)
         self.namespace = namespace
         self.port = port
         self.revision = revision
+        self.allow_loopback = allow_loopback
+        self.allow_host_network = allow_host_network
+        self.on_skip = on_skip  # called with the reason each time a pod is newly skipped
+        self.skipped = 0  # pods (or pod IP changes) skipped because of their address
+        self._skipping: dict[str, tuple[str, str]] = {}  # pod name → (ip, reason) currently skipped
         self.selector = revision_selector(selector, revision)
         labels = parse_label_selector(self.selector)
         suffix = f"/{revision}" if revision else ""
@@ -520,10 +589,29 @@ class KubernetesPodSource:
 
     def _pods_changed(self, pods: Mapping[str, Pod]) -> None:
         replicas: list[Replica] = []
+        skipping: dict[str, tuple[str, str]] = {}
         for pod_name, pod in pods.items():
             ip = pod_replica_ip(pod)
-            if ip is not None:
-                replicas.append(Replica(join_host_port(ip, self.port), self.name, pod_name))
+            if ip is None:
+                continue
+            why = address_refusal(
+                pod, ip, allow_loopback=self.allow_loopback, allow_host_network=self.allow_host_network
+            )
+            if why is not None:
+                skipping[pod_name] = (ip, why)
+                continue
+            replicas.append(Replica(join_host_port(ip, self.port), self.name, pod_name))
+        for pod_name, (ip, why) in skipping.items():
+            # Once per pod and address: the whole map is re-examined on every watch event.
+            if self._skipping.get(pod_name) != (ip, why):
+                self.skipped += 1
+                log.warning(
+                    "%s: not dialling pod %s at %s (%s address); see --istiod-allow-loopback and "
+                    "--istiod-allow-host-network in docs/kubernetes.md", self.name, pod_name, ip, why,
+                )  # fmt: skip
+                if self.on_skip is not None:
+                    self.on_skip(why)
+        self._skipping = skipping
         new = tuple(sorted(replicas))
         # The first list is always reported, even when empty, so consumers know the source has synced.
         if new == self._replicas:
@@ -540,13 +628,49 @@ class KubernetesPodSource:
 # The CA ConfigMap
 
 
+class CaRejected(Exception):
+    """The CA ConfigMap holds a value that is not a usable PEM bundle (raised by `first()` only)."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """The latest CA ConfigMap update that was refused, for logs, /readyz and `check`."""
+
+    reason: str
+    resource_version: str
+    at: float  # time.time()
+
+
+def parse_root_bundle(value: str) -> bytes:
+    """The PEM bytes of `value` if every certificate in it parses; raises ValueError saying what is wrong.
+
+    gRPC would take any text containing a BEGIN CERTIFICATE line and only fail at the next handshake
+    ("Failed to create security handshaker"), taking every upstream call down with it. Parsing every
+    block here (with `cryptography`) is what lets a bad update be refused while the last good root stays.
+    """
+    begins = value.count("-----BEGIN CERTIFICATE-----")
+    if not begins:
+        raise ValueError("no PEM certificate in it")
+    if value.count("-----END CERTIFICATE-----") != begins:
+        raise ValueError("a certificate block is not terminated")
+    try:
+        certs = x509.load_pem_x509_certificates(value.encode())
+    except ValueError as err:
+        raise ValueError(f"a certificate does not parse: {err}") from None
+    if len(certs) != begins:
+        raise ValueError(f"only {len(certs)} of {begins} certificate blocks parse")
+    return value.encode()
+
+
 class RootCertWatcher:
     """Watches `istio-ca-root-cert` (key `root-cert.pem`) in one namespace; calls back with new PEM bytes.
 
     istiod writes this ConfigMap into every namespace and rewrites it when the mesh CA rotates, so
     watching it keeps upstream TLS verification right across a rotation without a restart. The watch is
     narrowed to the one object by a field selector, which is what lets RBAC restrict it by resourceNames.
-    A deleted ConfigMap or a missing key keeps the last good PEM: a transient gap must not break TLS.
+    A deleted ConfigMap or a missing key keeps the last good PEM: a transient gap must not break TLS. A
+    value that does not parse as a PEM bundle is refused (counted in `rejected`, the latest in
+    `rejection`, reported to `on_rejected`) and the last good PEM stays.
     """
 
     def __init__(
@@ -560,13 +684,18 @@ class RootCertWatcher:
         target: KubeTarget | None = None,
         watch_timeout: float = 300.0,
         backoff: Backoff | None = None,
+        on_rejected: Callable[[Rejection], None] | None = None,
     ) -> None:
         self.target = target or load_kube_target(kubeconfig, context)
         self.namespace = namespace
         self.configmap = name
         self.key = key
         self.pem: bytes | None = None
+        self.rejected = 0  # updates refused because they do not parse
+        self.rejection: Rejection | None = None  # the latest refused update, until a good value arrives
+        self.on_rejected = on_rejected
         self._on_change: Callable[[bytes], None] | None = None
+        self._refused_value: str | None = None  # not counted twice when the watch replays the same object
         self._reflector: _Reflector[ConfigMap] = _Reflector(
             self.target,
             ConfigMap,
@@ -582,14 +711,21 @@ class RootCertWatcher:
     def stats(self) -> ReflectorStats:
         return self._reflector.stats
 
+    @property
+    def resource_version(self) -> str | None:
+        """The resourceVersion of the last list or event seen: lets a caller wait until an update was looked at."""
+        return self._reflector.resource_version
+
     async def run(self, on_change: Callable[[bytes], None]) -> None:
         self._on_change = on_change
         await self._reflector.run()
 
     async def first(self) -> bytes:
-        """Run until the first PEM arrives and return it, then stop (for start-up, before serving).
+        """Run until the first usable PEM arrives and return it, then stop (for start-up, before serving).
 
-        Wrap it in `asyncio.timeout()`: while the ConfigMap does not exist this keeps waiting.
+        Raises CaRejected when the ConfigMap holds a value that does not parse and no good root is known:
+        waiting would not help, and the reason is what the operator needs. Wrap it in `asyncio.timeout()`:
+        while the ConfigMap does not exist this keeps waiting.
         """
         got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
@@ -597,31 +733,66 @@ class RootCertWatcher:
             if not got.done():
                 got.set_result(pem)
 
+        def refused(rejection: Rejection) -> None:
+            if not got.done():
+                got.set_exception(CaRejected(self._describe(rejection)))
+
+        previous, self.on_rejected = self.on_rejected, refused
         task = asyncio.create_task(self.run(once))
         try:
             return await got
         finally:
+            self.on_rejected = previous
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def _describe(self, rejection: Rejection) -> str:
+        return (
+            f"{self.namespace}/{self.configmap} key {self.key} (resourceVersion {rejection.resource_version}) "
+            f"is not a usable root certificate bundle: {rejection.reason}"
+        )
+
+    def describe_rejection(self) -> str:
+        """One line about the current refused value, or "" when the ConfigMap's value is in use."""
+        return "" if self.rejection is None else self._describe(self.rejection)
+
     def _configmaps_changed(self, configmaps: Mapping[str, ConfigMap]) -> None:
         cm = configmaps.get(self.configmap)
         value = (cm.data or {}).get(self.key) if cm is not None else None
-        if not value or "-----BEGIN CERTIFICATE-----" not in value:
+        if not value or not value.strip():
             if self.pem is not None:
                 log.warning(
-                    "%s/%s has no usable %s; keeping the previous root certificate",
+                    "%s/%s has no %s; keeping the previous root certificate",
                     self.namespace, self.configmap, self.key,
                 )  # fmt: skip
             return
-        pem = value.encode()
+        try:
+            pem = parse_root_bundle(value)
+        except ValueError as err:
+            self._refuse(cm, value, str(err))
+            return
+        self.rejection, self._refused_value = None, None
         if pem == self.pem:
             return
         log.info("root certificate from %s/%s changed (%d bytes)", self.namespace, self.configmap, len(pem))
         self.pem = pem
         if self._on_change is not None:
             self._on_change(pem)
+
+    def _refuse(self, cm: ConfigMap | None, value: str, reason: str) -> None:
+        if value == self._refused_value:
+            return  # the same refused value seen again (a relist): already counted and logged
+        self._refused_value = value
+        version = (cm.metadata.resourceVersion if cm is not None and cm.metadata is not None else None) or "?"
+        self.rejected += 1
+        self.rejection = Rejection(reason, version, time.time())
+        log.error(
+            "%s; %s", self._describe(self.rejection),
+            "keeping the previous root certificate" if self.pem is not None else "no root certificate yet",
+        )  # fmt: skip
+        if self.on_rejected is not None:
+            self.on_rejected(self.rejection)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -642,8 +813,16 @@ class TokenReviewUnavailable(Exception):
     """The TokenReview could not be made (API server unreachable, forbidden, ...): not a verdict on the token.
 
     Callers should answer UNAVAILABLE rather than UNAUTHENTICATED, so that an outage is not reported to the
-    user as a bad token.
+    user as a bad token. The message is for the proxy's log only: it can name the reviewer's own identity.
     """
+
+
+class TokenReviewLimited(Exception):
+    """A new TokenReview would exceed a limit (`limit`: "rate", "peer-rate" or "peer-concurrency")."""
+
+    def __init__(self, limit: str) -> None:
+        super().__init__(f"TokenReview limit {limit!r} reached")
+        self.limit = limit
 
 
 _SA_PREFIX = "system:serviceaccount:"
@@ -662,6 +841,54 @@ def _jwt_expiry(token: str) -> float | None:
     return float(exp) if isinstance(exp, int | float) else None
 
 
+@dataclass(frozen=True)
+class ReviewLimits:
+    """How many TokenReviews callers can cause: rates (token buckets) and reviews in flight.
+
+    Only reviews that reach the API server count: cached verdicts and callers joining a review already in
+    flight are free. A call over a limit is refused at once (never queued), so a flood of random tokens costs
+    the API server at most `burst + rate * seconds` reviews however many calls arrive.
+    """
+
+    rate: float = 20.0  # reviews per second, all callers together
+    burst: int = 40
+    peer_rate: float = 2.0  # reviews per second per peer address
+    peer_burst: int = 5
+    concurrency: int = 4  # reviews in flight at once, all callers (more wait for a slot)
+    peer_concurrency: int = 2  # reviews in flight at once per peer (more are refused)
+    max_peers: int = 4096  # peers whose buckets are remembered (LRU); a forgotten peer starts full
+
+    @classmethod
+    def from_rates(cls, rate: float, peer_rate: float, concurrency: int) -> ReviewLimits:
+        """The flags' form: bursts are two seconds' worth, a peer may use half the concurrency."""
+        return cls(rate=rate, burst=max(1, math.ceil(2 * rate)), peer_rate=peer_rate,
+                   peer_burst=max(1, math.ceil(2 * peer_rate)), concurrency=concurrency,
+                   peer_concurrency=max(1, concurrency // 2))  # fmt: skip
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+    def take(self, rate: float, burst: int, now: float) -> bool:
+        self.tokens = min(float(burst), self.tokens + (now - self.at) * rate)
+        self.at = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+def peer_host(peer: str) -> str:
+    """The address part of a gRPC peer string ("ipv4:10.0.0.1:5000" → "10.0.0.1", "ipv6:[::1]:5" → "::1")."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and rest:
+        host = rest.rpartition(":")[0] or rest
+        return host.strip("[]")
+    return peer
+
+
 class TokenReviewAuthenticator:
     """Authenticates bearer tokens with `authentication.k8s.io/v1` TokenReview against the issuing cluster.
 
@@ -670,9 +897,11 @@ class TokenReviewAuthenticator:
     identity (other users have no namespace to scope them to).
 
     Verdicts are cached, keyed by a hash of the token (the token itself is never kept): positive ones for
-    `ttl` seconds but never beyond the token's own `exp`, negative ones for `negative_ttl` (so a flood of
-    bad tokens does not become a flood of TokenReviews). The cache holds at most `max_entries` (LRU).
-    Concurrent reviews of the same token share one API call.
+    `ttl` seconds but never beyond the token's own `exp`, refusals for `negative_ttl` whatever the token
+    claims (an expired-looking token must not skip the cache, or a flood of them is a flood of reviews).
+    The cache holds at most `max_entries` (LRU). Concurrent reviews of one token share one API call, run in
+    a task of its own so that a caller hanging up does not cancel the others. `limits` bounds the reviews
+    callers can cause (see ReviewLimits).
     """
 
     def __init__(
@@ -682,11 +911,14 @@ class TokenReviewAuthenticator:
         context: str | None = None,
         target: KubeTarget | None = None,
         audiences: Sequence[str] | None = DEFAULT_TOKEN_AUDIENCES,
-        ttl: float = 60.0,
-        negative_ttl: float = 5.0,
+        ttl: float = 10.0,
+        negative_ttl: float = 30.0,
         max_entries: int = 4096,
         timeout: float = 5.0,
+        limits: ReviewLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_review: Callable[[str], None] | None = None,
+        on_limited: Callable[[str], None] | None = None,
     ) -> None:
         self.target = target or load_kube_target(kubeconfig, context)
         self.audiences = list(audiences) if audiences else None
@@ -694,58 +926,139 @@ class TokenReviewAuthenticator:
         self.negative_ttl = negative_ttl
         self.max_entries = max_entries
         self.timeout = timeout
+        self.limits = limits or ReviewLimits()
         self._clock = clock
         self._client: AsyncClient | None = None
         self._cache: OrderedDict[bytes, tuple[float, TokenIdentity | None]] = OrderedDict()
-        self._inflight: dict[bytes, asyncio.Future[TokenIdentity | None]] = {}
+        self._inflight: dict[bytes, asyncio.Task[TokenIdentity | None]] = {}
+        self._slots = asyncio.Semaphore(self.limits.concurrency)
+        self._bucket = _Bucket(float(self.limits.burst), clock())
+        self._peer_buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._peer_inflight: dict[str, int] = {}
+        self.on_review = on_review  # called with "authenticated", "refused" or "unavailable" per API call
+        self.on_limited = on_limited  # called with the limit's name per refused review
         self.reviews = 0  # TokenReview API calls made (for metrics and tests)
+        self.limited: dict[str, int] = {}  # reviews refused by a limit, by limit
+        self.in_flight = 0  # API calls in progress now
+        self.max_in_flight = 0  # the most API calls ever in progress at once
+
+    @property
+    def client_open(self) -> bool:
+        """Whether an API client (a connection pool) is open; `close()` closes it."""
+        return self._client is not None
 
     async def close(self) -> None:
+        """Cancel reviews in flight and close the API client."""
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
         if self._client is not None:
             await self._client.close()
             self._client = None
 
-    async def review(self, token: str) -> TokenIdentity | None:
+    async def review(self, token: str, peer: str = "") -> TokenIdentity | None:
         """The service account the token belongs to, or None if it is not a valid SA token for us.
 
-        Raises TokenReviewUnavailable when the API server could not give a verdict.
+        `peer` (the caller's address, as gRPC gives it) is what the per-peer limits count; without one only
+        the global limits apply. Raises TokenReviewUnavailable when
+        the API server could not give a verdict, TokenReviewLimited when a new review is over a limit.
         """
         token = token.strip()
         if not token:
             return None
         key = hashlib.sha256(token.encode()).digest()
-        now = self._clock()
         hit = self._cache.get(key)
         if hit is not None:
-            if hit[0] > now:
+            if hit[0] > self._clock():
                 self._cache.move_to_end(key)
                 return hit[1]
             del self._cache[key]
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[TokenIdentity | None] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
-        try:
-            identity = await self._review(token)
-        except BaseException as err:
-            fut.set_exception(err)
-            fut.exception()  # mark retrieved: no "exception never retrieved" if nobody else waited
-            raise
-        else:
-            fut.set_result(identity)
-        finally:
-            del self._inflight[key]
+        task = self._inflight.get(key)
+        if task is None:
+            host = peer_host(peer)
+            self._admit(host)
+            task = asyncio.get_running_loop().create_task(self._shared_review(key, token))
+            self._inflight[key] = task
+            task.add_done_callback(functools.partial(self._finished, key, host))
+        # Shielded: this caller going away (cancelled) must not cancel the review others wait on.
+        return await asyncio.shield(task)
+
+    def _admit(self, host: str) -> None:
+        """Take a rate token for a new review, or raise TokenReviewLimited (nothing is taken then)."""
+        limits, now = self.limits, self._clock()
+        if not host:  # not a network caller (the library used directly): only the global limits apply
+            if not self._bucket.take(limits.rate, limits.burst, now):
+                self._refuse("rate")
+            return
+        if self._peer_inflight.get(host, 0) >= limits.peer_concurrency:
+            self._refuse("peer-concurrency")
+        bucket = self._peer_buckets.get(host)
+        if bucket is None:
+            bucket = self._peer_buckets[host] = _Bucket(float(limits.peer_burst), now)
+            while len(self._peer_buckets) > limits.max_peers:
+                self._peer_buckets.popitem(last=False)
+        self._peer_buckets.move_to_end(host)
+        # The peer's bucket first: one noisy peer must not drain the shared bucket with refused calls.
+        if not bucket.take(limits.peer_rate, limits.peer_burst, now):
+            self._refuse("peer-rate")
+        if not self._bucket.take(limits.rate, limits.burst, now):
+            bucket.tokens += 1.0  # not reviewed: give the peer its token back
+            self._refuse("rate")
+        # Counted now, not when the task starts: calls arriving in the same tick must see each other.
+        self._peer_inflight[host] = self._peer_inflight.get(host, 0) + 1
+
+    def _refuse(self, limit: str) -> NoReturn:
+        self.limited[limit] = self.limited.get(limit, 0) + 1
+        if self.on_limited is not None:
+            self.on_limited(limit)
+        raise TokenReviewLimited(limit)
+
+    async def _shared_review(self, key: bytes, token: str) -> TokenIdentity | None:
+        async with self._slots:
+            identity = await self._counted_review(token)
         self._store(key, token, identity)
         return identity
 
+    def _finished(self, key: bytes, host: str, task: asyncio.Task[TokenIdentity | None]) -> None:
+        # A done callback, not a `finally`: it also runs for a task cancelled before it ever started.
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not host:
+            return
+        left = self._peer_inflight.get(host, 1) - 1
+        if left > 0:
+            self._peer_inflight[host] = left
+        else:
+            self._peer_inflight.pop(host, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: no "exception was never retrieved" when every caller left
+
+    async def _counted_review(self, token: str) -> TokenIdentity | None:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        outcome = "unavailable"
+        try:
+            identity = await self._review(token)
+            outcome = "refused" if identity is None else "authenticated"
+            return identity
+        finally:
+            self.in_flight -= 1
+            if self.on_review is not None:
+                self.on_review(outcome)
+
     def _store(self, key: bytes, token: str, identity: TokenIdentity | None) -> None:
         now = self._clock()
-        expires = now + (self.ttl if identity is not None else self.negative_ttl)
-        exp = _jwt_expiry(token)
-        if exp is not None:
-            # `exp` is wall-clock; convert the remaining lifetime onto our (monotonic) clock.
-            expires = min(expires, now + (exp - time.time()))
+        if identity is None:
+            expires = now + self.negative_ttl
+        else:
+            expires = now + self.ttl
+            exp = _jwt_expiry(token)
+            if exp is not None:
+                # `exp` is wall-clock; convert the remaining lifetime onto our (monotonic) clock.
+                expires = min(expires, now + (exp - time.time()))
         if expires <= now:
             return
         self._cache[key] = (expires, identity)
@@ -787,7 +1100,9 @@ def _identity_from_username(username: str) -> TokenIdentity | None:
 # Wiring from the command line (`Config` attributes; "" means "not given").
 
 
-def pod_sources_from_config(cfg: Config) -> list[KubernetesPodSource]:
+def pod_sources_from_config(
+    cfg: Config, *, on_skip: Callable[[str], None] | None = None
+) -> list[KubernetesPodSource]:
     """One source per cluster: `--kubeconfig` and `--context` take comma-separated lists (one kubeconfig
     with several contexts, several kubeconfigs, or pairs of both), so replicas of several clusters merge
     into one set, each labelled k8s:<context>/<namespace>."""
@@ -801,36 +1116,94 @@ def pod_sources_from_config(cfg: Config) -> list[KubernetesPodSource]:
     pairs = zip(kubeconfigs * n if len(kubeconfigs) == 1 else kubeconfigs,
                 contexts * n if len(contexts) == 1 else contexts, strict=True)
     return [
-        pod_source_from_config(dataclasses.replace(cfg, kubeconfig=kubeconfig, context=context))
+        pod_source_from_config(dataclasses.replace(cfg, kubeconfig=kubeconfig, context=context), on_skip=on_skip)
         for kubeconfig, context in pairs
     ]
 
 
-def pod_source_from_config(cfg: Config) -> KubernetesPodSource:
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def target_from_flags(kubeconfig: str, context: str, *, flag: str = "--kubeconfig") -> KubeTarget:
+    """`load_kube_target` for a flag: every way a kubeconfig can be unusable is one ConfigError line.
+
+    lightkube reports a broken file as KeyError/AttributeError/YAML errors, an unknown context as its own
+    ConfigError, and a certificate file that the kubeconfig names but that does not exist only when a client
+    is built (which would then fail on every list, forever, in the background). All of them are found here,
+    before serving, by building a client once.
+    """
+    where = f"{flag} {kubeconfig}" if kubeconfig else f"{flag} (default: in-cluster, $KUBECONFIG or ~/.kube/config)"
+    if context:
+        where += f" --context {context}"
+    try:
+        target = load_kube_target(kubeconfig or None, context or None)
+        _check_files(target.config)
+        target.client()  # builds TLS contexts and auth from the config; opens no connection
+    except Exception as err:
+        detail = str(err) if isinstance(err, ConfigError | OSError | ValueError) else f"{type(err).__name__}: {err}"
+        # PyYAML's messages span lines (with a caret under the column): one line, as every config error.
+        raise errors.ConfigError(f"{where}: not a usable kubeconfig: {' '.join(detail.split())}") from None
+    return target
+
+
+def _check_files(config: SingleConfig) -> None:
+    """Files a kubeconfig names must exist (the ssl module's error would not say which one is missing)."""
+    cluster, user = config.cluster, config.user
+    named = (
+        ("certificate-authority", cluster.certificate_auth if cluster else None),
+        ("client-certificate", user.client_cert if user else None),
+        ("client-key", user.client_key if user else None),
+        ("tokenFile", user.token_file if user else None),
+    )
+    for key, name in named:
+        if name and not Path(config.abs_file(name)).is_file():
+            raise ConfigError(f"its {key} {config.abs_file(name)} does not exist")
+
+
+def _check_namespace(namespace: str) -> None:
+    if len(namespace) > 63 or not _DNS_LABEL.match(namespace):
+        raise errors.ConfigError(f"--istio-namespace {namespace!r} is not a valid namespace name (RFC 1123 label)")
+
+
+def pod_source_from_config(cfg: Config, *, on_skip: Callable[[str], None] | None = None) -> KubernetesPodSource:
     """`--istiod-k8s` with `--istio-namespace`, `--istiod-selector`, `--revision`, `--istiod-port`,
-    `--kubeconfig`, `--context`."""
+    `--kubeconfig`, `--context`, `--istiod-allow-loopback`, `--istiod-allow-host-network`."""
+    _check_namespace(cfg.istio_namespace)
+    selector = cfg.istiod_selector or DEFAULT_SELECTOR
+    try:  # checked first: it needs no cluster, and it is the likelier typo
+        parse_label_selector(revision_selector(selector, cfg.revision or None))
+    except ValueError as err:
+        raise errors.ConfigError(f"--istiod-selector/--revision: {err}") from None
     return KubernetesPodSource(
         cfg.istio_namespace,
         port=cfg.istiod_port,
-        selector=cfg.istiod_selector or DEFAULT_SELECTOR,
+        selector=selector,
         revision=cfg.revision or None,
-        kubeconfig=cfg.kubeconfig or None,
-        context=cfg.context or None,
+        target=target_from_flags(cfg.kubeconfig, cfg.context),
+        allow_loopback=cfg.istiod_allow_loopback,
+        allow_host_network=cfg.istiod_allow_host_network,
+        on_skip=on_skip,
     )
 
 
 def root_cert_watcher_from_config(cfg: Config) -> RootCertWatcher:
     """`--istiod-ca-configmap`: the istio-ca-root-cert ConfigMap of `--istio-namespace`, same cluster."""
-    return RootCertWatcher(
-        # With several clusters, the CA ConfigMap is read from the first (the one istiod runs in).
-        cfg.istio_namespace, kubeconfig=cfg.kubeconfig.split(",")[0] or None, context=cfg.context.split(",")[0] or None
-    )
+    _check_namespace(cfg.istio_namespace)
+    # With several clusters, the CA ConfigMap is read from the first (the one istiod runs in).
+    target = target_from_flags(cfg.kubeconfig.split(",")[0], cfg.context.split(",")[0])
+    return RootCertWatcher(cfg.istio_namespace, target=target)
 
 
 def token_reviewer_from_config(cfg: Config) -> TokenReviewAuthenticator:
     """`--token-review` against `--token-review-kubeconfig` (the cluster that issues the callers' tokens;
-    in-cluster config when not given), audiences from `--token-review-audiences`."""
+    in-cluster config when not given), audiences from `--token-review-audiences`, cache and limits from
+    `--token-review-cache-ttl`, `--token-review-rate`, `--token-review-peer-rate`,
+    `--token-review-concurrency`."""
     return TokenReviewAuthenticator(
-        kubeconfig=cfg.token_review_kubeconfig or None,
+        target=target_from_flags(cfg.token_review_kubeconfig, "", flag="--token-review-kubeconfig"),
         audiences=cfg.token_review_audiences or DEFAULT_TOKEN_AUDIENCES,
+        ttl=cfg.token_review_cache_ttl,
+        limits=ReviewLimits.from_rates(
+            cfg.token_review_rate, cfg.token_review_peer_rate, cfg.token_review_concurrency
+        ),
     )

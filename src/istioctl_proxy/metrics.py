@@ -57,6 +57,7 @@ class Metrics:
         self._define_upstream_metrics()
         self._define_state_metrics()
         self._define_stream_metrics()
+        self._define_kubernetes_metrics()
 
     def _define_call_metrics(self) -> None:
         r = self.registry
@@ -110,6 +111,21 @@ class Metrics:
         self.internal_errors = Counter("istioctl_proxy_internal_errors",
                                        "Unexpected exceptions at the gRPC boundary (answered INTERNAL, logged "
                                        "with a traceback): each one is a bug.", registry=r)
+
+    def _define_kubernetes_metrics(self) -> None:
+        r = self.registry
+        self.token_reviews = Counter("istioctl_proxy_token_reviews", "TokenReview API calls made, by result "
+                                     "(authenticated, refused, unavailable).", ["result"], registry=r)
+        self.token_reviews_limited = Counter("istioctl_proxy_token_reviews_limited",
+                                             "Calls refused (RESOURCE_EXHAUSTED) because a TokenReview would exceed "
+                                             "a limit (rate, peer-rate, peer-concurrency).", ["limit"], registry=r)
+        self.ca_updates_rejected = Counter("istioctl_proxy_ca_updates_rejected",
+                                           "istio-ca-root-cert ConfigMap values refused because they do not parse "
+                                           "as a PEM bundle (the last good root stays in use).", registry=r)
+        self.discovery_skipped = Counter("istioctl_proxy_discovery_skipped_pods",
+                                         "istiod pods not dialled because of their address (loopback, link-local, "
+                                         "unspecified, multicast, host-network, invalid), by reason.",
+                                         ["reason"], registry=r)
 
     # -- the data path ---------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -102,17 +102,36 @@ class UpstreamError(Exception):
 
 
 class UpstreamPool:
-    """One reusable channel per replica address."""
+    """One reusable channel per replica address.
 
-    def __init__(self, tls: UpstreamTLS, *, max_message_bytes: int, token_file: TokenFile | None = None) -> None:
+    Per-replica state (channels, last_ok, last_error, fetched roots) is kept for the replicas discovery
+    lists now and nothing else: `retain` drops the rest, so churning pods never grow it.
+    """
+
+    def __init__(self, tls: UpstreamTLS, *, max_message_bytes: int, token_file: TokenFile | None = None,
+                 retire_after: float = _RETIRE_AFTER) -> None:
         self.tls = tls
         self.max_message_bytes = max_message_bytes
         self.token_file = token_file
+        self.retire_after = retire_after
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._unverified_roots: dict[str, bytes] = {}  # --istiod-insecure-skip-verify only
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}
         self.last_ok: dict[str, float] = {}
         self.last_error: dict[str, str] = {}
+        self._known: set[str] | None = None  # the replicas of the last retain(); None: no discovery yet
+        self.channels_opened = 0  # for metrics and leak tests: opened - closed is what is open now
+        self.channels_closed = 0
+
+    @property
+    def open_addresses(self) -> tuple[str, ...]:
+        """Replicas with a channel in use now (retiring channels not included)."""
+        return tuple(self._channels)
+
+    @property
+    def retiring(self) -> int:
+        """Channels of dropped replicas still open for calls that were using them."""
+        return len(self._retiring)
 
     def _options(self) -> list[tuple[str, object]]:
         opts: list[tuple[str, object]] = [
@@ -157,35 +176,72 @@ class UpstreamPool:
                 ch = grpc.aio.insecure_channel(address, options=self._options())
             else:
                 ch = grpc.aio.secure_channel(address, self._credentials(address), options=self._options())
-            self._channels[address] = ch
+            self.channels_opened += 1
+            if self._listed(address):
+                self._channels[address] = ch
+            else:
+                # A call or readiness probe that took its replica list before discovery dropped this one:
+                # it gets a channel, which is retired like the others instead of staying open for good.
+                self._retire_later(ch)
         return ch
 
     def retain(self, replicas: tuple[Replica, ...]) -> None:
-        """Close, after a grace period, the channels of replicas discovery no longer lists."""
+        """Close, after a grace period, the channels of replicas discovery no longer lists; forget their state."""
         keep = {r.address for r in replicas}
-        for address in [a for a in self._unverified_roots if a not in keep]:
-            del self._unverified_roots[address]
+        self._known = keep
+        for state in (self._unverified_roots, self.last_ok, self.last_error):
+            for address in [a for a in state if a not in keep]:
+                del state[address]
+        self._retire_channels(keep)
+
+    def _retire_channels(self, keep: set[str]) -> None:
         for address in [a for a in self._channels if a not in keep]:
-            ch = self._channels.pop(address)
-            task = asyncio.get_running_loop().create_task(self._retire(ch))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._retire_later(self._channels.pop(address))
+
+    def _retire_later(self, ch: grpc.aio.Channel) -> None:
+        task = asyncio.get_running_loop().create_task(self._retire(ch))
+        self._retiring[task] = ch
+        task.add_done_callback(self._retired)
+
+    def _retired(self, task: asyncio.Task[None]) -> None:
+        self._retiring.pop(task, None)
 
     async def _retire(self, ch: grpc.aio.Channel) -> None:
-        await asyncio.sleep(_RETIRE_AFTER)
+        await asyncio.sleep(self.retire_after)
+        # Whoever takes the channel out of _retiring closes it: this task, or close() if it came first.
+        if self._retiring.pop(asyncio.current_task(), None) is not None:  # type: ignore[arg-type]
+            await self._close_channel(ch)
+
+    async def _close_channel(self, ch: grpc.aio.Channel) -> None:
+        self.channels_closed += 1
         await ch.close()
 
     def refresh_tls(self, tls: UpstreamTLS) -> None:
         """New trust material: later calls use new channels; open ones finish on the old."""
         self.tls = tls
-        self.retain(())
+        self._unverified_roots.clear()
+        self._retire_channels(set())
 
     async def close(self) -> None:
-        for task in self._retiring:
+        """Close every channel, those waiting out their retirement grace included."""
+        retiring, self._retiring = dict(self._retiring), {}
+        for task in retiring:
             task.cancel()
+        for task, ch in retiring.items():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await self._close_channel(ch)
         channels, self._channels = list(self._channels.values()), {}
         for ch in channels:
-            await ch.close()
+            await self._close_channel(ch)
+
+    def _note_error(self, address: str, error: str) -> None:
+        # A call that outlived its replica (discovery dropped it meanwhile) must not bring its state back.
+        if self._listed(address):
+            self.last_error[address] = error
+
+    def _listed(self, address: str) -> bool:
+        return self._known is None or address in self._known
 
     async def ask(
         self, replica: Replica, request: bytes, metadata: tuple[tuple[str, str], ...], timeout: float
@@ -210,16 +266,17 @@ class UpstreamPool:
                 raise UpstreamError(code, details or code.name)
             assert isinstance(response, bytes)
         except grpc.aio.AioRpcError as err:
-            self.last_error[replica.address] = f"{err.code().name}: {err.details()}"
+            self._note_error(replica.address, f"{err.code().name}: {err.details()}")
             raise UpstreamError(err.code(), err.details() or err.code().name) from None
         except UpstreamError as err:
-            self.last_error[replica.address] = str(err)
+            self._note_error(replica.address, str(err))
             raise
         finally:
             # istiod would keep the stream open for more requests; we asked for one answer only.
             with contextlib.suppress(Exception):
                 call.cancel()
-        self.last_ok[replica.address] = time.monotonic()
-        self.last_error.pop(replica.address, None)
+        if self._listed(replica.address):  # see _note_error
+            self.last_ok[replica.address] = time.monotonic()
+            self.last_error.pop(replica.address, None)
         log.debug("%s answered %d bytes in %.1f ms", replica.label, len(response), (time.monotonic() - started) * 1e3)
         return response

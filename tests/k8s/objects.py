@@ -43,6 +43,7 @@ async def create_istiod_pod(
     revision: str | None = None,
     labels: dict[str, str] | None = None,
     node: str | None = "node-1",
+    host_network: bool = False,
 ) -> Pod:
     """An istiod pod as the Deployment would create it, then the status the kubelet would report.
 
@@ -59,6 +60,7 @@ async def create_istiod_pod(
             containers=[Container(name="discovery", image=ISTIOD_IMAGE)],
             nodeName=node,
             automountServiceAccountToken=False,
+            hostNetwork=host_network or None,
         ),
     )
     await client.create(pod, namespace=namespace)
