@@ -251,18 +251,22 @@ async def test_delta_scoped_caller_and_another_namespaces_proxy_is_answered_not_
         assert len(own) == 7 and b"mine.ns-1.svc" in b"".join(v for _, v in own)
 
 
-def _holder_mesh() -> list[SimReplica]:
-    """web-1.team2 on the first replica, web-1.team on the last (istiod finds "web-1.team" in "web-1.team2-1")."""
-    mesh = make_mesh(3, 0, tokens={**TOKENS, "team-token": ("team", "default")})
-    mesh[0].proxies.append(SimProxy("web-1", "team2", states={"CDS": "SYNCED"}))
-    mesh[2].proxies.append(SimProxy("web-1", "team", states={"CDS": "SYNCED"}))
-    return mesh
+def _place_lookalike_first(s: Stack) -> None:
+    """web-1.team2 on the replica the proxy asks first, web-1.team on the one it asks last (istiod finds
+    "web-1.team" in the connection id "web-1.team2-1", so both replicas answer for web-1.team)."""
+    by_address = dict(zip(s.mesh.addresses, s.replicas, strict=True))
+    order = [by_address[r.address] for r in s.proxy.replicas.current()]
+    order[0].proxies.append(SimProxy("web-1", "team2", states={"CDS": "SYNCED"}))
+    order[-1].proxies.append(SimProxy("web-1", "team", states={"CDS": "SYNCED"}))
+    for r in order:
+        r.invalidate()
 
 
 @pytest.mark.parametrize("identity", [False, True], ids=["forward", "identity"])
 async def test_config_dump_comes_from_the_holder_not_a_lookalike(identity: bool) -> None:
-    # Issue 11 item 1: the first non-empty answer (replica 0, web-1.team2's dump) was returned.
-    async with stack(mesh=_holder_mesh(), identity=identity) as s:
+    # Issue 11 item 1: the first non-empty answer (web-1.team2's dump) was returned.
+    async with stack(mesh=make_mesh(3, 0, tokens=TOKENS), identity=identity) as s:
+        _place_lookalike_first(s)
         target = s.pki.admin_target(s.address) if s.pki is not None else s.target()
         resp, _ = await client.request(target, CONFIG_DUMP, ["web-1.team"])
         text = _dump_text(resp)
