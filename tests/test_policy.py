@@ -106,8 +106,8 @@ def test_non_ascii_is_refused(name: str) -> None:
         ("syncz#x", "fragment"),
         ("//host/syncz", "not a URL"),
         ("syncz:x", "not a URL"),
-        ("1a:b", "Go's net/url"),
-        ("config_dump%zz", "Go's net/url"),
+        ("1a:b", "not a valid path (Go's net/url"),
+        ("config_dump%zz", "invalid URL escape"),
     ],
 )
 def test_debug_names_istiod_would_misread_are_refused(name: str, why: str) -> None:

@@ -138,7 +138,8 @@ def parse_debug_name(name: str) -> DebugName:
         url = gourl.parse(raw)
         gourl.parse(b"/debug/" + raw)  # what istiod's http.NewRequest parses
     except gourl.GoURLError as err:
-        raise InvalidRequest(f"debug name {_shown(name)} is not a URL Go's net/url accepts: {err}") from None
+        raise InvalidRequest(f"debug name {_shown(name)} is not a valid path (Go's net/url, as istiod parses it: "
+                             f"{err})") from None
     if url.scheme or url.opaque or url.host or url.user is not None:
         raise InvalidRequest(f"debug name {_shown(name)} must be a path such as 'syncz', not a URL")
     raw_path = raw.partition(b"?")[0]
