@@ -10,7 +10,9 @@ so the proxy decides with a port of Go's code (go1.26 src/net/url/url.go), byte 
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
+from urllib.parse import unquote_to_bytes
 
 
 class GoURLError(ValueError):
@@ -32,8 +34,21 @@ def _should_escape(c: int, mode: int) -> bool:
     return c not in b"-_.~"
 
 
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_CTL = re.compile(rb"[\x00-\x1f\x7f]")
+
+
 def unescape(s: bytes, mode: int) -> bytes:
     """url.go unescape: %XX must be well formed; '+' is a space only in query components."""
+    if mode not in (_HOST, _ZONE):
+        # The same result as the byte loop below, at C speed: names may be 4 KiB and come in bulk.
+        bad = _BAD_ESCAPE.search(s)
+        if bad is not None:
+            raise GoURLError(f"invalid URL escape {s[bad.start():bad.start() + 3].decode('latin-1')!r}")
+        if mode == _QUERY:
+            s = s.replace(b"+", b" ")  # before decoding: "%2B" stays a '+'
+        # Every '%' starts a valid escape now, which is all unquote_to_bytes needs to agree with Go.
+        return unquote_to_bytes(s) if b"%" in s else s
     i = 0
     n = 0
     while i < len(s):
@@ -82,7 +97,7 @@ class GoURL:
 
 
 def contains_ctl_byte(s: bytes) -> bool:
-    return any(b < 0x20 or b == 0x7F for b in s)
+    return _CTL.search(s) is not None
 
 
 def _get_scheme(raw: bytes) -> tuple[bytes, bytes]:

@@ -9,6 +9,7 @@ dereferences the result of a failed url.Parse, so one unparsable name would take
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 from . import gourl
@@ -114,6 +115,9 @@ class DebugName:
     query: dict[str, str]  # decoded; each parameter at most once
 
 
+_NOT_PRINTABLE_ASCII = re.compile(rb"[^\x21-\x7e]")
+
+
 def _shown(name: str) -> str:
     """A caller's string in an error message: bounded, and every non-printable character escaped."""
     return ascii(name[:100]) + ("..." if len(name) > 100 else "")
@@ -126,8 +130,9 @@ def parse_debug_name(name: str) -> DebugName:
     one the path's handler reads, at most once, decoding (as Go decodes it) to printable text.
     """
     raw = name.encode("utf-8", "surrogatepass")
-    bad = next((b for b in raw if not 0x21 <= b <= 0x7E), None)
-    if bad is not None:
+    found = _NOT_PRINTABLE_ASCII.search(raw)
+    if found is not None:
+        bad = raw[found.start()]
         raise InvalidRequest(
             f"debug name {_shown(name)} contains byte 0x{bad:02x}: only printable ASCII without spaces is "
             "accepted (percent-encode anything else)"
