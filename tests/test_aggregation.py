@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from typing import Any
 
 import grpc
 import pytest
@@ -10,9 +12,16 @@ from envoy.admin.v3 import config_dump_shared_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from istioctl_proxy import client
-from istioctl_proxy.simulator import SimProxy, make_mesh
+from istioctl_proxy.discovery import Replica
+from istioctl_proxy.fanout import Answer, FanOut
+from istioctl_proxy.metrics import Metrics
+from istioctl_proxy.pki import Leaf
+from istioctl_proxy.policy import CONFIG_DUMP
+from istioctl_proxy.simulate import SimulatedMesh
+from istioctl_proxy.simulator import SimProxy, SimReplica, make_mesh
+from istioctl_proxy.upstream import UpstreamPool, UpstreamTLS
 
-from .helpers import ADMIN_TOKEN, TOKENS, stack
+from .helpers import ADMIN_TOKEN, TOKENS, Stack, stack
 
 
 async def test_syncz_concatenates_replicas_with_external_id_and_keeps_version_info() -> None:
@@ -83,7 +92,12 @@ async def test_internal_debug_merges_per_path() -> None:
         dump = json.loads(await _debug(s, f"config_dump?proxyID={holder.id}"))
         assert dump["proxy"] == holder.id
         assert (await _debug(s, "edsz?proxyID=ghost.none")).startswith("Proxy not connected")
-        assert (await _debug(s, "nonexistent")).startswith("404 page not found")
+        # Unknown paths are refused before any replica is asked (istiod would answer "404 page not found").
+        asked = sum(r.requests for r in s.replicas)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _debug(s, "nonexistent")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'nonexistent'" in (err.value.details() or "")
+        assert sum(r.requests for r in s.replicas) == asked
 
 
 async def test_several_requests_on_one_stream_each_answered_afresh() -> None:
@@ -146,3 +160,187 @@ async def test_more_than_16_mib_answer_passes() -> None:
         resp, _ = await client.request(s.target(), client.SYNCZ)
         assert resp.ByteSize() > 16 * 1024 * 1024
         assert len(resp.resources) == 302
+
+
+# -- Names as istiod reads them, scoped callers, the holder rule, one deadline, no failover after a crash -----
+
+
+def _ns2_mesh() -> list[SimReplica]:
+    """ns-1 and ns-2 proxies whose ids contain each other's pieces."""
+    mesh = make_mesh(3, 0, tokens=TOKENS)
+    mesh[0].proxies += [SimProxy("victim", "ns-2", states={"CDS": "SYNCED"})]
+    mesh[1].proxies += [SimProxy("mine", "ns-1", states={"CDS": "SYNCED"})]
+    mesh[2].proxies += [SimProxy("third", "ns-2", states={"CDS": "SYNCED"})]
+    return mesh
+
+
+def _dump_text(resp: discovery_pb2.DiscoveryResponse) -> str:
+    return " ".join(str(r.value) for r in resp.resources)
+
+
+@pytest.mark.parametrize(
+    ("type_url", "names"),
+    [
+        (CONFIG_DUMP, [""]),
+        (CONFIG_DUMP, ["", ""]),
+        (CONFIG_DUMP, ["victim.ns-2", "victim.ns-2"]),
+        (CONFIG_DUMP, ["ns-2", "ns-2"]),
+        (CONFIG_DUMP, ["ctim.n"]),
+        (CONFIG_DUMP, ["victim.ns-2-1"]),
+        ("istio.io/debug", ["config_dump?proxyID="]),
+        ("istio.io/debug", ["config_dump?proxyID=victim.ns-2"]),
+        ("istio.io/debug", ["config_dump?proxyID=ns-2", "config_dump?proxyID=ns-2"]),
+        ("istio.io/debug", ["edsz?proxyID=ns-"]),
+        ("istio.io/debug", ["ndsz?proxyID=victim"]),
+        ("istio.io/debug", ["config_dump?proxyID=%76ictim.ns-2"]),
+    ],
+)
+async def test_scoped_caller_never_gets_another_namespace_however_the_id_is_written(
+    type_url: str, names: list[str]
+) -> None:
+    async with stack(mesh=_ns2_mesh(), identity=True) as s:
+        assert s.pki is not None
+        target = s.target(leaf=s.pki.client("ns-1"), namespace="ns-1")
+        dumps_before = [r.requests for r in s.replicas]
+        resp, _ = await client.request(target, type_url, names)
+        text = _dump_text(resp)
+        assert ".ns-2" not in text and "victim" not in text and "third" not in text
+        if type_url == CONFIG_DUMP:
+            assert len(resp.resources) == 0
+        else:
+            assert resp.resources[0].value.startswith((b"Proxy not connected", b"You must provide a proxyID"))
+        # At most the scope check's syncz reached the replicas (one request each), never the lookup itself.
+        assert all(r.requests - before <= 1 for r, before in zip(s.replicas, dumps_before, strict=True))
+
+
+async def test_scoped_caller_gets_its_own_proxy() -> None:
+    async with stack(mesh=_ns2_mesh(), identity=True) as s:
+        assert s.pki is not None
+        target = s.target(leaf=s.pki.client("ns-1"), namespace="ns-1")
+        resp, _ = await client.request(target, CONFIG_DUMP, ["mine.ns-1", "mine.ns-1"])
+        assert len(resp.resources) == 7 and "mine.ns-1.svc" in _dump_text(resp)
+        resp, _ = await client.request(target, "istio.io/debug", ["config_dump?proxyID=mine.ns-1"])
+        assert json.loads(resp.resources[0].value)["proxy"] == "mine.ns-1"
+
+
+async def _delta(
+    s: Stack, leaf: Leaf | None, namespace: str, type_url: str, names: list[str]
+) -> list[tuple[str, bytes]]:
+    target = s.target(leaf=leaf, namespace=namespace)
+    async with client.channel(target) as ch:
+        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).DeltaAggregatedResources(timeout=10)
+        await call.write(discovery_pb2.DeltaDiscoveryRequest(
+            type_url=type_url, node=client.istioctl_node(namespace), resource_names_subscribe=names))
+        resp = await call.read()
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+        return [(r.name, bytes(r.resource.value)) for r in resp.resources]
+
+
+async def test_delta_scoped_caller_and_another_namespaces_proxy_is_answered_not_an_error() -> None:
+    # Issue 11 item 2: this ended "UNKNOWN: Unexpected IndexError".
+    async with stack(mesh=_ns2_mesh(), identity=True) as s:
+        assert s.pki is not None
+        leaf = s.pki.client("ns-1")
+        name = "config_dump?proxyID=victim.ns-2"
+        assert await _delta(s, leaf, "ns-1", "istio.io/debug", [name]) == [
+            (name, b"Proxy not connected to this Pilot instance. It may be connected to another instance.\n")]
+        assert await _delta(s, leaf, "ns-1", CONFIG_DUMP, [""]) == []
+        assert await _delta(s, leaf, "ns-1", CONFIG_DUMP, ["victim.ns-2", "victim.ns-2"]) == []
+        own = await _delta(s, leaf, "ns-1", CONFIG_DUMP, ["mine.ns-1"])
+        assert len(own) == 7 and b"mine.ns-1.svc" in b"".join(v for _, v in own)
+
+
+def _place_lookalike_first(s: Stack) -> None:
+    """web-1.team2 on the replica the proxy asks first, web-1.team on the one it asks last (istiod finds
+    "web-1.team" in the connection id "web-1.team2-1", so both replicas answer for web-1.team)."""
+    by_address = dict(zip(s.mesh.addresses, s.replicas, strict=True))
+    order = [by_address[r.address] for r in s.proxy.replicas.current()]
+    order[0].proxies.append(SimProxy("web-1", "team2", states={"CDS": "SYNCED"}))
+    order[-1].proxies.append(SimProxy("web-1", "team", states={"CDS": "SYNCED"}))
+    for r in order:
+        r.invalidate()
+
+
+@pytest.mark.parametrize("identity", [False, True], ids=["forward", "identity"])
+async def test_config_dump_comes_from_the_holder_not_a_lookalike(identity: bool) -> None:
+    # Issue 11 item 1: the first non-empty answer (web-1.team2's dump) was returned.
+    async with stack(mesh=make_mesh(3, 0, tokens=TOKENS), identity=identity) as s:
+        _place_lookalike_first(s)
+        target = s.pki.admin_target(s.address) if s.pki is not None else s.target()
+        resp, _ = await client.request(target, CONFIG_DUMP, ["web-1.team"])
+        text = _dump_text(resp)
+        assert "web-1.team.svc" in text and "web-1.team2" not in text
+        resp, _ = await client.request(target, "istio.io/debug", ["config_dump?proxyID=web-1.team"])
+        assert json.loads(resp.resources[0].value)["proxy"] == "web-1.team"
+        # The look-alike itself is still found where it is.
+        resp, _ = await client.request(target, CONFIG_DUMP, ["web-1.team2"])
+        assert "web-1.team2.svc" in _dump_text(resp)
+
+
+async def test_scope_check_and_fan_out_share_one_deadline() -> None:
+    # Issue 11 item 5: the fan-out after the scope check got a fresh, full timeout.
+    mesh = _ns2_mesh()
+    for r in mesh:
+        r.faults.latency = 0.05
+    async with stack(mesh=mesh, identity=True, upstream_timeout=5.0) as s:
+        assert s.pki is not None
+        fanout = s.proxy.service.aggregator.fanout
+        ends: list[float] = []
+        real_all = fanout.all
+
+        async def recording_all(replicas: Any, request: bytes, metadata: Any, timeout: float) -> list[Answer]:
+            ends.append(time.monotonic() + timeout)
+            return await real_all(replicas, request, metadata, timeout)
+
+        fanout.all = recording_all  # type: ignore[method-assign]
+        target = s.target(leaf=s.pki.client("ns-1"), namespace="ns-1")
+        resp, _ = await client.request(target, CONFIG_DUMP, ["mine.ns-1"])
+        assert len(resp.resources) == 7
+        assert len(ends) == 2  # the scope check's syncz, then the dump
+        assert ends[1] <= ends[0] + 1e-3, "the dump's deadline is later than the call's"
+
+
+async def test_a_request_that_broke_a_replica_is_not_tried_on_the_next() -> None:
+    # istiod panics on a name Go's url.Parse rejects (the simulator too). Sent raw, below the policy's checks.
+    mesh = make_mesh(3, 3, tokens=TOKENS)
+    sim = SimulatedMesh(mesh)
+    await sim.start()
+    metrics = Metrics()
+    pool = UpstreamPool(UpstreamTLS(plaintext=True), max_message_bytes=1 << 20)
+    try:
+        fanout = FanOut(pool, on_answer=metrics.observe_upstream)
+        replicas = tuple(Replica(a) for a in sim.addresses)
+        req = discovery_pb2.DiscoveryRequest(type_url="istio.io/debug", resource_names=["config_dump?proxyID=x\t"])
+        req.node.CopyFrom(client.istioctl_node("istio-system"))
+        auth = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+        answers = await fanout.first(replicas, req.SerializeToString(), auth, 5.0)
+        assert len(answers) == 1 and answers[0].broken and answers[0].code == grpc.StatusCode.UNAVAILABLE
+        assert "not retried" in answers[0].error
+        assert sum(r.crashed for r in mesh) == 1
+        assert sum(r.requests for r in mesh) == 1  # the others never saw it
+        assert metrics.registry.get_sample_value("istioctl_proxy_upstream_connection_broken_total") == 1.0
+        # A replica that is merely down (connection refused) is not "broken by the request": failover goes on.
+        answers = await fanout.first(replicas, client_syncz_request(), auth, 5.0)
+        assert answers[-1].ok and not any(a.broken for a in answers)
+    finally:
+        await pool.close()
+        await sim.stop()
+
+
+def client_syncz_request() -> bytes:
+    req = discovery_pb2.DiscoveryRequest(type_url=client.SYNCZ)
+    req.node.CopyFrom(client.istioctl_node("istio-system"))
+    return req.SerializeToString()
+
+
+async def test_debug_names_go_cannot_parse_never_reach_a_replica() -> None:
+    async with stack(3, 6) as s:
+        for name in ("config_dump?proxyID=x\t", "syncz\r\n", ":x", "1a:b", "config_dump%zz", "syncz#%zz", "//[x"):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.request(s.target(), "istio.io/debug", [name])
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert sum(r.requests for r in s.replicas) == 0
+        assert not any(r.crashed for r in s.replicas)
+        resp, _ = await client.request(s.target(), "istio.io/debug", ["list"])
+        assert "syncz" in json.loads(resp.resources[0].value)

@@ -18,8 +18,8 @@ from .coalesce import Coalescer, FlightKey
 from .discovery import Replica, ReplicaSet
 from .errors import NoReplicas, UpstreamFailed
 from .fanout import Answer, FanOut, most_telling, upstream_timeout
-from .merge import NOT_CONNECTED, MergeContext, debug_response, merge
-from .policy import CONFIG_DUMP, SYNCZ, Plan, plan_request
+from .merge import MUST_PROVIDE, NOT_CONNECTED, MergeContext, claims_proxy, debug_response, merge
+from .policy import CONFIG_DUMP, SYNCZ, Merge, Plan, plan_request
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,24 @@ def _may_match_connection(proxy_id: str, node_id: str) -> bool:
     return False
 
 
+def _left(deadline: float) -> float:
+    """Seconds until `deadline`; never zero, so that a late stage still fails as a timeout, not a bug."""
+    return max(0.01, deadline - time.monotonic())
+
+
+def _syncz_entries(body: bytes) -> list[bytes]:
+    view = wire.view_response(body)
+    return [view.resource_any(i) for i in range(len(view.resources))]
+
+
+def _id_and_namespace(any_bytes: bytes) -> tuple[str, str]:
+    """A syncz entry's proxy id and config namespace (NAMESPACE, else the id's domain, as istiod falls back)."""
+    cfg = wire.client_config(any_bytes)
+    ns_value = cfg.node.metadata.fields.get("NAMESPACE")
+    ns = ns_value.string_value if ns_value is not None else ""
+    return str(cfg.node.id), str(ns or cfg.node.id.rpartition(".")[2])
+
+
 class Aggregator:
     def __init__(self, replicas: ReplicaSet, fanout: FanOut, settings: Settings) -> None:
         self.replicas = replicas
@@ -87,14 +105,21 @@ class Aggregator:
         replicas = self.replicas.current()
         if not replicas:
             raise NoReplicas("no istiod replica is known yet: check --istiod / --istiod-dns / --istiod-k8s")
-        timeout = upstream_timeout(remaining, self.settings.upstream_timeout)
+        # One absolute deadline for the whole call: the scope check and the fan-out share it.
+        deadline = started + upstream_timeout(remaining, self.settings.upstream_timeout)
         request, metadata = self._upstream_request(plan, node, caller)
         ctx = MergeContext(self.settings.external_id, caller.scope)
 
-        if caller.scope and plan.proxy_id and not await self._in_scope(plan.proxy_id, caller, node, timeout):
-            # Identity mode: istiod would not find a proxy of another namespace for this caller.
-            plan = Plan(plan.type_url, plan.merge, (), plan.debug_path, "")
-            return Result(self._not_found(plan), plan, 0, [])
+        if caller.scope and plan.names_proxy:
+            # Identity mode: the replicas are asked with the proxy's own identity, so istiod's namespace
+            # check is ours. Only one exact, non-empty id of the caller's namespace is looked up, and only
+            # on the replicas whose syncz lists exactly that id (istiod matches ids by substring, "" = any).
+            holders = await self._exact_holders(plan.proxy_id, caller.scope, node, replicas, deadline) \
+                if plan.proxy_id else frozenset()
+            if not holders:
+                return Result(self._not_found(plan), plan, 0, [])
+            replicas = tuple(r for r in replicas if r.address in holders)
+            ctx = dataclasses.replace(ctx, holders=holders)
 
         # The coalescing/caching hook. The key holds the caller's credential key, so a shared or cached
         # answer is always one that this caller's own credentials fetched (or would fetch: same token or
@@ -102,8 +127,8 @@ class Aggregator:
         key = FlightKey(caller.key, plan.type_url, plan.resource_names, request, ctx.scope,
                         (plan.fan_out, tuple(r.address for r in replicas)))
         shared, kind = await self.coalescer.serve(
-            key, lambda: self._fan_out_and_merge(plan, replicas, request, metadata, timeout, ctx),
-            deadline=time.monotonic() + timeout,
+            key, lambda: self._fan_out_and_merge(plan, replicas, request, metadata, deadline, ctx, node, caller),
+            deadline=deadline,
         )
         if kind and self.on_shared is not None:
             self.on_shared(plan.type_url, kind)
@@ -113,14 +138,20 @@ class Aggregator:
 
     async def _fan_out_and_merge(
         self, plan: Plan, replicas: tuple[Replica, ...], request: bytes,
-        metadata: tuple[tuple[str, str], ...], timeout: float, ctx: MergeContext,
+        metadata: tuple[tuple[str, str], ...], deadline: float, ctx: MergeContext,
+        node: base_pb2.Node, caller: Caller,
     ) -> Result:
         if plan.fan_out:
-            answers = await self.fanout.all(replicas, request, metadata, timeout)
+            answers = await self.fanout.all(replicas, request, metadata, _left(deadline))
         else:
-            answers = await self.fanout.first(replicas, request, metadata, timeout,
+            answers = await self.fanout.first(replicas, request, metadata, _left(deadline),
                                               accept=lambda a: not merge(plan, [a], ctx).rejected)
         failures = self._apply_failure_policy(plan, answers)
+        if plan.proxy_id and not ctx.holders and sum(claims_proxy(plan, a) for a in answers) > 1:
+            # Several replicas answer for one id: istiod matched a look-alike ("web-1.team" in
+            # "web-1.team2-3"). The answer is the holder's: the replica whose syncz lists the exact id.
+            holders = await self._exact_holders(plan.proxy_id, "", node, replicas, deadline, caller)
+            ctx = dataclasses.replace(ctx, holders=holders)
         merged = merge(plan, answers, ctx)
         for answer, reason in merged.rejected:
             failures.append((answer.replica.label, reason))
@@ -161,31 +192,38 @@ class Aggregator:
             raise UpstreamFailed(f"{scope}: {reasons}", most_telling(failed))
         return [(a.replica.label, f"{a.code.name}: {a.error}") for a in failed]
 
-    async def _in_scope(self, proxy_id: str, caller: Caller, node: base_pb2.Node, timeout: float) -> bool:
-        """Does a proxy with exactly this id exist in the caller's namespace (and no look-alike)?
+    async def _exact_holders(
+        self, proxy_id: str, scope: str, node: base_pb2.Node, replicas: tuple[Replica, ...], deadline: float,
+        caller: Caller | None = None,
+    ) -> frozenset[str]:
+        """The replicas whose syncz lists exactly `proxy_id` (in namespace `scope`, if given) and no look-alike.
 
-        istiod matches config_dump's proxyID by substring, so "web.team" would also match "web.team2";
-        a scoped caller is served only when the match is unambiguous and in its namespace.
+        Each replica's own syncz, not the merged one: the lookup runs on one replica, so that replica must
+        hold the proxy and no other id that istiod's substring match could pick instead. A replica whose
+        syncz failed or cannot be read holds nothing. `caller` asks with the caller's credentials (forward
+        mode); without it, with the proxy's own (the scope check: identity mode only).
         """
-        result = await self.answer(SYNCZ, [], node, Caller(caller.principal), timeout)
-        view = wire.view_response(result.body)
-        match = False
-        for i in range(len(view.resources)):
+        syncz = Plan(SYNCZ, Merge.SYNCZ, ())
+        request, metadata = self._upstream_request(syncz, node, caller or Caller("istioctl-proxy"))
+        answers = await self.fanout.all(replicas, request, metadata, _left(deadline))
+        holders: set[str] = set()
+        for answer in answers:
+            if not answer.ok or answer.body is None:
+                continue
             try:
-                cfg = wire.client_config(view.resource_any(i))
+                entries = [_id_and_namespace(any_bytes) for any_bytes in _syncz_entries(answer.body)]
             except wire.WireError:
-                return False  # an unreadable entry could be a look-alike: refuse rather than guess
-            if cfg.node.id == proxy_id:
-                ns_value = cfg.node.metadata.fields.get("NAMESPACE")
-                ns = ns_value.string_value if ns_value is not None else ""
-                if ns != caller.scope:
-                    return False
-                match = True
-            elif _may_match_connection(proxy_id, cfg.node.id):
-                return False
-        return match
+                continue  # an unreadable entry could be a look-alike: refuse rather than guess
+            exact = [ns for node_id, ns in entries if node_id == proxy_id]
+            lookalike = any(node_id != proxy_id and _may_match_connection(proxy_id, node_id) for node_id, _ in entries)
+            if exact and not lookalike and all(not scope or ns == scope for ns in exact):
+                holders.add(answer.replica.address)
+        return frozenset(holders)
 
     def _not_found(self, plan: Plan) -> bytes:
+        """What istiod answers when it finds no proxy for the request (the plan keeps its names: Delta needs them)."""
         if plan.type_url == CONFIG_DUMP:
             return wire.envelope(type_url=plan.type_url, version_info="", nonce="")
-        return debug_response(plan, [], NOT_CONNECTED + b"\n")
+        if not plan.proxy_id:
+            return debug_response(plan, [], MUST_PROVIDE + b" in the query string\n")
+        return debug_response(plan, [], NOT_CONNECTED + b". It may be connected to another instance.\n")

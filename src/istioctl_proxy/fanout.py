@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -11,6 +13,14 @@ import grpc
 
 from .discovery import Replica
 from .upstream import UpstreamError, UpstreamPool
+
+log = logging.getLogger(__name__)
+
+# What gRPC reports when the replica's connection died under a request (its process exited, e.g. an
+# istiod panic) rather than the replica answering with a status. "failed to connect" is not one of them:
+# that request never reached the replica.
+_BROKE = ("socket closed", "stream removed", "connection reset", "broken pipe", "goaway", "end of tcp stream",
+          "connection closed", "keepalive watchdog timeout")
 
 # Status codes ordered from most to least telling, for when every replica fails.
 _TELLING = (
@@ -36,10 +46,18 @@ class Answer:
     code: grpc.StatusCode = grpc.StatusCode.OK
     error: str = ""
     seconds: float = 0.0
+    broken: bool = False  # the connection died under this request (see connection_broke)
 
     @property
     def ok(self) -> bool:
         return self.body is not None
+
+
+def connection_broke(code: grpc.StatusCode, message: str) -> bool:
+    """Did the replica's connection die during the request, instead of the replica ending it with a status?"""
+    text = message.lower()
+    return code is grpc.StatusCode.UNAVAILABLE and not text.startswith("failed to connect") and any(
+        phrase in text for phrase in _BROKE)
 
 
 def most_telling(answers: Sequence[Answer]) -> grpc.StatusCode:
@@ -80,7 +98,8 @@ class FanOut:
             # wait_for backs up the gRPC deadline: a replica that accepts and never answers is cut off.
             body = await asyncio.wait_for(self.pool.ask(replica, request, metadata, timeout), timeout + 0.05)
         except UpstreamError as err:
-            return Answer(replica, None, err.code, err.message, time.monotonic() - started)
+            return Answer(replica, None, err.code, err.message, time.monotonic() - started,
+                          broken=connection_broke(err.code, err.message))
         except TimeoutError:
             return Answer(replica, None, grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer in {timeout:.2f}s",
                           time.monotonic() - started)
@@ -109,6 +128,15 @@ class FanOut:
             budget = remaining if n == len(ordered) - 1 else remaining / 2
             answer = await self._one(replica, request, metadata, budget)
             answers.append(answer)
+            if answer.broken:
+                # This request may be what broke the replica (istiod panics on some inputs): asking the next
+                # replica could take it down too. Stop here; the call ends UNAVAILABLE.
+                log.warning("%s: the connection broke during a request; not retrying it on another replica: %s",
+                            replica.label, answer.error[:200].encode("unicode_escape").decode("ascii"))
+                answers[-1] = dataclasses.replace(
+                    answer, error=f"{answer.error} (the connection broke under this request: not retried on "
+                                  "another replica)")
+                break
             if answer.ok and accept is not None and not accept(answer):
                 # A malformed answer is that replica's failure: rank it last next time, ask the next one now.
                 self.pool.last_error[replica.address] = "malformed answer"

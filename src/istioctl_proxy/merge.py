@@ -10,6 +10,7 @@ import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
@@ -19,6 +20,8 @@ from . import wire
 from .fanout import Answer
 from .policy import DEBUG, Merge, Plan
 
+_T = TypeVar("_T")
+
 NOT_CONNECTED = b"Proxy not connected to this Pilot instance"
 MUST_PROVIDE = b"You must provide a proxyID"
 
@@ -27,6 +30,9 @@ MUST_PROVIDE = b"You must provide a proxyID"
 class MergeContext:
     external_id: str = "<external>"
     scope: str = ""  # namespace-scoped caller (identity mode): keep only that namespace's proxies
+    # Addresses of the replicas whose syncz lists the requested proxy id exactly: when several replicas
+    # answer for a proxy (istiod matches ids by substring), theirs is the answer (the holder rule).
+    holders: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -168,10 +174,36 @@ def _namespace(any_bytes: bytes) -> str:
     return str(cfg.node.id).rpartition(".")[2]
 
 
+def _holders_first(items: list[_T], answer_of: Callable[[_T], Answer], ctx: MergeContext) -> list[_T]:
+    """The holder rule: answers of replicas whose syncz lists the exact id first (stable otherwise)."""
+    if not ctx.holders:
+        return items
+    return sorted(items, key=lambda item: answer_of(item).replica.address not in ctx.holders)
+
+
+def claims_proxy(plan: Plan, answer: Answer) -> bool:
+    """Does this answer claim to be about the requested proxy (non-empty dump, not "not connected")?"""
+    if not answer.ok or not answer.body:
+        return False
+    try:
+        view = wire.view_response(answer.body)
+    except wire.WireError:
+        return False
+    if plan.merge is Merge.PROXY_HOLDER:
+        return bool(view.resources)
+    if len(view.resources) != 1:
+        return False
+    try:
+        body = bytes(any_pb2.Any.FromString(view.resource_any(0)).value)
+    except DecodeError:
+        return False
+    return not body.startswith((NOT_CONNECTED, MUST_PROVIDE))
+
+
 def merge_proxy_holder(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged:
     """config_dump: the replica that holds the proxy answers non-empty; pass its bytes through."""
     good, bad = _views(answers, plan.type_url)
-    for answer, view in good:
+    for answer, view in _holders_first(good, lambda g: g[0], ctx):
         if view.resources:
             try:  # upb checks every Any's framing (not the dumps inside): the caller must be able to read it
                 discovery_pb2.DiscoveryResponse.FromString(view.raw)
@@ -279,11 +311,13 @@ def merge_debug(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Mer
         merged = json.dumps(_combine_json(plan.merge, values), indent=2).encode()
         return Merged(debug_response(plan, used, merged), 1, bad)
     if plan.merge is Merge.DEBUG_PROXY:
-        holders = [(view, body) for _, view, body in bodies if not body.startswith((NOT_CONNECTED, MUST_PROVIDE))]
-        if len(holders) > 1:
-            # Two replicas claim the proxy (a reconnect window, or one answering garbage): prefer a body that
-            # is the JSON istiod's proxy-scoped handlers write over one that is not.
-            holders.sort(key=lambda h: not _is_json(h[1]))
+        claimed = [b for b in bodies if not b[2].startswith((NOT_CONNECTED, MUST_PROVIDE))]
+        if len(claimed) > 1:
+            # Two replicas claim the proxy (a look-alike id, a reconnect window, or one answering garbage):
+            # the holder's answer first, then a body that is the JSON istiod's proxy-scoped handlers write.
+            claimed.sort(key=lambda b: (bool(ctx.holders) and b[0].replica.address not in ctx.holders,
+                                        not _is_json(b[2])))
+        holders = [(view, body) for _, view, body in claimed]
         if holders:
             return Merged(debug_response(plan, [holders[0][0]], holders[0][1]), 1, bad)
     # ANY_ONE, or nobody holds the proxy: the first answer as istiod gave it.

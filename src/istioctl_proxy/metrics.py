@@ -86,6 +86,10 @@ class Metrics:
         self.upstream_errors = Counter("istioctl_proxy_upstream_errors",
                                        "Upstream calls that failed, by replica and gRPC status code.",
                                        ["replica", "source", "code"], registry=r)
+        self.upstream_broken = Counter("istioctl_proxy_upstream_connection_broken",
+                                       "Upstream requests under which the replica's connection broke (no status: "
+                                       "the replica may have crashed on it); such a request is never retried on "
+                                       "another replica.", registry=r)
 
     def _define_state_metrics(self) -> None:
         r = self.registry
@@ -162,6 +166,8 @@ class Metrics:
         self.upstream_seconds.labels(replica.address, replica.source).observe(answer.seconds)
         if not answer.ok:
             self.upstream_errors.labels(replica.address, replica.source, answer.code.name).inc()
+        if answer.broken:
+            self.upstream_broken.inc()
         self.last_answer[replica.address] = LastAnswer(answer.seconds, answer.code.name, answer.error, time.time())
 
     # -- replica state ---------------------------------------------------------------------------------

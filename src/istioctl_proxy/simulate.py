@@ -37,6 +37,7 @@ class SimulatedMesh:
     replicas: list[SimReplica]
     addresses: list[str] = field(default_factory=list)
     servers: list[grpc.aio.Server] = field(default_factory=list)
+    _crashes: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(
         self, host: str = "127.0.0.1", base_port: int = 0, tls: tuple[bytes, bytes, bytes | None] | None = None
@@ -46,6 +47,13 @@ class SimulatedMesh:
             await server.start()
             self.servers.append(server)
             self.addresses.append(f"{host}:{port}")
+            replica.on_crash = lambda server=server: self._crash(server)
+
+    def _crash(self, server: grpc.aio.Server) -> None:
+        """A replica "panicked": its server stops at once, breaking every stream on it."""
+        task = asyncio.get_running_loop().create_task(server.stop(0))
+        self._crashes.add(task)
+        task.add_done_callback(self._crashes.discard)
 
     async def stop(self) -> None:
         for server in self.servers:

@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs, urlsplit
 
 import grpc
 from envoy.admin.v3 import config_dump_pb2, config_dump_shared_pb2
@@ -25,6 +24,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.status.v3 import csds_pb2
 from google.protobuf import any_pb2, timestamp_pb2
 
+from . import gourl
 from .auth import bearer_token, parse_spiffe, spiffe_ids_of_pem
 from .policy import CONFIG_DUMP, DEBUG, NAMESPACE_DEBUG_PATHS, SYNCZ
 
@@ -126,6 +126,10 @@ class SimReplica:
     allowed_namespaces: frozenset[str] = frozenset()
     faults: Faults = field(default_factory=Faults)
     requests: int = 0
+    # istiod panics (and its process exits) on a debug name Go's url.Parse rejects; so does this replica:
+    # `crashed` is set and `on_crash` (SimulatedMesh: stop this replica's server) is called.
+    crashed: bool = False
+    on_crash: Callable[[], None] | None = None
     _push: int = 0
     _syncz_cache: dict[str, bytes] = field(default_factory=dict)
 
@@ -196,6 +200,7 @@ class SimReplica:
 
     def config_dump(self, names: Sequence[str], scope: str) -> bytes:
         resp = self._envelope(CONFIG_DUMP)
+        names = list(dict.fromkeys(names))  # istiod: sets.New(ResourceNames...); one name "" matches any proxy
         if len(names) == 1:
             p = self.find(names[0])
             if p is not None and (not scope or p.namespace == scope):
@@ -204,24 +209,35 @@ class SimReplica:
         return bytes(resp.SerializeToString())
 
     def debug(self, names: Sequence[str], identity: tuple[str, str]) -> bytes:
+        names = list(dict.fromkeys(names))  # a set, as istiod keeps WatchedResource.ResourceNames
         if len(names) != 1:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "exactly one debug request is required")
-        parts = urlsplit(names[0])
-        path = parts.path.strip("/")
-        if identity[0] != self.root_namespace and path not in NAMESPACE_DEBUG_PATHS:
+        raw = names[0].encode("utf-8", "surrogatepass")
+        try:
+            # debuggen.go: `u, _ := url.Parse(resourceName); debugType := u.Path`: a parse error is a nil
+            # dereference, and the panic ends the process.
+            debug_type = gourl.parse(raw).path.decode("utf-8", "replace")
+            request_url = gourl.parse(b"/debug/" + raw)  # http.NewRequest; its error is a nil request
+        except gourl.GoURLError as err:
+            raise _Crash(f"panic: runtime error: invalid memory address or nil pointer dereference ({err})") from None
+        if identity[0] != self.root_namespace and debug_type not in NAMESPACE_DEBUG_PATHS:
             raise _Abort(grpc.StatusCode.PERMISSION_DENIED,
                          f"the debug info is not available for current identity: \"spiffe://cluster.local/ns/{identity[0]}/sa/{identity[1]}\"")
-        scope = self.caller_scope(identity)
-        body = self._debug_body(path, parse_qs(parts.query), scope)
+        # getDebugConnection checks only the root namespace, not the allowed-namespaces list.
+        scope = "" if identity[0] == self.root_namespace else identity[0]
+        path = request_url.path.decode("utf-8", "replace")
+        handler = path.removeprefix("/debug/") if path.startswith("/debug/") else ""
+        body = self._debug_body(handler, gourl.parse_query(request_url.raw_query), scope)
         resp = self._envelope(DEBUG)
         resp.resources.add(type_url=DEBUG, value=body.encode())
         return bytes(resp.SerializeToString())
 
-    def _debug_body(self, path: str, query: Mapping[str, list[str]], scope: str) -> str:
-        proxy_id = query.get("proxyID", [""])[0]
+    def _debug_body(self, path: str, query: gourl.Query, scope: str) -> str:
+        # Handlers read URL.Query().Get: the first value of the pairs Go could decode.
+        proxy_id = query.get(b"proxyID").decode("utf-8", "replace")
         visible = [p for p in self.proxies if not scope or p.namespace == scope]
         if path == "syncz":
-            ns = query.get("namespace", [""])[0]
+            ns = query.get(b"namespace").decode("utf-8", "replace")
             return json.dumps([p.syncz_json() for p in visible if not ns or p.namespace == ns], indent=2)
         if path in ("adsz", "connections") and not proxy_id:
             clients = [{"connectionId": f"{p.id}-{i + 1}", "connectedAt": "2026-01-01T00:00:00Z",
@@ -244,6 +260,10 @@ class SimReplica:
         if path in DEBUG_LIST:
             return "{}"
         return "404 page not found\n"
+
+
+class _Crash(Exception):
+    """istiod would panic here: the replica's process ends."""
 
 
 class _Abort(Exception):
@@ -311,6 +331,14 @@ class SimulatorService:
                 yield answer if r.faults.garbage is None else r.faults.garbage(req.type_url, answer)
         except _Abort as err:
             await context.abort(err.code, err.message)
+        except _Crash as err:
+            log.error("%s: %s", r.pod_name, err)
+            r.crashed = True
+            if r.on_crash is not None:
+                r.on_crash()  # the server goes away (later calls: connection refused), as a dead process's would
+            # What a gRPC client reports when the peer's process exits under a call (a stopping grpc.aio server
+            # would instead say GOAWAY "Cancelling all calls", which a clean shutdown also says).
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "Stream removed (Socket closed)")
 
 
 def make_mesh(

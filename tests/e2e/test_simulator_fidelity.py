@@ -10,12 +10,14 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.status.v3 import csds_pb2
 from google.protobuf.message import Message
 
-from istioctl_proxy.simulator import SimProxy, SimReplica
+from istioctl_proxy.fanout import connection_broke
+from istioctl_proxy.simulator import SimProxy, SimReplica, _Abort, _Crash
 
 from .ads import (
     CDS,
@@ -165,3 +167,77 @@ async def test_debug_bodies_have_istiods_shape(real: tuple[Mesh, list[AdsClient]
 
     for path in ("config_dump?proxyID=nobody.nowhere", "edsz", "no-such-path"):
         assert _body(sim_response(sim.debug([path], identity))) == _body(await ask(mesh, DEBUG, (path,))), path
+
+
+# -- Names as istiod reads them: a set, "" matches any proxy, substrings, Go's query parsing -----------------
+
+NAME_EDGE_CASES: list[tuple[str, tuple[str, ...]]] = [
+    (CONFIG_DUMP, ("fid-synced.team-f", "fid-synced.team-f")),  # a set: one name, served
+    (CONFIG_DUMP, ("",)),  # "" is a substring of every connection id
+    (CONFIG_DUMP, ("", "")),
+    (CONFIG_DUMP, ("fid-sync",)),  # substring
+    (CONFIG_DUMP, ("fid-synced.team-f", "fid-stale.team-f")),  # two names: empty
+    (CONFIG_DUMP, ()),
+    (CONFIG_DUMP, ("nobody.nowhere",)),
+    (DEBUG, ("config_dump?proxyID=fid-synced.team-f", "config_dump?proxyID=fid-synced.team-f")),
+    (DEBUG, ("config_dump?proxyID=fid-sync",)),
+    (DEBUG, ("config_dump?proxyID=",)),
+    (DEBUG, ("config_dump",)),
+    (DEBUG, ("config_dump?proxyID=%zz&proxyID=fid-synced.team-f",)),  # Go drops the bad pair, reads the second
+    (DEBUG, ("config_dump?proxyID=fid-synced.team-f;x=1",)),  # Go drops a pair with ';'
+    (DEBUG, ("config_dump?proxyID=fid%2Dsynced.team-f",)),
+    (DEBUG, ("syncz", "list")),  # two names: InvalidArgument
+]
+
+
+def _kind(type_url: str, resp: discovery_pb2.DiscoveryResponse) -> str:
+    if type_url == CONFIG_DUMP:
+        return "dump" if resp.resources else "empty"
+    body = _body(resp)
+    if body.startswith("Proxy not connected"):
+        return "not connected"
+    if body.startswith("You must provide a proxyID"):
+        return "no proxyID"
+    return "found" if body.startswith("{") else body[:40]
+
+
+@pytest.mark.parametrize(("type_url", "names"), NAME_EDGE_CASES, ids=[repr(n) for _, n in NAME_EDGE_CASES])
+async def test_names_are_read_as_istiod_reads_them(
+    real: tuple[Mesh, list[AdsClient]], type_url: str, names: tuple[str, ...]
+) -> None:
+    mesh, _ = real
+    sim = simulated()
+    identity = ("istio-system", "default")
+    try:
+        real_kind = _kind(type_url, await ask(mesh, type_url, names))
+    except grpc.aio.AioRpcError as err:
+        real_kind = err.code().name
+    try:
+        raw = sim.config_dump(list(names), "") if type_url == CONFIG_DUMP else sim.debug(list(names), identity)
+        sim_kind = _kind(type_url, sim_response(raw))
+    except _Abort as err:
+        sim_kind = err.code.name
+    assert sim_kind == real_kind
+
+
+# istiod dereferences url.Parse's nil result (debuggen.go parseAndValidateDebugRequest): the process dies.
+CRASHING_NAMES = ["syncz\t", ":x", "config_dump%zz"]
+
+
+@pytest.mark.parametrize("name", CRASHING_NAMES, ids=repr)
+async def test_unparsable_debug_names_break_both(mesh: Mesh, name: str) -> None:
+    with pytest.raises(_Crash):
+        simulated().debug([name], ("istio-system", "default"))
+    victim = mesh.replicas[-1]
+    admin = mesh.ca.issue_spiffe("istio-system", "default")
+    try:
+        async with tls_channel(victim.secure_address, mesh.root_cert_pem, client=admin) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await debug_request(ch, DEBUG, (name,), timeout_s=20)
+        # The connection died under the request (no status from istiod): what fanout.connection_broke reads.
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        assert connection_broke(err.value.code(), err.value.details() or ""), err.value.details()
+        await async_wait_until(lambda: not victim.is_running(), 20, what=f"{victim.pod_name} exits")
+        assert "nil pointer dereference" in victim.log_tail(200)
+    finally:
+        victim.restart(graceful=False)
