@@ -137,3 +137,87 @@ async def test_readiness_with_insecure_skip_verify_never_blocks_on_a_dead_replic
         started = time.monotonic()
         assert (await get(s.proxy.admin_port, "/healthz"))[0] == 200
         assert time.monotonic() - started < 0.5
+
+
+# --- Issue 17 item 2: the status page is not reachable from other pods without an operator decision ------
+
+
+def _own_non_loopback_ipv4() -> str | None:
+    """One of this host's own non-loopback addresses (a UDP connect sends nothing), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 9))
+        except OSError:
+            return None
+        ip = str(s.getsockname()[0])
+    return None if ip.startswith("127.") or ip == "0.0.0.0" else ip
+
+
+async def _get_from(local_ip: str, url: str, host: str) -> int:
+    """GET `url` from `local_ip` (the TCP peer address the admin port sees) with this Host header."""
+    connector = aiohttp.TCPConnector(local_addr=(local_ip, 0))
+    async with aiohttp.ClientSession(connector=connector) as http, http.get(url, headers={"Host": host}) as r:
+        return r.status
+
+
+@pytest.mark.parametrize("remote", [False, True])
+async def test_status_page_on_all_interfaces_answers_only_loopback_peers(remote: bool) -> None:
+    """The chart listens on 0.0.0.0 (probes, metrics). Any pod could read the whole mesh from /api/status
+    with `Host: <pod IP>` (or a forged `Host: localhost`); only a port-forward (a loopback peer) may."""
+    ip = _own_non_loopback_ipv4()
+    if ip is None:
+        pytest.skip("this host has no non-loopback address to call from (the mocked-peer test covers the guard)")
+    async with stack(2, 4, identity=True, admin_listen="0.0.0.0:0", admin_status_page=True,
+                     admin_status_page_remote=remote) as s:
+        port = s.proxy.admin_port
+        assert await _get_from("127.0.0.1", f"http://127.0.0.1:{port}/api/status", f"localhost:{port}") == 200
+        expected = 200 if remote else 403
+        for host in (f"{ip}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"):
+            assert await _get_from(ip, f"http://{ip}:{port}/api/status", host) == expected, host
+            assert await _get_from(ip, f"http://{ip}:{port}/", host) == expected, host
+        # Metrics and probes stay reachable from anywhere the network allows (Prometheus, the kubelet).
+        assert await _get_from(ip, f"http://{ip}:{port}/metrics", f"{ip}:{port}") == 200
+        assert await _get_from(ip, f"http://{ip}:{port}/readyz", f"{ip}:{port}") in (200, 503)
+
+
+def _guard_status(peer: tuple[str, int] | None, host: str, *, remote: bool = False) -> int:
+    from unittest import mock
+
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from istioctl_proxy.admin import AdminServer
+    from istioctl_proxy.metrics import Metrics
+
+    server = AdminServer("0.0.0.0:15090", Metrics(), mock.Mock(), None, status_remote=remote)
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda key, default=None: peer if key == "peername" else default
+    request = make_mocked_request("GET", "/api/status", headers={"Host": host}, transport=transport)
+
+    async def page(_: web.Request) -> web.StreamResponse:
+        return web.Response(text="mesh")
+
+    return asyncio.run(server._local_only(page)(request)).status
+
+
+def test_status_page_guard_checks_the_peer_then_the_host() -> None:
+    # A pod on the pod network, whatever Host it sends (the old check let any IP literal through).
+    assert _guard_status(("10.8.1.12", 40000), "10.8.2.7:15090") == 403
+    assert _guard_status(("10.8.1.12", 40000), "localhost:15090") == 403
+    assert _guard_status(("fd00::5", 40000, 0, 0), "[fd00::9]:15090") == 403  # type: ignore[arg-type]
+    # kubectl port-forward arrives on loopback, over IPv4, IPv6 or IPv4-mapped IPv6.
+    for peer in (("127.0.0.1", 1), ("::1", 1, 0, 0), ("::ffff:127.0.0.1", 1, 0, 0)):
+        assert _guard_status(peer, "localhost:15090") == 200, peer  # type: ignore[arg-type]
+    # Loopback peer, but a non-loopback IP or a name in Host: a rebinding browser or a confused proxy.
+    assert _guard_status(("127.0.0.1", 1), "10.8.2.7:15090") == 421
+    assert _guard_status(("127.0.0.1", 1), "0.0.0.0:15090") == 421  # 0.0.0.0 is where it listens, not a name
+    assert _guard_status(("127.0.0.1", 1), "attacker.example") == 421
+    # Widened by the operator (behind a NetworkPolicy): other peers and IP-literal hosts, still no names.
+    assert _guard_status(("10.8.1.12", 40000), "10.8.2.7:15090", remote=True) == 200
+    assert _guard_status(("10.8.1.12", 40000), "attacker.example", remote=True) == 421
+
+
+def test_status_page_remote_needs_the_status_page() -> None:
+    cfg = Config(listen="127.0.0.1:0", plaintext=True, istiod=("127.0.0.1:1",), istiod_plaintext=True)
+    with pytest.raises(ConfigError, match="--admin-status-page-remote"):
+        validate(dataclasses.replace(cfg, admin_status_page_remote=True))
