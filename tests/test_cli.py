@@ -29,6 +29,7 @@ def test_flags_from_environment() -> None:
             "ISTIOCTL_PROXY_PLAINTEXT": "true",
             "ISTIOCTL_PROXY_ISTIOD_PLAINTEXT": "1",
             "ISTIOCTL_PROXY_UPSTREAM_TIMEOUT": "3.5",
+            "ISTIOCTL_PROXY_INSECURE_FORWARD_TOKENS": "true",  # forward mode + plaintext to non-loopback
         },
     )
     assert cfg.istiod == ("10.0.0.1:15012", "10.0.0.2:15012")
@@ -36,9 +37,9 @@ def test_flags_from_environment() -> None:
 
 
 def test_plaintext_listens_on_loopback_unless_told_otherwise() -> None:
-    assert _cfg(["--plaintext", "--istiod", "a:1", "--istiod-plaintext"]).listen == "127.0.0.1:9090"
+    assert _cfg(["--plaintext", "--istiod", "127.0.0.1:1", "--istiod-plaintext"]).listen == "127.0.0.1:9090"
     assert (
-        _cfg(["--plaintext", "--istiod", "a:1", "--istiod-plaintext", "--listen", "0.0.0.0:9090"]).listen
+        _cfg(["--plaintext", "--istiod", "127.0.0.1:1", "--istiod-plaintext", "--listen", "0.0.0.0:9090"]).listen
         == "0.0.0.0:9090"
     )
 
