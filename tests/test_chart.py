@@ -388,3 +388,12 @@ async def test_rotation_job_renews_an_expiring_reviewer_token(
     assert renewed != first and claims(renewed)["exp"] - claims(renewed)["iat"] == 14400
     assert await asyncio.to_thread(can_mint, cluster, renewed, mesh_ns, "istioctl-proxy-reviewer")
 
+
+
+def test_rotate_token_refuses_lifetimes_that_break_the_chain(capsys: pytest.CaptureFixture[str]) -> None:
+    from istioctl_proxy import cli
+
+    for argv, why in ((["--reviewer-seconds", "60"], "at least 600 s"),
+                      (["--reviewer-seconds", "7200", "--minter-seconds", "7200"], "must exceed --reviewer-seconds")):
+        assert cli.main(["rotate-token", "--mesh-kubeconfig", "/nonexistent", *argv]) == 2
+        assert why in capsys.readouterr().err
