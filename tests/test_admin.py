@@ -178,3 +178,49 @@ async def test_readiness_with_insecure_skip_verify_never_blocks_on_a_dead_replic
             assert await asyncio.to_thread(hole.connected.wait, EVENT_TIMEOUT), "the probe never dialled"
             assert (await get(s.proxy.admin_port, "/healthz"))[0] == 200
             assert not hole.closed.is_set(), "/healthz answered only after the dial gave up"
+
+
+# --- Issue 17 item 2: the status page is not reachable from other pods without an operator decision ------
+
+
+async def _guard_status(peer: tuple[str, int] | None, host: str, *, remote: bool = False) -> int:
+    from unittest import mock
+
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from istioctl_proxy.admin import AdminServer
+    from istioctl_proxy.metrics import Metrics
+
+    server = AdminServer("0.0.0.0:15090", Metrics(), mock.Mock(), None, status_remote=remote)
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda key, default=None: peer if key == "peername" else default
+    request = make_mocked_request("GET", "/api/status", headers={"Host": host}, transport=transport)
+
+    async def page(_: web.Request) -> web.StreamResponse:
+        return web.Response(text="mesh")
+
+    return (await server._local_only(page)(request)).status
+
+
+async def test_status_page_guard_checks_the_peer_then_the_host() -> None:
+    # A pod on the pod network, whatever Host it sends (the old check let any IP literal through).
+    assert await _guard_status(("10.8.1.12", 40000), "10.8.2.7:15090") == 403
+    assert await _guard_status(("10.8.1.12", 40000), "localhost:15090") == 403
+    assert await _guard_status(("fd00::5", 40000, 0, 0), "[fd00::9]:15090") == 403  # type: ignore[arg-type]
+    # kubectl port-forward arrives on loopback, over IPv4, IPv6 or IPv4-mapped IPv6.
+    for peer in (("127.0.0.1", 1), ("::1", 1, 0, 0), ("::ffff:127.0.0.1", 1, 0, 0)):
+        assert await _guard_status(peer, "localhost:15090") == 200, peer  # type: ignore[arg-type]
+    # Loopback peer, but a non-loopback IP or a name in Host: a rebinding browser or a confused proxy.
+    assert await _guard_status(("127.0.0.1", 1), "10.8.2.7:15090") == 421
+    assert await _guard_status(("127.0.0.1", 1), "0.0.0.0:15090") == 421  # 0.0.0.0 is where it listens, not a name
+    assert await _guard_status(("127.0.0.1", 1), "attacker.example") == 421
+    # Widened by the operator (behind a NetworkPolicy): other peers and IP-literal hosts, still no names.
+    assert await _guard_status(("10.8.1.12", 40000), "10.8.2.7:15090", remote=True) == 200
+    assert await _guard_status(("10.8.1.12", 40000), "attacker.example", remote=True) == 421
+
+
+def test_status_page_remote_needs_the_status_page() -> None:
+    cfg = Config(listen="127.0.0.1:0", plaintext=True, istiod=("127.0.0.1:1",), istiod_plaintext=True)
+    with pytest.raises(ConfigError, match="--admin-status-page-remote"):
+        validate(dataclasses.replace(cfg, admin_status_page_remote=True))

@@ -215,3 +215,58 @@ async def test_progress_indicator_only_on_a_terminal(tmp_path: str) -> None:
 ])
 def test_san_matching(wanted: str, names: list[str], ok: bool) -> None:
     assert san_matches(wanted, names) is ok
+
+
+# --- Issue 17 item 3: forward mode never sends callers' tokens unprotected without the operator's word -----
+
+
+def _serve_config(*argv: str) -> None:
+    from istioctl_proxy.config import from_args
+
+    from_args(cli.parser().parse_args(["serve", "--plaintext", *argv]), {})
+
+
+@pytest.mark.parametrize("insecure", ["--istiod-plaintext", "--istiod-insecure-skip-verify"])
+def test_forward_mode_refuses_unprotected_tokens_to_non_loopback_replicas(insecure: str) -> None:
+    from istioctl_proxy.errors import ConfigError
+
+    for replicas in (["--istiod", "10.8.1.12:15012"], ["--istiod", "127.0.0.1:15010,istiod.istio-system.svc:15010"],
+                     ["--istiod-dns", "localhost:15010"], ["--istiod-k8s"]):
+        with pytest.raises(ConfigError, match=f"forward mode with {insecure} would send callers' tokens"):
+            _serve_config(*replicas, insecure)
+        _serve_config(*replicas, insecure, "--insecure-forward-tokens")  # the operator's explicit decision
+    # Loopback replicas only (a sidecar-style local istiod, the tests' simulators): allowed, and warned about.
+    _serve_config("--istiod", "127.0.0.2:15010,[::1]:15010,localhost:15010", insecure)
+
+
+def test_forward_mode_token_override_is_refused_as_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["serve", "--plaintext", "--istiod", "istiod.istio-system.svc:15010", "--istiod-plaintext"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--insecure-forward-tokens" in err
+
+
+async def test_check_fails_unprotected_forwarded_tokens_unless_overridden(tmp_path: str) -> None:
+    async with istiods(tmp_path, 1) as s:
+        far = ["--istiod", "istiod.istio-system.svc:15012", "--istiod-insecure-skip-verify"]
+        code, lines = await check(["check", "--plaintext", *far, "--timeout", "1"])
+        assert code == 1
+        assert lines[0].startswith("✗ configuration: forward mode with --istiod-insecure-skip-verify would send")
+        # Overridden: not a failure, but said in capitals.
+        code, lines = await check(["check", "--plaintext", *far, "--insecure-forward-tokens", "--timeout", "1"])
+        assert only(lines, "· forwarded tokens: INSECURE: sent to istiod without verified TLS")
+        # Verified TLS: said so.
+        code, lines = await check(s.args())
+        assert code == 0 and only(lines, "✓ forwarded tokens: callers' tokens go to istiod over TLS verified")
+
+
+async def test_serve_warns_whenever_forwarded_tokens_travel_unprotected(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from .helpers import stack
+
+    caplog.set_level(logging.WARNING, logger="istioctl_proxy.app")
+    async with stack(1, 1):  # forward mode, --istiod-plaintext, loopback replicas
+        pass
+    warned = [r for r in caplog.records if "callers' bearer tokens travel to istiod without verified TLS" in
+              r.getMessage()]
+    assert len(warned) == 1 and "loopback replicas only" in warned[0].getMessage()

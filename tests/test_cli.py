@@ -29,6 +29,7 @@ def test_flags_from_environment() -> None:
             "ISTIOCTL_PROXY_PLAINTEXT": "true",
             "ISTIOCTL_PROXY_ISTIOD_PLAINTEXT": "1",
             "ISTIOCTL_PROXY_UPSTREAM_TIMEOUT": "3.5",
+            "ISTIOCTL_PROXY_INSECURE_FORWARD_TOKENS": "true",  # forward mode + plaintext to non-loopback
         },
     )
     assert cfg.istiod == ("10.0.0.1:15012", "10.0.0.2:15012")
@@ -37,7 +38,8 @@ def test_flags_from_environment() -> None:
 
 SWITCHES = ("plaintext", "istiod-k8s", "istiod-plaintext", "istiod-ca-configmap", "istiod-insecure-skip-verify",
             "require-all", "upstream-identity", "token-review", "admin-status-page", "coalesce",
-            "istiod-allow-loopback", "istiod-allow-host-network")
+            "istiod-allow-loopback", "istiod-allow-host-network", "insecure-forward-tokens",
+            "admin-status-page-remote")
 
 
 def _switch_fields(args: list[str], env: dict[str, str]) -> argparse.Namespace:
@@ -66,7 +68,7 @@ def test_a_switch_set_by_its_variable_is_turned_off_by_its_no_flag(name: str) ->
 
 
 def test_switches_through_the_whole_config() -> None:
-    base = ["--istiod", "a:1", "--plaintext"]
+    base = ["--istiod", "127.0.0.1:1", "--plaintext"]
     on = {"ISTIOCTL_PROXY_ISTIOD_PLAINTEXT": "true", "ISTIOCTL_PROXY_REQUIRE_ALL": "1"}
     cfg = _cfg(base, on)
     assert cfg.istiod_plaintext and cfg.require_all and cfg.coalesce
@@ -81,13 +83,13 @@ def test_switches_through_the_whole_config() -> None:
 
 def test_a_switch_variable_that_is_not_a_boolean_is_one_clear_error() -> None:
     with pytest.raises(ConfigError, match="ISTIOCTL_PROXY_REQUIRE_ALL='maybe': a switch takes true or false"):
-        _cfg(["--istiod", "a:1", "--plaintext", "--istiod-plaintext"], {"ISTIOCTL_PROXY_REQUIRE_ALL": "maybe"})
+        _cfg(["--istiod", "127.0.0.1:1", "--plaintext", "--istiod-plaintext"], {"ISTIOCTL_PROXY_REQUIRE_ALL": "maybe"})
 
 
 def test_plaintext_listens_on_loopback_unless_told_otherwise() -> None:
-    assert _cfg(["--plaintext", "--istiod", "a:1", "--istiod-plaintext"]).listen == "127.0.0.1:9090"
+    assert _cfg(["--plaintext", "--istiod", "127.0.0.1:1", "--istiod-plaintext"]).listen == "127.0.0.1:9090"
     assert (
-        _cfg(["--plaintext", "--istiod", "a:1", "--istiod-plaintext", "--listen", "0.0.0.0:9090"]).listen
+        _cfg(["--plaintext", "--istiod", "127.0.0.1:1", "--istiod-plaintext", "--listen", "0.0.0.0:9090"]).listen
         == "0.0.0.0:9090"
     )
 

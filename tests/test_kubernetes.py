@@ -752,7 +752,7 @@ async def test_mesh_cluster_tokenreview_manifest_is_accepted_and_grants_only_tok
     await _namespace_for_manifests(admin)
     assert await asyncio.to_thread(server_dry_run, cluster, docs, "external-istiod") == []
     (crb,) = [d for d in docs if d["kind"] == "ClusterRoleBinding"]
-    assert crb["roleRef"]["name"] == "system:auth-delegator"
+    assert crb["roleRef"]["name"] == "istioctl-proxy-tokenreview"  # tokenreviews only (tests/test_chart.py)
 
 
 # --- Helm ------------------------------------------------------------------------------------------------

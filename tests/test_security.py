@@ -257,7 +257,7 @@ def _config(argv: list[str], env: dict[str, str] | None = None) -> Config:
     return from_args(p.parse_args(argv), env or {})
 
 
-UPSTREAM = ["--istiod", "istiod.istio-system.svc:15010", "--istiod-plaintext"]
+UPSTREAM = ["--istiod", "istiod.istio-system.svc:15010", "--istiod-plaintext", "--insecure-forward-tokens"]
 
 
 def test_plaintext_listens_on_loopback_unless_an_address_is_given() -> None:
@@ -289,7 +289,8 @@ def test_upstream_verification_is_on_unless_explicitly_disabled() -> None:
         _config(["--plaintext", "--istiod", "istiod:15012", "--istiod-plaintext", "--istiod-insecure-skip-verify"])
     with pytest.raises(ConfigError):
         validate(Config(plaintext=True, istiod=("istiod:15012",)))
-    cfg = _config(["--plaintext", "--istiod", "istiod:15012", "--istiod-insecure-skip-verify"])
+    cfg = _config(["--plaintext", "--istiod", "istiod:15012", "--istiod-insecure-skip-verify",
+                   "--insecure-forward-tokens"])
     assert cfg.istiod_insecure_skip_verify  # only when asked for by name
 
 

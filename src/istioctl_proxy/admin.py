@@ -139,17 +139,34 @@ class Readiness:
             await listener(ready)
 
 
-def _local_host(host_header: str, allowed: frozenset[str]) -> bool:
-    """Is Host an IP literal, localhost or the configured admin host? Stops DNS rebinding to the page."""
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        addr = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped  # a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d
+    return addr
+
+
+def _loopback_peer(peer: str | None) -> bool:
+    """Is the TCP peer on this host's loopback? kubectl port-forward connects from there inside the pod."""
+    addr = _ip(peer or "")
+    return addr is not None and addr.is_loopback
+
+
+def _local_host(host_header: str, allowed: frozenset[str], *, any_ip: bool = False) -> bool:
+    """Is Host localhost, a loopback IP, the configured admin host or (`any_ip`) any IP literal?
+
+    This stops DNS rebinding (a browser sends the attacker's name as Host); it is not access control, since
+    any client can send any Host. Access control is the peer check in AdminServer.
+    """
     host = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
     host = host.strip("[]").lower()
     if host in allowed or host == "localhost":
         return True
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+    addr = _ip(host)
+    return addr is not None and (any_ip or addr.is_loopback)
 
 
 _SECURITY_HEADERS = {
@@ -166,15 +183,19 @@ _SECURITY_HEADERS = {
 class AdminServer:
     """The HTTP side: routes over Metrics, Readiness and, when enabled, the StatusPage."""
 
-    def __init__(self, listen: str, metrics: Metrics, readiness: Readiness, status: StatusPage | None) -> None:
+    def __init__(self, listen: str, metrics: Metrics, readiness: Readiness, status: StatusPage | None,
+                 *, status_remote: bool = False) -> None:
         self.listen = listen
+        # The status page shows every proxy of the mesh: loopback peers only unless the operator widened it.
+        self.status_remote = status_remote
         self.metrics = metrics
         self.readiness = readiness
         self.status = status
         self.port = 0
         self._runner: web.AppRunner | None = None
         host, _ = split_host_port(listen, allow_zero=True)
-        self._allowed_hosts = frozenset({host.lower()})
+        unspecified = (addr := _ip(host)) is not None and addr.is_unspecified
+        self._allowed_hosts = frozenset() if unspecified else frozenset({host.lower()})
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._headers])
@@ -199,9 +220,13 @@ class AdminServer:
     def _local_only(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            if not _local_host(request.host, self._allowed_hosts):
-                return web.Response(status=421, text="the status page answers only to an IP address, localhost or "
-                                    "the --admin-listen host (see docs/operations.md)\n")
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            if not self.status_remote and not _loopback_peer(peer[0] if peer else None):
+                return web.Response(status=403, text="the status page answers only on loopback (kubectl "
+                                    "port-forward); --admin-status-page-remote widens it (see docs/operations.md)\n")
+            if not _local_host(request.host, self._allowed_hosts, any_ip=self.status_remote):
+                return web.Response(status=421, text="the status page answers only to localhost, a loopback "
+                                    "address or the --admin-listen host (see docs/operations.md)\n")
             return await handler(request)
         return guarded
 
@@ -251,7 +276,8 @@ class Admin:
     def __init__(self, cfg: Config, readiness: Readiness, metrics: Metrics, status: StatusPage | None) -> None:
         self.cfg = cfg
         self.readiness = readiness
-        self.server = AdminServer(cfg.admin_listen, metrics, readiness, status) if cfg.admin_listen else None
+        self.server = (AdminServer(cfg.admin_listen, metrics, readiness, status,
+                                   status_remote=cfg.admin_status_page_remote) if cfg.admin_listen else None)
 
     @property
     def port(self) -> int:

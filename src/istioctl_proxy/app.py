@@ -16,7 +16,7 @@ from envoy.config.core.v3 import base_pb2
 from .admin import build_admin
 from .aggregator import Aggregator, Settings
 from .auth import Authenticator, AuthMode, TokenReviewer, parse_spiffe, spiffe_ids_of_pem
-from .config import Config, plaintext_exposed
+from .config import Config, plaintext_exposed, replicas_all_loopback, tokens_unprotected
 from .discovery import DnsSource, ReplicaSet, ReplicaSource, StaticSource
 from .errors import ConfigError, ResourceExhausted, Unavailable
 from .fanout import Answer, FanOut
@@ -113,6 +113,7 @@ class Proxy:
     pool: UpstreamPool = field(init=False)
     service: AdsService = field(init=False)
     port: int = 0
+    cert_port: int = 0  # --cert-listen: the certificate-callers port beside a --token-review port
     _ca_task: asyncio.Task[None] | None = None
     ca_watcher: RootCertWatcher | None = None  # --istiod-ca-configmap, once started
     reviewer: TokenReviewAuthenticator | None = None  # --token-review
@@ -173,6 +174,14 @@ class Proxy:
             self.service, listen=self.cfg.listen, max_message_bytes=self.cfg.max_message_bytes, tls=self.reloader,
             max_request_bytes=self.cfg.max_request_bytes,
         )
+        if self.cfg.cert_listen:
+            # gRPC Python cannot ask for a client certificate optionally (the flag maps to "do not request"
+            # or "request and require"), so certificate callers get their own port on the same server.
+            cert_tls = CertificateReloader(ServingTLS(self.cfg.tls_cert, self.cfg.tls_key, self.cfg.client_ca,
+                                                      require_client_cert=True))
+            self.cert_port = self.server.add_secure_port(self.cfg.cert_listen, cert_tls.credentials())
+            if self.cert_port == 0:
+                raise OSError(f"cannot listen on --cert-listen {self.cfg.cert_listen}")
         await self.replicas.start()
         # gRPC health follows readiness (a replica known and connected), as /readyz does.
         await self.admin.start(lambda ready: set_serving(self.health, ready))
@@ -180,6 +189,15 @@ class Proxy:
         log.info("serving ADS on %s (%s), %s mode", self.cfg.listen.rpartition(":")[0] + f":{self.port}",
                  "plaintext" if self.cfg.plaintext else "TLS",
                  "identity" if self.cfg.upstream_identity else "forward")
+        if self.cert_port:
+            log.info("serving ADS to certificate callers on %s (client certificate required)",
+                     self.cfg.cert_listen.rpartition(":")[0] + f":{self.cert_port}")
+        why = tokens_unprotected(self.cfg)
+        if why:
+            where = ("loopback replicas only" if replicas_all_loopback(self.cfg)
+                     else "allowed by --insecure-forward-tokens")
+            log.warning("forward mode with %s: callers' bearer tokens travel to istiod without verified TLS "
+                        "(%s); anyone on that path can read or replay them", why, where)
         if plaintext_exposed(self.cfg):
             log.warning("plaintext ADS listener on %s is reachable beyond this host: callers' tokens travel "
                         "unencrypted; use --tls-cert/--tls-key, or listen on 127.0.0.1 behind a port-forward",

@@ -33,7 +33,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from . import client, wire
 from .app import Proxy, sources_of, upstream_identity_node
-from .config import Config, from_args
+from .config import Config, from_args, replicas_all_loopback, tokens_unprotected
 from .discovery import DnsSource, Replica, ReplicaSource, join_host_port, split_host_port
 from .errors import ConfigError
 from .policy import SYNCZ
@@ -182,6 +182,20 @@ def credentials_step(cfg: Config, token_file: str) -> tuple[Step, str]:
                            f"default -n {cfg.istio_namespace} --audience istio-ca)")
     return Step("credentials", INFO, "forward mode: the proxy has none of its own, istiod checks each caller's "
                 "token; give --token-file with a caller's token to check authentication too"), ""
+
+
+def forwarded_tokens_step(cfg: Config) -> Step | None:
+    """Forward mode: how callers' tokens travel to istiod. An unprotected path to a non-loopback replica
+    never gets here without --insecure-forward-tokens (the configuration step fails first)."""
+    if cfg.upstream_identity:
+        return None
+    why = tokens_unprotected(cfg)
+    if not why:
+        return Step("forwarded tokens", OK, "callers' tokens go to istiod over TLS verified against the istio CA")
+    if replicas_all_loopback(cfg):
+        return Step("forwarded tokens", INFO, f"sent without verified TLS ({why}), to loopback replicas only")
+    return Step("forwarded tokens", INFO, f"INSECURE: sent to istiod without verified TLS ({why}), accepted by "
+                "--insecure-forward-tokens", "--istiod-ca or --istiod-ca-configmap, or --upstream-identity")
 
 
 async def trust_step(cfg: Config, timeout: float) -> tuple[Step, bytes | None]:
@@ -468,6 +482,8 @@ async def run_check(ns: argparse.Namespace, out: TextIO = sys.stdout, err: TextI
     if cfg is None or proxy is None:
         return 1
     timeout = float(ns.timeout)
+    if (tokens := forwarded_tokens_step(cfg)) is not None:
+        report.add(tokens)
     report.add(serving_step(cfg))
     cred, token = credentials_step(cfg, ns.token_file or "")
     report.add(cred)

@@ -30,6 +30,13 @@ def _check(ns: argparse.Namespace) -> int:
     return asyncio.run(run_check(ns))
 
 
+def _rotate(ns: argparse.Namespace) -> int:
+    from .rotate import run_rotate
+
+    logs.setup("info", "json")
+    return asyncio.run(run_rotate(ns))
+
+
 def _simulate(ns: argparse.Namespace) -> int:
     from .simulate import run_simulator
 
@@ -73,6 +80,12 @@ def parser() -> argparse.ArgumentParser:
                        "istiod's authentication with")
     check.add_argument("--timeout", type=float, default=5.0, help="seconds each discovery, TCP and TLS step may take")
     check.set_defaults(func=_check)
+
+    rotate = sub.add_parser("rotate-token", help="renew the mesh-cluster TokenReview token (run by a CronJob)")
+    from .rotate import add_flags as add_rotate_flags
+
+    add_rotate_flags(rotate)
+    rotate.set_defaults(func=_rotate)
 
     sim = sub.add_parser("simulate", help="run simulated istiod replicas (one port each)")
     sim.add_argument("--replicas", type=int, default=3)

@@ -42,6 +42,7 @@ class Config:
     istiod_ca_configmap: bool = False
     istiod_san: str = ""
     istiod_insecure_skip_verify: bool = False
+    insecure_forward_tokens: bool = False
     istio_namespace: str = "istio-system"
     trust_domain: str = "cluster.local"
     debug_allowed_namespaces: tuple[str, ...] = ()
@@ -71,6 +72,8 @@ class Config:
     slow_reader_seconds: float = 5.0
     admin_listen: str = "127.0.0.1:15090"
     admin_status_page: bool = False
+    admin_status_page_remote: bool = False
+    cert_listen: str = ""
     cache_ttl: float = 0.0
     coalesce: bool = True
     log_level: str = "info"
@@ -146,6 +149,8 @@ def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = 
     switch("istiod-ca-configmap", "trust the istio-ca-root-cert ConfigMap of --istio-namespace (watched)")
     flag("istiod-san", "", "name istiod's certificate must carry (default istiod[-<rev>].<istio ns>.svc)")
     switch("istiod-insecure-skip-verify", "do NOT verify istiod's certificate (testing only)")
+    switch("insecure-forward-tokens", "forward mode: allow callers' tokens to go to non-loopback istiods over "
+           "--istiod-plaintext or --istiod-insecure-skip-verify (refused otherwise)")
     flag("istio-namespace", None, "istio system namespace (default $POD_NAMESPACE or istio-system)")
     flag("trust-domain", "cluster.local", "SPIFFE trust domain of callers' certificates")
     flag("debug-allowed-namespaces", "", "identity mode: namespaces besides the istio one that see everything")
@@ -170,7 +175,12 @@ def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = 
     switch("coalesce", "share one fan-out between identical concurrent requests of one caller",
            default=not _SWITCH_VALUES.get(no_coalesce, False))
     flag("admin-listen", "127.0.0.1:15090", "HOST:PORT of the admin HTTP port (metrics, health); '' disables")
-    switch("admin-status-page", "serve the status page at / on the admin port (shows the whole mesh)")
+    switch("admin-status-page", "serve the status page at / on the admin port (shows the whole mesh) to "
+           "loopback peers only (kubectl port-forward)")
+    switch("admin-status-page-remote", "also serve the status page to non-loopback peers (only behind a "
+           "NetworkPolicy or an authenticating proxy)")
+    flag("cert-listen", "", "with --token-review: HOST:PORT of a second ADS port that requires client "
+         "certificates (the main port then serves token callers only)")
     flag("log-level", "info", "debug, info, warning or error")
     flag("log-format", "text", "text or json")
     flag("drain-seconds", "20", "on SIGTERM, how long in-flight calls may take to finish")
@@ -221,7 +231,8 @@ def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) 
     environ = os.environ if environ is None else environ
     plaintext = _switch(ns, "plaintext")
     listen = ns.listen or ("127.0.0.1:9090" if plaintext else "0.0.0.0:9090")
-    for name, value in (("listen", listen), ("admin-listen", ns.admin_listen or "127.0.0.1:1")):
+    for name, value in (("listen", listen), ("admin-listen", ns.admin_listen or "127.0.0.1:1"),
+                        ("cert-listen", ns.cert_listen or "127.0.0.1:1")):
         try:
             split_host_port(value, allow_zero=True)  # port 0: any free port (tests, local use)
         except ValueError as err:
@@ -248,6 +259,7 @@ def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) 
         istiod_ca_configmap=_switch(ns, "istiod-ca-configmap"),
         istiod_san=ns.istiod_san,
         istiod_insecure_skip_verify=_switch(ns, "istiod-insecure-skip-verify"),
+        insecure_forward_tokens=_switch(ns, "insecure-forward-tokens"),
         istio_namespace=ns.istio_namespace or environ.get("POD_NAMESPACE") or "istio-system",
         trust_domain=ns.trust_domain,
         debug_allowed_namespaces=_csv(ns.debug_allowed_namespaces),
@@ -277,6 +289,8 @@ def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) 
         slow_reader_seconds=_number("slow-reader-seconds", ns.slow_reader_seconds, float),
         admin_listen=ns.admin_listen,
         admin_status_page=_switch(ns, "admin-status-page"),
+        admin_status_page_remote=_switch(ns, "admin-status-page-remote"),
+        cert_listen=ns.cert_listen or "",
         cache_ttl=_number("cache-ttl", ns.cache_ttl, float),
         coalesce=_switch(ns, "coalesce"),
         log_level=ns.log_level.lower(),
@@ -324,6 +338,13 @@ def validate(cfg: Config) -> None:
             "--admin-status-page shows the proxy's own view of the mesh, which needs the proxy's own "
             "credentials: use it with --upstream-identity (forward mode has none)"
         )
+    if cfg.admin_status_page_remote and not cfg.admin_status_page:
+        raise ConfigError("--admin-status-page-remote widens --admin-status-page, which is off")
+    if cfg.cert_listen and not cfg.token_review:
+        raise ConfigError("--cert-listen is the certificate port beside a --token-review port; without "
+                          "--token-review the --listen port already requires client certificates")
+    if cfg.cert_listen and cfg.cert_listen == cfg.listen:
+        raise ConfigError(f"--cert-listen and --listen are both {cfg.listen}: give the certificate port its own")
     if cfg.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level {cfg.log_level!r}: use debug, info, warning or error")
     if cfg.cache_ttl < 0:
@@ -332,6 +353,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--token-review-cache-ttl must be 0 (off) or a positive number of seconds")
     if cfg.log_format not in ("text", "json"):
         raise ConfigError(f"--log-format {cfg.log_format!r}: use text or json")
+    _check_forwarded_tokens(cfg)
     for name, path in (
         ("tls-cert", cfg.tls_cert), ("tls-key", cfg.tls_key), ("client-ca", cfg.client_ca),
         ("istiod-ca", cfg.istiod_ca), ("upstream-cert", cfg.upstream_cert), ("upstream-key", cfg.upstream_key),
@@ -341,8 +363,36 @@ def validate(cfg: Config) -> None:
         _readable(name, path)
 
 
+def tokens_unprotected(cfg: Config) -> str:
+    """Forward mode only: why callers' tokens reach istiod without verified TLS ("" when they do not)."""
+    if cfg.upstream_identity:
+        return ""
+    if cfg.istiod_plaintext:
+        return "--istiod-plaintext"
+    if cfg.istiod_insecure_skip_verify:
+        return "--istiod-insecure-skip-verify"
+    return ""
+
+
+def replicas_all_loopback(cfg: Config) -> bool:
+    """Every replica address is a loopback address: only static --istiod ones can be known to be."""
+    return bool(cfg.istiod) and not (cfg.istiod_dns or cfg.istiod_k8s) and all(map(_is_loopback, cfg.istiod))
+
+
+def _check_forwarded_tokens(cfg: Config) -> None:
+    # A forwarded token is a credential istiod (and anyone else who gets it) accepts: sending it where it
+    # can be read or to an unverified peer hands it over. Loopback never leaves the host.
+    why = tokens_unprotected(cfg)
+    if why and not cfg.insecure_forward_tokens and not replicas_all_loopback(cfg):
+        raise ConfigError(
+            f"forward mode with {why} would send callers' tokens to istiod unprotected: use --istiod-ca or "
+            "--istiod-ca-configmap, --upstream-identity, or pass --insecure-forward-tokens to accept it"
+        )
+
+
 def plaintext_exposed(cfg: Config) -> bool:
     return cfg.plaintext and not _is_loopback(cfg.listen)
 
 
-__all__: Sequence[str] = ["Config", "add_serve_flags", "from_args", "plaintext_exposed", "validate"]
+__all__: Sequence[str] = ["Config", "add_serve_flags", "from_args", "plaintext_exposed", "replicas_all_loopback",
+                          "tokens_unprotected", "validate"]

@@ -1,0 +1,68 @@
+"""Issue 17 item 7: with --token-review, certificate callers keep working, on a second port.
+
+grpcio's Python API cannot ask for a client certificate optionally (require_client_auth maps to "do not
+request" or "request and require"; verified with openssl s_client against grpcio 1.85), so a port that takes
+token callers never sees certificates. --cert-listen adds a port on the same server that requires them.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from istioctl_proxy import app, client
+from istioctl_proxy.errors import ConfigError
+
+from .helpers import Stack, stack
+
+NS1_TOKEN = "ns-1-token"
+
+
+@pytest.fixture
+def fake_reviewer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Kubernetes side of TokenReview is tested against a real API server in tests/test_kubernetes.py;
+    # what is under test here is which TLS port asks for what.
+    async def review(token: str) -> tuple[str, str] | None:
+        return ("ns-1", "default") if token == NS1_TOKEN else None
+
+    monkeypatch.setattr(app, "token_reviewer", lambda cfg: review)
+
+
+def _target(s: Stack, port: int, *, cert_ns: str = "", token: str = "") -> client.Target:
+    assert s.pki is not None
+    leaf = s.pki.client(cert_ns) if cert_ns else None
+    return client.Target(f"127.0.0.1:{port}", ca_pem=s.pki.ca.cert_pem, authority="localhost", namespace="ns-1",
+                         cert_pem=leaf.cert_pem if leaf else None, key_pem=leaf.key_pem if leaf else None,
+                         token=token)
+
+
+@pytest.mark.usefixtures("fake_reviewer")
+async def test_token_port_and_certificate_port_serve_both_kinds_of_caller() -> None:
+    async with stack(2, 8, identity=True, token_review=True, cert_listen="127.0.0.1:0") as s:
+        assert s.proxy.cert_port and s.proxy.cert_port != s.proxy.port
+        # Token callers: the --listen port, which does not ask for a certificate.
+        resp, _ = await client.request(_target(s, s.proxy.port, token=NS1_TOKEN), client.SYNCZ, timeout=10)
+        assert resp.resources
+        # A certificate caller there offers no certificate (none was asked for): refused, as before.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.request(_target(s, s.proxy.port, cert_ns="istio-system"), client.SYNCZ, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # Certificate callers: the --cert-listen port, with their SPIFFE identity and its scope.
+        everything, _ = await client.request(_target(s, s.proxy.cert_port, cert_ns="istio-system"), client.SYNCZ,
+                                             timeout=10)
+        scoped, _ = await client.request(_target(s, s.proxy.cert_port, cert_ns="ns-1"), client.SYNCZ, timeout=10)
+        assert len(everything.resources) == 8 and 0 < len(scoped.resources) < 8
+        assert len(scoped.resources) == len(resp.resources)  # ns-1 by token or by certificate: the same view
+        # And the certificate port requires one: a token alone does not get through the handshake.
+        with pytest.raises(grpc.aio.AioRpcError) as no_cert:
+            await client.request(_target(s, s.proxy.cert_port, token=NS1_TOKEN), client.SYNCZ, timeout=10)
+        assert no_cert.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_cert_listen_needs_token_review() -> None:
+    from istioctl_proxy import cli
+    from istioctl_proxy.config import from_args
+
+    with pytest.raises(ConfigError, match="--cert-listen is the certificate port beside a --token-review port"):
+        from_args(cli.parser().parse_args(["serve", "--plaintext", "--istiod", "127.0.0.1:1", "--istiod-plaintext",
+                                           "--cert-listen", "0.0.0.0:9091"]), {})
