@@ -92,11 +92,14 @@ async def test_internal_debug_merges_per_path() -> None:
         dump = json.loads(await _debug(s, f"config_dump?proxyID={holder.id}"))
         assert dump["proxy"] == holder.id
         assert (await _debug(s, "edsz?proxyID=ghost.none")).startswith("Proxy not connected")
-        # Unknown paths are refused before any replica is asked (istiod would answer "404 page not found").
+        # An unknown path gets istiod's own 404 body (istioctl then lists the paths), and no replica is asked.
         asked = sum(r.requests for r in s.replicas)
+        assert await _debug(s, "nonexistent") == "404 page not found\n"
+        assert sum(r.requests for r in s.replicas) == asked
+        # Not plain (istiod's mux would clean or redirect it): refused before any replica is asked.
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await _debug(s, "nonexistent")
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'nonexistent'" in (err.value.details() or "")
+            await _debug(s, "pprof/profile")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "pprof/profile" in (err.value.details() or "")
         assert sum(r.requests for r in s.replicas) == asked
 
 

@@ -99,7 +99,6 @@ def test_non_ascii_is_refused(name: str) -> None:
         ("adsz?push=true", "no parameter 'push'"),
         ("cachez?clear=true", "no parameter 'clear'"),
         ("syncz?proxyID=x", "no parameter 'proxyID'"),
-        ("nonexistent", "not one istioctl-proxy serves"),
         ("/config_dump?proxyID=x", "not one istioctl-proxy serves"),
         ("config%5Fdump?proxyID=x", "not one istioctl-proxy serves"),
         ("pprof/profile", "not one istioctl-proxy serves"),
@@ -184,3 +183,16 @@ def test_scoped_callers_get_only_the_namespace_debug_paths() -> None:
     for name in ("syncz", "adsz?proxyID=a.ns-1", "sidecarz?proxyID=a.ns-1", "list"):
         with pytest.raises(PermissionDenied):
             authorize(plan_request(DEBUG, [name]), scoped)
+
+
+@pytest.mark.parametrize("name", ["nonexistent", "force_disconnect", "no-such-path?x=%zz&y", "pprof"])
+def test_an_unknown_plain_path_is_answered_here_like_istiods_mux(name: str) -> None:
+    plan = plan_request(DEBUG, [name])
+    assert plan.merge is Merge.NOT_FOUND and not plan.fan_out and plan.debug_path == name.partition("?")[0]
+
+
+def test_an_unknown_path_that_is_not_plain_is_still_refused() -> None:
+    # '/', '.' and '%' would make istiod's mux clean, redirect or unescape the path: not a plain 404.
+    for name in ("pprof/profile", "no.such", "no%2Dsuch", "../x"):
+        with pytest.raises(InvalidRequest):
+            plan_request(DEBUG, [name])

@@ -102,6 +102,8 @@ class Aggregator:
         started = time.monotonic()
         plan = plan_request(type_url, names)
         authorize(plan, caller)
+        if plan.merge is Merge.NOT_FOUND:
+            return Result(merge(plan, [], MergeContext(self.settings.external_id)).body, plan, 1, [])
         replicas = self.replicas.current()
         if not replicas:
             raise NoReplicas("no istiod replica is known yet: check --istiod / --istiod-dns / --istiod-k8s")

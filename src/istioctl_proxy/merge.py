@@ -24,6 +24,7 @@ _T = TypeVar("_T")
 
 NOT_CONNECTED = b"Proxy not connected to this Pilot instance"
 MUST_PROVIDE = b"You must provide a proxyID"
+NOT_FOUND = b"404 page not found\n"  # Go's http.NotFound body, as istiod's debug mux answers
 
 
 @dataclass(frozen=True)
@@ -326,6 +327,11 @@ def merge_debug(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Mer
     return Merged(debug_response(plan, views[:1], bodies[0][2]), 1, bad)
 
 
+def merge_not_found(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged:
+    """A debug path we do not serve: istiod's own 404 body, whatever replicas said (none are asked)."""
+    return Merged(debug_response(plan, [], NOT_FOUND), 1, [])
+
+
 RULES: dict[Merge, Callable[[Plan, Sequence[Answer], MergeContext], Merged]] = {
     Merge.SYNCZ: merge_syncz,
     Merge.PROXY_HOLDER: merge_proxy_holder,
@@ -334,6 +340,7 @@ RULES: dict[Merge, Callable[[Plan, Sequence[Answer], MergeContext], Merged]] = {
     Merge.JSON_OBJECT: merge_debug,
     Merge.DEBUG_PROXY: merge_debug,
     Merge.ANY_ONE: merge_debug,
+    Merge.NOT_FOUND: merge_not_found,
 }
 
 

@@ -31,6 +31,7 @@ class Merge(enum.Enum):
     JSON_OBJECT = "json-object"  # debug body: merge per-replica objects by key
     DEBUG_PROXY = "debug-proxy"  # debug body: the replica that holds ?proxyID= (others: "not connected")
     ANY_ONE = "any-one"  # debug body: the same cluster-wide data everywhere: one healthy replica's
+    NOT_FOUND = "not-found"  # a debug path we do not serve: istiod's "404 page not found", no replica asked
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Plan:
 
     @property
     def fan_out(self) -> bool:
-        return self.merge is not Merge.ANY_ONE
+        return self.merge not in (Merge.ANY_ONE, Merge.NOT_FOUND)
 
 
 # istio.io/debug paths (pilot/pkg/xds/debug.go AddDebugHandlers). Per-replica data is merged; data that is
@@ -113,9 +114,12 @@ class DebugName:
 
     path: str
     query: dict[str, str]  # decoded; each parameter at most once
+    known: bool = True  # False: a plain path we do not serve (answered like istiod's mux: 404)
 
 
 _NOT_PRINTABLE_ASCII = re.compile(rb"[^\x21-\x7e]")
+# A path istiod's mux would look up as it is: no '/', '.' or '%' (those can redirect, clean or unescape).
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _shown(name: str) -> str:
@@ -149,6 +153,11 @@ def parse_debug_name(name: str) -> DebugName:
         raise InvalidRequest(f"debug name {_shown(name)} must be a path such as 'syncz', not a URL")
     raw_path = raw.partition(b"?")[0]
     path = url.path.decode("ascii")
+    if path not in DEBUG_PATHS and raw_path == url.path and _PLAIN_PATH.fullmatch(path):
+        # istiod's mux answers an unknown path "404 page not found" whatever the query, and istioctl (>= 1.26)
+        # then falls back to `list`: we answer the same without asking a replica (pprof, force_disconnect,
+        # paths of newer istiods we have not vetted never reach one).
+        return DebugName(path, {}, known=False)
     if path not in DEBUG_PATHS or raw_path != url.path:
         raise InvalidRequest(
             f"debug path {_shown(raw_path.decode('ascii'))} is not one istioctl-proxy serves (written plainly, "
@@ -197,6 +206,8 @@ def plan_request(type_url: str, resource_names: list[str] | tuple[str, ...]) -> 
         if len(names) != 1:
             raise InvalidRequest(f"{DEBUG} needs exactly one resource name (a debug path), got {len(names)}")
         debug = parse_debug_name(names[0])
+        if not debug.known:
+            return Plan(type_url, Merge.NOT_FOUND, names, debug_path=debug.path)
         proxy_id = debug.query.get("proxyID", "")
         merge = DEBUG_PATHS[debug.path]
         if debug.path in ("adsz", "telemetryz") and proxy_id:

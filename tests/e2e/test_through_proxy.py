@@ -212,6 +212,20 @@ async def test_internal_debug_through_the_proxy(
     assert "Proxy not connected" not in out and "configs" in out
 
 
+async def test_an_unknown_debug_path_reads_as_asking_istiod_directly(
+    mesh: Mesh, istioctl: Istioctl, identity_proxy: ProxyProcess
+) -> None:
+    """istiod's mux answers "404 page not found" and istioctl then lists the paths; the proxy answers the 404
+    itself (no replica sees a path it does not vet), so istioctl behaves the same through it."""
+    replica = mesh.replicas[0]
+    ask = ("x", "internal-debug", "no-such-path", "-r", "default")
+    direct = await istioctl.arun(*ask, *mesh.istioctl_xds_args(replica))
+    proxied = await istioctl.arun(*ask, *_through(identity_proxy, mesh))
+    # istioctl saw the 404 and fell back to `list`.
+    assert "please check all supported internal debug commands" in direct.stdout, direct
+    assert (proxied.rc, proxied.stdout, proxied.stderr) == (direct.rc, direct.stdout, direct.stderr)
+
+
 async def test_version_through_the_proxy(
     mesh: Mesh, istioctl: Istioctl, peers: Peers, identity_proxy: ProxyProcess, fleet: list[AdsClient]
 ) -> None:
