@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from istioctl_proxy import app, client
+from istioctl_proxy import client, kubernetes
 from istioctl_proxy.errors import ConfigError
 
 from .helpers import Stack, stack
@@ -18,14 +18,24 @@ from .helpers import Stack, stack
 NS1_TOKEN = "ns-1-token"
 
 
+class _StandInReviewer:
+    """Answers like TokenReviewAuthenticator for one known token (no API server)."""
+
+    on_review: object = None
+    on_limited: object = None
+
+    async def review(self, token: str, peer: str) -> kubernetes.TokenIdentity | None:
+        return kubernetes.TokenIdentity("ns-1", "default") if token == NS1_TOKEN else None
+
+    async def close(self) -> None:
+        pass
+
+
 @pytest.fixture
 def fake_reviewer(monkeypatch: pytest.MonkeyPatch) -> None:
     # The Kubernetes side of TokenReview is tested against a real API server in tests/test_kubernetes.py;
     # what is under test here is which TLS port asks for what.
-    async def review(token: str) -> tuple[str, str] | None:
-        return ("ns-1", "default") if token == NS1_TOKEN else None
-
-    monkeypatch.setattr(app, "token_reviewer", lambda cfg: review)
+    monkeypatch.setattr(kubernetes, "token_reviewer_from_config", lambda cfg: _StandInReviewer())
 
 
 def _target(s: Stack, port: int, *, cert_ns: str = "", token: str = "") -> client.Target:

@@ -1425,7 +1425,8 @@ def test_kubernetes_configuration_errors_are_one_line_and_exit_2(tmp_path: Path)
                  "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}]}).encode()}  # fmt: skip
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    k8s_args = ["serve", "--plaintext", "--istiod-plaintext", "--istiod-k8s", "--admin-listen", ""]
+    k8s_args = ["serve", "--plaintext", "--istiod-plaintext", "--insecure-forward-tokens", "--istiod-k8s",
+                "--admin-listen", ""]
     identity = ["serve", "--tls-cert", "leaf.pem", "--tls-key", "leaf.key", "--client-ca", "ca.pem",
                 "--istiod", "127.0.0.1:1", "--istiod-ca", "ca.pem", "--upstream-identity", "--upstream-cert",
                 "leaf.pem", "--upstream-key", "leaf.key", "--token-review", "--admin-listen", ""]  # fmt: skip
@@ -1523,7 +1524,7 @@ async def test_check_says_when_discovery_skipped_pods_for_their_address(
     from istioctl_proxy.check import run_check
 
     await create_istiod_pod(admin, ns, "istiod-lo", "127.0.0.5")
-    argv = ["check", "--plaintext", "--istiod-plaintext", "--istiod-k8s", "--kubeconfig",
+    argv = ["check", "--plaintext", "--istiod-plaintext", "--insecure-forward-tokens", "--istiod-k8s", "--kubeconfig",
             str(cluster.apiserver.admin_kubeconfig()), "--istio-namespace", ns, "--timeout", "5"]  # fmt: skip
     out = io.StringIO()
     assert await run_check(cli.parser().parse_args(argv), out, io.StringIO()) == 1
