@@ -64,6 +64,12 @@ def _may_match_connection(proxy_id: str, node_id: str) -> bool:
     return False
 
 
+def _istiod_proxy_id(node_id: str) -> str:
+    """The id istiod gives a node (`<pod>.<ns>`, the third part of `type~ip~id~domain`), used in connection ids."""
+    parts = node_id.split("~")
+    return parts[2] if len(parts) == 4 else node_id
+
+
 def _left(deadline: float) -> float:
     """Seconds until `deadline`; never zero, so that a late stage still fails as a timeout, not a bug."""
     return max(0.01, deadline - time.monotonic())
@@ -116,8 +122,12 @@ class Aggregator:
             # Identity mode: the replicas are asked with the proxy's own identity, so istiod's namespace
             # check is ours. Only one exact, non-empty id of the caller's namespace is looked up, and only
             # on the replicas whose syncz lists exactly that id (istiod matches ids by substring, "" = any).
-            holders = await self._exact_holders(plan.proxy_id, caller.scope, node, replicas, deadline) \
-                if plan.proxy_id else frozenset()
+            # istiod's lookup also sees connections syncz does not list, among them the very stream that asks
+            # for the dump (our own node, on every replica): an id that could match it is ambiguous too.
+            own = _istiod_proxy_id(self.settings.upstream_node.id) if self.settings.upstream_node else ""
+            ambiguous = not plan.proxy_id or bool(own and _may_match_connection(plan.proxy_id, own))
+            holders = frozenset() if ambiguous else \
+                await self._exact_holders(plan.proxy_id, caller.scope, node, replicas, deadline)
             if not holders:
                 return Result(self._not_found(plan), plan, 0, [])
             replicas = tuple(r for r in replicas if r.address in holders)
