@@ -81,11 +81,10 @@ def _syncz_entries(body: bytes) -> list[bytes]:
 
 
 def _id_and_namespace(any_bytes: bytes) -> tuple[str, str]:
-    """A syncz entry's proxy id and config namespace (NAMESPACE, else the id's domain, as istiod falls back)."""
+    """A syncz entry's proxy id and NAMESPACE ("" without it: istiod's fallback, the DNS domain, is not in syncz)."""
     cfg = wire.client_config(any_bytes)
     ns_value = cfg.node.metadata.fields.get("NAMESPACE")
-    ns = ns_value.string_value if ns_value is not None else ""
-    return str(cfg.node.id), str(ns or cfg.node.id.rpartition(".")[2])
+    return str(cfg.node.id), str(ns_value.string_value) if ns_value is not None else ""
 
 
 class Aggregator:

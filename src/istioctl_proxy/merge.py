@@ -169,10 +169,9 @@ def _namespace(any_bytes: bytes) -> str:
     except wire.WireError:
         return ""  # undecodable: in no namespace, so never shown to a scoped caller
     ns = cfg.node.metadata.fields.get("NAMESPACE")
-    if ns is not None and ns.string_value:
-        return str(ns.string_value)
-    # istiod falls back to the node id's domain (pod.namespace) when NAMESPACE is unset.
-    return str(cfg.node.id).rpartition(".")[2]
+    # Without NAMESPACE istiod takes the namespace from the node id's DNS domain, which syncz does not carry
+    # (the id's ".<ns>" suffix is the proxy's own claim): in no namespace then, never shown to a scoped caller.
+    return str(ns.string_value) if ns is not None else ""
 
 
 def _holders_first(items: list[_T], answer_of: Callable[[_T], Answer], ctx: MergeContext) -> list[_T]:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from istioctl_proxy import client
-from istioctl_proxy.policy import CONFIG_DUMP, DEBUG
+from istioctl_proxy.policy import CONFIG_DUMP, DEBUG, SYNCZ
 
 from .ads import CDS, LDS, AdsClient, XdsState, close_clients, start_clients
 from .mesh import Mesh, async_wait_until
@@ -74,3 +74,60 @@ async def test_scoped_caller_cannot_dump_the_proxys_own_upstream_connection(
     # Not vacuous: an ordinary id of the same namespace on the same replica is still dumped.
     own, _ = await client.request(target, CONFIG_DUMP, [CONTROL_ID])
     assert own.resources, "the control proxy's own dump is missing: the setup is wrong"
+
+
+VICTIM_NS = "hostile-victim"
+SPOOF_ID = f"spoof.{VICTIM_NS}"
+
+
+@pytest.fixture
+async def namespace_less_proxy(mesh: Mesh) -> AsyncIterator[AdsClient]:
+    """The attacker's proxy (namespace hostile-a, as istiod reads it) with no NAMESPACE metadata and an id that
+    ends like a proxy of the victim's namespace: istiod takes the config namespace from the node id's DNS
+    domain (`hostile-a.svc.cluster.local`), never from the pod id's suffix."""
+    replica = mesh.replicas[0]
+    ads = mesh.ads_client(replica, "spoof", VICTIM_NS, {CDS: XdsState.SYNCED, LDS: XdsState.SYNCED})
+    ads.node.id = f"sidecar~127.0.0.1~{SPOOF_ID}~{SCOPED_NS}.svc.cluster.local"
+    del ads.node.metadata.fields["NAMESPACE"]
+    await start_clients([ads])
+    await async_wait_until(lambda: SPOOF_ID in replica.proxy_states(), 30, what="namespace-less proxy in syncz")
+    yield ads
+    await close_clients([ads])
+
+
+async def _syncz_ids(target: client.Target) -> set[str]:
+    resp, _ = await client.request(target, SYNCZ, [])
+    return {_node_id(r.value) for r in resp.resources}
+
+
+def _node_id(any_value: bytes) -> str:
+    from envoy.service.status.v3 import csds_pb2
+
+    return str(csds_pb2.ClientConfig.FromString(any_value).node.id)
+
+
+async def test_a_proxy_without_namespace_metadata_is_in_the_namespace_istiod_says(
+    mesh: Mesh, identity_proxy: ProxyProcess, namespace_less_proxy: AdsClient
+) -> None:
+    """Before the fix the proxy placed a syncz entry without NAMESPACE in the namespace after the last '.' of
+    its id; istiod uses the DNS domain of the node id, which syncz does not report. A workload of hostile-a
+    could thus plant a proxy in hostile-victim's view (listed in its syncz, dumpable by it) while istiod
+    shows it to hostile-a only. Now such an entry is in no namespace for scoped callers (fail closed)."""
+    replica = mesh.replicas[0]
+
+    def target(ns: str, address: str, authority: str) -> client.Target:
+        leaf = mesh.ca.issue_spiffe(ns, "default")
+        return client.Target(address, ca_pem=mesh.root_cert_pem, authority=authority, cert_pem=leaf.cert_pem,
+                             key_pem=leaf.key_pem, namespace=ns)  # fmt: skip
+
+    # The oracle: istiod itself, asked by each namespace.
+    direct = {ns: await _syncz_ids(target(ns, replica.secure_address, "istiod.istio-system.svc"))
+              for ns in (SCOPED_NS, VICTIM_NS)}  # fmt: skip
+    assert SPOOF_ID in direct[SCOPED_NS] and SPOOF_ID not in direct[VICTIM_NS], direct
+    victim = target(VICTIM_NS, identity_proxy.address, "localhost")
+    assert SPOOF_ID not in await _syncz_ids(victim)
+    dump, _ = await client.request(victim, CONFIG_DUMP, [SPOOF_ID])
+    assert not dump.resources, "the victim's namespace was handed the attacker-planted proxy's dump"
+    # The system view still lists it (not vacuous).
+    system = target("istio-system", identity_proxy.address, "localhost")
+    assert SPOOF_ID in await _syncz_ids(system)
