@@ -55,13 +55,16 @@ def _may_match_connection(proxy_id: str, node_id: str) -> bool:
     "web.team" matches "web.team2", and "web.team-1" also matches the connection "web.team-1" of proxy
     "web.team" in namespace "team".
     """
-    if proxy_id in node_id:
+    if proxy_id in node_id or proxy_id.isdigit():  # digits alone are in some "-<counter>" of every connection
         return True
-    for k, ch in enumerate(proxy_id):
-        rest = proxy_id[k + 1:]
-        if ch == "-" and (not rest or rest.isdigit()) and node_id.endswith(proxy_id[:k]):
-            return True
-    return False
+    # Else proxy_id must run past the end of node_id into "-<counter>": "<tail of node id>-<digits or none>".
+    # Only the last '-' can start an all-digit rest. O(len) per id: the ids are the caller's (up to 4 KiB),
+    # and this runs for every proxy of every replica.
+    k = proxy_id.rfind("-")
+    if k < 0:
+        return False
+    rest = proxy_id[k + 1:]
+    return (not rest or rest.isdigit()) and node_id.endswith(proxy_id[:k])
 
 
 def _istiod_proxy_id(node_id: str) -> str:
@@ -222,11 +225,14 @@ class Aggregator:
             if not answer.ok or answer.body is None:
                 continue
             try:
-                entries = [_id_and_namespace(any_bytes) for any_bytes in _syncz_entries(answer.body)]
+                # Ids only (cheap); a whole ClientConfig is decoded only for the exact id, for its namespace.
+                entries = _syncz_entries(answer.body)
+                ids = [wire.syncz_node_id(any_bytes) for any_bytes in entries]
+                exact = [_id_and_namespace(e)[1] for e, node_id in zip(entries, ids, strict=True)
+                         if node_id == proxy_id]
             except wire.WireError:
                 continue  # an unreadable entry could be a look-alike: refuse rather than guess
-            exact = [ns for node_id, ns in entries if node_id == proxy_id]
-            lookalike = any(node_id != proxy_id and _may_match_connection(proxy_id, node_id) for node_id, _ in entries)
+            lookalike = any(node_id != proxy_id and _may_match_connection(proxy_id, node_id) for node_id in ids)
             if exact and not lookalike and all(not scope or ns == scope for ns in exact):
                 holders.add(answer.replica.address)
         return frozenset(holders)

@@ -131,3 +131,40 @@ async def test_a_proxy_without_namespace_metadata_is_in_the_namespace_istiod_say
     # The system view still lists it (not vacuous).
     system = target("istio-system", identity_proxy.address, "localhost")
     assert SPOOF_ID in await _syncz_ids(system)
+
+
+DIGITS_ID = "1"
+
+
+@pytest.fixture
+async def digits_and_victim(mesh: Mesh) -> AsyncIterator[list[AdsClient]]:
+    """The attacker's proxy with id "1" (hostile-a) and a victim proxy on the same replica."""
+    replica = mesh.replicas[-1]
+    subs = {CDS: XdsState.SYNCED, LDS: XdsState.SYNCED}
+    attacker = mesh.ads_client(replica, "digits", SCOPED_NS, subs)
+    attacker.node.id = f"sidecar~127.0.0.1~{DIGITS_ID}~{SCOPED_NS}.svc.cluster.local"
+    victim = mesh.ads_client(replica, "payroll", VICTIM_NS, subs)
+    await start_clients([attacker, victim])
+    await async_wait_until(lambda: {DIGITS_ID, victim.proxy_id} <= set(replica.proxy_states()), 30,
+                           what="digit-id and victim proxies in syncz")
+    yield [attacker, victim]
+    await close_clients([attacker, victim])
+
+
+async def test_an_all_digit_id_is_ambiguous(
+    mesh: Mesh, identity_proxy: ProxyProcess, digits_and_victim: list[AdsClient]
+) -> None:
+    """istiod's connection ids end in "-<counter>", so an id of digits alone is a substring of the victim's
+    connection id ("payroll.hostile-victim-1234" contains "1"), and of the proxy's own. The look-alike rule
+    missed it (no '-', not in any node id): a scoped caller with its own proxy "1" got another connection's
+    dump in map order. Now such an id gets istiod's empty answer."""
+    leaf = mesh.ca.issue_spiffe(SCOPED_NS, "default")
+    target = client.Target(identity_proxy.address, ca_pem=mesh.root_cert_pem, authority="localhost",
+                           cert_pem=leaf.cert_pem, key_pem=leaf.key_pem, namespace=SCOPED_NS)  # fmt: skip
+    sizes = []
+    for _ in range(12):
+        dump, _ = await client.request(target, CONFIG_DUMP, [DIGITS_ID])
+        sizes.append(sum(len(r.value) for r in dump.resources))
+        if VICTIM_NS.encode() in b"".join(r.value for r in dump.resources):
+            sizes.append(-1)  # marks a dump that names the victim's namespace
+    assert sizes == [0] * 12, sizes
