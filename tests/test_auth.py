@@ -153,3 +153,26 @@ async def test_token_reviewer_gets_the_callers_peer_address(tmp_path: Path) -> N
             await client.request(s.target("bad"), client.SYNCZ)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert len(peers) == 2 and all(p.startswith("ipv4:127.0.0.1:") for p in peers), peers
+
+
+async def test_identity_mode_allowed_namespace_sees_everything_but_istio_io_debug_is_scoped() -> None:
+    """Red team: istiod consults DEBUG_ENDPOINT_AUTH_ALLOWED_NAMESPACES for syncz and config_dump only; its
+    DebugGen exempts the system namespace alone (debuggen.go parseAndValidateDebugRequest, getDebugConnection).
+    An allowed namespace got every istio.io/debug path (configz, adsz, ...) and other namespaces' debug dumps."""
+    async with stack(3, 12, identity=True, debug_allowed_namespaces=("ns-1",)) as s:
+        assert s.pki is not None
+        ns1 = s.target(leaf=s.pki.client("ns-1", "reader"))
+        resp, _ = await client.request(ns1, client.SYNCZ)
+        assert len(resp.resources) == 12  # syncz: everything, as istiod allows
+        theirs = next(p for r in s.replicas for p in r.proxies if p.namespace == "ns-2")
+        dump, _ = await client.request(ns1, "istio.io/debug/config_dump", [theirs.id])
+        assert len(dump.resources) == 7  # config_dump type: any proxy, as istiod allows
+        for path in ("syncz", "adsz", "configz"):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.request(ns1, "istio.io/debug", [path])
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, path
+        body, _ = await client.request(ns1, "istio.io/debug", [f"config_dump?proxyID={theirs.id}"])
+        assert body.resources[0].value.startswith(b"Proxy not connected")
+        mine = next(p for r in s.replicas for p in r.proxies if p.namespace == "ns-1")
+        body, _ = await client.request(ns1, "istio.io/debug", [f"config_dump?proxyID={mine.id}"])
+        assert json.loads(body.resources[0].value)["proxy"] == mine.id

@@ -118,9 +118,10 @@ class Aggregator:
         # One absolute deadline for the whole call: the scope check and the fan-out share it.
         deadline = started + upstream_timeout(remaining, self.settings.upstream_timeout)
         request, metadata = self._upstream_request(plan, node, caller)
-        ctx = MergeContext(self.settings.external_id, caller.scope)
+        scope = caller.scope_for(plan.type_url)
+        ctx = MergeContext(self.settings.external_id, scope)
 
-        if caller.scope and plan.names_proxy:
+        if scope and plan.names_proxy:
             # Identity mode: the replicas are asked with the proxy's own identity, so istiod's namespace
             # check is ours. Only one exact, non-empty id of the caller's namespace is looked up, and only
             # on the replicas whose syncz lists exactly that id (istiod matches ids by substring, "" = any).
@@ -129,7 +130,7 @@ class Aggregator:
             own = _istiod_proxy_id(self.settings.upstream_node.id) if self.settings.upstream_node else ""
             ambiguous = not plan.proxy_id or bool(own and _may_match_connection(plan.proxy_id, own))
             holders = frozenset() if ambiguous else \
-                await self._exact_holders(plan.proxy_id, caller.scope, node, replicas, deadline)
+                await self._exact_holders(plan.proxy_id, scope, node, replicas, deadline)
             if not holders:
                 return Result(self._not_found(plan), plan, 0, [])
             replicas = tuple(r for r in replicas if r.address in holders)

@@ -39,6 +39,13 @@ class Caller:
     namespace: str = ""  # known in identity mode
     scope: str = ""  # namespace the proxy restricts the caller to; "" = unrestricted or istiod decides
     token: str = ""
+    # istio.io/debug only: istiod's DebugGen exempts the system namespace alone (the allowed-namespaces list
+    # is not consulted there), so an allowed namespace is scoped for it like any other.
+    debug_scope: str = ""
+
+    def scope_for(self, type_url: str) -> str:
+        """The namespace this caller is restricted to for a request of type_url ("" = none)."""
+        return self.scope or (self.debug_scope if type_url == DEBUG else "")
 
     def __repr__(self) -> str:
         return f"Caller({self.principal!r}, scope={self.scope!r})"
@@ -130,17 +137,20 @@ class Authenticator:
         return self._caller(f"spiffe://{td}/ns/{ns}/sa/{sa}", ns)
 
     def _caller(self, principal: str, namespace: str) -> Caller:
-        unrestricted = namespace == self.istio_namespace or namespace in self.allowed_namespaces
-        return Caller(principal, namespace=namespace, scope="" if unrestricted else namespace)
+        system = namespace == self.istio_namespace
+        unrestricted = system or namespace in self.allowed_namespaces
+        return Caller(principal, namespace=namespace, scope="" if unrestricted else namespace,
+                      debug_scope="" if system else namespace)
 
 
 def authorize(plan: Plan, caller: Caller) -> None:
     """Refuse, before any upstream call, what istiod would refuse a namespace-scoped identity."""
-    if not caller.scope:
+    scope = caller.scope_for(plan.type_url)
+    if not scope:
         return
     if plan.type_url == DEBUG and plan.debug_path not in NAMESPACE_DEBUG_PATHS:
         raise PermissionDenied(
-            f"debug path {plan.debug_path!r} is not available to namespace {caller.scope!r}; "
+            f"debug path {plan.debug_path!r} is not available to namespace {scope!r}; "
             f"allowed: {', '.join(sorted(NAMESPACE_DEBUG_PATHS))}"
         )
     assert plan.type_url in (SYNCZ, CONFIG_DUMP, DEBUG)

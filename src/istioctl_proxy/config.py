@@ -153,7 +153,9 @@ def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = 
            "--istiod-plaintext or --istiod-insecure-skip-verify (refused otherwise)")
     flag("istio-namespace", None, "istio system namespace (default $POD_NAMESPACE or istio-system)")
     flag("trust-domain", "cluster.local", "SPIFFE trust domain of callers' certificates")
-    flag("debug-allowed-namespaces", "", "identity mode: namespaces besides the istio one that see everything")
+    flag("debug-allowed-namespaces", "",
+         "identity mode: namespaces besides the istio one that see every proxy in syncz and config_dump "
+         "(istio.io/debug stays scoped, as in istiod)")
     switch("require-all", "fail the call if any replica fails (default: answer with the healthy ones)")
     flag("upstream-timeout", "10", "cap, in seconds, on each upstream call")
     switch("upstream-identity", "identity mode: use the proxy's own credentials upstream, scope callers here")
