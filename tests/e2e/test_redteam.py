@@ -15,6 +15,7 @@ from istioctl_proxy import client
 from istioctl_proxy.policy import CONFIG_DUMP, DEBUG, SYNCZ
 
 from .ads import CDS, LDS, AdsClient, XdsState, close_clients, start_clients
+from .jwt_issuer import JwtIssuer
 from .mesh import Mesh, async_wait_until
 from .proxy_process import ProxyProcess
 from .test_hostile import SCOPED_NS, _proxy
@@ -168,3 +169,25 @@ async def test_an_all_digit_id_is_ambiguous(
         if VICTIM_NS.encode() in b"".join(r.value for r in dump.resources):
             sizes.append(-1)  # marks a dump that names the victim's namespace
     assert sizes == [0] * 12, sizes
+
+
+@pytest.fixture(scope="module")
+def forward_proxy(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    proxy = _proxy(mesh, tmp_path_factory.mktemp("redteam-forward"), False)
+    yield proxy
+    proxy.stop()
+
+
+async def test_forward_mode_all_digit_id_is_judged_by_istiod(
+    mesh: Mesh, jwt_issuer: JwtIssuer, forward_proxy: ProxyProcess, digits_and_victim: list[AdsClient]
+) -> None:
+    """The same attack in forward mode: istiod checks the namespace of the connection it found against the
+    caller's token, so the victim's dump never comes back (an empty answer when istiod picks another one)."""
+    target = client.Target(forward_proxy.address, ca_pem=mesh.root_cert_pem, authority="localhost",
+                           token=jwt_issuer.mint(SCOPED_NS), namespace=SCOPED_NS)  # fmt: skip
+    answered = 0
+    for _ in range(12):
+        dump, _ = await client.request(target, CONFIG_DUMP, [DIGITS_ID])
+        assert VICTIM_NS.encode() not in b"".join(r.value for r in dump.resources)
+        answered += bool(dump.resources)
+    assert answered, "istiod never found a connection of the caller's namespace: the setup is wrong"
