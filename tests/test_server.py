@@ -172,14 +172,18 @@ async def test_streams_are_capped_per_connection_and_in_total() -> None:
                 await ch.close()
 
 
+# A client that does not read: without BDP probing its HTTP/2 window stays at 64 KiB, so a 6 MiB answer cannot
+# land in its transport buffers unread (with probing, a quiet machine could grow the window enough to take it).
+NOT_READING = [("grpc.max_receive_message_length", 64 << 20), ("grpc.http2.bdp_probe", 0)]
+
+
 async def test_slow_readers_are_cut_and_others_are_unaffected() -> None:
     """Answers nobody reads hold the send budget; past it, the slow streams are cut (RESOURCE_EXHAUSTED)
     and a caller who reads gets its answer at once."""
     mesh = make_mesh(2, 4, tokens=TOKENS)
     mesh[0].proxies.append(SimProxy("big", "ns-9", states={"LDS": "ERROR"}, error="e" * (6 << 20)))
     async with stack(mesh=mesh, send_budget_mib=6, slow_reader_seconds=0.2, send_timeout=30.0) as s:
-        opts = [("grpc.max_receive_message_length", 64 << 20)]
-        async with grpc.aio.insecure_channel(s.address, options=opts) as slow_ch, \
+        async with grpc.aio.insecure_channel(s.address, options=NOT_READING) as slow_ch, \
                 grpc.aio.insecure_channel(s.address) as ch:
             slow = []
             for _ in range(3):
@@ -211,7 +215,7 @@ async def test_an_answer_not_read_within_the_send_timeout_is_cut() -> None:
     mesh = make_mesh(1, 2, tokens=TOKENS)
     mesh[0].proxies.append(SimProxy("big", "ns-9", states={"LDS": "ERROR"}, error="e" * (6 << 20)))
     async with stack(mesh=mesh, send_timeout=0.5) as s:
-        async with grpc.aio.insecure_channel(s.address, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+        async with grpc.aio.insecure_channel(s.address, options=NOT_READING) as ch:
             call = ch.stream_stream(SOTW)(metadata=bearer(ADMIN_TOKEN), timeout=60)
             await call.write(_syncz().SerializeToString())
             assert await settle(lambda: _metric(s, "istioctl_proxy_streams_cut_total", reason="send_timeout") == 1)
