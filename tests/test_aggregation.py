@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -16,12 +17,13 @@ from istioctl_proxy.discovery import Replica
 from istioctl_proxy.fanout import Answer, FanOut
 from istioctl_proxy.metrics import Metrics
 from istioctl_proxy.pki import Leaf
-from istioctl_proxy.policy import CONFIG_DUMP
+from istioctl_proxy.policy import CONFIG_DUMP, SYNCZ
 from istioctl_proxy.simulate import SimulatedMesh
 from istioctl_proxy.simulator import SimProxy, SimReplica, make_mesh
 from istioctl_proxy.upstream import UpstreamPool, UpstreamTLS
 
-from .helpers import ADMIN_TOKEN, TOKENS, Stack, stack
+from .helpers import ADMIN_TOKEN, EVENT_TIMEOUT, TOKENS, Stack, stack
+from .reliability import settle
 
 
 async def test_syncz_concatenates_replicas_with_external_id_and_keeps_version_info() -> None:
@@ -347,3 +349,29 @@ async def test_debug_names_go_cannot_parse_never_reach_a_replica() -> None:
         assert not any(r.crashed for r in s.replicas)
         resp, _ = await client.request(s.target(), "istio.io/debug", ["list"])
         assert "syncz" in json.loads(resp.resources[0].value)
+
+
+async def test_concurrent_scope_checks_share_one_syncz_fetch() -> None:
+    """Red-team F6: every scoped dump reads every replica's syncz; concurrent ones must share that read."""
+    async with stack(mesh=_ns2_mesh(), identity=True) as s:
+        assert s.pki is not None
+        aggregator = s.proxy.service.aggregator
+        fanout_all = aggregator.fanout.all
+        release = asyncio.Event()
+        syncz_fetches = 0
+
+        async def gated(replicas: Any, request: bytes, *args: Any) -> Any:
+            nonlocal syncz_fetches
+            if discovery_pb2.DiscoveryRequest.FromString(request).type_url == SYNCZ:
+                syncz_fetches += 1
+                await release.wait()  # hold the scope check's fetch until every caller has arrived
+            return await fanout_all(replicas, request, *args)
+
+        aggregator.fanout.all = gated  # type: ignore[method-assign]
+        target = s.target(leaf=s.pki.client("ns-1"), namespace="ns-1")
+        calls = [asyncio.create_task(client.request(target, CONFIG_DUMP, ["mine.ns-1"])) for _ in range(8)]
+        assert await settle(lambda: aggregator.syncz_checks.stats.joined == 7, timeout=EVENT_TIMEOUT)
+        release.set()
+        for resp, _ in await asyncio.gather(*calls):
+            assert len(resp.resources) == 7 and "mine.ns-1.svc" in _dump_text(resp)
+        assert syncz_fetches == 1

@@ -101,6 +101,9 @@ class Aggregator:
             ttl=settings.cache_ttl, enabled=settings.coalesce, max_bytes=settings.cache_max_bytes,
             size=lambda r: len(r.body), cacheable=lambda r: not r.failures,
         )
+        # Scope and holder checks read every replica's own syncz: concurrent checks share one fetch, so a
+        # tenant asking for dumps in a loop does not make the proxy read the whole mesh once per request.
+        self.syncz_checks: Coalescer[list[Answer]] = Coalescer(enabled=settings.coalesce)
         # Told (type URL, "coalesced" | "cached") for each call served without its own fan-out (metrics).
         self.on_shared: Callable[[str, str], None] | None = None
 
@@ -219,8 +222,11 @@ class Aggregator:
         mode); without it, with the proxy's own (the scope check: identity mode only).
         """
         syncz = Plan(SYNCZ, Merge.SYNCZ, ())
-        request, metadata = self._upstream_request(syncz, node, caller or Caller("istioctl-proxy"))
-        answers = await self.fanout.all(replicas, request, metadata, _left(deadline))
+        asking = caller or Caller("istioctl-proxy")
+        request, metadata = self._upstream_request(syncz, node, asking)
+        key = FlightKey(asking.key, SYNCZ, (), request, "", ("holders", tuple(r.address for r in replicas)))
+        answers, _ = await self.syncz_checks.serve(
+            key, lambda: self.fanout.all(replicas, request, metadata, _left(deadline)), deadline=deadline)
         holders: set[str] = set()
         for answer in answers:
             if not answer.ok or answer.body is None:
