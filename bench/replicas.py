@@ -1,6 +1,6 @@
 """Simulated istiod replicas in their own process, for the benchmark (driven over stdin/stdout).
 
-The same simulator as `istioctl-proxy simulate` (istioctl_proxy.simulator), plus what a benchmark needs
+The same simulator as `istioctl-proxy simulate` (istioctl_proxy.sim.simulator), plus what a benchmark needs
 and the CLI does not offer: TLS with a given certificate, and a control channel to change the injected
 latency and read per-replica request counts without restarting (restarts would re-serialize 30k
 ClientConfigs and cost seconds per scenario).
@@ -18,8 +18,8 @@ import asyncio
 import json
 import sys
 
-from istioctl_proxy.simulate import SimulatedMesh
-from istioctl_proxy.simulator import make_mesh
+from istioctl_proxy.sim.simulate import SimulatedMesh
+from istioctl_proxy.sim.simulator import make_mesh
 
 TOKEN = "bench-admin-token"
 

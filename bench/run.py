@@ -39,8 +39,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from istioctl_proxy import client, wire
 from istioctl_proxy.app import free_port
-from istioctl_proxy.pki import TestCA, write_file
 from istioctl_proxy.policy import SYNCZ
+from istioctl_proxy.sim.pki import TestCA, write_file
 
 from .replicas import TOKEN
 
@@ -477,7 +477,7 @@ def merge_microbench(k: int = 5, p: int = 30_000, repeat: int = 9) -> dict[str, 
     from istioctl_proxy.discovery import Replica
     from istioctl_proxy.fanout import Answer
     from istioctl_proxy.policy import plan_request
-    from istioctl_proxy.simulator import make_mesh
+    from istioctl_proxy.sim.simulator import make_mesh
 
     answers = [Answer(Replica(f"r{i}"), r.syncz("")) for i, r in enumerate(make_mesh(k, p))]
     total = sum(len(a.body or b"") for a in answers)

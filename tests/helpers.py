@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from istioctl_proxy import client
 from istioctl_proxy.app import Proxy
 from istioctl_proxy.config import Config
-from istioctl_proxy.pki import Leaf, TestCA, write_file
-from istioctl_proxy.simulate import SimulatedMesh
-from istioctl_proxy.simulator import SimReplica, make_mesh
+from istioctl_proxy.sim.pki import Leaf, TestCA, write_file
+from istioctl_proxy.sim.simulate import SimulatedMesh
+from istioctl_proxy.sim.simulator import SimReplica, make_mesh
 
 ADMIN_TOKEN = "admin-token"
 # How long `until` waits for an event before it fails the test: a backstop against hangs, not a bound the

@@ -273,7 +273,7 @@ def open_fds() -> dict[int, str]:
 async def warm_grpc(tls: tuple[bytes, bytes] | None = None) -> None:
     """gRPC creates process-wide descriptors and threads on first use (pollers, event engine): use a server
     and a channel once, so that a leak check's baseline already has them."""
-    from istioctl_proxy.simulator import SimReplica, build_simulator_server
+    from istioctl_proxy.sim.simulator import SimReplica, build_simulator_server
 
     server, port = build_simulator_server(SimReplica("warm-up"), "127.0.0.1:0",
                                           tls=(tls[0], tls[1], None) if tls else None)

@@ -19,7 +19,7 @@ from istioctl_proxy.config import Config, validate
 from istioctl_proxy.discovery import Replica
 from istioctl_proxy.errors import ConfigError
 from istioctl_proxy.server import SERVICE
-from istioctl_proxy.simulator import build_simulator_server
+from istioctl_proxy.sim.simulator import build_simulator_server
 
 from .helpers import ADMIN_TOKEN, EVENT_TIMEOUT, stack, until
 

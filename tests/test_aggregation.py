@@ -16,10 +16,10 @@ from istioctl_proxy import client
 from istioctl_proxy.discovery import Replica
 from istioctl_proxy.fanout import Answer, FanOut
 from istioctl_proxy.metrics import Metrics
-from istioctl_proxy.pki import Leaf
 from istioctl_proxy.policy import CONFIG_DUMP, SYNCZ
-from istioctl_proxy.simulate import SimulatedMesh
-from istioctl_proxy.simulator import SimProxy, SimReplica, make_mesh
+from istioctl_proxy.sim.pki import Leaf
+from istioctl_proxy.sim.simulate import SimulatedMesh
+from istioctl_proxy.sim.simulator import SimProxy, SimReplica, make_mesh
 from istioctl_proxy.upstream import UpstreamPool, UpstreamTLS
 
 from .helpers import ADMIN_TOKEN, EVENT_TIMEOUT, TOKENS, Stack, stack

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from istioctl_proxy import client
-from istioctl_proxy.simulator import SimProxy
+from istioctl_proxy.sim.simulator import SimProxy
 
 from .helpers import stack
 
@@ -90,7 +90,7 @@ async def test_identity_mode_scopes_syncz_and_dumps_by_namespace() -> None:
 
 
 async def test_identity_mode_substring_lookalike_in_other_namespace_is_not_dumped() -> None:
-    from istioctl_proxy.simulator import make_mesh
+    from istioctl_proxy.sim.simulator import make_mesh
 
     mesh = make_mesh(2, 0)
     mesh[0].proxies.append(SimProxy("web", "team2", states={"CDS": "SYNCED"}))  # id web.team2 contains "web.team"
@@ -108,7 +108,7 @@ async def test_identity_mode_without_client_certificate_is_refused() -> None:
 
 
 async def test_identity_mode_certificate_from_another_ca_is_refused() -> None:
-    from istioctl_proxy.pki import TestCA
+    from istioctl_proxy.sim.pki import TestCA
 
     async with stack(1, 2, identity=True) as s:
         stranger = TestCA().issue(spiffe="spiffe://cluster.local/ns/istio-system/sa/default")

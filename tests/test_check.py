@@ -15,9 +15,9 @@ import pytest
 from istioctl_proxy import cli
 from istioctl_proxy.app import free_port
 from istioctl_proxy.check import run_check, san_matches
-from istioctl_proxy.pki import TestCA
-from istioctl_proxy.simulate import SimulatedMesh
-from istioctl_proxy.simulator import make_mesh
+from istioctl_proxy.sim.pki import TestCA
+from istioctl_proxy.sim.simulate import SimulatedMesh
+from istioctl_proxy.sim.simulator import make_mesh
 
 from .helpers import ADMIN_TOKEN, TOKENS, Pki, make_pki
 

@@ -12,7 +12,7 @@ from envoy.service.status.v3 import csds_pb2
 from istioctl_proxy import client
 from istioctl_proxy.auth import Caller
 from istioctl_proxy.coalesce import Coalescer, FlightKey
-from istioctl_proxy.simulator import SimProxy, make_mesh
+from istioctl_proxy.sim.simulator import SimProxy, make_mesh
 
 from .helpers import TOKENS, stack
 

@@ -402,7 +402,7 @@ def test_a_field_of_the_wrong_wire_type_is_not_a_resource() -> None:
     from istioctl_proxy.fanout import Answer
     from istioctl_proxy.merge import MergeContext, merge
     from istioctl_proxy.policy import plan_request
-    from istioctl_proxy.simulator import SimProxy, SimReplica
+    from istioctl_proxy.sim.simulator import SimProxy, SimReplica
 
     holder = SimReplica("istiod-1", proxies=[SimProxy("web", "team")])
     empty = SimReplica("istiod-0").config_dump(["web.team"], "")

@@ -41,9 +41,9 @@ from istioctl_proxy import client, wire
 from istioctl_proxy.app import Proxy, free_port
 from istioctl_proxy.config import Config
 from istioctl_proxy.discovery import DnsSource
-from istioctl_proxy.pki import Leaf, TestCA, write_file
 from istioctl_proxy.policy import CONFIG_DUMP, DEBUG, SYNCZ
-from istioctl_proxy.simulator import SimReplica, build_simulator_server, make_mesh
+from istioctl_proxy.sim.pki import Leaf, TestCA, write_file
+from istioctl_proxy.sim.simulator import SimReplica, build_simulator_server, make_mesh
 
 from .helpers import ADMIN_TOKEN, TOKENS, in_flight, until
 from .reliability import (

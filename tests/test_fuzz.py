@@ -39,7 +39,7 @@ from istioctl_proxy.policy import (
     SYNCZ,
     parse_debug_name,
 )
-from istioctl_proxy.simulator import make_mesh
+from istioctl_proxy.sim.simulator import make_mesh
 
 from .helpers import ADMIN_TOKEN, TOKENS, stack
 from .reliability import (

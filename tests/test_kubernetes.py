@@ -864,7 +864,7 @@ async def test_rolling_replace_of_three_replicas_fails_no_call(
     from istioctl_proxy import client
     from istioctl_proxy.app import Proxy
     from istioctl_proxy.config import Config
-    from istioctl_proxy.simulator import SimProxy, SimReplica, build_simulator_server
+    from istioctl_proxy.sim.simulator import SimProxy, SimReplica, build_simulator_server
 
     from .helpers import ADMIN_TOKEN, TOKENS
 
@@ -954,7 +954,7 @@ async def test_token_review_callers_are_scoped_through_the_proxy(cluster: KubeCl
     import grpc
 
     from istioctl_proxy import client
-    from istioctl_proxy.simulator import make_mesh
+    from istioctl_proxy.sim.simulator import make_mesh
 
     from .helpers import stack
 
@@ -1077,8 +1077,8 @@ async def test_garbage_ca_configmap_does_not_take_the_proxy_down(
     from istioctl_proxy.app import Proxy
     from istioctl_proxy.check import run_check
     from istioctl_proxy.errors import ConfigError
-    from istioctl_proxy.simulate import SimulatedMesh
-    from istioctl_proxy.simulator import make_mesh
+    from istioctl_proxy.sim.simulate import SimulatedMesh
+    from istioctl_proxy.sim.simulator import make_mesh
 
     from .helpers import make_pki
 
@@ -1411,7 +1411,7 @@ async def test_discovery_does_not_dial_addresses_it_must_not(
 
 
 def test_kubernetes_configuration_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
-    from istioctl_proxy.pki import TestCA
+    from istioctl_proxy.sim.pki import TestCA
 
     ca = TestCA()
     leaf = ca.issue(spiffe="spiffe://cluster.local/ns/istio-system/sa/istioctl-proxy")
@@ -1465,7 +1465,7 @@ async def test_kubernetes_churn_and_stop_leave_nothing_behind(
     reviews tokens; per-replica state follows the pods, and stop() leaves no task, channel or client open."""
     from istioctl_proxy import client
     from istioctl_proxy.app import Proxy
-    from istioctl_proxy.simulator import SimReplica, build_simulator_server
+    from istioctl_proxy.sim.simulator import SimReplica, build_simulator_server
 
     from .helpers import make_pki
     from .test_tls_and_discovery import churn_through_proxy

@@ -21,7 +21,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from istioctl_proxy import client, wire
 from istioctl_proxy.policy import CONFIG_DUMP, DEBUG, SYNCZ
-from istioctl_proxy.simulator import SimReplica
+from istioctl_proxy.sim.simulator import SimReplica
 
 from .helpers import ADMIN_TOKEN, stack
 from .reliability import (
@@ -293,7 +293,7 @@ P99_RATIO_BOUND = 4.0
 
 
 async def test_legitimate_calls_keep_their_p99_beside_idle_streams_and_slow_readers() -> None:
-    from istioctl_proxy.simulator import SimProxy, make_mesh
+    from istioctl_proxy.sim.simulator import SimProxy, make_mesh
 
     from .helpers import TOKENS
 

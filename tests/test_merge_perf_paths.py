@@ -15,7 +15,7 @@ from istioctl_proxy import merge, wire
 from istioctl_proxy.discovery import Replica
 from istioctl_proxy.fanout import Answer
 from istioctl_proxy.policy import SYNCZ, plan_request
-from istioctl_proxy.simulator import SimProxy, SimReplica, make_mesh
+from istioctl_proxy.sim.simulator import SimProxy, SimReplica, make_mesh
 
 PLAN = plan_request(SYNCZ, [])
 CTX = merge.MergeContext()

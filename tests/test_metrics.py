@@ -17,8 +17,8 @@ from istioctl_proxy import client
 from istioctl_proxy.discovery import Replica
 from istioctl_proxy.fanout import Answer
 from istioctl_proxy.metrics import CACHED, COALESCED, Metrics
-from istioctl_proxy.pki import write_file
 from istioctl_proxy.policy import SYNCZ
+from istioctl_proxy.sim.pki import write_file
 
 from .helpers import stack
 from .reliability import ads_call

@@ -17,11 +17,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from istioctl_proxy import client
 from istioctl_proxy.app import Proxy
 from istioctl_proxy.errors import ResourceExhausted
-from istioctl_proxy.pki import TestCA, write_file
 from istioctl_proxy.policy import CONFIG_DUMP, SYNCZ
 from istioctl_proxy.server import SendBudget
-from istioctl_proxy.simulate import SimulatedMesh
-from istioctl_proxy.simulator import SimProxy, make_mesh
+from istioctl_proxy.sim.pki import TestCA, write_file
+from istioctl_proxy.sim.simulate import SimulatedMesh
+from istioctl_proxy.sim.simulator import SimProxy, make_mesh
 
 from .helpers import ADMIN_TOKEN, TOKENS, Stack, make_pki, stack
 from .reliability import DELTA, SOTW, ads_call, bearer, settle

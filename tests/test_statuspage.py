@@ -21,7 +21,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from istioctl_proxy.simulator import SimProxy, SimReplica, make_mesh
+from istioctl_proxy.sim.simulator import SimProxy, SimReplica, make_mesh
 
 from .helpers import TOKENS, stack
 

@@ -14,9 +14,9 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from istioctl_proxy import client, upstream
 from istioctl_proxy.discovery import Replica
-from istioctl_proxy.pki import TestCA
 from istioctl_proxy.policy import SYNCZ
-from istioctl_proxy.simulator import SimReplica, build_simulator_server, make_mesh
+from istioctl_proxy.sim.pki import TestCA
+from istioctl_proxy.sim.simulator import SimReplica, build_simulator_server, make_mesh
 from istioctl_proxy.upstream import TokenFile, UpstreamError, UpstreamPool, UpstreamTLS
 
 from .helpers import ADMIN_TOKEN, TOKENS, until

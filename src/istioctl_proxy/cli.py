@@ -38,7 +38,7 @@ def _rotate(ns: argparse.Namespace) -> int:
 
 
 def _simulate(ns: argparse.Namespace) -> int:
-    from .simulate import run_simulator
+    from .sim.simulate import run_simulator
 
     logs.setup(ns.log_level, "text")
     asyncio.run(run_simulator(ns))
@@ -46,7 +46,7 @@ def _simulate(ns: argparse.Namespace) -> int:
 
 
 def _demo(ns: argparse.Namespace) -> int:
-    from .simulate import run_demo
+    from .sim.simulate import run_demo
 
     logs.setup(ns.log_level, "text")
     return asyncio.run(run_demo(ns))

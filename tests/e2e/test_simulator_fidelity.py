@@ -17,7 +17,7 @@ from envoy.service.status.v3 import csds_pb2
 from google.protobuf.message import Message
 
 from istioctl_proxy.fanout import connection_broke
-from istioctl_proxy.simulator import SimProxy, SimReplica, _Abort, _Crash
+from istioctl_proxy.sim.simulator import SimProxy, SimReplica, _Abort, _Crash
 
 from .ads import (
     CDS,

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from . import client
-from .app import Proxy, free_port
-from .config import Config
+from .. import client
+from ..app import Proxy, free_port
+from ..config import Config
 from .pki import Leaf, TestCA, write_file
 from .simulator import SimReplica, build_simulator_server, make_mesh
 

@@ -24,9 +24,9 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.status.v3 import csds_pb2
 from google.protobuf import any_pb2, timestamp_pb2
 
-from . import gourl
-from .auth import bearer_token, parse_spiffe, spiffe_ids_of_pem
-from .policy import CONFIG_DUMP, DEBUG, NAMESPACE_DEBUG_PATHS, SYNCZ
+from .. import gourl
+from ..auth import bearer_token, parse_spiffe, spiffe_ids_of_pem
+from ..policy import CONFIG_DUMP, DEBUG, NAMESPACE_DEBUG_PATHS, SYNCZ
 
 log = logging.getLogger(__name__)
 
