@@ -118,7 +118,7 @@ async def test_identity_mode_certificate_from_another_ca_is_refused() -> None:
 
 
 def test_token_review_limits_per_peer_address() -> None:
-    from istioctl_proxy.kubernetes import ReviewLimits, peer_host
+    from istioctl_proxy.tokenreview import ReviewLimits, peer_host
 
     # The per-peer limits count addresses, not connections: the port a client dials from does not matter.
     assert peer_host("ipv4:10.0.0.1:5000") == peer_host("ipv4:10.0.0.1:5001") == "10.0.0.1"

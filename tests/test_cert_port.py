@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from istioctl_proxy import client, kubernetes
+from istioctl_proxy import app, client, tokenreview
 from istioctl_proxy.errors import ConfigError
 
 from .helpers import Stack, stack
@@ -24,8 +24,8 @@ class _StandInReviewer:
     on_review: object = None
     on_limited: object = None
 
-    async def review(self, token: str, peer: str) -> kubernetes.TokenIdentity | None:
-        return kubernetes.TokenIdentity("ns-1", "default") if token == NS1_TOKEN else None
+    async def review(self, token: str, peer: str) -> tokenreview.TokenIdentity | None:
+        return tokenreview.TokenIdentity("ns-1", "default") if token == NS1_TOKEN else None
 
     async def close(self) -> None:
         pass
@@ -35,7 +35,7 @@ class _StandInReviewer:
 def fake_reviewer(monkeypatch: pytest.MonkeyPatch) -> None:
     # The Kubernetes side of TokenReview is tested against a real API server in tests/test_kubernetes.py;
     # what is under test here is which TLS port asks for what.
-    monkeypatch.setattr(kubernetes, "token_reviewer_from_config", lambda cfg: _StandInReviewer())
+    monkeypatch.setattr(app, "token_reviewer_from_config", lambda cfg: _StandInReviewer())
 
 
 def _target(s: Stack, port: int, *, cert_ns: str = "", token: str = "") -> client.Target:

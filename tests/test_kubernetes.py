@@ -35,17 +35,16 @@ from lightkube.resources.core_v1 import ConfigMap, Pod, Secret, ServiceAccount
 from lightkube.resources.rbac_authorization_v1 import ClusterRoleBinding, Role, RoleBinding
 from lightkube.types import PatchType
 
+from istioctl_proxy import app, tokenreview
 from istioctl_proxy import kubernetes as k8s
 from istioctl_proxy.discovery import ReplicaSet
 from istioctl_proxy.kubernetes import (
     Backoff,
     KubernetesPodSource,
     RootCertWatcher,
-    TokenIdentity,
-    TokenReviewAuthenticator,
-    TokenReviewUnavailable,
     load_kube_target,
 )
+from istioctl_proxy.tokenreview import TokenIdentity, TokenReviewAuthenticator, TokenReviewUnavailable
 
 from .k8s.cluster import (
     BIN,
@@ -1189,7 +1188,7 @@ async def test_token_review_cache_ttl_bounds_how_long_a_revoked_token_works(
     assert parsed({}).token_review_cache_ttl <= 10
     assert parsed({"ISTIOCTL_PROXY_TOKEN_REVIEW_CACHE_TTL": "3"}).token_review_cache_ttl == 3
     cfg = Config(token_review_kubeconfig=str(cluster.apiserver.admin_kubeconfig()), token_review_cache_ttl=4)
-    reviewer = k8s.token_reviewer_from_config(cfg)
+    reviewer = app.token_reviewer_from_config(cfg)
     assert reviewer.ttl == 4
     await reviewer.close()
 
@@ -1225,7 +1224,7 @@ async def test_random_tokens_cause_at_most_the_bounded_number_of_reviews(
     TokenReviews at the real API server (counted in its audit log), the rest are refused by a limit; the
     refused tokens are then cached, expired-looking or not, so sending them again costs nothing."""
     kubeconfig, user = await reviewer_kubeconfig(cluster, admin)
-    limits = k8s.ReviewLimits(rate=1, burst=8, peer_rate=1, peer_burst=3, concurrency=2, peer_concurrency=2)
+    limits = tokenreview.ReviewLimits(rate=1, burst=8, peer_rate=1, peer_burst=3, concurrency=2, peer_concurrency=2)
     now = [1000.0]  # frozen: no bucket refills during the flood, so the bound is exact
     limited: list[str] = []
     auth = TokenReviewAuthenticator(kubeconfig=kubeconfig, limits=limits, clock=lambda: now[0],
@@ -1238,7 +1237,7 @@ async def test_random_tokens_cause_at_most_the_bounded_number_of_reviews(
             *(auth.review(t, peers[i % len(peers)]) for i, t in enumerate(tokens)), return_exceptions=True
         )
         reviewed = [t for t, r in zip(tokens, results, strict=True) if r is None]
-        refused = [r for r in results if isinstance(r, k8s.TokenReviewLimited)]
+        refused = [r for r in results if isinstance(r, tokenreview.TokenReviewLimited)]
         assert len(reviewed) + len(refused) == len(tokens), [r for r in results if r is not None][:3]
         made = tokenreviews_by(cluster, user) - before
         assert made == auth.reviews == len(reviewed) <= limits.burst, (made, auth.reviews, len(reviewed))

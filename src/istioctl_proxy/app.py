@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,7 +35,8 @@ from .server import (
 from .upstream import TokenFile, UpstreamPool, UpstreamTLS
 
 if TYPE_CHECKING:
-    from .kubernetes import RootCertWatcher, TokenReviewAuthenticator
+    from .kubernetes import KubernetesPodSource, RootCertWatcher
+    from .tokenreview import TokenReviewAuthenticator
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ def upstream_identity_node(cfg: Config) -> base_pb2.Node:
 
 def token_reviewer(reviewer: TokenReviewAuthenticator) -> TokenReviewer:
     """--token-review: Kubernetes TokenReview against the cluster that issued the callers' tokens."""
-    from .kubernetes import TokenReviewLimited, TokenReviewUnavailable
+    from .tokenreview import TokenReviewLimited, TokenReviewUnavailable
 
     async def review(token: str, peer: str) -> tuple[str, str] | None:
         try:
@@ -80,6 +83,96 @@ def token_reviewer(reviewer: TokenReviewAuthenticator) -> TokenReviewer:
     return review
 
 
+# Kubernetes wiring from the command line (`Config` attributes; "" means "not given"). The kubernetes
+# modules (lightkube) are imported only when a flag asks for them.
+
+
+def pod_sources_from_config(
+    cfg: Config, *, on_skip: Callable[[str], None] | None = None
+) -> list[KubernetesPodSource]:
+    """One source per cluster: `--kubeconfig` and `--context` take comma-separated lists (one kubeconfig
+    with several contexts, several kubeconfigs, or pairs of both), so replicas of several clusters merge
+    into one set, each labelled k8s:<context>/<namespace>."""
+    kubeconfigs = [k for k in cfg.kubeconfig.split(",") if k] or [""]
+    contexts = [c for c in cfg.context.split(",") if c] or [""]
+    if len(kubeconfigs) > 1 and len(contexts) > 1 and len(kubeconfigs) != len(contexts):
+        raise ConfigError(
+            "--kubeconfig and --context lists must have the same length (or one of them a single entry)"
+        )
+    n = max(len(kubeconfigs), len(contexts))
+    pairs = zip(kubeconfigs * n if len(kubeconfigs) == 1 else kubeconfigs,
+                contexts * n if len(contexts) == 1 else contexts, strict=True)
+    return [
+        pod_source_from_config(dataclasses.replace(cfg, kubeconfig=kubeconfig, context=context), on_skip=on_skip)
+        for kubeconfig, context in pairs
+    ]
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _check_namespace(namespace: str) -> None:
+    if len(namespace) > 63 or not _DNS_LABEL.match(namespace):
+        raise ConfigError(f"--istio-namespace {namespace!r} is not a valid namespace name (RFC 1123 label)")
+
+
+def pod_source_from_config(cfg: Config, *, on_skip: Callable[[str], None] | None = None) -> KubernetesPodSource:
+    """`--istiod-k8s` with `--istio-namespace`, `--istiod-selector`, `--revision`, `--istiod-port`,
+    `--kubeconfig`, `--context`, `--istiod-allow-loopback`, `--istiod-allow-host-network`."""
+    from .kubernetes import (
+        DEFAULT_SELECTOR,
+        KubernetesPodSource,
+        parse_label_selector,
+        revision_selector,
+        target_from_flags,
+    )
+
+    _check_namespace(cfg.istio_namespace)
+    selector = cfg.istiod_selector or DEFAULT_SELECTOR
+    try:  # checked first: it needs no cluster, and it is the likelier typo
+        parse_label_selector(revision_selector(selector, cfg.revision or None))
+    except ValueError as err:
+        raise ConfigError(f"--istiod-selector/--revision: {err}") from None
+    return KubernetesPodSource(
+        cfg.istio_namespace,
+        port=cfg.istiod_port,
+        selector=selector,
+        revision=cfg.revision or None,
+        target=target_from_flags(cfg.kubeconfig, cfg.context),
+        allow_loopback=cfg.istiod_allow_loopback,
+        allow_host_network=cfg.istiod_allow_host_network,
+        on_skip=on_skip,
+    )
+
+
+def root_cert_watcher_from_config(cfg: Config) -> RootCertWatcher:
+    """`--istiod-ca-configmap`: the istio-ca-root-cert ConfigMap of `--istio-namespace`, same cluster."""
+    from .kubernetes import RootCertWatcher, target_from_flags
+
+    _check_namespace(cfg.istio_namespace)
+    # With several clusters, the CA ConfigMap is read from the first (the one istiod runs in).
+    target = target_from_flags(cfg.kubeconfig.split(",")[0], cfg.context.split(",")[0])
+    return RootCertWatcher(cfg.istio_namespace, target=target)
+
+
+def token_reviewer_from_config(cfg: Config) -> TokenReviewAuthenticator:
+    """`--token-review` against `--token-review-kubeconfig` (the cluster that issues the callers' tokens;
+    in-cluster config when not given), audiences from `--token-review-audiences`, cache and limits from
+    `--token-review-cache-ttl`, `--token-review-rate`, `--token-review-peer-rate`,
+    `--token-review-concurrency`."""
+    from .kubernetes import target_from_flags
+    from .tokenreview import DEFAULT_TOKEN_AUDIENCES, ReviewLimits, TokenReviewAuthenticator
+
+    return TokenReviewAuthenticator(
+        target=target_from_flags(cfg.token_review_kubeconfig, "", flag="--token-review-kubeconfig"),
+        audiences=cfg.token_review_audiences or DEFAULT_TOKEN_AUDIENCES,
+        ttl=cfg.token_review_cache_ttl,
+        limits=ReviewLimits.from_rates(
+            cfg.token_review_rate, cfg.token_review_peer_rate, cfg.token_review_concurrency
+        ),
+    )
+
+
 def sources_of(cfg: Config, metrics: Metrics | None = None) -> list[ReplicaSource]:
     sources: list[ReplicaSource] = []
     if cfg.istiod:
@@ -87,8 +180,6 @@ def sources_of(cfg: Config, metrics: Metrics | None = None) -> list[ReplicaSourc
     for target in cfg.istiod_dns:
         sources.append(DnsSource(target, interval=cfg.istiod_dns_interval))
     if cfg.istiod_k8s:
-        from .kubernetes import pod_sources_from_config  # optional: only with Kubernetes discovery
-
         on_skip = None if metrics is None else (lambda reason: metrics.discovery_skipped.labels(reason).inc())
         sources.extend(pod_sources_from_config(cfg, on_skip=on_skip))
     return sources
@@ -140,8 +231,6 @@ class Proxy:
         aggregator = Aggregator(self.replicas, fanout, settings)
         aggregator.on_shared = self.metrics.shared_answer
         if cfg.token_review:
-            from .kubernetes import token_reviewer_from_config
-
             self.reviewer = token_reviewer_from_config(cfg)
             self.reviewer.on_review = lambda result: self.metrics.token_reviews.labels(result).inc()
             self.reviewer.on_limited = lambda limit: self.metrics.token_reviews_limited.labels(limit).inc()
@@ -207,7 +296,7 @@ class Proxy:
         """--istiod-ca-configmap: trust the istio-ca-root-cert ConfigMap, and follow its rotation."""
         if not self.cfg.istiod_ca_configmap:
             return
-        from .kubernetes import CaRejected, root_cert_watcher_from_config
+        from .kubernetes import CaRejected
 
         watcher = root_cert_watcher_from_config(self.cfg)
         try:

@@ -32,7 +32,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from . import client, wire
-from .app import Proxy, sources_of, upstream_identity_node
+from .app import Proxy, root_cert_watcher_from_config, sources_of, upstream_identity_node
 from .config import Config, from_args, replicas_all_loopback, tokens_unprotected
 from .discovery import DnsSource, Replica, ReplicaSource, join_host_port, split_host_port
 from .errors import ConfigError
@@ -231,8 +231,6 @@ async def _configmap_ca(cfg: Config, timeout: float) -> tuple[Step, bytes | None
 
     where = f"ConfigMap istio-ca-root-cert in {cfg.istio_namespace}"
     try:
-        from .kubernetes import root_cert_watcher_from_config
-
         pem = await asyncio.wait_for(root_cert_watcher_from_config(cfg).first(), timeout)
     except TimeoutError:
         return Step("istio CA", FAIL, f"no {where} after {timeout:.0f}s",
