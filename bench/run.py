@@ -475,7 +475,7 @@ def merge_microbench(k: int = 5, p: int = 30_000, repeat: int = 9) -> dict[str, 
     """The syncz merge alone, in this process, on one core: fast path and exact (field-by-field) path."""
     from istioctl_proxy import merge
     from istioctl_proxy.discovery import Replica
-    from istioctl_proxy.fanout import Answer
+    from istioctl_proxy.model import Answer
     from istioctl_proxy.policy import plan_request
     from istioctl_proxy.sim.simulator import make_mesh
 

@@ -14,13 +14,15 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from istioctl_proxy import client
 from istioctl_proxy.discovery import Replica
-from istioctl_proxy.fanout import Answer, FanOut
+from istioctl_proxy.fanout import FanOut
 from istioctl_proxy.metrics import Metrics
+from istioctl_proxy.model import Answer
 from istioctl_proxy.policy import CONFIG_DUMP, SYNCZ
 from istioctl_proxy.sim.pki import Leaf
 from istioctl_proxy.sim.simulate import SimulatedMesh
 from istioctl_proxy.sim.simulator import SimProxy, SimReplica, make_mesh
-from istioctl_proxy.upstream import UpstreamPool, UpstreamTLS
+from istioctl_proxy.tls import UpstreamTLS
+from istioctl_proxy.upstream import UpstreamPool
 
 from .helpers import ADMIN_TOKEN, EVENT_TIMEOUT, TOKENS, Stack, stack
 from .reliability import settle

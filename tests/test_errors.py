@@ -399,8 +399,8 @@ def test_a_field_of_the_wrong_wire_type_is_not_a_resource() -> None:
     """Found by the fuzzer: field 2 as fixed32 parses (upb skips it as unknown), so a non-holder's answer
     looked like it held the proxy and the holder's dump was lost. It must count as malformed instead."""
     from istioctl_proxy.discovery import Replica
-    from istioctl_proxy.fanout import Answer
     from istioctl_proxy.merge import MergeContext, merge
+    from istioctl_proxy.model import Answer
     from istioctl_proxy.policy import plan_request
     from istioctl_proxy.sim.simulator import SimProxy, SimReplica
 

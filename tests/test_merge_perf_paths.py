@@ -13,7 +13,7 @@ from google.protobuf import any_pb2
 
 from istioctl_proxy import merge, wire
 from istioctl_proxy.discovery import Replica
-from istioctl_proxy.fanout import Answer
+from istioctl_proxy.model import Answer
 from istioctl_proxy.policy import SYNCZ, plan_request
 from istioctl_proxy.sim.simulator import SimProxy, SimReplica, make_mesh
 

@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from istioctl_proxy import client
 from istioctl_proxy.discovery import Replica
-from istioctl_proxy.fanout import Answer
 from istioctl_proxy.metrics import CACHED, COALESCED, Metrics
+from istioctl_proxy.model import Answer
 from istioctl_proxy.policy import SYNCZ
 from istioctl_proxy.sim.pki import write_file
 

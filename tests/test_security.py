@@ -36,10 +36,10 @@ from istioctl_proxy.app import Proxy, free_port
 from istioctl_proxy.config import Config, add_serve_flags, from_args, plaintext_exposed, validate
 from istioctl_proxy.errors import ConfigError
 from istioctl_proxy.policy import CONFIG_DUMP, DEBUG, SYNCZ
-from istioctl_proxy.server import CertificateReloader, ServingTLS
 from istioctl_proxy.sim.pki import Leaf, TestCA, write_file
 from istioctl_proxy.sim.simulate import SimulatedMesh
 from istioctl_proxy.sim.simulator import SimProxy, SimReplica, make_mesh
+from istioctl_proxy.tls import CertificateReloader, ServingTLS
 
 from .helpers import ADMIN_TOKEN, TOKENS, Stack, stack
 from .reliability import DELTA, SOTW, ads_call, bearer, record_figures, settle

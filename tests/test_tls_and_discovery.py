@@ -12,7 +12,8 @@ from istioctl_proxy.app import Proxy, free_port
 from istioctl_proxy.config import Config
 from istioctl_proxy.discovery import DnsSource, Replica, ReplicaSet, StaticSource
 from istioctl_proxy.sim.simulator import SimReplica, build_simulator_server
-from istioctl_proxy.upstream import UpstreamPool, UpstreamTLS
+from istioctl_proxy.tls import UpstreamTLS
+from istioctl_proxy.upstream import UpstreamPool
 
 from .helpers import ADMIN_TOKEN, EVENT_TIMEOUT, TOKENS, stack
 

@@ -17,7 +17,8 @@ from istioctl_proxy.discovery import Replica
 from istioctl_proxy.policy import SYNCZ
 from istioctl_proxy.sim.pki import TestCA
 from istioctl_proxy.sim.simulator import SimReplica, build_simulator_server, make_mesh
-from istioctl_proxy.upstream import TokenFile, UpstreamError, UpstreamPool, UpstreamTLS
+from istioctl_proxy.tls import TokenFile, UpstreamTLS, fetch_unverified_root
+from istioctl_proxy.upstream import UpstreamError, UpstreamPool
 
 from .helpers import ADMIN_TOKEN, TOKENS, until
 
@@ -208,7 +209,7 @@ async def test_fetch_unverified_root_returns_what_the_server_presents() -> None:
     server, port = build_simulator_server(sim, "127.0.0.1:0", tls=(leaf.cert_pem, leaf.key_pem, None))
     await server.start()
     try:
-        pem = await asyncio.to_thread(upstream.fetch_unverified_root, f"127.0.0.1:{port}", 30)
+        pem = await asyncio.to_thread(fetch_unverified_root, f"127.0.0.1:{port}", 30)
     finally:
         await server.stop(0)
     # The server sends its leaf only: the top of that chain is the leaf itself.

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -17,9 +17,10 @@ from .auth import AuthMode, Caller, authorize
 from .coalesce import Coalescer, FlightKey
 from .discovery import Replica, ReplicaSet
 from .errors import NoReplicas, UpstreamFailed
-from .fanout import Answer, FanOut, most_telling, upstream_timeout
+from .fanout import FanOut, most_telling, upstream_timeout
 from .merge import MUST_PROVIDE, NOT_CONNECTED, MergeContext, claims_proxy, debug_response, merge
-from .policy import CONFIG_DUMP, SYNCZ, Merge, Plan, plan_request
+from .model import Answer, Merge, Plan, Result
+from .policy import CONFIG_DUMP, SYNCZ, plan_request
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +37,6 @@ class Settings:
     coalesce: bool = True  # identical concurrent requests of one caller key share one fan-out
     cache_ttl: float = 0.0  # seconds a complete answer is reused for the same caller key; 0 = off
     cache_max_bytes: int = 64 * 1024 * 1024  # bound on cached bodies (entries are also capped in number)
-
-
-@dataclass
-class Result:
-    body: bytes
-    plan: Plan
-    resources: int
-    answers: list[Answer]
-    failures: list[tuple[str, str]] = field(default_factory=list)  # (replica label, reason)
-    shared: str = ""  # "" (own fan-out), "coalesced" or "cached": see coalesce.py
 
 
 def _may_match_connection(proxy_id: str, node_id: str) -> bool:

@@ -21,18 +21,18 @@ from .auth import Authenticator, AuthMode, TokenReviewer, parse_spiffe, spiffe_i
 from .config import Config, plaintext_exposed, replicas_all_loopback, tokens_unprotected
 from .discovery import DnsSource, ReplicaSet, ReplicaSource, StaticSource
 from .errors import ConfigError, ResourceExhausted, Unavailable
-from .fanout import Answer, FanOut
+from .fanout import FanOut
 from .metrics import Metrics
+from .model import Answer
 from .server import (
     AdsService,
     CallObserver,
-    CertificateReloader,
-    ServingTLS,
     StreamLimits,
     build_server,
     set_serving,
 )
-from .upstream import TokenFile, UpstreamPool, UpstreamTLS
+from .tls import CertificateReloader, ServingTLS, TokenFile, UpstreamTLS
+from .upstream import UpstreamPool
 
 if TYPE_CHECKING:
     from .kubernetes import KubernetesPodSource, RootCertWatcher

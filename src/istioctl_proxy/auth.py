@@ -21,7 +21,8 @@ import grpc
 from cryptography import x509
 
 from .errors import PermissionDenied, Unauthenticated
-from .policy import CONFIG_DUMP, DEBUG, NAMESPACE_DEBUG_PATHS, SYNCZ, Plan
+from .model import Plan
+from .policy import CONFIG_DUMP, DEBUG, NAMESPACE_DEBUG_PATHS, SYNCZ
 
 _SPIFFE = re.compile(r"^spiffe://(?P<td>[^/]+)/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from .discovery import Replica
+from .model import Answer
 from .upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -35,22 +36,6 @@ _TELLING = (
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.UNAVAILABLE,
 )
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One replica's outcome: raw response bytes, or the status it failed with."""
-
-    replica: Replica
-    body: bytes | None
-    code: grpc.StatusCode = grpc.StatusCode.OK
-    error: str = ""
-    seconds: float = 0.0
-    broken: bool = False  # the connection died under this request (see connection_broke)
-
-    @property
-    def ok(self) -> bool:
-        return self.body is not None
 
 
 def connection_broke(code: grpc.StatusCode, message: str) -> bool:

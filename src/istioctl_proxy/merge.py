@@ -17,8 +17,8 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
 from . import wire
-from .fanout import Answer
-from .policy import DEBUG, Merge, Plan
+from .model import Answer, Merge, Plan
+from .policy import DEBUG
 
 _T = TypeVar("_T")
 

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
 from .discovery import Replica
-from .fanout import Answer
+from .model import Answer
 from .policy import SUPPORTED_TYPES
 
 # Calls fan out to every replica and may merge large answers: seconds, not milliseconds, at the top.

@@ -8,46 +8,17 @@ dereferences the result of a failed url.Parse, so one unparsable name would take
 
 from __future__ import annotations
 
-import enum
 import re
 from dataclasses import dataclass
 
 from . import gourl
 from .errors import InvalidRequest, UnsupportedType
+from .model import Merge, Plan
 
 SYNCZ = "istio.io/debug/syncz"
 CONFIG_DUMP = "istio.io/debug/config_dump"
 DEBUG = "istio.io/debug"
 SUPPORTED_TYPES = (SYNCZ, CONFIG_DUMP, DEBUG)
-
-
-class Merge(enum.Enum):
-    """How the answers of several replicas become one."""
-
-    SYNCZ = "syncz"  # concatenate ClientConfigs, dedup by node id, control plane `<external>`
-    PROXY_HOLDER = "proxy-holder"  # config_dump: the one replica that holds the proxy
-    JSON_ARRAY = "json-array"  # debug body: concatenate per-replica JSON arrays
-    JSON_CLIENTS = "json-clients"  # debug body: {"totalClients": N, "clients": [...]}: sum and concatenate
-    JSON_OBJECT = "json-object"  # debug body: merge per-replica objects by key
-    DEBUG_PROXY = "debug-proxy"  # debug body: the replica that holds ?proxyID= (others: "not connected")
-    ANY_ONE = "any-one"  # debug body: the same cluster-wide data everywhere: one healthy replica's
-    NOT_FOUND = "not-found"  # a debug path we do not serve: istiod's "404 page not found", no replica asked
-
-
-@dataclass(frozen=True)
-class Plan:
-    type_url: str
-    merge: Merge
-    resource_names: tuple[str, ...]
-    debug_path: str = ""  # for istio.io/debug: the path without query
-    proxy_id: str = ""  # the proxy a request is about, if any
-    # istiod will look a proxy up for this request (config_dump, or a proxy path with ?proxyID=): with an
-    # empty or ambiguous proxy_id that lookup matches *any* proxy, so a scoped caller must not reach it.
-    names_proxy: bool = False
-
-    @property
-    def fan_out(self) -> bool:
-        return self.merge not in (Merge.ANY_ONE, Merge.NOT_FOUND)
 
 
 # istio.io/debug paths (pilot/pkg/xds/debug.go AddDebugHandlers). Per-replica data is merged; data that is

@@ -1,4 +1,4 @@
-"""The gRPC front: ADS (SotW and Delta), health and reflection, TLS serving with certificate reload.
+"""The gRPC front: ADS (SotW and Delta), health and reflection, TLS serving (certificate reload: tls.py).
 
 The servicer is thin: it authenticates the stream from its metadata, holds each stream to its limits
 (`StreamLimits`: stream caps, first-message, idle and age timeouts, the send budget), hands each request
@@ -12,25 +12,21 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2, discovery_pb2
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .aggregator import Aggregator, Result
+from .aggregator import Aggregator
 from .auth import Authenticator, Caller
 from .errors import (
-    ConfigError,
     Internal,
     InvalidRequest,
     ProxyError,
@@ -39,7 +35,8 @@ from .errors import (
     StreamTooOld,
 )
 from .metrics import Metrics
-from .policy import Merge
+from .model import Merge, Result
+from .tls import CertificateReloader
 from .upstream import LARGE_MESSAGE_OPTIONS
 from .wire import syncz_node_id
 
@@ -505,109 +502,6 @@ class CallObserver:
         log.info("call " + " ".join(f"{k}=%s" for k in fields), *fields.values(), extra={"fields": fields})
 
 
-@dataclass(frozen=True)
-class ServingTLS:
-    cert_file: str
-    key_file: str
-    client_ca_file: str | None = None
-    require_client_cert: bool = False
-
-
-def check_pair(cert_pem: bytes, key_pem: bytes) -> None:
-    """Raise ValueError unless cert_pem is a certificate chain whose first certificate belongs to key_pem."""
-    try:
-        leaf = x509.load_pem_x509_certificates(cert_pem)[0]
-    except ValueError as err:
-        raise ValueError(f"the certificate file holds no PEM certificate ({err})") from None
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as err:
-        # The exception text of a key parser is about the key's structure, never its content.
-        raise ValueError(f"the key file holds no unencrypted PEM private key ({err})") from None
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if leaf.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
-        raise ValueError("the key does not belong to the certificate (a rotation half done?)")
-
-
-class CertificateReloader:
-    """Serves the current files of a ServingTLS; new handshakes pick up rotated files (cert-manager).
-
-    A changed pair is used only if the key belongs to the certificate: a half-written rotation (the
-    certificate written before its key) or a broken file keeps the previous pair, logged once per change.
-    """
-
-    def __init__(self, tls: ServingTLS) -> None:
-        self.tls = tls
-        self._stamp: tuple[int, ...] = ()
-        self._rejected: tuple[int, ...] = ()
-        self._config: grpc.ServerCertificateConfiguration | None = None
-        self.reloads = 0
-        self.rejected = 0
-
-    def _files(self) -> list[str]:
-        return [f for f in (self.tls.cert_file, self.tls.key_file, self.tls.client_ca_file) if f]
-
-    def _read(self) -> grpc.ServerCertificateConfiguration:
-        with open(self.tls.cert_file, "rb") as c, open(self.tls.key_file, "rb") as k:
-            cert, key = c.read(), k.read()
-        check_pair(cert, key)
-        ca = None
-        if self.tls.client_ca_file:
-            with open(self.tls.client_ca_file, "rb") as f:
-                ca = f.read()
-            try:
-                x509.load_pem_x509_certificates(ca)
-            except ValueError as err:
-                raise ValueError(f"the client CA file holds no PEM certificate ({err})") from None
-        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
-
-    def load(self) -> grpc.ServerCertificateConfiguration:
-        """The current configuration; raises (OSError, ValueError) only when there is none yet."""
-        try:
-            stamp = tuple(os.stat(f).st_mtime_ns for f in self._files())
-        except OSError:
-            if self._config is None:
-                raise
-            stamp = self._rejected  # a file is missing mid-rotation: keep serving, retry on the next handshake
-        if self._config is not None and stamp in (self._stamp, self._rejected):
-            return self._config
-        try:
-            config = self._read()
-        except (OSError, ValueError) as err:
-            if self._config is None:
-                raise
-            self._rejected = stamp
-            self.rejected += 1
-            log.error("serving certificate files changed but were not loaded, still serving the previous "
-                      "certificate: %s: %s", self.tls.cert_file, err)
-            return self._config
-        if self._config is not None:
-            self.reloads += 1
-            log.info("serving certificate reloaded from %s", self.tls.cert_file)
-        self._config, self._stamp, self._rejected = config, stamp, ()
-        return config
-
-    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        # Called by gRPC on each new handshake; None keeps the current configuration.
-        before = self._config
-        try:
-            config = self.load()
-        except Exception:  # never into gRPC's handshake: keep what is served
-            log.exception("could not check the serving certificate files; keeping the current certificate")
-            return None
-        return config if config is not before else None
-
-    def credentials(self) -> grpc.ServerCredentials:
-        try:
-            first = self.load()
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"--tls-cert/--tls-key: {err}") from None
-        return grpc.dynamic_ssl_server_credentials(
-            first, self.fetch, require_client_authentication=self.tls.require_client_cert
-        )
-
-
 def build_server(
     service: AdsService, *, listen: str, max_message_bytes: int, tls: CertificateReloader | None,
     max_request_bytes: int = MiB,
@@ -654,5 +548,5 @@ async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool)
         await health_servicer.set(name, status)
 
 
-__all__ = ["AdsService", "CertificateReloader", "SendBudget", "ServingTLS", "StreamLimits", "build_server",
-           "failed_replicas_trailer", "printable", "set_serving"]
+__all__ = ["AdsService", "SendBudget", "StreamLimits", "build_server", "failed_replicas_trailer", "printable",
+           "set_serving"]

@@ -24,8 +24,9 @@ from envoy.service.status.v3 import csds_pb2
 from . import wire
 from .client import SHORT_TYPES
 from .discovery import Replica, ReplicaSet
-from .fanout import Answer, FanOut
+from .fanout import FanOut
 from .metrics import Metrics
+from .model import Answer
 from .policy import SYNCZ
 
 if TYPE_CHECKING:

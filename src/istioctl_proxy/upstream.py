@@ -10,69 +10,18 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
-import ssl
 import time
-from dataclasses import dataclass, field
 
 import grpc
 
-from .discovery import Replica, split_host_port
+from .discovery import Replica
+from .tls import TokenFile, UpstreamTLS, fetch_unverified_root
 
 log = logging.getLogger(__name__)
 
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 # How long a channel to a replica that discovery dropped stays open for calls already using it.
 _RETIRE_AFTER = 60.0
-
-
-@dataclass(frozen=True)
-class UpstreamTLS:
-    """How the proxy reaches istiod. Secrets are held as bytes and never printed."""
-
-    plaintext: bool = False
-    ca_pem: bytes | None = None  # istio root CA; None with skip_verify only
-    san: str = "istiod.istio-system.svc"
-    cert_pem: bytes | None = field(default=None, repr=False)
-    key_pem: bytes | None = field(default=None, repr=False)
-    skip_verify: bool = False
-
-
-class TokenFile:
-    """A token read from a file and re-read when the file changes (projected tokens rotate)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._stamp: tuple[float, int] | None = None
-        self._token = ""
-
-    def read(self) -> str:
-        st = os.stat(self.path)
-        stamp = (st.st_mtime, st.st_size)
-        if stamp != self._stamp:
-            with open(self.path, encoding="utf-8") as f:
-                self._token = f.read().strip()
-            self._stamp = stamp
-        return self._token
-
-
-def fetch_unverified_root(address: str, timeout: float = 5.0) -> bytes:
-    """The top certificate istiod presents, for --istiod-insecure-skip-verify only.
-
-    gRPC Python cannot switch verification off, so we trust whatever chain the server shows.
-    """
-    host, port = split_host_port(address)
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["h2"])
-    with socket.create_connection((host, port), timeout=timeout) as sock, ctx.wrap_socket(sock) as tls:
-        # Private in 3.11 (public from 3.13): the full chain as sent, unverified.
-        chain = tls._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
-        der = chain[-1].public_bytes(ssl._ssl.ENCODING_DER) if chain else tls.getpeercert(binary_form=True)  # type: ignore[attr-defined]
-    if not der:
-        raise OSError(f"{address} presented no certificate")
-    return ssl.DER_cert_to_PEM_cert(bytes(der)).encode()
 
 
 # Tuned for multi-MiB answers (30k proxies ≈ 3 MiB per replica); measured in bench/ (docs/benchmarks.md).
