@@ -176,3 +176,24 @@ async def test_identity_mode_allowed_namespace_sees_everything_but_istio_io_debu
         mine = next(p for r in s.replicas for p in r.proxies if p.namespace == "ns-1")
         body, _ = await client.request(ns1, "istio.io/debug", [f"config_dump?proxyID={mine.id}"])
         assert json.loads(body.resources[0].value)["proxy"] == mine.id
+
+
+def test_jwt_expiry_reads_only_a_numeric_exp_of_a_three_part_token() -> None:
+    import base64
+
+    from istioctl_proxy.auth import jwt_expiry
+
+    def token(claims: object, parts: int = 3) -> str:
+        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+        return ".".join(["e30", body, "sig", "x"][:parts])
+
+    assert jwt_expiry(token({"exp": 1700000000})) == 1700000000.0
+    assert jwt_expiry(token({"exp": 1.5})) == 1.5
+    # Read by the TokenReview cache (a verdict never outlives the token) and by `check`: one reading of
+    # a token for both, and anything that is not plainly a JWT with a NumericDate has no expiry.
+    assert jwt_expiry(token({"exp": "1700000000"})) is None
+    assert jwt_expiry(token({"exp": 1700000000}, parts=2)) is None
+    assert jwt_expiry(token({"exp": 1700000000}, parts=4)) is None
+    assert jwt_expiry(token([1700000000])) is None
+    assert jwt_expiry("a.!!!.c") is None
+    assert jwt_expiry("") is None

@@ -10,9 +10,12 @@ Two modes:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import functools
 import hashlib
+import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +28,20 @@ from .model import Plan
 from .policy import CONFIG_DUMP, DEBUG, NAMESPACE_DEBUG_PATHS, SYNCZ
 
 _SPIFFE = re.compile(r"^spiffe://(?P<td>[^/]+)/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
+
+
+def jwt_expiry(token: str) -> float | None:
+    """The `exp` claim of a JWT, unverified (for cache lifetimes and reports only, never to trust a token):
+    None unless `token` is three dot-separated parts whose payload is JSON with a numeric `exp`."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    exp = payload.get("exp") if isinstance(payload, dict) else None
+    return float(exp) if isinstance(exp, int | float) else None
 
 
 class AuthMode(enum.Enum):

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import datetime
 import itertools
-import json
 import os
 import ssl
 import sys
@@ -33,6 +31,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from . import client, wire
 from .app import Proxy, root_cert_watcher_from_config, sources_of, upstream_identity_node
+from .auth import jwt_expiry
 from .config import Config, from_args, replicas_all_loopback, tokens_unprotected
 from .discovery import DnsSource, Replica, ReplicaSource, join_host_port, split_host_port
 from .errors import ConfigError
@@ -143,15 +142,6 @@ def serving_step(cfg: Config) -> Step:
     return step
 
 
-def _jwt_expiry(token: str) -> float | None:
-    try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        return float(claims["exp"])
-    except (IndexError, ValueError, KeyError, TypeError):
-        return None
-
-
 def _token_step(name: str, path: str, fix: str) -> tuple[Step, str]:
     try:
         with open(path, encoding="utf-8") as f:
@@ -160,7 +150,7 @@ def _token_step(name: str, path: str, fix: str) -> tuple[Step, str]:
         return Step(name, FAIL, f"cannot read {path}: {err}", fix), ""
     if not token:
         return Step(name, FAIL, f"{path} is empty", fix), ""
-    exp = _jwt_expiry(token)
+    exp = jwt_expiry(token)
     if exp is not None and exp < time.time():
         return Step(name, FAIL, f"the token in {path} expired {time.time() - exp:.0f}s ago", fix), token
     left = f", expires in {(exp - time.time()) / 60:.0f} min" if exp is not None else ""

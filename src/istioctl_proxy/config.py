@@ -92,9 +92,17 @@ class Config:
     def san(self) -> str:
         if self.istiod_san:
             return self.istiod_san
-        # As istioctl does: the revision's Service name when a revision is set.
-        name = f"istiod-{self.revision}" if self.revision and self.revision != "default" else "istiod"
-        return f"{name}.{self.istio_namespace}.svc"
+        return istiod_san(self.istio_namespace, self.revision)
+
+
+def istiod_san(namespace: str, revision: str | None = None) -> str:
+    """The DNS SAN istiod's serving certificate carries, as istioctl expects it for a revision.
+
+    As istioctl does: the revision's Service name when a revision is set.
+    """
+    if revision and revision != "default":
+        return f"istiod-{revision}.{namespace}.svc"
+    return f"istiod.{namespace}.svc"
 
 
 def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:

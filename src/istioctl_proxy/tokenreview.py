@@ -8,12 +8,9 @@ just that; docs/kubernetes.md). `auth.py` decides what a caller may see; this mo
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import functools
 import hashlib
-import json
 import logging
 import math
 import os
@@ -28,6 +25,7 @@ from lightkube import AsyncClient
 from lightkube.models.authentication_v1 import TokenReviewSpec
 from lightkube.resources.authentication_v1 import TokenReview
 
+from .auth import jwt_expiry
 from .kubernetes.config import KubeTarget, load_kube_target
 
 log = logging.getLogger(__name__)
@@ -72,19 +70,6 @@ class TokenReviewLimited(Exception):
 
 
 _SA_PREFIX = "system:serviceaccount:"
-
-
-def _jwt_expiry(token: str) -> float | None:
-    """The `exp` claim of a JWT, unverified: only used to never cache a verdict past the token's life."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, binascii.Error):
-        return None
-    exp = payload.get("exp") if isinstance(payload, dict) else None
-    return float(exp) if isinstance(exp, int | float) else None
 
 
 @dataclass(frozen=True)
@@ -301,7 +286,7 @@ class TokenReviewAuthenticator:
             expires = now + self.negative_ttl
         else:
             expires = now + self.ttl
-            exp = _jwt_expiry(token)
+            exp = jwt_expiry(token)
             if exp is not None:
                 # `exp` is wall-clock; convert the remaining lifetime onto our (monotonic) clock.
                 expires = min(expires, now + (exp - time.time()))

@@ -17,6 +17,7 @@ from lightkube.config.kubeconfig import SERVICE_ACCOUNT, KubeConfig, SingleConfi
 from lightkube.core.exceptions import ConfigError
 
 from .. import errors
+from ..config import istiod_san
 
 __all__ = [
     "DEFAULT_SELECTOR",
@@ -107,13 +108,6 @@ def own_namespace(
         if ns:
             return ns
     return default
-
-
-def istiod_san(namespace: str, revision: str | None = None) -> str:
-    """The DNS SAN istiod's serving certificate carries, as istioctl expects it for a revision."""
-    if revision and revision != "default":
-        return f"istiod-{revision}.{namespace}.svc"
-    return f"istiod.{namespace}.svc"
 
 
 def target_from_flags(kubeconfig: str, context: str, *, flag: str = "--kubeconfig") -> KubeTarget:
