@@ -13,7 +13,6 @@ import json
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,35 +24,18 @@ from lightkube.resources.core_v1 import Secret
 from istioctl_proxy.kubernetes import load_kube_target
 from istioctl_proxy.rotate import Rotation, rotate
 
-from .k8s.cluster import ROOT, SA_ISSUER, KubeCluster, PeersMissingError, peers_missing
+from .k8s.cluster import ROOT, SA_ISSUER, KubeCluster, peers_missing
 from .k8s.objects import ensure_namespace, request_token
 from .test_kubernetes import _ns_name, helm_template, server_dry_run
-from .test_kubernetes import helm as helm  # the fixture that builds or finds .peers/bin/helm
+
+# The session's kube-apiserver and helm fixtures, shared with test_kubernetes (one API server per run).
+from .test_kubernetes import admin as admin
+from .test_kubernetes import cluster as cluster
+from .test_kubernetes import helm as helm
 
 pytestmark = pytest.mark.timeout(3600 if peers_missing() else 240)
 
 MANIFESTS = ROOT / "deploy" / "manifests"
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[KubeCluster]:
-    try:
-        c = KubeCluster()
-    except PeersMissingError as e:
-        pytest.fail(str(e), pytrace=False)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-@pytest.fixture
-async def admin(cluster: KubeCluster) -> AsyncIterator[AsyncClient]:
-    client = load_kube_target(cluster.apiserver.admin_kubeconfig()).client()
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def render(*values: str) -> list[dict[str, Any]]:

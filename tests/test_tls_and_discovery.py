@@ -15,7 +15,7 @@ from istioctl_proxy.sim.simulator import SimReplica, build_simulator_server
 from istioctl_proxy.tls import UpstreamTLS
 from istioctl_proxy.upstream import UpstreamPool
 
-from .helpers import ADMIN_TOKEN, EVENT_TIMEOUT, TOKENS, stack
+from .helpers import ADMIN_TOKEN, EVENT_TIMEOUT, TOKENS, stack, until
 
 
 def _served_cert(port: int) -> bytes:
@@ -130,18 +130,9 @@ async def churn_through_proxy(
                             ("last_answer", metrics.last_answer)):
             assert set(state) <= current, (i, name, set(state) - current)
         assert set(pool.open_addresses) <= current, (i, set(pool.open_addresses) - current)
-    await wait_for_counter(lambda: pool.retiring == 0, "retired channels to close")
+    await until(lambda: pool.retiring == 0, "retired channels to close")
     assert pool.channels_opened - pool.channels_closed == len(pool.open_addresses)
     assert pool.channels_opened > len(pool.open_addresses)  # the churn really opened and retired channels
-
-
-async def wait_for_counter(predicate: Callable[[], bool], what: str, limit: int = 100_000) -> None:
-    """Yield to the loop until `predicate` holds; bounded by iterations, not wall-clock."""
-    for _ in range(limit):
-        if predicate():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError(f"never saw {what}")
 
 
 async def test_dns_churn_leaves_no_channels_tasks_or_per_replica_state() -> None:
@@ -221,7 +212,7 @@ async def test_a_late_answer_of_a_dropped_replica_brings_no_state_back() -> None
             await asyncio.wait_for(proxy.replicas.wait_changed(), 30)
         target = client.Target(f"127.0.0.1:{proxy.port}", plaintext=True, token=ADMIN_TOKEN)
         call = asyncio.create_task(client.request(target, client.SYNCZ, timeout=600))
-        await wait_for_counter(lambda: hung.requests >= 1, "the call to reach the hung replica")
+        await until(lambda: hung.requests >= 1, "the call to reach the hung replica")
         resolver.records = ["127.0.0.3"]
         while [r.address for r in proxy.replicas.current()] != [f"127.0.0.3:{port}"]:
             await asyncio.wait_for(proxy.replicas.wait_changed(), 30)
