@@ -116,7 +116,7 @@ def test_bad_request_gets_precise_status(
 
 def test_status_messages_are_capped_to_fit_a_trailer() -> None:
     """The safety net behind every status: a message is cut to 1 KiB of valid UTF-8, however long."""
-    from istioctl_proxy.server import _fit_trailer
+    from istioctl_proxy.errors import _fit_trailer
 
     assert _fit_trailer("short") == "short"
     long = _fit_trailer("\u00e9" * 100_000)

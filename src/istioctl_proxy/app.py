@@ -20,7 +20,7 @@ from .aggregator import Aggregator, Settings
 from .auth import Authenticator, AuthMode, TokenReviewer, parse_spiffe, spiffe_ids_of_pem
 from .config import Config, plaintext_exposed, replicas_all_loopback, tokens_unprotected
 from .discovery import DnsSource, ReplicaSet, ReplicaSource, StaticSource
-from .errors import ConfigError, ResourceExhausted, Unavailable
+from .errors import CaRejected, ConfigError, TokenReviewUnavailable
 from .fanout import FanOut
 from .metrics import Metrics
 from .model import Answer
@@ -64,20 +64,17 @@ def upstream_identity_node(cfg: Config) -> base_pb2.Node:
 
 def token_reviewer(reviewer: TokenReviewAuthenticator) -> TokenReviewer:
     """--token-review: Kubernetes TokenReview against the cluster that issued the callers' tokens."""
-    from .tokenreview import TokenReviewLimited, TokenReviewUnavailable
 
     async def review(token: str, peer: str) -> tuple[str, str] | None:
         try:
             identity = await reviewer.review(token, peer)
         except TokenReviewUnavailable as err:
-            # An outage is not a verdict on the token: UNAVAILABLE, so istioctl users retry. The detail can
-            # name the reviewer's own service account and RBAC ("... cannot create resource tokenreviews"):
-            # it goes to the log, the caller gets a generic message.
+            # An outage is not a verdict on the token: UNAVAILABLE, so istioctl users retry. The detail (str)
+            # can name the reviewer's own service account and RBAC ("... cannot create resource tokenreviews"):
+            # it goes to the log; the caller gets the error's generic `message`.
             log.warning("token of %s not reviewed: %s", peer, err)
-            raise Unavailable("cannot verify the bearer token now (Kubernetes TokenReview is unavailable); "
-                              "retry later") from None
-        except TokenReviewLimited:
-            raise ResourceExhausted("too many bearer tokens to verify right now; retry in a few seconds") from None
+            raise
+        # TokenReviewLimited goes up as it is: RESOURCE_EXHAUSTED with a generic message.
         return None if identity is None else (identity.namespace, identity.service_account)
 
     return review
@@ -296,8 +293,6 @@ class Proxy:
         """--istiod-ca-configmap: trust the istio-ca-root-cert ConfigMap, and follow its rotation."""
         if not self.cfg.istiod_ca_configmap:
             return
-        from .kubernetes import CaRejected
-
         watcher = root_cert_watcher_from_config(self.cfg)
         try:
             pem = await asyncio.wait_for(watcher.first(), 30)

@@ -34,7 +34,7 @@ from .app import Proxy, root_cert_watcher_from_config, sources_of, upstream_iden
 from .auth import jwt_expiry
 from .config import Config, from_args, replicas_all_loopback, tokens_unprotected
 from .discovery import DnsSource, Replica, ReplicaSource, join_host_port, split_host_port
-from .errors import ConfigError
+from .errors import CaRejected, ConfigError
 from .policy import SYNCZ
 from .statuspage import identity_of
 from .upstream import UpstreamError, UpstreamPool
@@ -217,8 +217,6 @@ _CA_FIX = ("the mesh root: kubectl -n istio-system get configmap istio-ca-root-c
 
 
 async def _configmap_ca(cfg: Config, timeout: float) -> tuple[Step, bytes | None]:
-    from .kubernetes import CaRejected
-
     where = f"ConfigMap istio-ca-root-cert in {cfg.istio_namespace}"
     try:
         pem = await asyncio.wait_for(root_cert_watcher_from_config(cfg).first(), timeout)

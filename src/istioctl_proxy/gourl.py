@@ -14,10 +14,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 
-
-class GoURLError(ValueError):
-    """Where Go's url.Parse / url.ParseQuery return an error (the text is Go's)."""
-
+from .errors import GoURLError as GoURLError  # raised here: callers catch gourl.GoURLError
 
 # Go's encoding modes (url.go), for unescape and shouldEscape.
 _PATH, _HOST, _ZONE, _USER, _QUERY, _FRAGMENT = range(6)

@@ -2,8 +2,8 @@
 
 The servicer is thin: it authenticates the stream from its metadata, holds each stream to its limits
 (`StreamLimits`: stream caps, first-message, idle and age timeouts, the send budget), hands each request
-to the Aggregator, and turns errors into gRPC statuses in one place (`_finish`). Anything unexpected
-becomes INTERNAL there, logged with its traceback and counted.
+to the Aggregator, and ends each stream with the status errors.py's `status_of` gives (`_serve`). Anything
+unexpected becomes INTERNAL there, logged with its traceback and counted.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from grpc_reflection.v1alpha import reflection
 from .aggregator import Aggregator
 from .auth import Authenticator, Caller
 from .errors import (
-    Internal,
     InvalidRequest,
     ProxyError,
     ResourceExhausted,
     StreamTimeout,
     StreamTooOld,
+    status_of,
 )
 from .metrics import Metrics
 from .model import Merge, Result
@@ -235,15 +235,14 @@ class AdsService:
         """
         try:
             await self._run(context, protocol)
-        except ProxyError as err:
-            _finish(context, err)
-        except asyncio.CancelledError:
-            raise  # the caller hung up, or the server is stopping
-        except Exception:
-            log.exception("unexpected error serving %s from %s; the caller gets INTERNAL", type(protocol).__name__,
-                          context.peer())
-            self.observer.internal_error()
-            _finish(context, Internal("internal error in istioctl-proxy (logged there)"))
+        except Exception as err:  # not CancelledError: the caller hung up, or the server is stopping
+            status = status_of(err)
+            if status.unexpected:
+                log.exception("unexpected error serving %s from %s; the caller gets INTERNAL",
+                              type(protocol).__name__, context.peer())
+                self.observer.internal_error()
+            context.set_code(status.code)
+            context.set_details(status.message)
 
     async def _run(self, context: Context, protocol: _Protocol) -> None:
         peer = context.peer()
@@ -271,7 +270,7 @@ class AdsService:
         if refusal is not None:
             # Refused only now: ending the stream before the client's first write lands makes grpc.aio
             # clients report their own "Internal error from Core" instead of UNAUTHENTICATED.
-            self.observer.refused(refusal.code.name, context.peer())
+            self.observer.refused(status_of(refusal).code.name, context.peer())
             raise refusal
         assert caller is not None
         node: base_pb2.Node | None = None
@@ -335,15 +334,12 @@ class AdsService:
         try:
             with self.observer.in_flight(type_url):
                 result = await self.aggregator.answer(type_url, names, node, caller, _remaining(context))
-        except ProxyError as err:
-            self.observer.call(type_url, caller, err.code.name, time.monotonic() - started, None)
-            raise
         except asyncio.CancelledError:
             # The caller hung up (or the server is stopping) mid-call: still one log line and one count.
             self.observer.call(type_url, caller, "CANCELLED", time.monotonic() - started, None)
             raise
-        except Exception:
-            self.observer.call(type_url, caller, "INTERNAL", time.monotonic() - started, None)
+        except Exception as err:
+            self.observer.call(type_url, caller, status_of(err).code.name, time.monotonic() - started, None)
             raise
         self.observer.call(type_url, caller, "OK", time.monotonic() - started, result)
         return result
@@ -425,24 +421,6 @@ def to_delta(result: Result) -> discovery_pb2.DeltaDiscoveryResponse:
             name = f"{res.type_url.rpartition('/')[2]}/{i}"
         out.resources.add(name=name, version=sotw.version_info, resource=res)
     return out
-
-
-def _finish(context: Context, err: ProxyError) -> None:
-    """The one place a ProxyError becomes a gRPC status (sent when the handler returns)."""
-    context.set_code(err.code)
-    context.set_details(_fit_trailer(err.message))
-
-
-# grpc-message travels in a trailer, percent-encoded (up to 3x), and clients drop trailers past 8-16 KiB:
-# a message echoing a huge caller input would turn a precise status into "Stream removed".
-_MAX_MESSAGE_BYTES = 1024
-
-
-def _fit_trailer(message: str) -> str:
-    raw = message.encode()
-    if len(raw) <= _MAX_MESSAGE_BYTES:
-        return message
-    return raw[:_MAX_MESSAGE_BYTES].decode(errors="ignore") + "... (truncated)"
 
 
 class CallObserver:

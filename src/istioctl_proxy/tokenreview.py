@@ -26,6 +26,7 @@ from lightkube.models.authentication_v1 import TokenReviewSpec
 from lightkube.resources.authentication_v1 import TokenReview
 
 from .auth import jwt_expiry
+from .errors import TokenReviewLimited, TokenReviewUnavailable
 from .kubernetes.config import KubeTarget, load_kube_target
 
 log = logging.getLogger(__name__)
@@ -51,22 +52,6 @@ class TokenIdentity(NamedTuple):
 
     def spiffe_id(self, trust_domain: str = "cluster.local") -> str:
         return f"spiffe://{trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
-
-
-class TokenReviewUnavailable(Exception):
-    """The TokenReview could not be made (API server unreachable, forbidden, ...): not a verdict on the token.
-
-    Callers should answer UNAVAILABLE rather than UNAUTHENTICATED, so that an outage is not reported to the
-    user as a bad token. The message is for the proxy's log only: it can name the reviewer's own identity.
-    """
-
-
-class TokenReviewLimited(Exception):
-    """A new TokenReview would exceed a limit (`limit`: "rate", "peer-rate" or "peer-concurrency")."""
-
-    def __init__(self, limit: str) -> None:
-        super().__init__(f"TokenReview limit {limit!r} reached")
-        self.limit = limit
 
 
 _SA_PREFIX = "system:serviceaccount:"

@@ -15,6 +15,7 @@ import time
 import grpc
 
 from .discovery import Replica
+from .errors import UpstreamError as UpstreamError  # raised by ask()
 from .tls import TokenFile, UpstreamTLS, fetch_unverified_root
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,6 @@ LARGE_MESSAGE_OPTIONS: tuple[tuple[str, object], ...] = (
 if os.environ.get("ISTIOCTL_PROXY_GRPC_DEFAULTS"):
     # gRPC's own defaults (plus the window this proxy always had), so bench/ can A/B the tuning above.
     LARGE_MESSAGE_OPTIONS = (("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),)
-
-
-class UpstreamError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
 
 
 class UpstreamPool:

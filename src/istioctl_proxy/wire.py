@@ -18,14 +18,12 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.status.v3 import csds_pb2
 from google.protobuf.message import DecodeError
 
+from .errors import WireError as WireError  # raised here: callers catch wire.WireError
+
 # DiscoveryResponse field numbers (envoy/service/discovery/v3/discovery.proto).
 _VERSION_INFO, _RESOURCES, _TYPE_URL, _NONCE, _CONTROL_PLANE = 1, 2, 4, 5, 6
 _LEN = 2  # wire type of length-delimited fields
 _ENVELOPE = frozenset({_VERSION_INFO, _RESOURCES, _TYPE_URL, _NONCE, _CONTROL_PLANE})
-
-
-class WireError(ValueError):
-    """The bytes are not the protobuf message they should be."""
 
 
 def _varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from lightkube.resources.core_v1 import ConfigMap
 
+from ..errors import CaRejected
 from .config import KubeTarget, load_kube_target
 from .reflector import Backoff, ReflectorStats, _Reflector
 
@@ -22,10 +23,6 @@ __all__ = ["ROOT_CERT_CONFIGMAP", "ROOT_CERT_KEY", "CaRejected", "Rejection", "R
 
 ROOT_CERT_CONFIGMAP = "istio-ca-root-cert"
 ROOT_CERT_KEY = "root-cert.pem"
-
-
-class CaRejected(Exception):
-    """The CA ConfigMap holds a value that is not a usable PEM bundle (raised by `first()` only)."""
 
 
 @dataclass(frozen=True)
