@@ -12,7 +12,6 @@ import contextlib
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import grpc
 from aiohttp import web
@@ -23,6 +22,7 @@ from .discovery import Replica, ReplicaSet, split_host_port
 from .errors import ConfigError
 from .fanout import FanOut
 from .metrics import Metrics
+from .model import Probe
 from .statuspage import StatusPage
 from .upstream import UpstreamPool
 
@@ -31,17 +31,11 @@ log = logging.getLogger(__name__)
 OnReadiness = Callable[[bool], Awaitable[None]]
 
 
-@dataclass(frozen=True)
-class Probe:
-    """One replica at the last readiness probe."""
-
-    replica: Replica
-    up: bool
-    why: str = ""  # when not up
-
-
 class Readiness:
     """Ready when at least one known replica has a connected channel (TCP + TLS handshake done).
+
+    Shown by the status page through statuspage.Readiness (a Protocol this class satisfies), so that
+    statuspage.py need not import this module, which builds the page.
 
     Channel connectivity needs no credentials, so it works in forward mode too, where the proxy cannot
     make a call of its own. Probes run every `interval` seconds and at once when discovery changes.
@@ -309,4 +303,4 @@ def build_admin(cfg: Config, replicas: ReplicaSet, pool: UpstreamPool, metrics: 
     return Admin(cfg, readiness, metrics, status)
 
 
-__all__ = ["Admin", "AdminServer", "Probe", "Readiness", "build_admin"]
+__all__ = ["Admin", "AdminServer", "Readiness", "build_admin"]

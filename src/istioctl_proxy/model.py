@@ -1,8 +1,9 @@
 """The values the whole data path shares: how answers are merged (`Merge`), what a request asks (`Plan`),
-one replica's outcome (`Answer`) and the merged outcome (`Result`).
+one replica's outcome (`Answer`) and the merged outcome (`Result`); and one replica's readiness (`Probe`).
 
 They live here, not beside the code that makes them, so that merge.py, metrics.py and server.py can use them
-without importing the network layer (fanout.py, upstream.py) or the aggregator.
+without importing the network layer (fanout.py, upstream.py) or the aggregator, and statuspage.py can show
+admin.py's probes without importing admin.py (which builds the status page).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import grpc
 
 from .discovery import Replica
 
-__all__ = ["Answer", "Merge", "Plan", "Result"]
+__all__ = ["Answer", "Merge", "Plan", "Probe", "Result"]
 
 
 class Merge(enum.Enum):
@@ -74,3 +75,12 @@ class Result:
     answers: list[Answer]
     failures: list[tuple[str, str]] = field(default_factory=list)  # (replica label, reason)
     shared: str = ""  # "" (own fan-out), "coalesced" or "cached": see coalesce.py
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One replica at the last readiness probe (admin.Readiness)."""
+
+    replica: Replica
+    up: bool
+    why: str = ""  # when not up

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from envoy.config.core.v3 import base_pb2
@@ -26,11 +26,24 @@ from .client import SHORT_TYPES
 from .discovery import Replica, ReplicaSet
 from .fanout import FanOut
 from .metrics import Metrics
-from .model import Answer
+from .model import Answer, Probe
 from .policy import SYNCZ
 
-if TYPE_CHECKING:
-    from .admin import Readiness
+
+class Readiness(Protocol):
+    """What the page shows of the proxy's readiness. admin.Readiness provides it; admin.py imports this
+    module to build the page, so the page names only this Protocol, never admin.py."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def probes(self) -> Mapping[str, Probe]:
+        """The last probe of each replica, by address."""
+        ...
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Json = dict[str, Any]
@@ -211,4 +224,5 @@ class StatusPage:
         return serve
 
 
-__all__ = ["STATES", "ReplicaView", "StatusPage", "identity_of", "proxy_row", "read_syncz", "state_name", "worst"]
+__all__ = ["STATES", "Readiness", "ReplicaView", "StatusPage", "identity_of", "proxy_row", "read_syncz", "state_name",
+           "worst"]
