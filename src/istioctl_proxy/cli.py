@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from . import logs
-from .config import add_serve_flags, from_args
+from .config import Config, add_serve_flags, from_args
 from .errors import ConfigError
 
 
@@ -113,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
     ps.add_argument("--token", default="")
     ps.add_argument("--ca", default="", help="CA to verify the server (TLS)")
     ps.add_argument("--authority", default="")
-    ps.add_argument("--istio-namespace", default="istio-system")
+    ps.add_argument("--istio-namespace", default=Config.istio_namespace)
     ps.add_argument("-n", "--namespace", default="", help="show only this namespace's proxies")
     ps.add_argument("-o", "--output", choices=("table", "json"), default="table")
     ps.add_argument("--timeout", type=float, default=30.0)

@@ -7,10 +7,13 @@ with one line that says what to change.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .discovery import split_host_port
 from .errors import ConfigError
@@ -95,6 +98,34 @@ class Config:
         return istiod_san(self.istio_namespace, self.revision)
 
 
+# --plaintext serves on loopback unless --listen says otherwise: callers' tokens must not cross a network in clear.
+PLAINTEXT_LISTEN = "127.0.0.1:" + Config.listen.rpartition(":")[2]
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # the kubelet's mount in every pod
+
+
+def own_namespace(
+    default: str = Config.istio_namespace, *, environ: Mapping[str, str] | None = None,
+    service_account_dir: str | os.PathLike[str] | None = SERVICE_ACCOUNT_DIR,
+) -> str:
+    """The namespace this process runs in: $POD_NAMESPACE, else the service account's namespace file (not read
+    when `service_account_dir` is None), else `default`.
+
+    `--istio-namespace` defaults to it without the file (from_args): istiod's namespace is the proxy's own
+    only because the deployment says so, and the manifests and chart say so with POD_NAMESPACE. `rotate-token`
+    reads the file too: it must write its Secrets where it runs, whoever deployed it.
+    """
+    environ = os.environ if environ is None else environ
+    env = environ.get("POD_NAMESPACE", "").strip()
+    if env:
+        return env
+    if service_account_dir is not None:
+        with contextlib.suppress(OSError):
+            ns = Path(service_account_dir, "namespace").read_text().strip()
+            if ns:
+                return ns
+    return default
+
+
 def istiod_san(namespace: str, revision: str | None = None) -> str:
     """The DNS SAN istiod's serving certificate carries, as istioctl expects it for a revision.
 
@@ -105,8 +136,22 @@ def istiod_san(namespace: str, revision: str | None = None) -> str:
     return f"istiod.{namespace}.svc"
 
 
+def _flag_text(value: object) -> str:
+    """A Config default as the flag (or its variable) would spell it: 10.0 → "10", ("a", "b") → "a,b"."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _config_default(name: str) -> object:
+    """The Config field's default behind --NAME: the one place a flag's default is written."""
+    return {f.name: f.default for f in dataclasses.fields(Config)}[name.replace("-", "_")]
+
+
 def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
-    """Every flag, with its default taken from ISTIOCTL_PROXY_<FLAG> when set."""
+    """Every flag, with its default taken from ISTIOCTL_PROXY_<FLAG> when set, else from `Config`."""
     env = os.environ if env is None else env
 
     def d(flag: str, default: object) -> object:
@@ -115,85 +160,91 @@ def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = 
     def env_name(name: str) -> str:
         return ENV_PREFIX + name.upper().replace("-", "_")
 
-    def flag(name: str, default: object = None, help: str = "") -> None:
+    def flag(name: str, help: str, *, computed: bool = False) -> None:
+        # computed: the default depends on other flags or the environment, so from_args works it out.
+        default = None if computed else _flag_text(_config_default(name))
         p.add_argument(f"--{name}", default=d(name, default), help=f"{help} [env {env_name(name)}]")
 
-    def switch(name: str, help: str, default: bool = False) -> None:
+    def switch(name: str, help: str, default: bool | None = None) -> None:
         # --NAME / --no-NAME: a switch the environment turned on can be turned off on the command line.
         raw = str(d(name, "")).strip().lower()
+        if default is None:
+            default = bool(_config_default(name))
         value: bool | str = _SWITCH_VALUES.get(raw, raw) if raw else default
         p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=value,
                        help=f"{help} [env {env_name(name)}=true|false]")
 
-    flag("listen", None, "HOST:PORT to serve ADS on (default 0.0.0.0:9090; 127.0.0.1:9090 with --plaintext)")
+    flag("listen", f"HOST:PORT to serve ADS on (default {Config.listen}; {PLAINTEXT_LISTEN} with --plaintext)",
+         computed=True)
     switch("plaintext", "serve without TLS (for port-forward and local use)")
-    flag("tls-cert", "", "serving certificate (PEM); re-read when the file changes")
-    flag("tls-key", "", "serving key (PEM)")
-    flag("client-ca", "", "CA that client certificates must chain to (identity mode callers)")
-    flag("max-message-mib", "256", "largest answer sent to a caller or accepted from istiod, in MiB")
-    flag("max-request-kib", "1024", "largest request accepted from a caller, in KiB (istioctl's are tiny)")
-    flag("first-message-timeout", "10", "seconds a new stream may take to send its first request")
-    flag("stream-idle-timeout", "300", "seconds a stream may wait between answers and its next request")
-    flag("max-stream-age", "1800", "seconds after which a stream is ended (UNAVAILABLE) when it next waits")
-    flag("max-streams", "10000", "ADS streams open at once, over all connections")
-    flag("max-streams-per-connection", "1000", "ADS streams open at once on one client connection (gRPC "
+    flag("tls-cert", "serving certificate (PEM); re-read when the file changes")
+    flag("tls-key", "serving key (PEM)")
+    flag("client-ca", "CA that client certificates must chain to (identity mode callers)")
+    flag("max-message-mib", "largest answer sent to a caller or accepted from istiod, in MiB")
+    flag("max-request-kib", "largest request accepted from a caller, in KiB (istioctl's are tiny)")
+    flag("first-message-timeout", "seconds a new stream may take to send its first request")
+    flag("stream-idle-timeout", "seconds a stream may wait between answers and its next request")
+    flag("max-stream-age", "seconds after which a stream is ended (UNAVAILABLE) when it next waits")
+    flag("max-streams", "ADS streams open at once, over all connections")
+    flag("max-streams-per-connection", "ADS streams open at once on one client connection (gRPC "
          "clients in one process share one)")
-    flag("send-budget-mib", "256", "MiB of answers waiting for their callers to read them, over all streams")
-    flag("send-timeout", "60", "seconds a caller may take to read one answer before its stream is cut")
-    flag("slow-reader-seconds", "5", "an answer unread this long is cut when other streams need the send budget")
-    flag("istiod", "", "static istiod replicas, HOST:PORT[,HOST:PORT...]")
-    flag("istiod-dns", "", "DNS name(s) NAME:PORT whose A/AAAA records are the replicas (headless Service)")
-    flag("istiod-dns-interval", "5", "seconds between DNS re-resolutions")
+    flag("send-budget-mib", "MiB of answers waiting for their callers to read them, over all streams")
+    flag("send-timeout", "seconds a caller may take to read one answer before its stream is cut")
+    flag("slow-reader-seconds", "an answer unread this long is cut when other streams need the send budget")
+    flag("istiod", "static istiod replicas, HOST:PORT[,HOST:PORT...]")
+    flag("istiod-dns", "DNS name(s) NAME:PORT whose A/AAAA records are the replicas (headless Service)")
+    flag("istiod-dns-interval", "seconds between DNS re-resolutions")
     switch("istiod-k8s", "discover istiod pods with the Kubernetes API (list + watch)")
-    flag("istiod-selector", "app=istiod", "label selector of istiod pods")
-    flag("revision", "", "istio revision: adds istio.io/rev=<rev> to the selector and sets the SAN default")
-    flag("istiod-port", "15012", "port of the pods found by --istiod-k8s")
+    flag("istiod-selector", "label selector of istiod pods")
+    flag("revision", "istio revision: adds istio.io/rev=<rev> to the selector and sets the SAN default")
+    flag("istiod-port", "port of the pods found by --istiod-k8s")
     switch("istiod-allow-loopback", "--istiod-k8s: also dial pods whose IP is loopback (single-host setups, tests)")
     switch("istiod-allow-host-network", "--istiod-k8s: also dial hostNetwork pods (their IP is the node's)")
-    flag("kubeconfig", "", "kubeconfig(s) for --istiod-k8s, comma-separated (default: in-cluster, then ~/.kube/config)")
-    flag("context", "", "kubeconfig context(s), comma-separated: one replica source per cluster")
+    flag("kubeconfig", "kubeconfig(s) for --istiod-k8s, comma-separated (default: in-cluster, then ~/.kube/config)")
+    flag("context", "kubeconfig context(s), comma-separated: one replica source per cluster")
     switch("istiod-plaintext", "talk to istiod without TLS (15010-style)")
-    flag("istiod-ca", "", "istio root CA (PEM) that istiod's certificate must chain to")
+    flag("istiod-ca", "istio root CA (PEM) that istiod's certificate must chain to")
     switch("istiod-ca-configmap", "trust the istio-ca-root-cert ConfigMap of --istio-namespace (watched)")
-    flag("istiod-san", "", "name istiod's certificate must carry (default istiod[-<rev>].<istio ns>.svc)")
+    flag("istiod-san", "name istiod's certificate must carry (default istiod[-<rev>].<istio ns>.svc)")
     switch("istiod-insecure-skip-verify", "do NOT verify istiod's certificate (testing only)")
     switch("insecure-forward-tokens", "forward mode: allow callers' tokens to go to non-loopback istiods over "
            "--istiod-plaintext or --istiod-insecure-skip-verify (refused otherwise)")
-    flag("istio-namespace", None, "istio system namespace (default $POD_NAMESPACE or istio-system)")
-    flag("trust-domain", "cluster.local", "SPIFFE trust domain of callers' certificates")
-    flag("debug-allowed-namespaces", "",
+    flag("istio-namespace", f"istio system namespace (default $POD_NAMESPACE or {Config.istio_namespace})",
+         computed=True)
+    flag("trust-domain", "SPIFFE trust domain of callers' certificates")
+    flag("debug-allowed-namespaces",
          "identity mode: namespaces besides the istio one that see every proxy in syncz and config_dump "
          "(istio.io/debug stays scoped, as in istiod)")
     switch("require-all", "fail the call if any replica fails (default: answer with the healthy ones)")
-    flag("upstream-timeout", "10", "cap, in seconds, on each upstream call")
+    flag("upstream-timeout", "cap, in seconds, on each upstream call")
     switch("upstream-identity", "identity mode: use the proxy's own credentials upstream, scope callers here")
-    flag("upstream-cert", "", "identity mode: client certificate for istiod (SPIFFE id of the proxy)")
-    flag("upstream-key", "", "identity mode: key of --upstream-cert")
-    flag("upstream-token-file", "", "identity mode: bearer token file for istiod, re-read when it changes")
+    flag("upstream-cert", "identity mode: client certificate for istiod (SPIFFE id of the proxy)")
+    flag("upstream-key", "identity mode: key of --upstream-cert")
+    flag("upstream-token-file", "identity mode: bearer token file for istiod, re-read when it changes")
     switch("token-review", "identity mode: also accept Kubernetes service-account tokens (TokenReview)")
-    flag("token-review-kubeconfig", "", "kubeconfig of the cluster that issues caller tokens")
-    flag("token-review-audiences", "istio-ca", "audiences a caller token must have, comma-separated")
-    flag("token-review-cache-ttl", "10", "seconds a TokenReview's acceptance is cached (a revoked token works "
+    flag("token-review-kubeconfig", "kubeconfig of the cluster that issues caller tokens")
+    flag("token-review-audiences", "audiences a caller token must have, comma-separated")
+    flag("token-review-cache-ttl", "seconds a TokenReview's acceptance is cached (a revoked token works "
          "this long); refusals are cached 30 s")
-    flag("token-review-rate", "20", "TokenReviews per second all callers together may cause (burst: 2 s worth)")
-    flag("token-review-peer-rate", "2", "TokenReviews per second one caller address may cause (burst: 2 s worth)")
-    flag("token-review-concurrency", "4", "TokenReviews in flight at once (one caller address: half of it)")
-    flag("external-id", "<external>", "the ISTIOD value of merged syncz answers")
-    flag("cache-ttl", "0", "seconds identical answers are cached per caller (0: coalescing only)")
+    flag("token-review-rate", "TokenReviews per second all callers together may cause (burst: 2 s worth)")
+    flag("token-review-peer-rate", "TokenReviews per second one caller address may cause (burst: 2 s worth)")
+    flag("token-review-concurrency", "TokenReviews in flight at once (one caller address: half of it)")
+    flag("external-id", "the ISTIOD value of merged syncz answers")
+    flag("cache-ttl", "seconds identical answers are cached per caller (0: coalescing only)")
     # Was a --no-coalesce store_true switch; its ISTIOCTL_PROXY_NO_COALESCE=true still turns sharing off.
     no_coalesce = str(env.get(env_name("no-coalesce"), "")).strip().lower()
     switch("coalesce", "share one fan-out between identical concurrent requests of one caller",
-           default=not _SWITCH_VALUES.get(no_coalesce, False))
-    flag("admin-listen", "127.0.0.1:15090", "HOST:PORT of the admin HTTP port (metrics, health); '' disables")
+           default=not _SWITCH_VALUES.get(no_coalesce, not Config.coalesce))
+    flag("admin-listen", "HOST:PORT of the admin HTTP port (metrics, health); '' disables")
     switch("admin-status-page", "serve the status page at / on the admin port (shows the whole mesh) to "
            "loopback peers only (kubectl port-forward)")
     switch("admin-status-page-remote", "also serve the status page to non-loopback peers (only behind a "
            "NetworkPolicy or an authenticating proxy)")
-    flag("cert-listen", "", "with --token-review: HOST:PORT of a second ADS port that requires client "
+    flag("cert-listen", "with --token-review: HOST:PORT of a second ADS port that requires client "
          "certificates (the main port then serves token callers only)")
-    flag("log-level", "info", "debug, info, warning or error")
-    flag("log-format", "text", "text or json")
-    flag("drain-seconds", "20", "on SIGTERM, how long in-flight calls may take to finish")
+    flag("log-level", "debug, info, warning or error")
+    flag("log-format", "text or json")
+    flag("drain-seconds", "on SIGTERM, how long in-flight calls may take to finish")
 
 
 # What a switch's ISTIOCTL_PROXY_* variable may say; anything else is a ConfigError naming the variable.
@@ -240,7 +291,7 @@ def _is_loopback(listen: str) -> bool:
 def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
     environ = os.environ if environ is None else environ
     plaintext = _switch(ns, "plaintext")
-    listen = ns.listen or ("127.0.0.1:9090" if plaintext else "0.0.0.0:9090")
+    listen = ns.listen or (PLAINTEXT_LISTEN if plaintext else Config.listen)
     for name, value in (("listen", listen), ("admin-listen", ns.admin_listen or "127.0.0.1:1"),
                         ("cert-listen", ns.cert_listen or "127.0.0.1:1")):
         try:
@@ -270,7 +321,7 @@ def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) 
         istiod_san=ns.istiod_san,
         istiod_insecure_skip_verify=_switch(ns, "istiod-insecure-skip-verify"),
         insecure_forward_tokens=_switch(ns, "insecure-forward-tokens"),
-        istio_namespace=ns.istio_namespace or environ.get("POD_NAMESPACE") or "istio-system",
+        istio_namespace=ns.istio_namespace or own_namespace(environ=environ, service_account_dir=None),
         trust_domain=ns.trust_domain,
         debug_allowed_namespaces=_csv(ns.debug_allowed_namespaces),
         require_all=_switch(ns, "require-all"),
@@ -281,7 +332,7 @@ def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) 
         upstream_token_file=ns.upstream_token_file,
         token_review=_switch(ns, "token-review"),
         token_review_kubeconfig=ns.token_review_kubeconfig,
-        token_review_audiences=_csv(ns.token_review_audiences) or ("istio-ca",),
+        token_review_audiences=_csv(ns.token_review_audiences) or Config.token_review_audiences,
         token_review_cache_ttl=_number("token-review-cache-ttl", ns.token_review_cache_ttl, float),
         token_review_rate=_number("token-review-rate", ns.token_review_rate, float),
         token_review_peer_rate=_number("token-review-peer-rate", ns.token_review_peer_rate, float),

@@ -128,7 +128,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 
 
 async def run_rotate(ns: argparse.Namespace) -> int:
-    from .kubernetes import load_kube_target, own_namespace
+    from .config import own_namespace
+    from .kubernetes import load_kube_target
 
     if min(ns.reviewer_seconds, ns.minter_seconds) < MIN_SECONDS:
         raise ConfigError(f"token lifetimes must be at least {MIN_SECONDS} s (the API server's minimum)")

@@ -26,6 +26,7 @@ from lightkube.models.authentication_v1 import TokenReviewSpec
 from lightkube.resources.authentication_v1 import TokenReview
 
 from .auth import jwt_expiry
+from .config import Config
 from .errors import TokenReviewLimited, TokenReviewUnavailable
 from .kubernetes.config import KubeTarget, load_kube_target
 
@@ -41,7 +42,7 @@ __all__ = [
     "peer_host",
 ]
 
-DEFAULT_TOKEN_AUDIENCES: tuple[str, ...] = ("istio-ca",)
+DEFAULT_TOKEN_AUDIENCES = Config.token_review_audiences
 
 
 class TokenIdentity(NamedTuple):

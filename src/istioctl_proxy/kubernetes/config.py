@@ -1,9 +1,9 @@
-"""Which API server, as whom: kubeconfig / in-cluster resolution, the istio namespace and istiod's SAN, and
-kubectl's label selector syntax (parsed here so that a typo fails at start-up)."""
+"""Which API server, as whom: kubeconfig / in-cluster resolution, and kubectl's label selector syntax (parsed
+here so that a typo fails at start-up). The istio namespace and istiod's SAN defaults (`own_namespace`,
+`istiod_san`) are config.py's, re-exported here."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from collections.abc import Iterable
@@ -13,11 +13,11 @@ from typing import Any
 
 import httpx2
 from lightkube import AsyncClient, operators
-from lightkube.config.kubeconfig import SERVICE_ACCOUNT, KubeConfig, SingleConfig
+from lightkube.config.kubeconfig import KubeConfig, SingleConfig
 from lightkube.core.exceptions import ConfigError
 
 from .. import errors
-from ..config import istiod_san
+from ..config import SERVICE_ACCOUNT_DIR, Config, istiod_san, own_namespace
 
 __all__ = [
     "DEFAULT_SELECTOR",
@@ -33,8 +33,7 @@ __all__ = [
     "target_from_flags",
 ]
 
-DEFAULT_SELECTOR = "app=istiod"
-SERVICE_ACCOUNT_DIR = SERVICE_ACCOUNT  # /var/run/secrets/kubernetes.io/serviceaccount
+DEFAULT_SELECTOR = Config.istiod_selector
 REVISION_LABEL = "istio.io/rev"
 IN_CLUSTER = "in-cluster"
 
@@ -90,24 +89,6 @@ def load_kube_target(
     config = KubeConfig.from_file(existing[0]).get(context)
     assert config is not None  # get() raises for an unknown or missing context
     return KubeTarget(config, config.context_name)
-
-
-def own_namespace(
-    default: str = "istio-system", *, service_account_dir: str | os.PathLike[str] = SERVICE_ACCOUNT_DIR
-) -> str:
-    """The namespace this process runs in: $POD_NAMESPACE, else the service account's, else `default`.
-
-    `--istio-namespace` defaults to this, because the proxy is deployed beside istiod (for the seed that
-    is `external-istiod`, not `istio-system`).
-    """
-    env = os.environ.get("POD_NAMESPACE", "").strip()
-    if env:
-        return env
-    with contextlib.suppress(OSError):
-        ns = Path(service_account_dir, "namespace").read_text().strip()
-        if ns:
-            return ns
-    return default
 
 
 def target_from_flags(kubeconfig: str, context: str, *, flag: str = "--kubeconfig") -> KubeTarget:

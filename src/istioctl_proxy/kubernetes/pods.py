@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 
 from lightkube.resources.core_v1 import Pod
 
+from ..config import Config
 from ..discovery import OnChange, Replica, join_host_port
 from .config import DEFAULT_SELECTOR, KubeTarget, load_kube_target, parse_label_selector, revision_selector
 from .reflector import Backoff, ReflectorStats, _Reflector
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_ISTIOD_PORT", "KubernetesPodSource", "address_refusal", "pod_replica_ip"]
 
-DEFAULT_ISTIOD_PORT = 15012
+DEFAULT_ISTIOD_PORT = Config.istiod_port
 
 
 def pod_replica_ip(pod: Pod) -> str | None:
