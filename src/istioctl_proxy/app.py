@@ -18,6 +18,7 @@ from envoy.config.core.v3 import base_pb2
 from .admin import build_admin
 from .aggregator import Aggregator, Settings
 from .auth import Authenticator, AuthMode, TokenReviewer, parse_spiffe, spiffe_ids_of_pem
+from .client import istioctl_node
 from .config import Config, plaintext_exposed, replicas_all_loopback, tokens_unprotected
 from .discovery import DnsSource, ReplicaSet, ReplicaSource, StaticSource
 from .errors import CaRejected, ConfigError, TokenReviewUnavailable
@@ -56,10 +57,8 @@ def upstream_identity_node(cfg: Config) -> base_pb2.Node:
         if len(ids) != 1:
             raise ConfigError("--upstream-cert must carry exactly one SPIFFE id spiffe://<td>/ns/<ns>/sa/<sa>")
         _, ns, sa = ids[0]
-    node = base_pb2.Node(id=f"sidecar~127.0.0.1~istioctl-proxy.{ns}~{ns}.svc.cluster.local")
     # The metadata istioctl itself sends (pkg/adsc), so istiod treats us like istioctl, not like a proxy.
-    node.metadata.update({"GENERATOR": "event", "NAMESPACE": ns, "SERVICE_ACCOUNT": sa})
-    return node
+    return istioctl_node(ns, service_account=sa, pod="istioctl-proxy", istio_version="")
 
 
 def token_reviewer(reviewer: TokenReviewAuthenticator) -> TokenReviewer:

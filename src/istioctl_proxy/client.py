@@ -48,17 +48,21 @@ class Target:
     max_message_bytes: int = 256 * 1024 * 1024
 
 
-def istioctl_node(namespace: str) -> base_pb2.Node:
-    """The node istioctl sends (pkg/adsc): identity checks compare NAMESPACE/SERVICE_ACCOUNT with the token."""
-    node = base_pb2.Node(id=f"sidecar~127.0.0.1~test-1.{namespace}~{namespace}.svc.cluster.local")
-    node.metadata.update(
-        {
-            "GENERATOR": "event",
-            "SERVICE_ACCOUNT": "default",
-            "NAMESPACE": namespace,
-            "ISTIO_VERSION": "65536.65536.65536",
-        }
-    )
+def istioctl_node(
+    namespace: str, *, service_account: str = "default", pod: str = "test-1", istio_version: str = "65536.65536.65536"
+) -> base_pb2.Node:
+    """The node istioctl sends (pkg/adsc): identity checks compare NAMESPACE/SERVICE_ACCOUNT with the token.
+
+    Args:
+        namespace: NAMESPACE, and the namespace part of the node id.
+        service_account: SERVICE_ACCOUNT.
+        pod: the pod part of the id ("<pod>.<namespace>", which istiod's connection ids are made of).
+        istio_version: ISTIO_VERSION (istioctl sends a max version); "" leaves it out.
+    """
+    node = base_pb2.Node(id=f"sidecar~127.0.0.1~{pod}.{namespace}~{namespace}.svc.cluster.local")
+    node.metadata.update({"GENERATOR": "event", "SERVICE_ACCOUNT": service_account, "NAMESPACE": namespace})
+    if istio_version:
+        node.metadata.update({"ISTIO_VERSION": istio_version})
     return node
 
 
