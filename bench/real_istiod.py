@@ -31,8 +31,9 @@ from envoy.service.discovery.v3 import discovery_pb2
 from tests.e2e.ads import CDS, LDS, XdsState, close_clients, make_node, start_clients
 from tests.e2e.jwt_issuer import JwtIssuer
 from tests.e2e.mesh import Mesh, Peers
-from tests.e2e.pki import CertKey, TestCA
 from tests.e2e.proxy_process import ProxyProcess
+
+from istioctl_proxy.sim.pki import Leaf, TestCA
 
 from . import run
 from .run import baseline_merge, pct
@@ -48,7 +49,7 @@ REQUEST = discovery_pb2.DiscoveryRequest(
 ).SerializeToString()  # fmt: skip
 
 
-def channel(address: str, root: bytes, leaf: CertKey, authority: str) -> grpc.aio.Channel:
+def channel(address: str, root: bytes, leaf: Leaf, authority: str) -> grpc.aio.Channel:
     creds = grpc.ssl_channel_credentials(root, leaf.key_pem, leaf.cert_pem)
     opts = [("grpc.ssl_target_name_override", authority), ("grpc.max_receive_message_length", 256 << 20)]
     return grpc.aio.secure_channel(address, creds, options=opts)
@@ -126,7 +127,7 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
         # istiod rate-limits new xDS connections (PILOT_MAX_REQUESTS_PER_SECOND); the fleet connects at once.
         env = {"PILOT_MAX_REQUESTS_PER_SECOND": "10000"}
         with Mesh(
-            work / "mesh", peers, replicas=ns.replicas, ca=TestCA.create(), jwt_issuer=issuer, extra_env=env
+            work / "mesh", peers, replicas=ns.replicas, ca=TestCA(), jwt_issuer=issuer, extra_env=env
         ) as mesh:
             fleet = [
                 mesh.ads_client(mesh.replicas[i % ns.replicas], f"bench-{i}", f"ns-{i % 4}",

@@ -86,7 +86,7 @@ class Pki:
     def make(cls, directory: str) -> Pki:
         ca = TestCA()
         istiod = ca.issue(dns=("istiod.istio-system.svc",))
-        proxy = ca.issue(dns=("localhost",), ips=("127.0.0.1",))
+        proxy = ca.issue_serving()
 
         def w(name: str, data: bytes) -> str:
             return write_file(os.path.join(directory, name), data)

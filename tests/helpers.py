@@ -41,7 +41,7 @@ class Pki:
         return write_file(os.path.join(self.directory, name), data)
 
     def client(self, namespace: str, sa: str = "default") -> Leaf:
-        return self.ca.issue(spiffe=f"spiffe://cluster.local/ns/{namespace}/sa/{sa}")
+        return self.ca.issue_spiffe(namespace, sa)
 
     def identity_config(self, istiod: tuple[str, ...], **overrides: object) -> Config:
         """Identity mode, mTLS on both sides, everything from this CA; `overrides` replace any field."""
@@ -74,8 +74,8 @@ def make_pki(directory: str) -> Pki:
         ca,
         directory,
         ca.issue(dns=("istiod.istio-system.svc",)),
-        ca.issue(dns=("localhost",), ips=("127.0.0.1",)),
-        ca.issue(spiffe="spiffe://cluster.local/ns/istio-system/sa/istioctl-proxy"),
+        ca.issue_serving(),
+        ca.issue_spiffe("istio-system", "istioctl-proxy"),
     )
 
 

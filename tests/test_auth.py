@@ -111,7 +111,7 @@ async def test_identity_mode_certificate_from_another_ca_is_refused() -> None:
     from istioctl_proxy.sim.pki import TestCA
 
     async with stack(1, 2, identity=True) as s:
-        stranger = TestCA().issue(spiffe="spiffe://cluster.local/ns/istio-system/sa/default")
+        stranger = TestCA().issue_spiffe("istio-system", "default")
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.request(s.target(leaf=stranger), client.SYNCZ, timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -192,7 +192,7 @@ async def rig(tmp: str) -> AsyncIterator[Rig]:
     await replicas.start()
     volume = SecretVolume(os.path.join(tmp, "tls"))
     os.makedirs(volume.dir)
-    volume.write(ca.issue(dns=("localhost",), ips=("127.0.0.1",)))
+    volume.write(ca.issue_serving())
     flap_port = int(replicas.addresses[4].rpartition(":")[2])
     cfg = Config(
         listen="127.0.0.1:0", tls_cert=volume.path("tls.crt"), tls_key=volume.path("tls.key"),
@@ -361,7 +361,7 @@ async def test_faults_under_load_every_call_answered_in_time(tmp_path: os.PathLi
                 events.append(f"{time.monotonic() - started:.1f}s: r1 restarted")
                 await until(lambda: r.replicas.mesh[1].requests > answered_before, "calls to reach the restarted r1")
                 before = await asyncio.to_thread(_served_serial, r)
-                new = r.ca.issue(dns=("localhost",), ips=("127.0.0.1",))
+                new = r.ca.issue_serving()
                 r.volume.write(new)
                 events.append(f"{time.monotonic() - started:.1f}s: serving certificate rotated")
                 calls_at_rotation = calls()
@@ -536,7 +536,7 @@ async def test_certificate_written_before_its_key_does_not_break_new_handshakes(
     async with stack(1, 2, identity=True) as s:
         assert s.pki is not None and s.proxy.reloader is not None
         leaf = s.pki.client("istio-system")
-        rotated = s.pki.ca.issue(dns=("localhost",), ips=("127.0.0.1",))
+        rotated = s.pki.ca.issue_serving()
         with open(s.proxy.cfg.tls_cert, "wb") as f:
             f.write(rotated.cert_pem)
         os.utime(s.proxy.cfg.tls_cert, ns=(time.time_ns() + 10**9,) * 2)

@@ -44,6 +44,7 @@ from istioctl_proxy.kubernetes import (
     RootCertWatcher,
     load_kube_target,
 )
+from istioctl_proxy.sim.pki import TestCA
 from istioctl_proxy.tokenreview import TokenIdentity, TokenReviewAuthenticator, TokenReviewUnavailable
 
 from .k8s.cluster import (
@@ -408,7 +409,7 @@ async def test_root_cert_configmap_is_watched(cluster: KubeCluster, admin: Async
     watcher = RootCertWatcher(namespace, target=target, backoff=FAST)
     got: list[bytes] = []
     pem1 = cluster.pki.ca_pem.decode()
-    pem2 = cluster.pki.issue("rotated root")[0].decode()
+    pem2 = TestCA("rotated root").cert_pem.decode()
 
     def cm(pem: str) -> ConfigMap:
         return ConfigMap(metadata=ObjectMeta(name="istio-ca-root-cert"), data={"root-cert.pem": pem})
@@ -1027,7 +1028,7 @@ async def test_garbage_ca_configmap_is_refused_and_the_last_good_root_stays(
     namespace = _ns_name("ca-bad")
     await ensure_namespace(admin, namespace)
     target = load_kube_target(cluster.apiserver.admin_kubeconfig())
-    good1, good2 = cluster.pki.ca_pem.decode(), cluster.pki.issue("rotated root")[0].decode()
+    good1, good2 = cluster.pki.ca_pem.decode(), TestCA("rotated root").cert_pem.decode()
     bad_values = (
         GARBAGE_PEM,  # looks like PEM, does not parse
         good1 + GARBAGE_PEM,  # a bundle with one good and one broken certificate
@@ -1410,10 +1411,8 @@ async def test_discovery_does_not_dial_addresses_it_must_not(
 
 
 def test_kubernetes_configuration_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
-    from istioctl_proxy.sim.pki import TestCA
-
     ca = TestCA()
-    leaf = ca.issue(spiffe="spiffe://cluster.local/ns/istio-system/sa/istioctl-proxy")
+    leaf = ca.issue_spiffe("istio-system", "istioctl-proxy")
     files = {"ca.pem": ca.cert_pem, "leaf.pem": leaf.cert_pem, "leaf.key": leaf.key_pem, "empty.yaml": b"{}",
              "list.yaml": b"- a\n- b\n", "broken.yaml": b"clusters: [\n",
              "ctx.yaml": b"apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\ncurrent-context: gone\n",

@@ -36,7 +36,7 @@ async def test_tls_serving_reloads_rotated_certificate() -> None:
         resp, _ = await client.request(s.target(leaf=s.pki.client("istio-system")), client.SYNCZ)
         assert len(resp.resources) == 4
         before = await asyncio.to_thread(_served_cert, s.proxy.port)
-        rotated = s.pki.ca.issue(dns=("localhost",), ips=("127.0.0.1",))
+        rotated = s.pki.ca.issue_serving()
         cfg = s.proxy.cfg
         # cert-manager writes new files in place; the next handshake must present them.
         with open(cfg.tls_key, "wb") as f:

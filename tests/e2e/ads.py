@@ -23,7 +23,7 @@ from envoy.service.status.v3 import csds_pb2
 from google.protobuf import json_format, struct_pb2
 from google.rpc import status_pb2
 
-from .pki import CertKey
+from istioctl_proxy.sim.pki import Leaf
 
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -90,7 +90,7 @@ def tls_channel(
     root_pem: bytes,
     *,
     authority: str = ISTIOD_AUTHORITY,
-    client: CertKey | None = None,
+    client: Leaf | None = None,
 ) -> grpc.aio.Channel:
     """TLS to istiod's 15012: verify its cert (signed by our plugged CA, SAN istiod.istio-system.svc) and
     optionally present a client cert (mTLS identity = its SPIFFE URI)."""

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from istioctl_proxy.sim.pki import TestCA
+
 from .jwt_issuer import JwtIssuer
 from .mesh import EnvoyProxy, Istioctl, Mesh, Peers, PeersMissingError, copy_logs
-from .pki import TestCA
 
 REPLICAS = int(os.environ.get("ISTIOCTL_PROXY_E2E_REPLICAS", "3"))
 # Where to copy replica/Envoy logs at the end of the session (e.g. a CI artifact dir); unset = keep in tmp.
@@ -29,7 +30,7 @@ def peers() -> Peers:
 
 @pytest.fixture(scope="session")
 def test_ca() -> TestCA:
-    return TestCA.create()
+    return TestCA()
 
 
 @pytest.fixture(scope="session")

@@ -32,11 +32,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
 
+from istioctl_proxy.sim.pki import TestCA
+
 from ..k8s.cluster import KubeCluster
 from ..k8s.cluster import peers_missing as kube_peers_missing
 from .ads import DEFAULT_CLUSTER_ID, DEFAULT_PROXY_VERSION, SHORT_TYPES, AdsClient, XdsState, node_id
 from .jwt_issuer import JwtIssuer
-from .pki import TestCA
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Overridable so a CI job can point at binaries installed elsewhere (and so "peers missing" can be tried).
@@ -740,7 +741,7 @@ class Mesh:
         self.kube = kube  # started in start() unless given; shared by all replicas like a real cluster
         self._own_kube = kube is None
         self.ports = ReplicaPorts.from_base(base_port)
-        self.ca = ca or TestCA.create()
+        self.ca = ca or TestCA()
         self._own_issuer = jwt_issuer is None
         self.jwt = jwt_issuer or JwtIssuer()
         self.cluster_id = cluster_id
@@ -844,14 +845,15 @@ class Mesh:
     # -- identities -----------------------------------------------------------------------------------
     @property
     def root_cert_pem(self) -> bytes:
-        return self.ca.root_pem
+        return self.ca.cert_pem
 
     def cert_dir(self, namespace: str = ISTIO_NAMESPACE, service_account: str = "default") -> Path:
         """An istioctl --cert-dir for spiffe://cluster.local/ns/<ns>/sa/<sa> (minted once, cached)."""
         key = (namespace, service_account)
         if key not in self._cert_dirs:
-            self._cert_dirs[key] = self.ca.mint_cert_dir(
-                self.workdir / "certs" / f"{namespace}.{service_account}", namespace, service_account
+            leaf = self.ca.issue_spiffe(namespace, service_account)
+            self._cert_dirs[key] = self.ca.write_cert_dir(
+                self.workdir / "certs" / f"{namespace}.{service_account}", leaf
             )
         return self._cert_dirs[key]
 

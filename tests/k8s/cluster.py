@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime as dt
-import ipaddress
 import json
 import os
 import shutil
@@ -34,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from istioctl_proxy.sim.pki import CLIENT_AUTH, SERVER_AUTH, Leaf, TestCA, private_pem, write_file
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".peers" / "bin"
@@ -75,112 +73,49 @@ def free_port() -> int:
 # PKI
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
 @dataclass
 class Pki:
-    """The cluster CA, the serving certificate, the SA signing key, and client certificates on demand."""
+    """The cluster CA's files: the serving certificate, the SA signing key and the admin client certificate."""
 
     dir: Path
-    ca_key: ec.EllipticCurvePrivateKey = field(init=False)
-    ca_cert: x509.Certificate = field(init=False)
+    ca: TestCA = field(init=False)
 
     def __post_init__(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.ca_key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "istioctl-proxy test cluster CA")])
-        now = dt.datetime.now(dt.UTC)
-        self.ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                    key_encipherment=False, data_encipherment=False, key_agreement=False,
-                    encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(self.ca_key, hashes.SHA256())
-        )  # fmt: skip
+        self.ca = TestCA("istioctl-proxy test cluster CA", days=2)
         self.ca_file.write_bytes(self.ca_pem)
-        serving = self.issue(
-            "kube-apiserver",
+        serving = self.ca.issue(
+            cn="kube-apiserver",
             dns=["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"],
             ips=["127.0.0.1"],
-            server=True,
+            eku=[SERVER_AUTH],
         )
-        self.serving_cert, self.serving_key = self._write("apiserver", *serving)
+        self.serving_cert, self.serving_key = self._write("apiserver", serving)
         # RSA: the API server signs service-account tokens with RS256 from this key.
         sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.sa_key = self.dir / "sa.key"
+        self.sa_key = Path(write_file(self.dir / "sa.key", private_pem(sa_key)))
         self.sa_pub = self.dir / "sa.pub"
-        self.sa_key.write_bytes(_pem_key(sa_key))
         self.sa_pub.write_bytes(
             sa_key.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
         )
-        self.admin_cert, self.admin_key = self._write("admin", *self.issue("admin", orgs=["system:masters"]))
+        # system:masters bypasses RBAC; other users go through it.
+        admin = self.ca.issue(cn="admin", orgs=["system:masters"], eku=[CLIENT_AUTH])
+        self.admin_cert, self.admin_key = self._write("admin", admin)
 
     @property
     def ca_pem(self) -> bytes:
-        return self.ca_cert.public_bytes(serialization.Encoding.PEM)
+        return self.ca.cert_pem
 
     @property
     def ca_file(self) -> Path:
         return self.dir / "ca.crt"
 
-    def issue(
-        self,
-        cn: str,
-        *,
-        orgs: Sequence[str] = (),
-        dns: Sequence[str] = (),
-        ips: Sequence[str] = (),
-        server: bool = False,
-    ) -> tuple[bytes, bytes]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
-        attrs += [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in orgs]
-        now = dt.datetime.now(dt.UTC)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name(attrs))
-            .issuer_name(self.ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-        )
-        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
-        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(self.ca_key, hashes.SHA256())
-        return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
-
-    def _write(self, stem: str, cert: bytes, key: bytes) -> tuple[Path, Path]:
+    def _write(self, stem: str, leaf: Leaf) -> tuple[Path, Path]:
         c, k = self.dir / f"{stem}.crt", self.dir / f"{stem}.key"
-        c.write_bytes(cert)
-        k.write_bytes(key)
-        k.chmod(0o600)
+        c.write_bytes(leaf.cert_pem)
+        write_file(k, leaf.key_pem)
         return c, k
 
 

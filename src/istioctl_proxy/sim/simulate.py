@@ -105,9 +105,9 @@ def demo_pki(directory: str) -> tuple[DemoFiles, TestCA, Leaf]:
     """One CA for everything: istiod's serving cert, the proxy's two certs and an admin cert-dir for istioctl."""
     ca = TestCA()
     istiod = ca.issue(dns=("istiod.istio-system.svc",))
-    proxy = ca.issue(dns=("localhost",), ips=("127.0.0.1",))
-    upstream = ca.issue(spiffe="spiffe://cluster.local/ns/istio-system/sa/istioctl-proxy")
-    admin = ca.issue(spiffe="spiffe://cluster.local/ns/istio-system/sa/default")
+    proxy = ca.issue_serving()
+    upstream = ca.issue_spiffe("istio-system", "istioctl-proxy")
+    admin = ca.issue_spiffe("istio-system", "default")
 
     def j(name: str) -> str:
         return os.path.join(directory, name)
@@ -119,7 +119,7 @@ def demo_pki(directory: str) -> tuple[DemoFiles, TestCA, Leaf]:
         write_file(j("proxy-key.pem"), proxy.key_pem),
         write_file(j("upstream.pem"), upstream.cert_pem),
         write_file(j("upstream-key.pem"), upstream.key_pem),
-        ca.write_istioctl_cert_dir(j("istioctl-certs"), admin),
+        str(ca.write_cert_dir(j("istioctl-certs"), admin)),
     )
     return files, ca, istiod
 
@@ -147,7 +147,7 @@ async def run_demo(ns: argparse.Namespace) -> int:
                 for r, a in zip(mesh.replicas, mesh.addresses, strict=True):
                     print(f"simulated istiod {r.pod_name} on {a}: {len(r.proxies)} proxies")
                 print(f"istioctl-proxy on 127.0.0.1:{proxy.port} (identity mode, mTLS)\n")
-                admin = ca.issue(spiffe="spiffe://cluster.local/ns/istio-system/sa/default")
+                admin = ca.issue_spiffe("istio-system", "default")
                 target = client.Target(
                     f"127.0.0.1:{proxy.port}",
                     ca_pem=ca.cert_pem,
