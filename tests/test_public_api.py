@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 import istioctl_proxy
 
@@ -9,6 +10,19 @@ def test_public_api_is_sorted_and_importable() -> None:
     assert istioctl_proxy.__all__ == sorted(istioctl_proxy.__all__)
     for name in istioctl_proxy.__all__:
         assert getattr(istioctl_proxy, name) is not None
+
+
+def test_every_production_module_declares_its_public_names() -> None:
+    # sim/ (the simulated istiod, demo and test CA) and __main__ are not part of the library's surface.
+    modules = [m.name for m in pkgutil.walk_packages(istioctl_proxy.__path__, "istioctl_proxy.")
+               if not m.name.startswith("istioctl_proxy.sim") and not m.name.endswith("__main__")]
+    assert len(modules) > 20
+    for name in modules:
+        module = importlib.import_module(name)
+        public = getattr(module, "__all__", None)
+        assert public is not None, f"{name} has no __all__"
+        assert [n for n in public if not hasattr(module, n)] == [], name
+        assert len(set(public)) == len(public), name
 
 
 def test_xds_protos_coexist_with_googleapis_common_protos() -> None:

@@ -1,4 +1,11 @@
-"""istioctl-proxy: one ADS address for istioctl in front of every istiod replica of an external control plane."""
+"""istioctl-proxy: one ADS address for istioctl in front of every istiod replica of an external control plane.
+
+The library surface re-exported here: `Config` → `Proxy` (`start`/`stop`) or `serve`; where replicas come from
+(the `ReplicaSource` protocol, `StaticSource`, `DnsSource`, `ReplicaSet`); and the errors a caller of the
+proxy sees (errors.py). Every module lists its own public names in `__all__` (modules keep plain names: the
+CLI, bench/ and the tests import them directly); sim/ — the simulated istiod, the demo and a throwaway CA —
+is outside that surface. README.md's Layout section maps the modules.
+"""
 
 from __future__ import annotations
 

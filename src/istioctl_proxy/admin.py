@@ -64,9 +64,11 @@ class Readiness:
         self._listeners.append(listener)
 
     def start(self) -> None:
+        """Start probing in the background (every `interval` s, and at once on discovery changes)."""
         self._task = asyncio.create_task(self._loop(), name="readiness probe")
 
     async def stop(self) -> None:
+        """Stop probing; the last result stays readable."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -84,6 +86,7 @@ class Readiness:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
 
     async def probe_once(self) -> None:
+        """Probe every known replica once, update `ready`, `reason`, `probes` and tell listeners of a change."""
         replicas = self.replicas.current()
         if not replicas:
             self.probes = {}
@@ -192,6 +195,7 @@ class AdminServer:
         self._allowed_hosts = frozenset() if unspecified else frozenset({host.lower()})
 
     def app(self) -> web.Application:
+        """The aiohttp application: /metrics, /healthz, /readyz and, when enabled, the status page."""
         app = web.Application(middlewares=[self._headers])
         app.router.add_get("/metrics", self.metrics_handler)
         app.router.add_get("/healthz", self.healthz)
@@ -225,23 +229,28 @@ class AdminServer:
         return guarded
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
+        """Prometheus exposition (OpenMetrics when the scraper asks for it)."""
         body, content_type = self.metrics.exposition(request.headers.get("Accept", ""))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def healthz(self, _: web.Request) -> web.Response:
+        """Liveness: 200 whenever the event loop answers."""
         return web.Response(text="ok\n")
 
     async def readyz(self, _: web.Request) -> web.Response:
+        """Readiness: 200 or 503 with the reason, plus any warning lines (e.g. a refused CA update)."""
         r = self.readiness
         text = ("ready: " if r.ready else "not ready: ") + r.reason + "\n"
         text += "".join(f"warning: {line}\n" for line in (detail() for detail in r.details) if line)
         return web.Response(status=200 if r.ready else 503, text=text)
 
     async def no_status_page(self, _: web.Request) -> web.Response:
+        """404 that says how to turn the status page on."""
         return web.Response(status=404, text="istioctl-proxy admin port: /metrics /healthz /readyz\n"
                             "The status page is off; start with --admin-status-page (see docs/operations.md).\n")
 
     async def start(self) -> int:
+        """Bind and serve; returns the bound port. Raises OSError when the address cannot be bound."""
         host, port = split_host_port(self.listen, allow_zero=True)
         # No access log: Prometheus and kubelet probes would fill it with nothing worth reading.
         self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
@@ -259,6 +268,7 @@ class AdminServer:
         return self.port
 
     async def stop(self) -> None:
+        """Stop serving (idempotent)."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -275,9 +285,11 @@ class Admin:
 
     @property
     def port(self) -> int:
+        """The bound admin port, 0 when --admin-listen is ''."""
         return self.server.port if self.server else 0
 
     async def start(self, on_readiness: OnReadiness) -> None:
+        """Start readiness probing (telling `on_readiness` of every change) and the HTTP port."""
         self.readiness.add_listener(on_readiness)
         self.readiness.start()
         if self.server is not None:
@@ -288,6 +300,7 @@ class Admin:
                 raise ConfigError(f"cannot listen on --admin-listen {self.cfg.admin_listen}: {err}") from None
 
     async def stop(self) -> None:
+        """Stop probing and the HTTP port."""
         await self.readiness.stop()
         if self.server is not None:
             await self.server.stop()

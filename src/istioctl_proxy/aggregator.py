@@ -29,6 +29,8 @@ _PASSED_THROUGH = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_D
 
 @dataclass(frozen=True)
 class Settings:
+    """How the aggregator serves every call (from flags: app.py builds it from Config)."""
+
     mode: AuthMode = AuthMode.FORWARD
     require_all: bool = False
     upstream_timeout: float = 10.0
@@ -82,6 +84,8 @@ def _id_and_namespace(any_bytes: bytes) -> tuple[str, str]:
 
 
 class Aggregator:
+    """Answers one caller's request from every replica: policy, scope checks, coalescing, fan-out, merge."""
+
     def __init__(self, replicas: ReplicaSet, fanout: FanOut, settings: Settings) -> None:
         self.replicas = replicas
         self.fanout = fanout
@@ -101,6 +105,17 @@ class Aggregator:
     async def answer(
         self, type_url: str, names: list[str], node: base_pb2.Node, caller: Caller, remaining: float | None
     ) -> Result:
+        """One request's merged answer.
+
+        Args:
+            type_url, names: the request (policy.py decides what is served).
+            node: the caller's node, sent upstream in forward mode.
+            caller: the authenticated caller (auth.py).
+            remaining: seconds left of the caller's deadline, None without one.
+
+        Raises a ProxyError subclass: InvalidRequest, UnsupportedType, PermissionDenied, NoReplicas, or
+        UpstreamFailed when the failure policy turns replica failures into a failed call.
+        """
         started = time.monotonic()
         plan = plan_request(type_url, names)
         authorize(plan, caller)
@@ -242,3 +257,6 @@ class Aggregator:
         if not plan.proxy_id:
             return debug_response(plan, [], MUST_PROVIDE + b" in the query string\n")
         return debug_response(plan, [], NOT_CONNECTED + b". It may be connected to another instance.\n")
+
+
+__all__ = ["Aggregator", "Settings"]

@@ -170,6 +170,7 @@ def token_reviewer_from_config(cfg: Config) -> TokenReviewAuthenticator:
 
 
 def sources_of(cfg: Config, metrics: Metrics | None = None) -> list[ReplicaSource]:
+    """The replica sources the flags ask for (static, DNS, Kubernetes), in that order."""
     sources: list[ReplicaSource] = []
     if cfg.istiod:
         sources.append(StaticSource(cfg.istiod))
@@ -182,6 +183,7 @@ def sources_of(cfg: Config, metrics: Metrics | None = None) -> list[ReplicaSourc
 
 
 def stream_limits(cfg: Config) -> StreamLimits:
+    """The per-stream and global stream limits of the flags."""
     return StreamLimits(
         first_message_timeout=cfg.first_message_timeout, idle_timeout=cfg.stream_idle_timeout,
         max_age=cfg.max_stream_age, max_streams=cfg.max_streams,
@@ -253,6 +255,10 @@ class Proxy:
             self.metrics.observe_upstream(answer)
 
     async def start(self) -> None:
+        """Watch the CA ConfigMap (if asked), bind the ADS (and cert and admin) ports, start discovery and serve.
+
+        Raises ConfigError when the CA ConfigMap gives no usable root, OSError when a port cannot be bound.
+        """
         # First: without a usable upstream root there is nothing to serve, and nothing is bound yet.
         await self._watch_ca_configmap()
         self.server, self.health, self.port = build_server(
@@ -321,6 +327,7 @@ class Proxy:
         return self.admin.port
 
     async def stop(self, grace: float | None = None) -> None:
+        """Stop serving: new calls are refused, in-flight calls get `grace` s (default --drain-seconds)."""
         if self._ca_task is not None:
             self._ca_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -337,6 +344,7 @@ class Proxy:
 
 
 async def serve(cfg: Config) -> None:
+    """Run a proxy until SIGTERM or SIGINT, then drain. Raises ConfigError when it cannot start."""
     proxy = Proxy(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -353,6 +361,22 @@ async def serve(cfg: Config) -> None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (for tests and the demo; it may be taken by the time it is bound)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+__all__ = [
+    "Proxy",
+    "free_port",
+    "pod_source_from_config",
+    "pod_sources_from_config",
+    "root_cert_watcher_from_config",
+    "serve",
+    "sources_of",
+    "stream_limits",
+    "token_reviewer",
+    "token_reviewer_from_config",
+    "upstream_identity_node",
+]

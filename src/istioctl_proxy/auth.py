@@ -45,6 +45,8 @@ def jwt_expiry(token: str) -> float | None:
 
 
 class AuthMode(enum.Enum):
+    """Whose credentials go to istiod: the caller's (FORWARD) or the proxy's own (IDENTITY)."""
+
     FORWARD = "forward"
     IDENTITY = "identity"
 
@@ -79,6 +81,7 @@ def _fingerprint(token: str) -> str:
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    """The token of an `authorization: Bearer <token>` entry, "" if there is none."""
     for key, value in metadata or ():
         if key == "authorization":
             text = value.decode() if isinstance(value, bytes) else value
@@ -91,6 +94,7 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
 
 @functools.lru_cache(maxsize=1024)
 def spiffe_ids_of_pem(pem: bytes) -> tuple[str, ...]:
+    """The SPIFFE URI SANs of a PEM certificate (cached: callers present the same one on every stream)."""
     cert = x509.load_pem_x509_certificate(pem)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -120,6 +124,10 @@ class Authenticator:
     token_reviewer: TokenReviewer | None = None  # identity mode: Kubernetes TokenReview callers
 
     async def authenticate(self, context: grpc.aio.ServicerContext[object, object]) -> Caller:
+        """The caller of this stream, from its metadata and TLS peer.
+
+        Raises Unauthenticated; with TokenReview also TokenReviewUnavailable or TokenReviewLimited.
+        """
         token = bearer_token(context.invocation_metadata())
         if self.mode is AuthMode.FORWARD:
             if not token:
@@ -172,3 +180,16 @@ def authorize(plan: Plan, caller: Caller) -> None:
             f"allowed: {', '.join(sorted(NAMESPACE_DEBUG_PATHS))}"
         )
     assert plan.type_url in (SYNCZ, CONFIG_DUMP, DEBUG)
+
+
+__all__ = [
+    "AuthMode",
+    "Authenticator",
+    "Caller",
+    "TokenReviewer",
+    "authorize",
+    "bearer_token",
+    "jwt_expiry",
+    "parse_spiffe",
+    "spiffe_ids_of_pem",
+]

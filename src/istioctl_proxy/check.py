@@ -45,12 +45,15 @@ _SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
 @dataclass(frozen=True)
 class Step:
+    """One line of the report: what was checked, OK/FAIL/INFO, what was seen, and the fix to try."""
+
     name: str
     mark: str
     detail: str
     fix: str = ""
 
     def line(self) -> str:
+        """The step as printed."""
         return f"{self.mark} {self.name}: {self.detail}" + (f"  → try: {self.fix}" if self.fix else "")
 
 
@@ -63,16 +66,19 @@ class Report:
         self.steps: list[Step] = []
 
     def add(self, *steps: Step) -> None:
+        """Record and print steps as they finish."""
         for step in steps:
             self.steps.append(step)
             print(step.line(), file=self.out, flush=True)
 
     @property
     def failed(self) -> int:
+        """Steps that failed."""
         return sum(s.mark == FAIL for s in self.steps)
 
     @contextlib.asynccontextmanager
     async def waiting(self, what: str) -> AsyncIterator[None]:
+        """A spinner on a terminal while a slow step runs."""
         if not self.err.isatty():
             yield
             return
@@ -135,6 +141,7 @@ def _pair_step(name: str, cert_file: str, key_file: str, fix: str) -> tuple[Step
 
 
 def serving_step(cfg: Config) -> Step:
+    """The serving side: plaintext, or whether the certificate and key load and match."""
     if cfg.plaintext:
         return Step("serving", INFO, f"plaintext on {cfg.listen} (--plaintext: for port-forward and local use)")
     step, _ = _pair_step("serving certificate", cfg.tls_cert, cfg.tls_key,
@@ -271,6 +278,7 @@ _DISCOVERY_FIX = {
 
 
 async def discovery_steps(cfg: Config, timeout: float) -> tuple[list[Step], list[Replica]]:
+    """What each replica source finds within `timeout` s; returns the steps and the replicas found."""
     steps: list[Step] = []
     seen: dict[str, Replica] = {}
     try:
@@ -314,6 +322,7 @@ class Checker:
     timeout: float
 
     async def replica(self, r: Replica) -> list[Step]:
+        """TCP, TLS and syncz of one replica, stopping at the first failure."""
         steps: list[Step] = []
         for run in (self.tcp, self.tls, self.syncz):
             more = await run(r)
@@ -323,6 +332,7 @@ class Checker:
         return steps
 
     async def tcp(self, r: Replica) -> list[Step]:
+        """Can a TCP connection be opened?"""
         host, port = split_host_port(r.address)
         started = time.monotonic()
         try:
@@ -366,6 +376,7 @@ class Checker:
                 await writer.wait_closed()
 
     async def tls(self, r: Replica) -> list[Step]:
+        """Does the TLS handshake verify against the istio CA, and does istiod's certificate carry the SAN?"""
         if self.cfg.istiod_plaintext:
             return [Step(f"tls {r.label}", INFO, "plaintext (--istiod-plaintext)")]
         verify = not self.cfg.istiod_insecure_skip_verify
@@ -397,6 +408,7 @@ class Checker:
         return ""
 
     async def syncz(self, r: Replica) -> list[Step]:
+        """Does istiod accept the credentials and answer syncz?"""
         request = discovery_pb2.DiscoveryRequest(type_url=SYNCZ, node=self.node).SerializeToString()
         metadata = (("authorization", "Bearer " + self.token),) if self.token else ()
         started = time.monotonic()
@@ -449,6 +461,7 @@ class Checker:
 
 # -- the walk -------------------------------------------------------------------------------------------------
 def config_step(ns: argparse.Namespace) -> tuple[Step, Config | None, Proxy | None]:
+    """Parse the flags and build the proxy as serve would; returns the step and, when it passed, both."""
     try:
         cfg = from_args(ns)
         proxy = Proxy(cfg)  # what serve builds: identity node, upstream pool, discovery, admin settings
@@ -462,6 +475,7 @@ def config_step(ns: argparse.Namespace) -> tuple[Step, Config | None, Proxy | No
 
 
 async def run_check(ns: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """The `check` command: print each step as it finishes; returns 1 if any step failed, else 0."""
     report = Report(out, err)
     step, cfg, proxy = config_step(ns)
     report.add(step)

@@ -67,6 +67,7 @@ def _ps(ns: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The `istioctl-proxy` argument parser with every subcommand."""
     p = argparse.ArgumentParser(prog="istioctl-proxy", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -122,6 +123,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for a ConfigError, printed as one line)."""
     ns = parser().parse_args(argv)
     try:
         return int(ns.func(ns))
@@ -142,3 +144,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     with contextlib.suppress(KeyboardInterrupt):
         sys.exit(main())
+
+
+__all__ = ["main", "parser"]

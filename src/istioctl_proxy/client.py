@@ -37,6 +37,8 @@ _CORE_ORDER = [
 
 @dataclass(frozen=True)
 class Target:
+    """Where and how `ps` (or a test) asks: address, TLS or plaintext, credentials, node namespace."""
+
     address: str
     plaintext: bool = False
     token: str = ""
@@ -67,6 +69,7 @@ def istioctl_node(
 
 
 def channel(t: Target) -> grpc.aio.Channel:
+    """A channel to the target (TLS unless `plaintext`; `authority` overrides the name checked)."""
     opts: list[tuple[str, object]] = [
         ("grpc.max_receive_message_length", t.max_message_bytes),
         ("grpc.max_send_message_length", t.max_message_bytes),
@@ -159,6 +162,7 @@ def _status(x: csds_pb2.ClientConfig.GenericXdsConfig, now: float) -> str:
 
 
 def rows(resp: discovery_pb2.DiscoveryResponse, namespace: str = "") -> list[ProxyRow]:
+    """One row per proxy of a syncz answer, optionally of one namespace only."""
     cp_id = control_plane_id(resp)
     out = []
     now = time.time()
@@ -189,7 +193,9 @@ def table(resp: discovery_pb2.DiscoveryResponse, namespace: str = "") -> str:
 
 
 def as_json(resp: discovery_pb2.DiscoveryResponse) -> str:
+    """The answer as istioctl's `-o json` prints it."""
     return json_format.MessageToJson(resp, indent=4)
 
 
-__all__ = ["SYNCZ", "ProxyRow", "Target", "as_json", "control_plane_id", "istioctl_node", "request", "rows", "table"]
+__all__ = ["SHORT_TYPES", "SYNCZ", "ProxyRow", "Target", "as_json", "channel", "control_plane_id", "istioctl_node",
+           "request", "rows", "table"]

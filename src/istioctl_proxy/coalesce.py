@@ -43,6 +43,8 @@ class FlightKey:
 
 @dataclass
 class CoalesceStats:
+    """Counters of what the coalescer saved (for tests and metrics)."""
+
     flights: int = 0  # fan-outs actually run
     joined: int = 0  # callers that shared a fan-out already in flight
     hits: int = 0  # callers answered from the cache
@@ -91,12 +93,14 @@ class Coalescer(Generic[T]):
 
     @property
     def cached_bytes(self) -> int:
+        """Bytes of the results held in the cache now."""
         return self._bytes
 
     def __len__(self) -> int:
         return len(self._cache)
 
     async def run(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> T:
+        """`serve` without the how-it-was-served tag."""
         return (await self.serve(key, work))[0]
 
     async def serve(
@@ -168,6 +172,7 @@ class Coalescer(Generic[T]):
             self._bytes -= self._cache.pop(k).size
 
     def clear(self) -> None:
+        """Drop every cached result (flights in progress are unaffected)."""
         self._cache.clear()
         self._bytes = 0
 
@@ -176,3 +181,6 @@ def _consume(task: asyncio.Task[T]) -> None:
     # If every waiter gave up, nobody reads the outcome: read it here so asyncio does not log it as lost.
     if not task.cancelled():
         task.exception()
+
+
+__all__ = ["CACHED", "COALESCED", "OWN", "CoalesceStats", "Coalescer", "FlightKey"]

@@ -24,6 +24,8 @@ MiB = 1024 * 1024
 
 @dataclass(frozen=True)
 class Config:
+    """Every `serve` setting, typed; each field's default is its flag's default (add_serve_flags reads it)."""
+
     listen: str = "0.0.0.0:9090"
     plaintext: bool = False
     tls_cert: str = ""
@@ -85,14 +87,17 @@ class Config:
 
     @property
     def max_message_bytes(self) -> int:
+        """--max-message-mib in bytes."""
         return self.max_message_mib * MiB
 
     @property
     def max_request_bytes(self) -> int:
+        """--max-request-kib in bytes."""
         return self.max_request_kib * 1024
 
     @property
     def san(self) -> str:
+        """The name istiod's certificate must carry: --istiod-san, else derived from namespace and revision."""
         if self.istiod_san:
             return self.istiod_san
         return istiod_san(self.istio_namespace, self.revision)
@@ -289,6 +294,7 @@ def _is_loopback(listen: str) -> bool:
 
 
 def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
+    """The Config of parsed flags (`environ` for POD_NAMESPACE). Raises ConfigError naming the flag."""
     environ = os.environ if environ is None else environ
     plaintext = _switch(ns, "plaintext")
     listen = ns.listen or (PLAINTEXT_LISTEN if plaintext else Config.listen)
@@ -363,6 +369,7 @@ def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) 
 
 
 def validate(cfg: Config) -> None:
+    """Check a Config's combinations and files; raises ConfigError with one line saying what to change."""
     if not (cfg.istiod or cfg.istiod_dns or cfg.istiod_k8s):
         raise ConfigError("no istiod replicas: give --istiod HOST:PORT, --istiod-dns NAME:PORT or --istiod-k8s")
     for value in cfg.istiod + cfg.istiod_dns:
@@ -452,8 +459,10 @@ def _check_forwarded_tokens(cfg: Config) -> None:
 
 
 def plaintext_exposed(cfg: Config) -> bool:
+    """Is the plaintext ADS listener reachable beyond this host?"""
     return cfg.plaintext and not _is_loopback(cfg.listen)
 
 
-__all__: Sequence[str] = ["Config", "add_serve_flags", "from_args", "plaintext_exposed", "replicas_all_loopback",
+__all__: Sequence[str] = ["ENV_PREFIX", "PLAINTEXT_LISTEN", "SERVICE_ACCOUNT_DIR", "Config", "add_serve_flags",
+                          "from_args", "istiod_san", "own_namespace", "plaintext_exposed", "replicas_all_loopback",
                           "tokens_unprotected", "validate"]

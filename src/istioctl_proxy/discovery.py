@@ -33,6 +33,7 @@ class Replica:
 
     @property
     def label(self) -> str:
+        """The replica's name for logs and trailers: its pod/DNS name, else its address."""
         return self.name or self.address
 
 
@@ -40,9 +41,18 @@ class ReplicaSource(Protocol):
     """Finds replicas. `run` never returns while the proxy serves; it reports every change."""
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """Where the replicas come from ("static", "dns:<name>", "k8s:<context>/<ns>"): label and log key."""
+        ...
 
-    async def run(self, on_change: OnChange) -> None: ...
+    async def run(self, on_change: OnChange) -> None:
+        """Report this source's whole replica list through `on_change` whenever it changes, until cancelled.
+
+        Args:
+            on_change: takes the complete current list (not a delta); must not block. An exception raised
+                by `run` is logged and the source restarted after a second (ReplicaSet).
+        """
+        ...
 
 
 def split_host_port(value: str, *, default_port: int | None = None, allow_zero: bool = False) -> tuple[str, int]:
@@ -61,6 +71,7 @@ def split_host_port(value: str, *, default_port: int | None = None, allow_zero: 
 
 
 def join_host_port(host: str, port: int) -> str:
+    """HOST:PORT, with brackets around an IPv6 host."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -72,6 +83,7 @@ class StaticSource:
     name: str = "static"
 
     async def run(self, on_change: OnChange) -> None:
+        """Report the fixed addresses once, then wait to be cancelled."""
         on_change([Replica(a, self.name) for a in self.addresses])
         await asyncio.Event().wait()
 
@@ -96,9 +108,11 @@ class DnsSource:
 
     @property
     def name(self) -> str:
+        """"dns:<NAME:PORT>"."""
         return f"dns:{self.target}"
 
     async def run(self, on_change: OnChange) -> None:
+        """Resolve every `interval` s (jittered) and report changes; a failed lookup keeps the last set."""
         host, port = split_host_port(self.target)
         last: list[Replica] | None = None
         while True:
@@ -130,13 +144,16 @@ class ReplicaSet:
         self._listeners: list[Listener] = []
 
     def current(self) -> tuple[Replica, ...]:
+        """The replicas known now (a snapshot: callers may keep it)."""
         return self._current
 
     @property
     def sources(self) -> tuple[ReplicaSource, ...]:
+        """The sources this set merges."""
         return tuple(self._sources)
 
     def add_listener(self, listener: Listener) -> None:
+        """Call `listener` with the new replicas on every change; it must not block."""
         self._listeners.append(listener)
 
     def _update(self, source: str, replicas: Sequence[Replica]) -> None:
@@ -156,6 +173,7 @@ class ReplicaSet:
             self._changed = asyncio.Event()
 
     async def start(self) -> None:
+        """Run every source in the background."""
         for source in self._sources:
             self._tasks.append(asyncio.create_task(self._run(source), name=f"discovery {source.name}"))
 
@@ -178,9 +196,25 @@ class ReplicaSet:
         return self.version
 
     async def stop(self) -> None:
+        """Cancel the sources and wait for them."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+
+
+__all__ = [
+    "DnsSource",
+    "Listener",
+    "OnChange",
+    "Replica",
+    "ReplicaSet",
+    "ReplicaSource",
+    "Resolver",
+    "StaticSource",
+    "join_host_port",
+    "resolve_all",
+    "split_host_port",
+]

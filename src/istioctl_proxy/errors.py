@@ -57,6 +57,8 @@ class ProxyError(Exception):
 
 
 class InvalidRequest(ProxyError):
+    """The caller's request is malformed (INVALID_ARGUMENT)."""
+
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -65,26 +67,38 @@ class GoURLError(InvalidRequest):
 
 
 class UnsupportedType(ProxyError):
+    """A type URL the proxy does not serve: it is not a control plane (UNIMPLEMENTED)."""
+
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
 class Unauthenticated(ProxyError):
+    """No or unusable credentials (UNAUTHENTICATED)."""
+
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class PermissionDenied(ProxyError):
+    """Valid credentials, request out of the caller's scope (PERMISSION_DENIED)."""
+
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class Unavailable(ProxyError):
+    """A dependency cannot answer now; retrying later may work (UNAVAILABLE)."""
+
     code = grpc.StatusCode.UNAVAILABLE
 
 
 class NoReplicas(Unavailable):
+    """Discovery knows no istiod replica."""
+
     pass
 
 
 class StreamTooOld(Unavailable):
+    """The stream reached --max-stream-age: reconnect."""
+
     pass
 
 
@@ -101,6 +115,8 @@ class TokenReviewUnavailable(Unavailable):
 
 
 class ResourceExhausted(ProxyError):
+    """A stream cap, the send budget or a slow reader's send timeout (RESOURCE_EXHAUSTED)."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -114,6 +130,8 @@ class TokenReviewLimited(ResourceExhausted):
 
 
 class StreamTimeout(ProxyError):
+    """No first request, or no request for the idle timeout (DEADLINE_EXCEEDED)."""
+
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 

@@ -46,6 +46,7 @@ def connection_broke(code: grpc.StatusCode, message: str) -> bool:
 
 
 def most_telling(answers: Sequence[Answer]) -> grpc.StatusCode:
+    """The status of the failed answers that best explains the failure (auth first, UNAVAILABLE last)."""
     codes = {a.code for a in answers if not a.ok}
     for code in _TELLING:
         if code in codes:
@@ -63,6 +64,8 @@ def upstream_timeout(caller_remaining: float | None, cap: float) -> float:
 
 @dataclass
 class FanOut:
+    """Asks replicas over an UpstreamPool: every one at once (`all`) or one at a time (`first`)."""
+
     pool: UpstreamPool
     # Told every replica's outcome (metrics: per-replica latency and errors); must not raise or block.
     on_answer: Callable[[Answer], None] | None = None
@@ -129,3 +132,6 @@ class FanOut:
             if answer.ok:
                 break
         return answers
+
+
+__all__ = ["FanOut", "connection_broke", "most_telling", "upstream_timeout"]

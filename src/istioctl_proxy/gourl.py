@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 
-from .errors import GoURLError as GoURLError  # raised here: callers catch gourl.GoURLError
+from .errors import GoURLError
 
 # Go's encoding modes (url.go), for unescape and shouldEscape.
 _PATH, _HOST, _ZONE, _USER, _QUERY, _FRAGMENT = range(6)
@@ -94,6 +94,7 @@ class GoURL:
 
 
 def contains_ctl_byte(s: bytes) -> bool:
+    """Does `s` hold an ASCII control byte (Go's stringContainsCTLByte)?"""
     return _CTL.search(s) is not None
 
 
@@ -242,3 +243,6 @@ def parse_query(query: bytes) -> Query:
             continue
         out.values.setdefault(k, []).append(v)
     return out
+
+
+__all__ = ["MAX_QUERY_PARAMS", "GoURL", "GoURLError", "Query", "contains_ctl_byte", "parse", "parse_query", "unescape"]

@@ -14,6 +14,7 @@ _SECRET = re.compile(
 
 
 def redact(text: str) -> str:
+    """`text` with bearer tokens and PEM keys replaced by [REDACTED]."""
     return _SECRET.sub(lambda m: (m.group(1) or "") + "[REDACTED]", text)
 
 
@@ -24,6 +25,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def one_line(text: str) -> str:
+    """`text` with control characters escaped, so one record stays one line."""
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
@@ -50,6 +52,7 @@ class _Json(logging.Formatter):
 
 
 def setup(level: str = "info", fmt: str = "text") -> None:
+    """Send every log record to stderr, as text or JSON lines, redacted, at `level`."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Json() if fmt == "json" else _Redacting("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -60,3 +63,6 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     # The Kubernetes client's HTTP layer logs every request at INFO.
     for name in ("httpx", "httpx2", "httpcore"):
         logging.getLogger(name).setLevel(logging.DEBUG if level.lower() == "debug" else logging.WARNING)
+
+
+__all__ = ["one_line", "redact", "setup"]

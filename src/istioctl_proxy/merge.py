@@ -29,6 +29,8 @@ NOT_FOUND = b"404 page not found\n"  # Go's http.NotFound body, as istiod's debu
 
 @dataclass(frozen=True)
 class MergeContext:
+    """What a merge needs beyond the answers: the external id, the caller's scope, the holders."""
+
     external_id: str = "<external>"
     scope: str = ""  # namespace-scoped caller (identity mode): keep only that namespace's proxies
     # Addresses of the replicas whose syncz lists the requested proxy id exactly: when several replicas
@@ -38,6 +40,8 @@ class MergeContext:
 
 @dataclass
 class Merged:
+    """A merge's outcome: the serialized response, its resource count, and the answers it rejected (with why)."""
+
     body: bytes
     resources: int
     rejected: list[tuple[Answer, str]] = field(default_factory=list)
@@ -115,6 +119,7 @@ def merge_syncz_fast(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -
 
 
 def merge_syncz(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged:
+    """syncz: every replica's ClientConfigs, each proxy once (the latest update wins), scoped if asked."""
     fast = merge_syncz_fast(plan, answers, ctx)
     if fast is not None:
         return fast
@@ -235,6 +240,7 @@ def _debug_bodies(
 
 
 def debug_response(plan: Plan, views: Sequence[wire.ResponseView], body: bytes) -> bytes:
+    """A DiscoveryResponse carrying one istio.io/debug body, as istiod wraps it."""
     resp = wire.envelope(type_url=plan.type_url, version_info=_version(views), nonce=_nonce())
     res = any_pb2.Any(type_url=DEBUG, value=body).SerializeToString()
     # Field 2 (resources), length-delimited: hand-built so the body is copied once.
@@ -293,6 +299,7 @@ def _combine_json(kind: Merge, values: list[object]) -> object:
 
 
 def merge_debug(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged:
+    """istio.io/debug: the bodies merged per the plan's rule (JSON array/object/clients, holder, any one)."""
     bodies, bad = _debug_bodies(plan, answers)
     views = [v for _, v, _ in bodies]
     if plan.merge in (Merge.JSON_ARRAY, Merge.JSON_CLIENTS, Merge.JSON_OBJECT):
@@ -344,4 +351,20 @@ RULES: dict[Merge, Callable[[Plan, Sequence[Answer], MergeContext], Merged]] = {
 
 
 def merge(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged:
+    """The merged response of the successful answers, by the plan's rule; malformed answers come back rejected."""
     return RULES[plan.merge](plan, [a for a in answers if a.ok], ctx)
+
+
+__all__ = [
+    "MUST_PROVIDE",
+    "NOT_CONNECTED",
+    "NOT_FOUND",
+    "RULES",
+    "MergeContext",
+    "Merged",
+    "claims_proxy",
+    "debug_response",
+    "external_identifier",
+    "merge",
+    "merge_syncz_fast",
+]

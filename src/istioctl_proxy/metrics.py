@@ -143,6 +143,7 @@ class Metrics:
             gauge.dec()
 
     def observe_call(self, type_url: str, outcome: str, seconds: float, resources: int, body_bytes: int) -> None:
+        """Count one call by type and outcome, with its latency, resources and bytes."""
         label = type_label(type_url)
         self.calls.labels(label, outcome).inc()
         self.call_seconds.labels(label).observe(seconds)

@@ -46,6 +46,7 @@ class Plan:
 
     @property
     def fan_out(self) -> bool:
+        """Are all replicas asked (else one healthy replica, or none)?"""
         return self.merge not in (Merge.ANY_ONE, Merge.NOT_FOUND)
 
 
@@ -62,6 +63,7 @@ class Answer:
 
     @property
     def ok(self) -> bool:
+        """Did the replica answer (with bytes, not necessarily well-formed ones)?"""
         return self.body is not None
 
 

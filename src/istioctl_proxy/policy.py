@@ -192,3 +192,20 @@ def plan_request(type_url: str, resource_names: list[str] | tuple[str, ...]) -> 
         f"type {type_url[:200]!r} is not served by istioctl-proxy (it aggregates istiod debug types, it is not "
         f"a control plane); supported: {', '.join(SUPPORTED_TYPES)}"
     )
+
+
+__all__ = [
+    "CONFIG_DUMP",
+    "DEBUG",
+    "DEBUG_PATHS",
+    "DEBUG_QUERY",
+    "MAX_RESOURCE_NAME",
+    "MAX_RESOURCE_NAMES",
+    "NAMESPACE_DEBUG_PATHS",
+    "PROXY_PATHS",
+    "SUPPORTED_TYPES",
+    "SYNCZ",
+    "DebugName",
+    "parse_debug_name",
+    "plan_request",
+]

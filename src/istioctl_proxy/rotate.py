@@ -38,6 +38,8 @@ MIN_SECONDS = 600  # the API server's floor for TokenRequest expirationSeconds
 
 @dataclass(frozen=True)
 class Rotation:
+    """What `rotate-token` renews, and where it stores the results (flags of the same names)."""
+
     mesh_kubeconfig: str  # the minter's kubeconfig for the mesh cluster (a file, mounted from minter_secret)
     mesh_namespace: str  # where both service accounts live in the mesh cluster
     reviewer: str
@@ -51,6 +53,8 @@ class Rotation:
 
 @dataclass(frozen=True)
 class Rotated:
+    """When the new tokens expire."""
+
     reviewer_expires: datetime.datetime
     minter_expires: datetime.datetime | None
 
@@ -96,6 +100,7 @@ async def _store(local: AsyncClient, namespace: str, name: str, data: dict[str, 
 
 
 async def rotate(r: Rotation, mesh: AsyncClient, local: AsyncClient, local_namespace: str) -> Rotated:
+    """Mint the reviewer's (and the minter's) token in the mesh cluster and store them as local Secrets."""
     cluster = _mesh_cluster(r.mesh_kubeconfig)
     token, expires = await _mint(mesh, r.mesh_namespace, r.reviewer, r.reviewer_seconds)
     await _store(local, local_namespace, r.secret, {
@@ -112,6 +117,7 @@ async def rotate(r: Rotation, mesh: AsyncClient, local: AsyncClient, local_names
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
+    """The `rotate-token` flags."""
     p.add_argument("--mesh-kubeconfig", required=True, help="the minter's kubeconfig for the mesh cluster")
     p.add_argument("--mesh-namespace", default="external-istiod", help="namespace of the service accounts there")
     p.add_argument("--reviewer", default="istioctl-proxy-reviewer", help="service account that reviews tokens")
@@ -128,6 +134,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 
 
 async def run_rotate(ns: argparse.Namespace) -> int:
+    """The `rotate-token` command; returns the exit code (1 when the API server refuses)."""
     from .config import own_namespace
     from .kubernetes import load_kube_target
 

@@ -195,6 +195,7 @@ class StreamTable:
         return "", ""
 
     def release(self, peer: str) -> None:
+        """Forget a stream that `admit` counted."""
         self.total -= 1
         self.by_peer[peer] -= 1
         if not self.by_peer[peer]:
@@ -220,11 +221,13 @@ class AdsService:
         )
 
     async def stream(self, requests: object, context: Context) -> None:
+        """StreamAggregatedResources (SotW)."""
         # istiod answers each request on the stream afresh (ACK-looking ones too) and never pushes debug
         # types unasked: so one response per request, in order, until the client half-closes.
         await self._serve(context, _Sotw())
 
     async def delta(self, requests: object, context: Context) -> None:
+        """DeltaAggregatedResources: the same answers, as Delta responses of the names subscribed so far."""
         await self._serve(context, _Delta())
 
     async def _serve(self, context: Context, protocol: _Protocol) -> None:
@@ -389,6 +392,7 @@ def printable(text: str) -> str:
 
 
 def failed_replicas_trailer(failures: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The x-istioctl-proxy-failed-replicas trailer entries: printable ASCII, each and all bounded."""
     out: list[tuple[str, str]] = []
     total = 0
     for i, (replica, why) in enumerate(failures):
@@ -430,13 +434,16 @@ class CallObserver:
         self.metrics = metrics
 
     def in_flight(self, type_url: str) -> contextlib.AbstractContextManager[None]:
+        """Counts the call as in flight while the context is open."""
         return self.metrics.calling(type_url) if self.metrics is not None else contextlib.nullcontext()
 
     def stream_opened(self) -> None:
+        """A stream was admitted."""
         if self.metrics is not None:
             self.metrics.streams_open.inc()
 
     def stream_closed(self) -> None:
+        """An admitted stream ended."""
         if self.metrics is not None:
             self.metrics.streams_open.dec()
 
@@ -447,10 +454,12 @@ class CallObserver:
         log.info("stream cut reason=%s", reason, extra={"fields": {"outcome": "CUT", "reason": reason}})
 
     def queued(self, used: int) -> None:
+        """Bytes of answers now waiting in the send budget."""
         if self.metrics is not None:
             self.metrics.send_queued_bytes.set(used)
 
     def internal_error(self) -> None:
+        """An unexpected error ended a stream with INTERNAL."""
         if self.metrics is not None:
             self.metrics.internal_errors.inc()
 
@@ -461,6 +470,7 @@ class CallObserver:
         log.info("call refused outcome=%s peer=%s", outcome, peer, extra={"fields": {"outcome": outcome, "peer": peer}})
 
     def call(self, type_url: str, caller: Caller, outcome: str, seconds: float, result: Result | None) -> None:
+        """One log line and the call metrics for a finished call (`result` None when it failed)."""
         if self.metrics is not None:
             # PARTIAL: answered, but without some replicas (the trailer names them).
             counted = "PARTIAL" if result is not None and result.failures else outcome
@@ -484,6 +494,10 @@ def build_server(
     service: AdsService, *, listen: str, max_message_bytes: int, tls: CertificateReloader | None,
     max_request_bytes: int = MiB,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """The gRPC server with ADS, health and reflection, bound but not started.
+
+    Returns (server, health servicer, bound port). Raises OSError when `listen` cannot be bound.
+    """
     server = grpc.aio.server(
         options=[
             # Callers' requests are tiny; gRPC refuses larger ones (RESOURCE_EXHAUSTED) from the length
@@ -521,10 +535,11 @@ def build_server(
 
 
 async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    """Set gRPC health (overall and for the ADS service) to SERVING or NOT_SERVING."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE):
         await health_servicer.set(name, status)
 
 
-__all__ = ["AdsService", "SendBudget", "StreamLimits", "build_server", "failed_replicas_trailer", "printable",
-           "set_serving"]
+__all__ = ["FAILED_REPLICAS_KEY", "SERVICE", "AdsService", "CallObserver", "SendBudget", "StreamLimits", "StreamTable",
+           "build_server", "failed_replicas_trailer", "printable", "set_serving", "to_delta"]

@@ -35,10 +35,14 @@ class Readiness(Protocol):
     module to build the page, so the page names only this Protocol, never admin.py."""
 
     @property
-    def ready(self) -> bool: ...
+    def ready(self) -> bool:
+        """Is at least one replica reachable?"""
+        ...
 
     @property
-    def reason(self) -> str: ...
+    def reason(self) -> str:
+        """Why (not) ready, in one line."""
+        ...
 
     @property
     def probes(self) -> Mapping[str, Probe]:
@@ -64,6 +68,7 @@ def state_name(status: int) -> str | None:
 
 
 def worst(states: Iterable[str]) -> str:
+    """The worst of some sync states (STATES order), SYNCED when there are none."""
     present = set(states)
     return next((s for s in STATES if s in present), "SYNCED")
 
@@ -74,6 +79,7 @@ def _meta(node: base_pb2.Node, key: str) -> str:
 
 
 def proxy_row(cfg: csds_pb2.ClientConfig, istiod: str) -> Json:
+    """One proxy's row of the page from its syncz ClientConfig (istiod: the replica that holds it)."""
     types: dict[str, str] = {}
     errors: dict[str, str] = {}
     updated = 0.0
@@ -118,6 +124,7 @@ class ReplicaView:
 
 
 def read_syncz(answer: Answer) -> ReplicaView:
+    """One replica's syncz answer as the page shows it; a failed or malformed answer becomes `error`."""
     if answer.body is None:
         return ReplicaView(error=f"{answer.code.name}: {answer.error}")
     try:
@@ -151,6 +158,7 @@ class StatusPage:
         self._assets = {path: ((static / name).read_bytes(), kind) for path, (name, kind) in _ASSETS.items()}
 
     async def snapshot(self) -> Json:
+        """The /api/status document; one fan-out per `min_interval`, shared by every viewer."""
         async with self._lock:
             if self._cached is not None and time.monotonic() - self._cached[0] < self.min_interval:
                 return self._cached[1]
@@ -208,12 +216,14 @@ class StatusPage:
         return sorted(by_id.values(), key=lambda p: (p["namespace"], p["id"]))
 
     def routes(self) -> dict[str, Handler]:
+        """Path → handler for the admin server: /api/status and the static files."""
         routes: dict[str, Handler] = {"/api/status": self.api_status}
         for path in self._assets:
             routes[path] = self._asset(path)
         return routes
 
     async def api_status(self, _: web.Request) -> web.Response:
+        """GET /api/status."""
         return web.json_response(await self.snapshot())
 
     def _asset(self, path: str) -> Handler:

@@ -24,6 +24,8 @@ __all__ = ["CertificateReloader", "ServingTLS", "TokenFile", "UpstreamTLS", "che
 
 @dataclass(frozen=True)
 class ServingTLS:
+    """The serving certificate files, and whether callers must present a client certificate."""
+
     cert_file: str
     key_file: str
     client_ca_file: str | None = None
@@ -106,6 +108,7 @@ class CertificateReloader:
         return config
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC's per-handshake hook: the new configuration when the files changed and parse, else None."""
         # Called by gRPC on each new handshake; None keeps the current configuration.
         before = self._config
         try:
@@ -116,6 +119,7 @@ class CertificateReloader:
         return config if config is not before else None
 
     def credentials(self) -> grpc.ServerCredentials:
+        """Server credentials that re-read the files on change. Raises ConfigError if they do not load now."""
         try:
             first = self.load()
         except (OSError, ValueError) as err:
@@ -146,6 +150,7 @@ class TokenFile:
         self._token = ""
 
     def read(self) -> str:
+        """The token, re-read only when the file's mtime or size changed."""
         st = os.stat(self.path)
         stamp = (st.st_mtime, st.st_size)
         if stamp != self._stamp:

@@ -52,6 +52,7 @@ class TokenIdentity(NamedTuple):
     service_account: str
 
     def spiffe_id(self, trust_domain: str = "cluster.local") -> str:
+        """The identity as the SPIFFE id a certificate of it would carry."""
         return f"spiffe://{trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
 
 

@@ -15,7 +15,7 @@ import time
 import grpc
 
 from .discovery import Replica
-from .errors import UpstreamError as UpstreamError  # raised by ask()
+from .errors import UpstreamError
 from .tls import TokenFile, UpstreamTLS, fetch_unverified_root
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ class UpstreamPool:
         return self.channel(address)
 
     def channel(self, address: str) -> grpc.aio.Channel:
+        """The channel to `address`, opened on first use (see `open_channel` for skip-verify)."""
         ch = self._channels.get(address)
         if ch is None:
             if self.tls.plaintext:
@@ -223,3 +224,6 @@ class UpstreamPool:
             self.last_error.pop(replica.address, None)
         log.debug("%s answered %d bytes in %.1f ms", replica.label, len(response), (time.monotonic() - started) * 1e3)
         return response
+
+
+__all__ = ["ADS_METHOD", "LARGE_MESSAGE_OPTIONS", "UpstreamError", "UpstreamPool"]

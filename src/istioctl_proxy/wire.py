@@ -18,7 +18,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.status.v3 import csds_pb2
 from google.protobuf.message import DecodeError
 
-from .errors import WireError as WireError  # raised here: callers catch wire.WireError
+from .errors import WireError
 
 # DiscoveryResponse field numbers (envoy/service/discovery/v3/discovery.proto).
 _VERSION_INFO, _RESOURCES, _TYPE_URL, _NONCE, _CONTROL_PLANE = 1, 2, 4, 5, 6
@@ -77,14 +77,17 @@ class ResponseView:
     control_plane: bytes | None = None
 
     def resource_bytes(self, i: int) -> bytes:
+        """Resource `i` as its field bytes (tag, length and value): concatenable into a response."""
         start, end = self.resources[i]
         return self.raw[start:end]
 
     def resource_any(self, i: int) -> bytes:
+        """Resource `i`'s value: a serialized google.protobuf.Any."""
         start, end = self.resource_values[i]
         return self.raw[start:end]
 
     def identifier(self) -> str | None:
+        """control_plane.identifier, None if absent or undecodable."""
         if self.control_plane is None:
             return None
         try:
@@ -203,6 +206,7 @@ class SynczIndex:
     ident: str | None = None  # the control plane identifier, decoded by syncz_fast_index
 
     def identifier(self) -> str | None:
+        """control_plane.identifier, None if absent."""
         return self.ident
 
 
@@ -234,3 +238,18 @@ def syncz_fast_index(raw: bytes) -> SynczIndex | None:
     return SynczIndex(count, str(env.type_url), str(env.version_info),
                       env.control_plane.SerializeToString() if has_cp else None, keys,
                       str(env.control_plane.identifier) if has_cp else None)
+
+
+__all__ = [
+    "CLIENT_CONFIG_URL",
+    "ResponseView",
+    "SynczIndex",
+    "WireError",
+    "any_type_url",
+    "client_config",
+    "envelope",
+    "iter_fields",
+    "syncz_fast_index",
+    "syncz_node_id",
+    "view_response",
+]

@@ -50,6 +50,7 @@ class KubeTarget:
     label: str
 
     def client(self, *, timeout: float = 10.0) -> AsyncClient:
+        """A new API client for this target (requests time out after `timeout` s)."""
         # trust_env=False: HTTP(S)_PROXY variables meant for other traffic must not divert API calls, and
         # lightkube must not silently fall back to ~/.kube/config (the config is already resolved here).
         return AsyncClient(self.config, timeout=httpx2.Timeout(timeout), trust_env=False)

@@ -123,6 +123,7 @@ class KubernetesPodSource:
 
     @property
     def stats(self) -> ReflectorStats:
+        """The list/watch counters and last error (for check and /readyz)."""
         return self._reflector.stats
 
     def current(self) -> tuple[Replica, ...]:
@@ -130,6 +131,7 @@ class KubernetesPodSource:
         return self._replicas or ()
 
     async def run(self, on_change: OnChange) -> None:
+        """List and watch istiod pods until cancelled, reporting the usable ones as replicas."""
         self._on_change = on_change
         await self._reflector.run()
 

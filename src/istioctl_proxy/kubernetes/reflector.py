@@ -45,9 +45,11 @@ class Backoff:
     _next: float = field(default=0.0, init=False)
 
     def reset(self) -> None:
+        """Start over from `initial` (after a success)."""
         self._next = 0.0
 
     def next_delay(self) -> float:
+        """The next delay: exponential up to `maximum`, with jitter."""
         self._next = self.initial if self._next == 0.0 else min(self.maximum, self._next * self.factor)
         return self._next * random.uniform(0.5, 1.0)
 

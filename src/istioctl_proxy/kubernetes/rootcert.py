@@ -102,6 +102,7 @@ class RootCertWatcher:
 
     @property
     def stats(self) -> ReflectorStats:
+        """The list/watch counters and last error."""
         return self._reflector.stats
 
     @property
@@ -110,6 +111,7 @@ class RootCertWatcher:
         return self._reflector.resource_version
 
     async def run(self, on_change: Callable[[bytes], None]) -> None:
+        """Watch until cancelled, calling `on_change` with each accepted new root bundle."""
         self._on_change = on_change
         await self._reflector.run()
 
