@@ -1,7 +1,5 @@
 """Shared machinery of the reliability suites (load, faults, fuzz, errors, security).
 
-- `ads_call`: one ADS stream over a real gRPC channel, recorded as an `Outcome` (status, details,
-  responses, trailers, time taken against the deadline) instead of raising.
 - `Background`: a proxy stack running in its own thread and event loop, so synchronous hypothesis tests
   can fire thousands of cases at one server over one channel.
 - `Usage`: tasks, file descriptors and RSS, for leak and plateau checks.
@@ -16,7 +14,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,156 +22,11 @@ from typing import Any, TypeVar
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
-from istioctl_proxy.server import FAILED_REPLICAS_KEY
+from .ads_client import ads_call
 
-ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
-SOTW = ADS + "StreamAggregatedResources"
-DELTA = ADS + "DeltaAggregatedResources"
 FIGURES_DIR = Path(__file__).resolve().parent.parent / "bench" / "results" / "reliability"
 
 T = TypeVar("T")
-Message = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
-
-
-@dataclass
-class Outcome:
-    """What one client stream saw."""
-
-    code: grpc.StatusCode
-    details: str
-    responses: list[bytes]
-    trailers: tuple[tuple[str, str], ...]
-    elapsed: float
-    deadline: float
-
-    @property
-    def ok(self) -> bool:
-        return self.code == grpc.StatusCode.OK
-
-    @property
-    def failed_replicas(self) -> list[str]:
-        return [v for k, v in self.trailers if k == FAILED_REPLICAS_KEY]
-
-    def sotw(self, i: int = 0) -> discovery_pb2.DiscoveryResponse:
-        return discovery_pb2.DiscoveryResponse.FromString(self.responses[i])
-
-    def delta(self, i: int = 0) -> discovery_pb2.DeltaDiscoveryResponse:
-        return discovery_pb2.DeltaDiscoveryResponse.FromString(self.responses[i])
-
-
-def _bytes(m: Message | bytes) -> bytes:
-    return m if isinstance(m, bytes) else m.SerializeToString()
-
-
-# grpc.aio reports its own INTERNAL "Internal error from Core" when a write races the server ending the
-# call (the server's real status is lost on the client side). ads_call then asks again with the
-# synchronous client, which reports the server's status, and counts it here.
-CLIENT_ARTIFACT = "Internal error from Core"
-ARTIFACTS: dict[str, int] = {"aio-write-race-retried": 0}
-
-
-async def ads_call(
-    channel: grpc.aio.Channel | str,
-    requests: Sequence[Message | bytes],
-    *,
-    metadata: Sequence[tuple[str, str | bytes]] = (),
-    timeout: float = 10.0,
-    delta: bool = False,
-    cancel_after: float | None = None,
-    credentials: grpc.ChannelCredentials | None = None,
-    options: Sequence[tuple[str, Any]] = (),
-) -> Outcome:
-    """Write each request and read its answer, half-close, read to the end; never raises for a status.
-
-    `channel` may be an address (a channel is then opened for this one call, plaintext unless
-    `credentials`); with an address the client-side write race above is retried synchronously.
-    """
-    if isinstance(channel, str):
-        address = channel
-        opts = list(options) or channel_options()
-        ch = (grpc.aio.secure_channel(address, credentials, options=opts) if credentials
-              else grpc.aio.insecure_channel(address, options=opts))
-        async with ch:
-            out = await ads_call(ch, requests, metadata=metadata, timeout=timeout, delta=delta,
-                                 cancel_after=cancel_after)
-        if out.code == grpc.StatusCode.INTERNAL and out.details == CLIENT_ARTIFACT and cancel_after is None:
-            ARTIFACTS["aio-write-race-retried"] += 1
-            return await asyncio.to_thread(
-                sync_call, address, [_bytes(r) for r in requests], metadata, delta, timeout, credentials, opts)
-        return out
-    started = time.monotonic()
-    call = channel.stream_stream(DELTA if delta else SOTW)(metadata=tuple(metadata), timeout=timeout)
-    responses: list[bytes] = []
-
-    async def run() -> None:
-        # Lock-step, as istioctl does: a request, then its answer. Writing on after the server has ended
-        # the call would make grpc.aio report its own INTERNAL instead of the server's status.
-        for req in requests:
-            await call.write(_bytes(req))
-            resp = await call.read()
-            if resp is grpc.aio.EOF:
-                return
-            assert isinstance(resp, bytes)
-            responses.append(resp)
-        await call.done_writing()
-        while True:
-            resp = await call.read()
-            if resp is grpc.aio.EOF:
-                return
-            assert isinstance(resp, bytes)
-            responses.append(resp)
-
-    try:
-        if cancel_after is None:
-            await run()
-        else:
-            task = asyncio.ensure_future(run())
-            done, _ = await asyncio.wait({task}, timeout=cancel_after)
-            if not done:
-                call.cancel()
-                # grpc.aio: a write still waiting to send the call's metadata never wakes up once the call
-                # is cancelled, so stop our side of it too.
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                await task
-    except grpc.aio.AioRpcError:
-        pass
-    except asyncio.InvalidStateError:
-        pass  # write() on a call that already ended: its status says why
-    code = await call.code()
-    details = await call.details() or ""
-    trailers = tuple((k, str(v)) for k, v in (await call.trailing_metadata() or ()))
-    return Outcome(code, details, responses, trailers, time.monotonic() - started, timeout)
-
-
-def sync_call(
-    address: str, requests: Sequence[bytes], metadata: Sequence[tuple[str, str | bytes]], delta: bool,
-    timeout: float, credentials: grpc.ChannelCredentials | None = None, options: Sequence[tuple[str, Any]] = (),
-) -> Outcome:
-    """The same call with the synchronous client."""
-    ch = grpc.secure_channel(address, credentials, options=options) if credentials else grpc.insecure_channel(
-        address, options=options)
-    started = time.monotonic()
-    responses: list[bytes] = []
-    try:
-        method = ch.stream_stream(DELTA if delta else SOTW)
-        try:
-            for resp in method(iter(requests), metadata=tuple(metadata), timeout=timeout):
-                responses.append(resp)
-            code, details = grpc.StatusCode.OK, ""
-        except grpc.RpcError as err:
-            code, details = err.code(), err.details() or ""  # type: ignore[attr-defined]
-    finally:
-        ch.close()
-    return Outcome(code, details, responses, (), time.monotonic() - started, timeout)
-
-
-def channel_options(max_mib: int = 256) -> list[tuple[str, Any]]:
-    return [("grpc.max_receive_message_length", max_mib << 20), ("grpc.max_send_message_length", max_mib << 20)]
-
-
-def bearer(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),)
 
 
 # -- A stack in a background thread ------------------------------------------------------------------------

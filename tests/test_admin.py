@@ -21,6 +21,7 @@ from istioctl_proxy.errors import ConfigError
 from istioctl_proxy.server import SERVICE
 from istioctl_proxy.sim.simulator import build_simulator_server
 
+from . import ads_client
 from .helpers import ADMIN_TOKEN, EVENT_TIMEOUT, stack, until
 
 ANY_PORT = "127.0.0.1:0"
@@ -109,7 +110,7 @@ async def test_readyz_and_grpc_health_flip_when_replicas_go_away_and_come_back()
             s.mesh.servers.append(server)
         await wait_for(port, "/readyz", 200)
         assert await grpc_health(s.address) == health_pb2.HealthCheckResponse.SERVING
-        resp, _ = await client.request(s.target(), client.SYNCZ)
+        resp, _ = await ads_client.request(s.target(), client.SYNCZ)
         assert len(resp.resources) == 6
 
 
@@ -153,7 +154,7 @@ async def test_admin_port_in_use_is_a_config_error() -> None:
 async def test_one_log_line_per_call_without_the_token(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="istioctl_proxy.server")
     async with stack(3, 6) as s:
-        await client.request(s.target(), client.SYNCZ)
+        await ads_client.request(s.target(), client.SYNCZ)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("call ")]
     assert len(lines) == 1
     line = lines[0]

@@ -24,13 +24,14 @@ from istioctl_proxy.sim.simulator import SimProxy, SimReplica, make_mesh
 from istioctl_proxy.tls import UpstreamTLS
 from istioctl_proxy.upstream import UpstreamPool
 
+from . import ads_client
 from .helpers import ADMIN_TOKEN, EVENT_TIMEOUT, TOKENS, Stack, stack
 from .reliability import settle
 
 
 async def test_syncz_concatenates_replicas_with_external_id_and_keeps_version_info() -> None:
     async with stack(3, 30) as s:
-        resp, trailers = await client.request(s.target(), client.SYNCZ)
+        resp, trailers = await ads_client.request(s.target(), client.SYNCZ)
         rows = client.rows(resp)
         assert sorted(r.name for r in rows) == sorted(p.id for r in s.replicas for p in r.proxies)
         ident = json.loads(resp.control_plane.identifier)
@@ -42,7 +43,7 @@ async def test_syncz_concatenates_replicas_with_external_id_and_keeps_version_in
 
 async def test_external_id_is_configurable() -> None:
     async with stack(2, 4, external_id="my-control-plane") as s:
-        resp, _ = await client.request(s.target(), client.SYNCZ)
+        resp, _ = await ads_client.request(s.target(), client.SYNCZ)
         assert json.loads(resp.control_plane.identifier)["ID"] == "my-control-plane"
 
 
@@ -53,7 +54,7 @@ async def test_proxy_seen_on_two_replicas_is_kept_once_most_recent_wins() -> Non
     mesh[0].proxies.append(old)
     mesh[2].proxies.append(new)
     async with stack(mesh=mesh) as s:
-        resp, _ = await client.request(s.target(), client.SYNCZ)
+        resp, _ = await ads_client.request(s.target(), client.SYNCZ)
         rows = [r for r in client.rows(resp) if r.name == "moving.ns-1"]
         assert len(rows) == 1
         assert rows[0].types["type.googleapis.com/envoy.config.cluster.v3.Cluster"].startswith("SYNCED")
@@ -63,7 +64,7 @@ async def test_proxy_seen_on_two_replicas_is_kept_once_most_recent_wins() -> Non
 async def test_config_dump_routed_to_the_replica_that_holds_the_proxy() -> None:
     async with stack(3, 9) as s:
         target = s.replicas[2].proxies[-1]
-        resp, _ = await client.request(s.target(), "istio.io/debug/config_dump", [target.id])
+        resp, _ = await ads_client.request(s.target(), "istio.io/debug/config_dump", [target.id])
         assert len(resp.resources) == 7
         clusters = config_dump_shared_pb2.ClustersConfigDump()
         assert resp.resources[1].Unpack(clusters)
@@ -73,12 +74,12 @@ async def test_config_dump_routed_to_the_replica_that_holds_the_proxy() -> None:
 
 async def test_config_dump_of_unknown_proxy_is_empty_not_an_error() -> None:
     async with stack(3, 9) as s:
-        resp, _ = await client.request(s.target(), "istio.io/debug/config_dump", ["nobody.nowhere"])
+        resp, _ = await ads_client.request(s.target(), "istio.io/debug/config_dump", ["nobody.nowhere"])
         assert len(resp.resources) == 0 and resp.type_url == "istio.io/debug/config_dump"
 
 
 async def _debug(s: object, name: str, token: str = ADMIN_TOKEN) -> str:
-    resp, _ = await client.request(s.target(token), "istio.io/debug", [name])  # type: ignore[attr-defined]
+    resp, _ = await ads_client.request(s.target(token), "istio.io/debug", [name])  # type: ignore[attr-defined]
     assert len(resp.resources) == 1
     return resp.resources[0].value.decode()
 
@@ -152,7 +153,7 @@ async def test_delta_serves_the_same_types_as_named_resources() -> None:
 async def test_unsupported_types_get_a_clear_error(type_url: str) -> None:
     async with stack(1, 1) as s:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.request(s.target(), type_url)
+            await ads_client.request(s.target(), type_url)
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert "istio.io/debug/syncz" in (err.value.details() or "")
 
@@ -164,7 +165,7 @@ async def test_more_than_16_mib_answer_passes() -> None:
         for i in range(150):
             r.proxies.append(SimProxy(f"big-{r.pod_name}-{i}", "ns-0", states={"CDS": "ERROR"}, error=big))
     async with stack(mesh=mesh) as s:
-        resp, _ = await client.request(s.target(), client.SYNCZ)
+        resp, _ = await ads_client.request(s.target(), client.SYNCZ)
         assert resp.ByteSize() > 16 * 1024 * 1024
         assert len(resp.resources) == 302
 
@@ -209,7 +210,7 @@ async def test_scoped_caller_never_gets_another_namespace_however_the_id_is_writ
         assert s.pki is not None
         target = s.target(leaf=s.pki.client("ns-1"), namespace="ns-1")
         dumps_before = [r.requests for r in s.replicas]
-        resp, _ = await client.request(target, type_url, names)
+        resp, _ = await ads_client.request(target, type_url, names)
         text = _dump_text(resp)
         assert ".ns-2" not in text and "victim" not in text and "third" not in text
         if type_url == CONFIG_DUMP:
@@ -224,9 +225,9 @@ async def test_scoped_caller_gets_its_own_proxy() -> None:
     async with stack(mesh=_ns2_mesh(), identity=True) as s:
         assert s.pki is not None
         target = s.target(leaf=s.pki.client("ns-1"), namespace="ns-1")
-        resp, _ = await client.request(target, CONFIG_DUMP, ["mine.ns-1", "mine.ns-1"])
+        resp, _ = await ads_client.request(target, CONFIG_DUMP, ["mine.ns-1", "mine.ns-1"])
         assert len(resp.resources) == 7 and "mine.ns-1.svc" in _dump_text(resp)
-        resp, _ = await client.request(target, "istio.io/debug", ["config_dump?proxyID=mine.ns-1"])
+        resp, _ = await ads_client.request(target, "istio.io/debug", ["config_dump?proxyID=mine.ns-1"])
         assert json.loads(resp.resources[0].value)["proxy"] == "mine.ns-1"
 
 
@@ -234,14 +235,10 @@ async def _delta(
     s: Stack, leaf: Leaf | None, namespace: str, type_url: str, names: list[str]
 ) -> list[tuple[str, bytes]]:
     target = s.target(leaf=leaf, namespace=namespace)
-    async with client.channel(target) as ch:
-        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).DeltaAggregatedResources(timeout=10)
-        await call.write(discovery_pb2.DeltaDiscoveryRequest(
-            type_url=type_url, node=client.istioctl_node(namespace), resource_names_subscribe=names))
-        resp = await call.read()
-        await call.done_writing()
-        assert await call.code() == grpc.StatusCode.OK
-        return [(r.name, bytes(r.resource.value)) for r in resp.resources]
+    out = await ads_client.ads_call(target, [discovery_pb2.DeltaDiscoveryRequest(
+        type_url=type_url, node=client.istioctl_node(namespace), resource_names_subscribe=names)], delta=True)
+    assert out.code == grpc.StatusCode.OK
+    return [(r.name, bytes(r.resource.value)) for r in out.delta().resources]
 
 
 async def test_delta_scoped_caller_and_another_namespaces_proxy_is_answered_not_an_error() -> None:
@@ -275,13 +272,13 @@ async def test_config_dump_comes_from_the_holder_not_a_lookalike(identity: bool)
     async with stack(mesh=make_mesh(3, 0, tokens=TOKENS), identity=identity) as s:
         _place_lookalike_first(s)
         target = s.pki.admin_target(s.address) if s.pki is not None else s.target()
-        resp, _ = await client.request(target, CONFIG_DUMP, ["web-1.team"])
+        resp, _ = await ads_client.request(target, CONFIG_DUMP, ["web-1.team"])
         text = _dump_text(resp)
         assert "web-1.team.svc" in text and "web-1.team2" not in text
-        resp, _ = await client.request(target, "istio.io/debug", ["config_dump?proxyID=web-1.team"])
+        resp, _ = await ads_client.request(target, "istio.io/debug", ["config_dump?proxyID=web-1.team"])
         assert json.loads(resp.resources[0].value)["proxy"] == "web-1.team"
         # The look-alike itself is still found where it is.
-        resp, _ = await client.request(target, CONFIG_DUMP, ["web-1.team2"])
+        resp, _ = await ads_client.request(target, CONFIG_DUMP, ["web-1.team2"])
         assert "web-1.team2.svc" in _dump_text(resp)
 
 
@@ -302,7 +299,7 @@ async def test_scope_check_and_fan_out_share_one_deadline() -> None:
 
         fanout.all = recording_all  # type: ignore[method-assign]
         target = s.target(leaf=s.pki.client("ns-1"), namespace="ns-1")
-        resp, _ = await client.request(target, CONFIG_DUMP, ["mine.ns-1"])
+        resp, _ = await ads_client.request(target, CONFIG_DUMP, ["mine.ns-1"])
         assert len(resp.resources) == 7
         assert len(ends) == 2  # the scope check's syncz, then the dump
         assert ends[1] <= ends[0] + 1e-3, "the dump's deadline is later than the call's"
@@ -345,11 +342,11 @@ async def test_debug_names_go_cannot_parse_never_reach_a_replica() -> None:
     async with stack(3, 6) as s:
         for name in ("config_dump?proxyID=x\t", "syncz\r\n", ":x", "1a:b", "config_dump%zz", "syncz#%zz", "//[x"):
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await client.request(s.target(), "istio.io/debug", [name])
+                await ads_client.request(s.target(), "istio.io/debug", [name])
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
         assert sum(r.requests for r in s.replicas) == 0
         assert not any(r.crashed for r in s.replicas)
-        resp, _ = await client.request(s.target(), "istio.io/debug", ["list"])
+        resp, _ = await ads_client.request(s.target(), "istio.io/debug", ["list"])
         assert "syncz" in json.loads(resp.resources[0].value)
 
 
@@ -371,7 +368,7 @@ async def test_concurrent_scope_checks_share_one_syncz_fetch() -> None:
 
         aggregator.fanout.all = gated  # type: ignore[method-assign]
         target = s.target(leaf=s.pki.client("ns-1"), namespace="ns-1")
-        calls = [asyncio.create_task(client.request(target, CONFIG_DUMP, ["mine.ns-1"])) for _ in range(8)]
+        calls = [asyncio.create_task(ads_client.request(target, CONFIG_DUMP, ["mine.ns-1"])) for _ in range(8)]
         assert await settle(lambda: aggregator.syncz_checks.stats.joined == 7, timeout=EVENT_TIMEOUT)
         release.set()
         for resp, _ in await asyncio.gather(*calls):

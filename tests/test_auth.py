@@ -11,6 +11,7 @@ import pytest
 from istioctl_proxy import client
 from istioctl_proxy.sim.simulator import SimProxy
 
+from . import ads_client
 from .helpers import stack
 
 
@@ -26,13 +27,13 @@ async def test_forward_mode_sends_the_token_and_node_to_every_replica() -> None:
                 return original(context, node)
 
             r.identify = spy  # type: ignore[method-assign]
-        await client.request(s.target("ns-1-token", namespace="ns-1"), client.SYNCZ)
+        await ads_client.request(s.target("ns-1-token", namespace="ns-1"), client.SYNCZ)
         assert seen == [("Bearer ns-1-token", "ns-1")] * 3
 
 
 async def test_forward_mode_namespace_token_sees_only_its_namespace() -> None:
     async with stack(3, 24) as s:
-        resp, _ = await client.request(s.target("ns-1-token", namespace="ns-1"), client.SYNCZ)
+        resp, _ = await ads_client.request(s.target("ns-1-token", namespace="ns-1"), client.SYNCZ)
         namespaces = {r.name.rpartition(".")[2] for r in client.rows(resp)}  # type: ignore[union-attr]
         assert namespaces == {"ns-1"} and len(resp.resources) == 6
 
@@ -40,7 +41,7 @@ async def test_forward_mode_namespace_token_sees_only_its_namespace() -> None:
 async def test_no_token_is_refused_and_never_forwarded() -> None:
     async with stack(2, 4) as s:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.request(s.target(token=""), client.SYNCZ)
+            await ads_client.request(s.target(token=""), client.SYNCZ)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "bearer token" in (err.value.details() or "")
         assert sum(r.requests for r in s.replicas) == 0
@@ -49,21 +50,21 @@ async def test_no_token_is_refused_and_never_forwarded() -> None:
 async def test_token_refused_upstream_is_passed_through_not_partial() -> None:
     async with stack(3, 6) as s:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.request(s.target("forged-token"), client.SYNCZ)
+            await ads_client.request(s.target("forged-token"), client.SYNCZ)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_forward_mode_node_not_matching_token_is_permission_denied() -> None:
     async with stack(2, 4) as s:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.request(s.target("ns-1-token", namespace="ns-2"), client.SYNCZ)
+            await ads_client.request(s.target("ns-1-token", namespace="ns-2"), client.SYNCZ)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_identity_mode_system_caller_sees_everything() -> None:
     async with stack(3, 12, identity=True) as s:
         assert s.pki is not None
-        resp, _ = await client.request(s.target(leaf=s.pki.client("istio-system")), client.SYNCZ)
+        resp, _ = await ads_client.request(s.target(leaf=s.pki.client("istio-system")), client.SYNCZ)
         assert len(resp.resources) == 12
 
 
@@ -71,21 +72,21 @@ async def test_identity_mode_scopes_syncz_and_dumps_by_namespace() -> None:
     async with stack(3, 12, identity=True) as s:
         assert s.pki is not None
         ns1 = s.target(leaf=s.pki.client("ns-1", "reader"))
-        resp, _ = await client.request(ns1, client.SYNCZ)
+        resp, _ = await ads_client.request(ns1, client.SYNCZ)
         assert {r.name.rpartition(".")[2] for r in client.rows(resp)} == {"ns-1"}
         assert len(resp.resources) == 3
         mine = next(p for r in s.replicas for p in r.proxies if p.namespace == "ns-1")
         theirs = next(p for r in s.replicas for p in r.proxies if p.namespace == "ns-2")
-        ok, _ = await client.request(ns1, "istio.io/debug/config_dump", [mine.id])
+        ok, _ = await ads_client.request(ns1, "istio.io/debug/config_dump", [mine.id])
         assert len(ok.resources) == 7
-        denied, _ = await client.request(ns1, "istio.io/debug/config_dump", [theirs.id])
+        denied, _ = await ads_client.request(ns1, "istio.io/debug/config_dump", [theirs.id])
         assert len(denied.resources) == 0
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.request(ns1, "istio.io/debug", ["syncz"])
+            await ads_client.request(ns1, "istio.io/debug", ["syncz"])
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        body, _ = await client.request(ns1, "istio.io/debug", [f"config_dump?proxyID={theirs.id}"])
+        body, _ = await ads_client.request(ns1, "istio.io/debug", [f"config_dump?proxyID={theirs.id}"])
         assert body.resources[0].value.startswith(b"Proxy not connected")
-        body, _ = await client.request(ns1, "istio.io/debug", [f"config_dump?proxyID={mine.id}"])
+        body, _ = await ads_client.request(ns1, "istio.io/debug", [f"config_dump?proxyID={mine.id}"])
         assert json.loads(body.resources[0].value)["proxy"] == mine.id
 
 
@@ -96,14 +97,15 @@ async def test_identity_mode_substring_lookalike_in_other_namespace_is_not_dumpe
     mesh[0].proxies.append(SimProxy("web", "team2", states={"CDS": "SYNCED"}))  # id web.team2 contains "web.team"
     async with stack(mesh=mesh, identity=True) as s:
         assert s.pki is not None
-        resp, _ = await client.request(s.target(leaf=s.pki.client("team")), "istio.io/debug/config_dump", ["web.team"])
+        team = s.target(leaf=s.pki.client("team"))
+        resp, _ = await ads_client.request(team, "istio.io/debug/config_dump", ["web.team"])
         assert len(resp.resources) == 0
 
 
 async def test_identity_mode_without_client_certificate_is_refused() -> None:
     async with stack(1, 2, identity=True) as s:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.request(s.target(token="whatever"), client.SYNCZ, timeout=5)
+            await ads_client.request(s.target(token="whatever"), client.SYNCZ, timeout=5)
         assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
 
 
@@ -113,7 +115,7 @@ async def test_identity_mode_certificate_from_another_ca_is_refused() -> None:
     async with stack(1, 2, identity=True) as s:
         stranger = TestCA().issue_spiffe("istio-system", "default")
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.request(s.target(leaf=stranger), client.SYNCZ, timeout=5)
+            await ads_client.request(s.target(leaf=stranger), client.SYNCZ, timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -147,10 +149,10 @@ async def test_token_reviewer_gets_the_callers_peer_address(tmp_path: Path) -> N
 
     async with stack(2, 4, identity=True, token_review=True, token_review_kubeconfig=str(kubeconfig)) as s:
         s.proxy.service.authenticator.token_reviewer = reviewer
-        resp, _ = await client.request(s.target("good"), client.SYNCZ)
+        resp, _ = await ads_client.request(s.target("good"), client.SYNCZ)
         assert len(resp.resources) == 4
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.request(s.target("bad"), client.SYNCZ)
+            await ads_client.request(s.target("bad"), client.SYNCZ)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert len(peers) == 2 and all(p.startswith("ipv4:127.0.0.1:") for p in peers), peers
 
@@ -162,19 +164,19 @@ async def test_identity_mode_allowed_namespace_sees_everything_but_istio_io_debu
     async with stack(3, 12, identity=True, debug_allowed_namespaces=("ns-1",)) as s:
         assert s.pki is not None
         ns1 = s.target(leaf=s.pki.client("ns-1", "reader"))
-        resp, _ = await client.request(ns1, client.SYNCZ)
+        resp, _ = await ads_client.request(ns1, client.SYNCZ)
         assert len(resp.resources) == 12  # syncz: everything, as istiod allows
         theirs = next(p for r in s.replicas for p in r.proxies if p.namespace == "ns-2")
-        dump, _ = await client.request(ns1, "istio.io/debug/config_dump", [theirs.id])
+        dump, _ = await ads_client.request(ns1, "istio.io/debug/config_dump", [theirs.id])
         assert len(dump.resources) == 7  # config_dump type: any proxy, as istiod allows
         for path in ("syncz", "adsz", "configz"):
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await client.request(ns1, "istio.io/debug", [path])
+                await ads_client.request(ns1, "istio.io/debug", [path])
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, path
-        body, _ = await client.request(ns1, "istio.io/debug", [f"config_dump?proxyID={theirs.id}"])
+        body, _ = await ads_client.request(ns1, "istio.io/debug", [f"config_dump?proxyID={theirs.id}"])
         assert body.resources[0].value.startswith(b"Proxy not connected")
         mine = next(p for r in s.replicas for p in r.proxies if p.namespace == "ns-1")
-        body, _ = await client.request(ns1, "istio.io/debug", [f"config_dump?proxyID={mine.id}"])
+        body, _ = await ads_client.request(ns1, "istio.io/debug", [f"config_dump?proxyID={mine.id}"])
         assert json.loads(body.resources[0].value)["proxy"] == mine.id
 
 

@@ -13,6 +13,7 @@ import pytest
 from istioctl_proxy import app, client, tokenreview
 from istioctl_proxy.errors import ConfigError
 
+from . import ads_client
 from .helpers import Stack, stack
 
 NS1_TOKEN = "ns-1-token"
@@ -51,21 +52,21 @@ async def test_token_port_and_certificate_port_serve_both_kinds_of_caller() -> N
     async with stack(2, 8, identity=True, token_review=True, cert_listen="127.0.0.1:0") as s:
         assert s.proxy.cert_port and s.proxy.cert_port != s.proxy.port
         # Token callers: the --listen port, which does not ask for a certificate.
-        resp, _ = await client.request(_target(s, s.proxy.port, token=NS1_TOKEN), client.SYNCZ, timeout=10)
+        resp, _ = await ads_client.request(_target(s, s.proxy.port, token=NS1_TOKEN), client.SYNCZ, timeout=10)
         assert resp.resources
         # A certificate caller there offers no certificate (none was asked for): refused, as before.
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await client.request(_target(s, s.proxy.port, cert_ns="istio-system"), client.SYNCZ, timeout=10)
+            await ads_client.request(_target(s, s.proxy.port, cert_ns="istio-system"), client.SYNCZ, timeout=10)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         # Certificate callers: the --cert-listen port, with their SPIFFE identity and its scope.
-        everything, _ = await client.request(_target(s, s.proxy.cert_port, cert_ns="istio-system"), client.SYNCZ,
+        everything, _ = await ads_client.request(_target(s, s.proxy.cert_port, cert_ns="istio-system"), client.SYNCZ,
                                              timeout=10)
-        scoped, _ = await client.request(_target(s, s.proxy.cert_port, cert_ns="ns-1"), client.SYNCZ, timeout=10)
+        scoped, _ = await ads_client.request(_target(s, s.proxy.cert_port, cert_ns="ns-1"), client.SYNCZ, timeout=10)
         assert len(everything.resources) == 8 and 0 < len(scoped.resources) < 8
         assert len(scoped.resources) == len(resp.resources)  # ns-1 by token or by certificate: the same view
         # And the certificate port requires one: a token alone does not get through the handshake.
         with pytest.raises(grpc.aio.AioRpcError) as no_cert:
-            await client.request(_target(s, s.proxy.cert_port, token=NS1_TOKEN), client.SYNCZ, timeout=10)
+            await ads_client.request(_target(s, s.proxy.cert_port, token=NS1_TOKEN), client.SYNCZ, timeout=10)
         assert no_cert.value.code() == grpc.StatusCode.UNAVAILABLE
 
 

@@ -14,6 +14,7 @@ from istioctl_proxy.auth import Caller
 from istioctl_proxy.coalesce import Coalescer, FlightKey
 from istioctl_proxy.sim.simulator import SimProxy, make_mesh
 
+from . import ads_client
 from .helpers import TOKENS, stack
 
 
@@ -240,7 +241,7 @@ async def test_proxy_coalesces_identical_concurrent_syncz() -> None:
         r.faults.latency = 0.3  # long enough that all calls overlap
     async with stack(mesh=mesh) as s:
         before = [r.requests for r in s.replicas]
-        results = await asyncio.gather(*(client.request(s.target(), client.SYNCZ) for _ in range(8)))
+        results = await asyncio.gather(*(ads_client.request(s.target(), client.SYNCZ) for _ in range(8)))
         everyone = {p.id for r in s.replicas for p in r.proxies}
         assert all(_ids(resp) == everyone for resp, _ in results)
         after = [r.requests for r in s.replicas]
@@ -257,7 +258,8 @@ async def test_proxy_never_shares_answers_across_tokens_concurrent_or_cached() -
         everyone = {p.id for r in s.replicas for p in r.proxies}
         only = {ns: {p.id for r in s.replicas for p in r.proxies if p.namespace == ns} for ns in ("ns-1", "ns-2")}
         for _ in range(2):  # first round concurrent (coalescing), second round from the cache
-            results = await asyncio.gather(*(client.request(t, client.SYNCZ) for t in (admin, ns1, ns2, admin, ns1)))
+            targets = (admin, ns1, ns2, admin, ns1)
+            results = await asyncio.gather(*(ads_client.request(t, client.SYNCZ) for t in targets))
             got = [_ids(resp) for resp, _ in results]
             assert got == [everyone, only["ns-1"], only["ns-2"], everyone, only["ns-1"]]
 
@@ -267,22 +269,22 @@ async def test_proxy_cache_is_per_caller_and_expires() -> None:
         # The cache's clock, moved on by the test: a loaded machine cannot make the TTL pass unseen.
         skipped = [0.0]
         s.proxy.service.aggregator.coalescer._clock = lambda: time.monotonic() + skipped[0]
-        first, _ = await client.request(s.target(), client.SYNCZ)
+        first, _ = await ads_client.request(s.target(), client.SYNCZ)
         requests = [r.requests for r in s.replicas]
-        again, _ = await client.request(s.target(), client.SYNCZ)
+        again, _ = await ads_client.request(s.target(), client.SYNCZ)
         assert [r.requests for r in s.replicas] == requests  # served from the cache
         assert _ids(again) == _ids(first)
         # A different token is a different cache entry: it goes upstream.
-        await client.request(s.target("ns-1-token", "ns-1"), client.SYNCZ)
+        await ads_client.request(s.target("ns-1-token", "ns-1"), client.SYNCZ)
         assert [r.requests for r in s.replicas] != requests
         # New data upstream; after the TTL the proxy must show it.
         s.replicas[0].proxies.append(SimProxy("newcomer", "ns-1", states={"CDS": "SYNCED"}))
         s.replicas[0].invalidate()
         skipped[0] = 50.0
-        stale, _ = await client.request(s.target(), client.SYNCZ)
+        stale, _ = await ads_client.request(s.target(), client.SYNCZ)
         assert "newcomer.ns-1" not in _ids(stale)  # not yet 60 s old: still the cached answer
         skipped[0] = 60.0
-        fresh, _ = await client.request(s.target(), client.SYNCZ)
+        fresh, _ = await ads_client.request(s.target(), client.SYNCZ)
         assert "newcomer.ns-1" in _ids(fresh)
 
 
@@ -294,15 +296,15 @@ async def test_identity_mode_principals_never_share() -> None:
         everyone = {p.id for r in s.replicas for p in r.proxies}
         ns1_only = {p.id for r in s.replicas for p in r.proxies if p.namespace == "ns-1"}
         for _ in range(2):
-            a, _ = await client.request(admin, client.SYNCZ)
-            b, _ = await client.request(ns1, client.SYNCZ)
+            a, _ = await ads_client.request(admin, client.SYNCZ)
+            b, _ = await ads_client.request(ns1, client.SYNCZ)
             assert _ids(a) == everyone and _ids(b) == ns1_only
 
 
 async def test_no_coalesce_flag_sends_every_call_upstream() -> None:
     async with stack(2, 4, coalesce=False) as s:
         before = sum(r.requests for r in s.replicas)
-        await asyncio.gather(*(client.request(s.target(), client.SYNCZ) for _ in range(3)))
+        await asyncio.gather(*(ads_client.request(s.target(), client.SYNCZ) for _ in range(3)))
         assert sum(r.requests for r in s.replicas) - before == 6
 
 

@@ -25,8 +25,9 @@ from hypothesis import strategies as st
 from istioctl_proxy import client, wire
 from istioctl_proxy.policy import CONFIG_DUMP, DEBUG, SYNCZ
 
+from .ads_client import Outcome, ads_call, bearer
 from .helpers import ADMIN_TOKEN, Stack, stack
-from .reliability import Background, Outcome, ads_call, bearer, env_float, record_figures
+from .reliability import Background, env_float, record_figures
 
 NODE = client.istioctl_node("istio-system")
 ADMIN = bearer(ADMIN_TOKEN)

@@ -45,20 +45,10 @@ from istioctl_proxy.policy import CONFIG_DUMP, DEBUG, SYNCZ
 from istioctl_proxy.sim.pki import Leaf, TestCA, write_file
 from istioctl_proxy.sim.simulator import SimReplica, build_simulator_server, make_mesh
 
+from . import ads_client
+from .ads_client import Outcome, ads_call, bearer, channel_options
 from .helpers import ADMIN_TOKEN, TOKENS, in_flight, until
-from .reliability import (
-    Outcome,
-    RssSampler,
-    Usage,
-    ads_call,
-    bearer,
-    channel_options,
-    env_float,
-    open_fds,
-    record_figures,
-    settle,
-    warm_grpc,
-)
+from .reliability import RssSampler, Usage, env_float, open_fds, record_figures, settle, warm_grpc
 
 SECONDS = env_float("SOAK_SECONDS", 12.0)
 WORKERS = int(env_float("FAULT_WORKERS", 100))
@@ -541,12 +531,12 @@ async def test_certificate_written_before_its_key_does_not_break_new_handshakes(
             f.write(rotated.cert_pem)
         os.utime(s.proxy.cfg.tls_cert, ns=(time.time_ns() + 10**9,) * 2)
         # The key is still the old one: the new certificate must not be paired with it.
-        resp, _ = await client.request(s.target(leaf=leaf), SYNCZ, timeout=5)
+        resp, _ = await ads_client.request(s.target(leaf=leaf), SYNCZ, timeout=5)
         assert len(resp.resources) == 2
         with open(s.proxy.cfg.tls_key, "wb") as f:
             f.write(rotated.key_pem)
         os.utime(s.proxy.cfg.tls_key, ns=(time.time_ns() + 2 * 10**9,) * 2)
-        resp, _ = await client.request(s.target(leaf=leaf), SYNCZ, timeout=5)
+        resp, _ = await ads_client.request(s.target(leaf=leaf), SYNCZ, timeout=5)
         assert len(resp.resources) == 2
         assert s.proxy.reloader.reloads >= 1
 

@@ -41,18 +41,9 @@ from istioctl_proxy.policy import (
 )
 from istioctl_proxy.sim.simulator import make_mesh
 
+from .ads_client import ARTIFACTS, CLIENT_ARTIFACT, Outcome, ads_call, channel_options, sync_call
 from .helpers import ADMIN_TOKEN, TOKENS, stack
-from .reliability import (
-    ARTIFACTS,
-    CLIENT_ARTIFACT,
-    Background,
-    Outcome,
-    ads_call,
-    channel_options,
-    env_float,
-    record_figures,
-    sync_call,
-)
+from .reliability import Background, env_float, record_figures
 
 MAX_MIB = 1
 REPLICAS, PROXIES = 2, 10
@@ -237,7 +228,7 @@ def run_batch(world: World, streams: Sequence[tuple[MD, Sequence[bytes], bool]])
     TIMING["calls"] += time.monotonic() - t0
     for i, (out, (md, raw, delta)) in enumerate(zip(outs, streams, strict=True)):
         if out.code == grpc.StatusCode.INTERNAL and out.details == CLIENT_ARTIFACT:
-            # The client-side write race (see reliability.CLIENT_ARTIFACT): ask again, synchronously.
+            # The client-side write race (see ads_client.CLIENT_ARTIFACT): ask again, synchronously.
             ARTIFACTS["aio-write-race-retried"] += 1
             outs[i] = sync_call(world.address, raw, md, delta, DEADLINE, options=channel_options(64))
     return outs

@@ -47,6 +47,7 @@ from istioctl_proxy.kubernetes import (
 from istioctl_proxy.sim.pki import TestCA
 from istioctl_proxy.tokenreview import TokenIdentity, TokenReviewAuthenticator, TokenReviewUnavailable
 
+from . import ads_client
 from .k8s.cluster import (
     BIN,
     ROOT,
@@ -902,7 +903,7 @@ async def test_rolling_replace_of_three_replicas_fails_no_call(
         nonlocal calls
         while not stop.is_set():
             try:
-                _, trailers = await client.request(target, client.SYNCZ, timeout=10)
+                _, trailers = await ads_client.request(target, client.SYNCZ, timeout=10)
             except Exception as e:  # any failed call fails the test
                 failures.append(repr(e))
             else:
@@ -936,7 +937,7 @@ async def test_rolling_replace_of_three_replicas_fails_no_call(
                 await force_delete_pod(admin, ns, old_pod)
             await asyncio.sleep(0.5)
             stop.set()
-        resp, _ = await client.request(target, client.SYNCZ)
+        resp, _ = await ads_client.request(target, client.SYNCZ)
         assert sorted(r.name for r in client.rows(resp)) == sorted(f"app-of-{p}.ns-1" for p, _ in new)
     finally:
         stop.set()
@@ -964,15 +965,15 @@ async def test_token_review_callers_are_scoped_through_the_proxy(cluster: KubeCl
     ns1_token = await request_token(admin, "ns-1", "default")
     kubeconfig = str(cluster.apiserver.admin_kubeconfig())
     async with stack(mesh=make_mesh(3, 12), identity=True, token_review=True, token_review_kubeconfig=kubeconfig) as s:
-        resp, _ = await client.request(s.target(admin_token), client.SYNCZ)
+        resp, _ = await ads_client.request(s.target(admin_token), client.SYNCZ)
         assert len(resp.resources) == 12
-        resp, _ = await client.request(s.target(ns1_token, namespace="ns-1"), client.SYNCZ)
+        resp, _ = await ads_client.request(s.target(ns1_token, namespace="ns-1"), client.SYNCZ)
         assert {r.name.rpartition(".")[2] for r in client.rows(resp)} == {"ns-1"} and len(resp.resources) == 3
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.request(s.target("not-a-kubernetes-token"), client.SYNCZ)
+            await ads_client.request(s.target("not-a-kubernetes-token"), client.SYNCZ)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.request(s.target(ns1_token, namespace="ns-1"), "istio.io/debug", ["syncz"])
+            await ads_client.request(s.target(ns1_token, namespace="ns-1"), "istio.io/debug", ["syncz"])
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -1107,14 +1108,14 @@ async def test_garbage_ca_configmap_does_not_take_the_proxy_down(
             return e.code, e.read().decode()
 
     try:
-        resp, _ = await client.request(target, client.SYNCZ)
+        resp, _ = await ads_client.request(target, client.SYNCZ)
         assert len(resp.resources) == 6
         assert proxy.ca_watcher is not None
         await replace_cm(admin, namespace, GARBAGE_PEM)
         await until(lambda: proxy.ca_watcher is not None and proxy.ca_watcher.rejected == 1, FOLLOW, "the refusal")
         # Fresh channels (as after a reconnect) still verify istiod with the last good root.
         proxy.pool.refresh_tls(proxy.pool.tls)
-        resp, trailers = await client.request(target, client.SYNCZ)
+        resp, trailers = await ads_client.request(target, client.SYNCZ)
         assert len(resp.resources) == 6 and not trailers
         assert proxy.metrics.registry.get_sample_value("istioctl_proxy_ca_updates_rejected_total") == 1
         status, text = await asyncio.to_thread(readyz)
@@ -1272,7 +1273,7 @@ async def test_token_review_floods_through_the_proxy_get_resource_exhausted(
                      token_review_peer_rate=0.001, token_review_rate=100.0, token_review_concurrency=4) as s:
         async def call(token: str) -> grpc.StatusCode:
             try:
-                await client.request(s.target(token), client.SYNCZ)
+                await ads_client.request(s.target(token), client.SYNCZ)
             except grpc.aio.AioRpcError as err:
                 return err.code()
             return grpc.StatusCode.OK
@@ -1306,7 +1307,7 @@ async def test_token_review_refusal_does_not_name_the_reviewer(
     token = await request_token(admin, "ns-1", "default")
     async with stack(identity=True, token_review=True, token_review_kubeconfig=str(kubeconfig)) as s:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.request(s.target(token, namespace="ns-1"), client.SYNCZ)
+            await ads_client.request(s.target(token, namespace="ns-1"), client.SYNCZ)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     details = err.value.details() or ""
     for secret_detail in (reviewer_ns, reviewer_sa, "serviceaccount", "tokenreviews", "forbidden", "reviewer-"):

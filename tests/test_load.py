@@ -23,19 +23,9 @@ from istioctl_proxy import client, wire
 from istioctl_proxy.policy import CONFIG_DUMP, DEBUG, SYNCZ
 from istioctl_proxy.sim.simulator import SimReplica
 
+from .ads_client import SOTW, Outcome, ads_call, bearer, channel_options
 from .helpers import ADMIN_TOKEN, stack
-from .reliability import (
-    SOTW,
-    Outcome,
-    RssSampler,
-    Usage,
-    ads_call,
-    bearer,
-    channel_options,
-    env_float,
-    record_figures,
-    settle,
-)
+from .reliability import RssSampler, Usage, env_float, record_figures, settle
 
 SECONDS = env_float("SOAK_SECONDS", 10.0)
 STREAMS = int(env_float("LOAD_STREAMS", 200))

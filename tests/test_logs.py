@@ -11,6 +11,7 @@ import pytest
 
 from istioctl_proxy import client, logs
 
+from . import ads_client
 from .helpers import ADMIN_TOKEN, stack
 from .test_metrics import ANY_PORT, eventually
 
@@ -29,9 +30,9 @@ def json_log() -> io.StringIO:
 
 async def test_json_call_line_has_fields_and_no_token(json_log: io.StringIO) -> None:
     async with stack(2, 4) as s:
-        await client.request(s.target(), client.SYNCZ)
+        await ads_client.request(s.target(), client.SYNCZ)
         with pytest.raises(grpc.aio.AioRpcError):
-            await client.request(s.target(token=""), client.SYNCZ)
+            await ads_client.request(s.target(token=""), client.SYNCZ)
     lines = [json.loads(line) for line in json_log.getvalue().splitlines()]
     calls = [line for line in lines if line.get("type") == client.SYNCZ]
     assert calls and calls[0]["outcome"] == "OK" and calls[0]["replicas_asked"] == 2 and calls[0]["resources"] == 4
@@ -44,7 +45,7 @@ async def test_json_call_line_has_fields_and_no_token(json_log: io.StringIO) -> 
 async def test_refused_streams_are_counted() -> None:
     async with stack(1, 1, admin_listen=ANY_PORT) as s:
         with pytest.raises(grpc.aio.AioRpcError):
-            await client.request(s.target(token=""), client.SYNCZ)
+            await ads_client.request(s.target(token=""), client.SYNCZ)
         await eventually(s.proxy.admin_port, "istioctl_proxy_calls_total", 1.0, type_url="other",
                          outcome="UNAUTHENTICATED")
 

@@ -20,8 +20,9 @@ from istioctl_proxy.model import Answer
 from istioctl_proxy.policy import SYNCZ
 from istioctl_proxy.sim.pki import write_file
 
+from . import ads_client
+from .ads_client import ads_call
 from .helpers import stack
-from .reliability import ads_call
 
 Samples = Mapping[tuple[str, frozenset[tuple[str, str]]], float]
 ANY_PORT = "127.0.0.1:0"
@@ -60,7 +61,7 @@ async def test_call_and_upstream_metrics_move_with_traffic() -> None:
         assert value(before, "istioctl_proxy_calls_total", type_url=SYNCZ, outcome="OK") == 0
 
         for _ in range(2):
-            await client.request(s.target(), client.SYNCZ)
+            await ads_client.request(s.target(), client.SYNCZ)
         after = await scrape(port)
 
         assert value(after, "istioctl_proxy_calls_total", type_url=SYNCZ, outcome="OK") == 2
@@ -89,10 +90,10 @@ async def test_partial_and_refused_calls_are_counted_by_outcome() -> None:
     async with stack(3, 12, admin_listen=ANY_PORT) as s:
         port = s.proxy.admin_port
         s.replicas[1].faults.fail_code = grpc.StatusCode.UNAVAILABLE
-        resp, trailers = await client.request(s.target(), client.SYNCZ)
+        resp, trailers = await ads_client.request(s.target(), client.SYNCZ)
         assert trailers, "a partial answer names the failed replica"
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await client.request(s.target(token="not-a-token"), client.SYNCZ)
+            await ads_client.request(s.target(token="not-a-token"), client.SYNCZ)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
         samples = await scrape(port)
@@ -111,7 +112,7 @@ async def test_unknown_type_urls_share_one_label() -> None:
     async with stack(2, 2, admin_listen=ANY_PORT) as s:
         for type_url in ("type.googleapis.com/a.B", "anything/else"):
             with pytest.raises(grpc.aio.AioRpcError):
-                await client.request(s.target(), type_url)
+                await ads_client.request(s.target(), type_url)
         samples = await scrape(s.proxy.admin_port)
         assert value(samples, "istioctl_proxy_calls_total", type_url="other", outcome="UNIMPLEMENTED") == 2
         assert not [k for k in samples if ("type_url", "anything/else") in k[1]]
@@ -121,7 +122,7 @@ async def test_in_flight_gauge_counts_a_slow_call() -> None:
     async with stack(2, 4, admin_listen=ANY_PORT) as s:
         for r in s.replicas:
             r.faults.latency = 0.6
-        call = asyncio.create_task(client.request(s.target(), client.SYNCZ))
+        call = asyncio.create_task(ads_client.request(s.target(), client.SYNCZ))
         await eventually(s.proxy.admin_port, "istioctl_proxy_calls_in_flight", 1, type_url=SYNCZ)
         await call
         samples = await scrape(s.proxy.admin_port)
@@ -177,7 +178,7 @@ async def test_unexpected_exceptions_become_internal_logged_and_counted(
         target = s.target(leaf=s.pki.client("istio-system"))
         os.remove(token_file)  # a missing --upstream-token-file: an OSError deep in the data path
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.request(target, SYNCZ, timeout=10)
+            await ads_client.request(target, SYNCZ, timeout=10)
         assert err.value.code() == grpc.StatusCode.INTERNAL, err.value.details()
         assert err.value.details() == "internal error in istioctl-proxy (logged there)", err.value.details()
 

@@ -41,8 +41,10 @@ from istioctl_proxy.sim.simulate import SimulatedMesh
 from istioctl_proxy.sim.simulator import SimProxy, SimReplica, make_mesh
 from istioctl_proxy.tls import CertificateReloader, ServingTLS
 
+from . import ads_client
+from .ads_client import DELTA, SOTW, ads_call, bearer
 from .helpers import ADMIN_TOKEN, TOKENS, Stack, stack
-from .reliability import DELTA, SOTW, ads_call, bearer, record_figures, settle
+from .reliability import record_figures, settle
 
 FIGURES: dict[str, int] = {}
 
@@ -53,7 +55,7 @@ def _count(name: str, n: int = 1) -> None:
 
 async def _code(target: client.Target, type_url: str = SYNCZ, names: list[str] | None = None) -> grpc.StatusCode:
     try:
-        await client.request(target, type_url, names, timeout=5)
+        await ads_client.request(target, type_url, names, timeout=5)
     except grpc.aio.AioRpcError as err:
         return err.code()
     return grpc.StatusCode.OK
@@ -146,16 +148,16 @@ async def test_scoped_callers_see_only_their_namespace_even_through_lookalikes(i
             return s.target(f"{ns}-token", namespace=ns)
 
         for ns, own in (("team", {"web.team", "api.team"}), ("team2", {"web.team2"}), ("team-1", {"web.team-1"})):
-            resp, _ = await client.request(target(ns), SYNCZ)
+            resp, _ = await ads_client.request(target(ns), SYNCZ)
             assert {r.name for r in client.rows(resp)} == own, ns
             # Every dump a scoped caller can get is of its own namespace, whatever id it asks for.
             for asked in LOOKALIKES:
-                resp, _ = await client.request(target(ns), CONFIG_DUMP, [asked])
+                resp, _ = await ads_client.request(target(ns), CONFIG_DUMP, [asked])
                 dumped = _dump_names(resp)
                 for other in {"team", "team2", "team-1"} - {ns}:
                     assert f".{other}.svc" not in dumped, f"{ns} asked {asked!r} and got {other}'s dump"
                 _count("lookalike dump requests")
-                body, _ = await client.request(target(ns), DEBUG, [f"config_dump?proxyID={asked}"])
+                body, _ = await ads_client.request(target(ns), DEBUG, [f"config_dump?proxyID={asked}"])
                 text = bytes(body.resources[0].value)
                 if text.startswith(b"{"):
                     assert str(json.loads(text)["proxy"]).rpartition(".")[2] == ns, (ns, asked, text)
@@ -164,7 +166,7 @@ async def test_scoped_callers_see_only_their_namespace_even_through_lookalikes(i
             for path in ("syncz", "adsz", "configz", "registryz", "connections"):
                 assert await _code(target(ns), DEBUG, [path]) == grpc.StatusCode.PERMISSION_DENIED, (ns, path)
         # The caller's own proxy, when unambiguous, is dumped (the scoping is not just "refuse everything").
-        resp, _ = await client.request(target("team"), CONFIG_DUMP, ["api.team"])
+        resp, _ = await ads_client.request(target("team"), CONFIG_DUMP, ["api.team"])
         assert ".team.svc" in _dump_names(resp)
 
 
@@ -176,7 +178,7 @@ async def test_coalesced_and_cached_answers_never_cross_namespaces() -> None:
                 for ns, _ in callers}
 
         async def one(ns: str, token: str) -> tuple[str, set[str]]:
-            resp, _ = await client.request(s.target(token, namespace=ns), SYNCZ)
+            resp, _ = await ads_client.request(s.target(token, namespace=ns), SYNCZ)
             return ns, {r.name for r in client.rows(resp)}
 
         for _ in range(3):  # the first round is coalesced, the next ones come from the cache
@@ -192,10 +194,10 @@ async def test_identity_mode_scoping_holds_with_a_garbage_replica() -> None:
         assert s.pki is not None
         s.replicas[1].faults.garbage = lambda t, b: b[: len(b) * 2 // 3]
         ns1 = s.target(leaf=s.pki.client("ns-1"), namespace="ns-1")
-        resp, _ = await client.request(ns1, SYNCZ)
+        resp, _ = await ads_client.request(ns1, SYNCZ)
         assert _namespaces(resp) <= {"ns-1"}
         theirs = next(p for p in s.replicas[0].proxies if p.namespace == "ns-2")
-        resp, _ = await client.request(ns1, CONFIG_DUMP, [theirs.id])
+        resp, _ = await ads_client.request(ns1, CONFIG_DUMP, [theirs.id])
         assert not resp.resources
 
 
@@ -410,7 +412,7 @@ async def test_refused_callers_see_unauthenticated_not_a_write_race() -> None:
                     assert await silent.read() is grpc.aio.EOF
                 assert await silent.code() == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.request(s.target(token=""), SYNCZ)
+            await ads_client.request(s.target(token=""), SYNCZ)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert sum(r.requests for r in s.replicas) == 0
 

@@ -23,8 +23,10 @@ from istioctl_proxy.sim.pki import TestCA, write_file
 from istioctl_proxy.sim.simulate import SimulatedMesh
 from istioctl_proxy.sim.simulator import SimProxy, make_mesh
 
+from . import ads_client
+from .ads_client import DELTA, SOTW, ads_call, bearer
 from .helpers import ADMIN_TOKEN, TOKENS, Stack, make_pki, stack
-from .reliability import DELTA, SOTW, ads_call, bearer, settle
+from .reliability import settle
 
 
 async def test_health_and_reflection_are_served() -> None:
@@ -54,12 +56,12 @@ async def test_insecure_skip_verify_reaches_an_istiod_with_an_unknown_ca() -> No
             try:
                 target = pki.admin_target(f"127.0.0.1:{proxy.port}")
                 if not verify:
-                    resp, _ = await client.request(target, client.SYNCZ)
+                    resp, _ = await ads_client.request(target, client.SYNCZ)
                     assert len(resp.resources) == 4
                 else:
                     # With verification on, an istiod certificate from another CA is refused.
                     try:
-                        await client.request(target, client.SYNCZ, timeout=5)
+                        await ads_client.request(target, client.SYNCZ, timeout=5)
                         raise AssertionError("an unverifiable istiod was trusted")
                     except grpc.aio.AioRpcError as err:
                         assert err.code() == grpc.StatusCode.UNAVAILABLE
@@ -80,13 +82,13 @@ async def test_identity_mode_upstream_token_file_is_reread_when_rotated() -> Non
         await proxy.start()
         try:
             target = pki.admin_target(f"127.0.0.1:{proxy.port}")
-            resp, _ = await client.request(target, client.SYNCZ)
+            resp, _ = await ads_client.request(target, client.SYNCZ)
             assert len(resp.resources) == 4
             # Rotation: the old token stops working and the file holds the new one (mtime and size change).
             write_file(token_file, b"token-2-rotated-and-longer\n")
             for r in mesh.replicas:
                 r.tokens = {"token-2-rotated-and-longer": ("istio-system", "default")}
-            resp, _ = await client.request(target, client.SYNCZ)
+            resp, _ = await ads_client.request(target, client.SYNCZ)
             assert len(resp.resources) == 4
         finally:
             await proxy.stop(0)

@@ -15,6 +15,7 @@ from istioctl_proxy.sim.simulator import SimReplica, build_simulator_server
 from istioctl_proxy.tls import UpstreamTLS
 from istioctl_proxy.upstream import UpstreamPool
 
+from . import ads_client
 from .helpers import ADMIN_TOKEN, EVENT_TIMEOUT, TOKENS, stack, until
 
 
@@ -33,7 +34,7 @@ def _served_cert(port: int) -> bytes:
 async def test_tls_serving_reloads_rotated_certificate() -> None:
     async with stack(2, 4, identity=True) as s:
         assert s.pki is not None and s.proxy.reloader is not None
-        resp, _ = await client.request(s.target(leaf=s.pki.client("istio-system")), client.SYNCZ)
+        resp, _ = await ads_client.request(s.target(leaf=s.pki.client("istio-system")), client.SYNCZ)
         assert len(resp.resources) == 4
         before = await asyncio.to_thread(_served_cert, s.proxy.port)
         rotated = s.pki.ca.issue_serving()
@@ -44,7 +45,7 @@ async def test_tls_serving_reloads_rotated_certificate() -> None:
         with open(cfg.tls_cert, "wb") as f:
             f.write(rotated.cert_pem)
         os.utime(cfg.tls_cert, None)
-        resp, _ = await client.request(s.target(leaf=s.pki.client("istio-system")), client.SYNCZ)
+        resp, _ = await ads_client.request(s.target(leaf=s.pki.client("istio-system")), client.SYNCZ)
         assert len(resp.resources) == 4
         after = await asyncio.to_thread(_served_cert, s.proxy.port)
         assert before != after
@@ -94,10 +95,10 @@ async def test_dns_discovery_routes_calls_to_new_replicas() -> None:
         # Each simulated replica listens on 127.0.0.1 with its own port: model DNS per port.
         rs = s.proxy.replicas
         rs._update("static", [Replica(s.mesh.addresses[0])])
-        resp, _ = await client.request(s.target(), client.SYNCZ)
+        resp, _ = await ads_client.request(s.target(), client.SYNCZ)
         assert len(resp.resources) == 3
         rs._update("static", [Replica(f"127.0.0.1:{p}") for p in ports])
-        resp, _ = await client.request(s.target(), client.SYNCZ)
+        resp, _ = await ads_client.request(s.target(), client.SYNCZ)
         assert len(resp.resources) == 9
 
 
@@ -124,7 +125,7 @@ async def churn_through_proxy(
         expected = await change(i)
         while {r.address for r in proxy.replicas.current()} != expected:
             version = await asyncio.wait_for(proxy.replicas.wait_changed(version), 30)
-        await client.request(target, client.SYNCZ, timeout=10)
+        await ads_client.request(target, client.SYNCZ, timeout=10)
         current = {r.address for r in proxy.replicas.current()}
         for name, state in (("last_ok", pool.last_ok), ("last_error", pool.last_error),
                             ("last_answer", metrics.last_answer)):
@@ -211,7 +212,7 @@ async def test_a_late_answer_of_a_dropped_replica_brings_no_state_back() -> None
         while [r.address for r in proxy.replicas.current()] != [gone]:
             await asyncio.wait_for(proxy.replicas.wait_changed(), 30)
         target = client.Target(f"127.0.0.1:{proxy.port}", plaintext=True, token=ADMIN_TOKEN)
-        call = asyncio.create_task(client.request(target, client.SYNCZ, timeout=600))
+        call = asyncio.create_task(ads_client.request(target, client.SYNCZ, timeout=600))
         await until(lambda: hung.requests >= 1, "the call to reach the hung replica")
         resolver.records = ["127.0.0.3"]
         while [r.address for r in proxy.replicas.current()] != [f"127.0.0.3:{port}"]:

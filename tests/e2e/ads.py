@@ -25,6 +25,8 @@ from google.rpc import status_pb2
 
 from istioctl_proxy.sim.pki import Leaf
 
+from ..ads_client import request
+
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -101,11 +103,6 @@ def tls_channel(
     )
     # ssl_target_name_override sets both the SNI/verification name and the :authority header.
     return grpc.aio.secure_channel(target, creds, options=[("grpc.ssl_target_name_override", authority)])
-
-
-def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    # Sent as call metadata rather than call credentials so it also works on plaintext channels.
-    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 # -- data-plane ADS client -----------------------------------------------------------------------------
@@ -269,9 +266,10 @@ async def debug_request(
     timeout_s: float = 20.0,
     pod: str = "e2e-debug",
 ) -> discovery_pb2.DiscoveryResponse:
-    """Send one debug request on a fresh stream and return the first response; gRPC errors propagate as
-    grpc.aio.AioRpcError. The node's NAMESPACE / SERVICE_ACCOUNT must match the caller identity, or istiod
-    refuses the stream with PermissionDenied (pilot/pkg/xds/auth.go)."""
+    """`ads_client.request` with an e2e node, answered by istiod: the first response (istiod keeps the
+    stream open, so it is then cancelled); gRPC errors propagate as grpc.aio.AioRpcError. The node's
+    NAMESPACE / SERVICE_ACCOUNT must match the caller identity, or istiod refuses the stream with
+    PermissionDenied (pilot/pkg/xds/auth.go)."""
     node = make_node(
         pod,
         namespace,
@@ -279,17 +277,9 @@ async def debug_request(
         proxy_config=False,
         extra_metadata={"GENERATOR": "event"},
     )
-    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-    call = stub.StreamAggregatedResources(metadata=bearer_metadata(token) or None, timeout=timeout_s)
-    try:
-        await call.write(discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=resource_names, node=node))
-        resp = await call.read()
-        if resp is grpc.aio.EOF:
-            raise RuntimeError(f"stream closed without a response to {type_url}")
-        assert isinstance(resp, discovery_pb2.DiscoveryResponse)
-        return resp
-    finally:
-        call.cancel()
+    resp, _ = await request(channel, type_url, resource_names, node=node, token=token or "", timeout=timeout_s,
+                            first_only=True)
+    return resp
 
 
 # -- reading responses ---------------------------------------------------------------------------------

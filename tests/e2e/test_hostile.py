@@ -15,11 +15,13 @@ from urllib.parse import quote
 
 import grpc
 import pytest
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 
 from istioctl_proxy import client
 from istioctl_proxy.policy import CONFIG_DUMP, DEBUG, SYNCZ
 
+from .. import ads_client
+from ..ads_client import Outcome, ads_call
 from .ads import CDS, LDS, AdsClient, XdsState, close_clients, start_clients
 from .jwt_issuer import JwtIssuer
 from .mesh import SIDECAR_NAMESPACE, EnvoyProxy, Istioctl, Mesh, async_wait_until, wait_until
@@ -133,29 +135,12 @@ def delta_corpus() -> list[list[discovery_pb2.DeltaDiscoveryRequest]]:
     ]  # fmt: skip
 
 
-@dataclasses.dataclass
-class Outcome:
-    code: grpc.StatusCode
-    responses: list[bytes]
-    details: str = ""
-
-
 async def _call(
     ch: grpc.aio.Channel, md: tuple[tuple[str, str], ...], namespace: str,
     requests: Sequence[discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest], delta: bool,
 ) -> Outcome:
-    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch)
-    first = requests[0]
-    first.node.CopyFrom(client.istioctl_node(namespace))
-    method = stub.DeltaAggregatedResources if delta else stub.StreamAggregatedResources
-    call = method(iter(requests), metadata=md, timeout=30)
-    out: list[bytes] = []
-    try:
-        async for resp in call:
-            out.append(resp.SerializeToString())
-    except grpc.aio.AioRpcError as err:
-        return Outcome(err.code(), out, err.details() or "")
-    return Outcome(await call.code(), out)
+    requests[0].node.CopyFrom(client.istioctl_node(namespace))
+    return await ads_call(ch, requests, metadata=md, timeout=30, delta=delta, pipelined=True)
 
 
 def _scoped_view_ok(identity: bool, type_url: str, asked: Sequence[list[str]], outcome: Outcome, delta: bool) -> str:
@@ -239,10 +224,10 @@ async def test_hostile_corpus_through_the_proxy_leaves_every_replica_alive_and_n
         assert "panic:" not in r.log_tail(400), f"{r.pod_name} panicked:\n{r.log_tail(60)}"
     # Not vacuous: the victim exists for the system caller, and the scoped caller gets its own proxy.
     system = next(t for label, t, _ in callers if label == "identity/istio-system")
-    resp, _ = await client.request(system, CONFIG_DUMP, [VICTIM])
+    resp, _ = await ads_client.request(system, CONFIG_DUMP, [VICTIM])
     assert len(resp.resources) == 7
     scoped = next(t for label, t, _ in callers if label == "identity/" + SCOPED_NS)
-    resp, _ = await client.request(scoped, CONFIG_DUMP, [OWN, OWN])
+    resp, _ = await ads_client.request(scoped, CONFIG_DUMP, [OWN, OWN])
     assert len(resp.resources) == 7
 
 

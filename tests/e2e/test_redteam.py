@@ -14,6 +14,7 @@ import pytest
 from istioctl_proxy import client
 from istioctl_proxy.policy import CONFIG_DUMP, DEBUG, SYNCZ
 
+from .. import ads_client
 from .ads import CDS, LDS, AdsClient, XdsState, close_clients, start_clients
 from .jwt_issuer import JwtIssuer
 from .mesh import Mesh, async_wait_until
@@ -63,8 +64,8 @@ async def test_scoped_caller_cannot_dump_the_proxys_own_upstream_connection(
                            cert_pem=leaf.cert_pem, key_pem=leaf.key_pem, namespace=SCOPED_NS)  # fmt: skip
     answered: list[str] = []
     for attempt in range(12):
-        dump, _ = await client.request(target, CONFIG_DUMP, [CRAFTED_ID])
-        debug, _ = await client.request(target, DEBUG, [f"config_dump?proxyID={CRAFTED_ID}"])
+        dump, _ = await ads_client.request(target, CONFIG_DUMP, [CRAFTED_ID])
+        debug, _ = await ads_client.request(target, DEBUG, [f"config_dump?proxyID={CRAFTED_ID}"])
         assert [r.value for r in debug.resources] != [], "the debug path always answers one body"
         body = debug.resources[0].value
         if dump.resources:
@@ -73,7 +74,7 @@ async def test_scoped_caller_cannot_dump_the_proxys_own_upstream_connection(
             answered.append(f"attempt {attempt}: debug body {body[:80]!r}")
     assert not answered, "\n".join(answered)
     # Not vacuous: an ordinary id of the same namespace on the same replica is still dumped.
-    own, _ = await client.request(target, CONFIG_DUMP, [CONTROL_ID])
+    own, _ = await ads_client.request(target, CONFIG_DUMP, [CONTROL_ID])
     assert own.resources, "the control proxy's own dump is missing: the setup is wrong"
 
 
@@ -97,7 +98,7 @@ async def namespace_less_proxy(mesh: Mesh) -> AsyncIterator[AdsClient]:
 
 
 async def _syncz_ids(target: client.Target) -> set[str]:
-    resp, _ = await client.request(target, SYNCZ, [])
+    resp, _ = await ads_client.request(target, SYNCZ, [])
     return {_node_id(r.value) for r in resp.resources}
 
 
@@ -127,7 +128,7 @@ async def test_a_proxy_without_namespace_metadata_is_in_the_namespace_istiod_say
     assert SPOOF_ID in direct[SCOPED_NS] and SPOOF_ID not in direct[VICTIM_NS], direct
     victim = target(VICTIM_NS, identity_proxy.address, "localhost")
     assert SPOOF_ID not in await _syncz_ids(victim)
-    dump, _ = await client.request(victim, CONFIG_DUMP, [SPOOF_ID])
+    dump, _ = await ads_client.request(victim, CONFIG_DUMP, [SPOOF_ID])
     assert not dump.resources, "the victim's namespace was handed the attacker-planted proxy's dump"
     # The system view still lists it (not vacuous).
     system = target("istio-system", identity_proxy.address, "localhost")
@@ -164,7 +165,7 @@ async def test_an_all_digit_id_is_ambiguous(
                            cert_pem=leaf.cert_pem, key_pem=leaf.key_pem, namespace=SCOPED_NS)  # fmt: skip
     sizes = []
     for _ in range(12):
-        dump, _ = await client.request(target, CONFIG_DUMP, [DIGITS_ID])
+        dump, _ = await ads_client.request(target, CONFIG_DUMP, [DIGITS_ID])
         sizes.append(sum(len(r.value) for r in dump.resources))
         if VICTIM_NS.encode() in b"".join(r.value for r in dump.resources):
             sizes.append(-1)  # marks a dump that names the victim's namespace
@@ -187,7 +188,7 @@ async def test_forward_mode_all_digit_id_is_judged_by_istiod(
                            token=jwt_issuer.mint(SCOPED_NS), namespace=SCOPED_NS)  # fmt: skip
     answered = 0
     for _ in range(12):
-        dump, _ = await client.request(target, CONFIG_DUMP, [DIGITS_ID])
+        dump, _ = await ads_client.request(target, CONFIG_DUMP, [DIGITS_ID])
         assert VICTIM_NS.encode() not in b"".join(r.value for r in dump.resources)
         answered += bool(dump.resources)
     assert answered, "istiod never found a connection of the caller's namespace: the setup is wrong"

@@ -22,6 +22,7 @@ from lightkube.resources.core_v1 import ServiceAccount
 
 from istioctl_proxy import client
 
+from .. import ads_client
 from .ads import CDS, LDS, AdsClient, XdsState, close_clients, start_clients
 from .jwt_issuer import JwtIssuer
 from .mesh import EnvoyProxy, Istioctl, Mesh, Peers, async_wait_until, parse_table, wait_until
@@ -242,18 +243,18 @@ async def test_forward_mode_istiod_verifies_and_scopes_the_callers_jwt(
     await _settled(mesh, fleet)
     target = client.Target(forward_proxy.address, ca_pem=mesh.root_cert_pem, authority="localhost")
     admin = dataclasses.replace(target, token=jwt_issuer.mint("istio-system"))
-    resp, _ = await client.request(admin, client.SYNCZ)
+    resp, _ = await ads_client.request(admin, client.SYNCZ)
     assert {c.proxy_id for c in fleet} <= {r.name for r in client.rows(resp)}
     team_a = dataclasses.replace(target, token=jwt_issuer.mint("team-a"), namespace="team-a")
-    resp, _ = await client.request(team_a, client.SYNCZ)
+    resp, _ = await ads_client.request(team_a, client.SYNCZ)
     seen = {r.name for r in client.rows(resp)}
     assert {c.proxy_id for c in fleet if c.namespace == "team-a"} <= seen
     assert all(name.endswith(".team-a") for name in seen), seen
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await client.request(dataclasses.replace(target, token="not-a-jwt"), client.SYNCZ)
+        await ads_client.request(dataclasses.replace(target, token="not-a-jwt"), client.SYNCZ)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await client.request(target, client.SYNCZ)
+        await ads_client.request(target, client.SYNCZ)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
