@@ -20,7 +20,7 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
-from istioctl_proxy import client
+from istioctl_proxy import client, wire
 from istioctl_proxy.server import FAILED_REPLICAS_KEY
 
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
@@ -59,6 +59,19 @@ class Outcome:
     def error(self) -> grpc.aio.AioRpcError:
         """This outcome's status as the error a grpc.aio call raises."""
         return grpc.aio.AioRpcError(self.code, grpc.aio.Metadata(), grpc.aio.Metadata(*self.trailers), self.details)
+
+
+def istioctl_request(
+    type_url: str, names: Sequence[str] = (), namespace: str = "istio-system", nonce: str = ""
+) -> discovery_pb2.DiscoveryRequest:
+    """A request as istioctl sends it, with its node for `namespace` (istioctl adds a random nonce)."""
+    return discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=list(names),
+                                          node=client.istioctl_node(namespace), response_nonce=nonce)
+
+
+def syncz_ids(resp: discovery_pb2.DiscoveryResponse) -> list[str]:
+    """The proxy ids of a syncz answer, in its order."""
+    return [wire.syncz_node_id(r.SerializeToString()) for r in resp.resources]
 
 
 def _bytes(m: Message | bytes) -> bytes:

@@ -1,5 +1,7 @@
 """Shared machinery of the reliability suites (load, faults, fuzz, errors, security).
 
+- `Tally` and `run_workers`: concurrent clients calling the proxy one stream at a time, each call checked,
+  and what they saw by kind (test_load, test_faults).
 - `Background`: a proxy stack running in its own thread and event loop, so synchronous hypothesis tests
   can fire thousands of cases at one server over one channel.
 - `Usage`: tasks, file descriptors and RSS, for leak and plateau checks.
@@ -9,9 +11,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
+import random
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,11 +26,83 @@ from typing import Any, TypeVar
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
-from .ads_client import ads_call
+from .ads_client import Outcome, ads_call
 
 FIGURES_DIR = Path(__file__).resolve().parent.parent / "bench" / "results" / "reliability"
 
 T = TypeVar("T")
+
+
+# -- Traffic: concurrent clients, each call checked --------------------------------------------------------
+
+Check = Callable[[Outcome], str]  # "" when the outcome is right, else why not
+Call = Callable[[grpc.aio.Channel], Awaitable[tuple[str, Outcome, Check]]]  # one call: its kind, outcome, check
+
+
+@dataclass
+class Tally:
+    """What a run of calls saw, by kind: calls, status codes, wrong answers, latencies, late calls, and the
+    replicas that partial answers named as failed (by `labels`: address -> name)."""
+
+    labels: dict[str, str] = field(default_factory=dict)
+    late_slack: float = 0.0  # a call is late once past its deadline + this
+    calls: collections.Counter[str] = field(default_factory=collections.Counter)
+    codes: collections.Counter[str] = field(default_factory=collections.Counter)
+    failures: collections.Counter[str] = field(default_factory=collections.Counter)  # "<kind>: <why to its ':'>"
+    examples: list[str] = field(default_factory=list)  # the first ten "<kind>: <why>"
+    latencies: list[float] = field(default_factory=list)
+    late: int = 0
+    named: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def add(self, kind: str, out: Outcome, why: str) -> None:
+        self.calls[kind] += 1
+        self.codes[out.code.name] += 1
+        self.latencies.append(out.elapsed)
+        if out.elapsed > out.deadline + self.late_slack:
+            self.late += 1
+        if why:
+            self.failures[f"{kind}: {why.split(':')[0]}"] += 1
+            if len(self.examples) < 10:
+                self.examples.append(f"{kind}: {why}")
+        for f in out.failed_replicas:  # "<host:port>: <why>"
+            address = ":".join(f.split(":")[:2])
+            self.named[self.labels.get(address, address)] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+async def run_workers(
+    workers: int, make_call: Callable[[random.Random], Call], tally: Tally, *,
+    channel: Callable[[], grpc.aio.Channel], going: Callable[[], bool], redial_every: int, seed: int = 0,
+) -> None:
+    """`workers` concurrent clients, each one stream at a time, while `going()`; worker i makes its calls
+    with `make_call(Random(seed * 1000 + i))`. Every `redial_every`-th worker dials a new channel per call
+    (istioctl runs one command per process, and new TLS handshakes see certificate rotations), the others
+    reuse theirs. An answer the check cannot read is a wrong answer, not a test crash."""
+
+    async def worker(i: int) -> None:
+        call = make_call(random.Random(seed * 1000 + i))
+        redial = i % redial_every == 0
+        ch: grpc.aio.Channel | None = None
+        try:
+            while going():
+                ch = ch or channel()
+                kind, out, check = await call(ch)
+                try:
+                    why = check(out)
+                except Exception as err:
+                    why = f"unreadable answer: {err!r}"
+                tally.add(kind, out, why)
+                if redial:
+                    await ch.close()
+                    ch = None
+        finally:
+            if ch is not None:
+                await ch.close()
+
+    await asyncio.gather(*(worker(i) for i in range(workers)))
 
 
 # -- A stack in a background thread ------------------------------------------------------------------------

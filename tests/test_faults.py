@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
-from istioctl_proxy import client, wire
+from istioctl_proxy import client
 from istioctl_proxy.app import Proxy, free_port
 from istioctl_proxy.config import Config
 from istioctl_proxy.discovery import DnsSource
@@ -46,9 +46,22 @@ from istioctl_proxy.sim.pki import Leaf, TestCA, write_file
 from istioctl_proxy.sim.simulator import SimReplica, build_simulator_server, make_mesh
 
 from . import ads_client
-from .ads_client import Outcome, ads_call, bearer, channel_options
+from .ads_client import Outcome, ads_call, bearer, channel_options, syncz_ids
+from .ads_client import istioctl_request as _req
 from .helpers import ADMIN_TOKEN, TOKENS, in_flight, until
-from .reliability import RssSampler, Usage, env_float, open_fds, record_figures, settle, warm_grpc
+from .reliability import (
+    Call,
+    Check,
+    RssSampler,
+    Tally,
+    Usage,
+    env_float,
+    open_fds,
+    record_figures,
+    run_workers,
+    settle,
+    warm_grpc,
+)
 
 SECONDS = env_float("SOAK_SECONDS", 12.0)
 WORKERS = int(env_float("FAULT_WORKERS", 100))
@@ -206,33 +219,6 @@ async def rig(tmp: str) -> AsyncIterator[Rig]:
 # -- Traffic ---------------------------------------------------------------------------------------------------
 
 
-def _req(type_url: str, names: Sequence[str] = ()) -> discovery_pb2.DiscoveryRequest:
-    return discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=list(names),
-                                          node=client.istioctl_node("istio-system"))
-
-
-@dataclass
-class Log:
-    calls: collections.Counter[str] = field(default_factory=collections.Counter)
-    codes: collections.Counter[str] = field(default_factory=collections.Counter)
-    wrong: list[str] = field(default_factory=list)
-    late: list[str] = field(default_factory=list)
-    named: collections.Counter[str] = field(default_factory=collections.Counter)
-    max_elapsed: float = 0.0
-
-    def add(self, kind: str, out: Outcome, why: str, labels: dict[str, str]) -> None:
-        self.calls[kind] += 1
-        self.codes[out.code.name] += 1
-        self.max_elapsed = max(self.max_elapsed, out.elapsed)
-        if out.elapsed > out.deadline + 0.25:
-            self.late.append(f"{kind}: {out.elapsed:.2f}s")
-        if why:
-            self.wrong.append(f"{kind}: {why}")
-        for f in out.failed_replicas:  # "<host:port>: <why>"
-            address = ":".join(f.split(":")[:2])
-            self.named[labels.get(address, address)] += 1
-
-
 def check(kind: str, out: Outcome, healthy: set[str], r0_address: str, proxy: str) -> str:
     """'' when a call ended as it must with r0 healthy (`proxy` is one of r0's); else what was wrong."""
     if kind == "cancelled":
@@ -246,7 +232,7 @@ def check(kind: str, out: Outcome, healthy: set[str], r0_address: str, proxy: st
         return "" if healthy <= names else "delta syncz misses the healthy replica's proxies"
     resp = out.sotw()
     if kind == "syncz":
-        ids = {wire.syncz_node_id(r.SerializeToString()) for r in resp.resources}
+        ids = set(syncz_ids(resp))
         return "" if healthy <= ids else f"syncz misses {len(healthy - ids)} of the healthy replica's proxies"
     if kind == "config_dump":
         return "" if len(resp.resources) == 7 else "no dump of a proxy on the healthy replica"
@@ -263,46 +249,38 @@ def check(kind: str, out: Outcome, healthy: set[str], r0_address: str, proxy: st
 KINDS = ["syncz", "config_dump", "debug syncz", "debug configz", "debug proxy", "delta", "cancelled"]
 
 
-async def traffic(r: Rig, seconds: float, workers: int, log: Log, faults_done: asyncio.Event | None = None) -> None:
+async def traffic(r: Rig, seconds: float, workers: int, log: Tally, faults_done: asyncio.Event | None = None) -> None:
     """`workers` clients calling for at least `seconds`, and until `faults_done` is set."""
     healthy = {p.id for p in r.replicas.mesh[0].proxies}
     r0_addr = r.replicas.addresses[0]
-    labels = {a: f"r{i}" for i, a in enumerate(r.replicas.addresses)}
+    log.labels.update({a: f"r{i}" for i, a in enumerate(r.replicas.addresses)})
     stop = time.monotonic() + seconds
 
     def going() -> bool:
         return time.monotonic() < stop or (faults_done is not None and not faults_done.is_set())
 
-    async def worker(i: int) -> None:
-        rng = random.Random(i)
-        redial = i % 5 == 0  # new TLS handshakes all the time: these see the certificate rotation
-        ch: grpc.aio.Channel | None = None
-        try:
-            while going():
-                ch = ch or r.channel()
-                kind = rng.choice(KINDS)
-                proxy = rng.choice(r.replicas.mesh[0].proxies).id
-                reqs = {
-                    "syncz": [_req(SYNCZ)], "config_dump": [_req(CONFIG_DUMP, [proxy])],
-                    "debug syncz": [_req(DEBUG, ["syncz"])], "debug configz": [_req(DEBUG, ["configz"])],
-                    "debug proxy": [_req(DEBUG, [f"config_dump?proxyID={proxy}"])], "cancelled": [_req(SYNCZ)],
-                }
-                if kind == "delta":
-                    out = await ads_call(ch, [discovery_pb2.DeltaDiscoveryRequest(
-                        type_url=SYNCZ, node=client.istioctl_node("istio-system"))], metadata=bearer(ADMIN_TOKEN),
-                        timeout=DEADLINE, delta=True)
-                else:
-                    out = await ads_call(ch, reqs[kind], metadata=bearer(ADMIN_TOKEN), timeout=DEADLINE,
-                                         cancel_after=rng.uniform(0.0, 0.5) if kind == "cancelled" else None)
-                log.add(kind, out, check(kind, out, healthy, r0_addr, proxy), labels)
-                if redial:
-                    await ch.close()
-                    ch = None
-        finally:
-            if ch is not None:
-                await ch.close()
+    def make_call(rng: random.Random) -> Call:
+        async def call(ch: grpc.aio.Channel) -> tuple[str, Outcome, Check]:
+            kind = rng.choice(KINDS)
+            proxy = rng.choice(r.replicas.mesh[0].proxies).id
+            reqs = {
+                "syncz": [_req(SYNCZ)], "config_dump": [_req(CONFIG_DUMP, [proxy])],
+                "debug syncz": [_req(DEBUG, ["syncz"])], "debug configz": [_req(DEBUG, ["configz"])],
+                "debug proxy": [_req(DEBUG, [f"config_dump?proxyID={proxy}"])], "cancelled": [_req(SYNCZ)],
+            }
+            if kind == "delta":
+                out = await ads_call(ch, [discovery_pb2.DeltaDiscoveryRequest(
+                    type_url=SYNCZ, node=client.istioctl_node("istio-system"))], metadata=bearer(ADMIN_TOKEN),
+                    timeout=DEADLINE, delta=True)
+            else:
+                out = await ads_call(ch, reqs[kind], metadata=bearer(ADMIN_TOKEN), timeout=DEADLINE,
+                                     cancel_after=rng.uniform(0.0, 0.5) if kind == "cancelled" else None)
+            return kind, out, lambda o: check(kind, o, healthy, r0_addr, proxy)
 
-    await asyncio.gather(*(worker(i) for i in range(workers)))
+        return call
+
+    # Every fifth worker dials anew for each call: new TLS handshakes all the time see the certificate rotation.
+    await run_workers(workers, make_call, log, channel=r.channel, going=going, redial_every=5)
 
 
 def _served_serial(r: Rig) -> int:
@@ -327,7 +305,7 @@ async def test_faults_under_load_every_call_answered_in_time(tmp_path: os.PathLi
     await warm_grpc()
     gc.collect()
     baseline, baseline_fds = Usage.now(), open_fds()
-    log = Log()
+    log = Tally(late_slack=0.25)
     events: list[str] = []
     drain: dict[str, object] = {}
     async with rig(str(tmp_path)) as r:
@@ -416,11 +394,11 @@ async def test_faults_under_load_every_call_answered_in_time(tmp_path: os.PathLi
     ok = await settle(lambda: Usage.now().tasks <= baseline.tasks and Usage.now().fds <= baseline.fds, timeout=60)
     after = Usage.now()
 
-    total = sum(log.calls.values())
+    total = log.total
     record_figures("faults", {
         "seconds": round(load_wall, 1), "workers": WORKERS, "deadline_s": DEADLINE, "calls": total,
-        "calls_by_kind": dict(log.calls), "codes": dict(log.codes), "wrong": len(log.wrong),
-        "wrong_examples": log.wrong[:10], "late": len(log.late), "max_elapsed_s": round(log.max_elapsed, 2),
+        "calls_by_kind": dict(log.calls), "codes": dict(log.codes), "wrong": sum(log.failures.values()),
+        "wrong_examples": log.examples, "late": log.late, "max_elapsed_s": round(max(log.latencies, default=0.0), 2),
         "replicas_named_in_partial_answers": dict(log.named), "events": events,
         "faults_injected": {"killed": kills, "restarted": restarts, "hung_replica_requests_cut": hung_requests,
                             "slow_replica_latency_s": SLOW, "dns_resolutions": flaps, "cert_rotations": 1,
@@ -431,7 +409,7 @@ async def test_faults_under_load_every_call_answered_in_time(tmp_path: os.PathLi
 
     assert total > WORKERS
     assert set(log.calls) == set(KINDS)
-    assert not log.wrong, f"{len(log.wrong)} calls went wrong: {log.wrong[:10]}"
+    assert not log.failures, f"{sum(log.failures.values())} calls went wrong: {log.examples}"
     # Every call ended with the status it must (a call past its deadline ends DEADLINE_EXCEEDED and is
     # wrong); how long each took on this machine is a recorded figure ("late", "max_elapsed_s"), not a bound.
     assert "r0" not in log.named

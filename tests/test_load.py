@@ -14,18 +14,18 @@ import json
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
-from istioctl_proxy import client, wire
+from istioctl_proxy import client
 from istioctl_proxy.policy import CONFIG_DUMP, DEBUG, SYNCZ
 from istioctl_proxy.sim.simulator import SimReplica
 
-from .ads_client import SOTW, Outcome, ads_call, bearer, channel_options
+from .ads_client import SOTW, Outcome, ads_call, bearer, channel_options, istioctl_request, syncz_ids
 from .helpers import ADMIN_TOKEN, stack
-from .reliability import RssSampler, Usage, env_float, record_figures, settle
+from .reliability import Call, Check, RssSampler, Tally, Usage, env_float, record_figures, run_workers, settle
 
 SECONDS = env_float("SOAK_SECONDS", 10.0)
 STREAMS = int(env_float("LOAD_STREAMS", 200))
@@ -50,20 +50,12 @@ class Mesh:
 
 
 def _req(type_url: str, names: list[str] | None = None, ns: str = "istio-system") -> discovery_pb2.DiscoveryRequest:
-    return discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names or [], node=client.istioctl_node(ns),
-                                          response_nonce="istioctl-random-nonce")
-
-
-def _syncz_ids(resp: discovery_pb2.DiscoveryResponse) -> list[str]:
-    return [wire.syncz_node_id(r.SerializeToString()) for r in resp.resources]
+    return istioctl_request(type_url, names or [], ns, nonce="istioctl-random-nonce")  # istioctl's is random
 
 
 def _debug_body(resp: discovery_pb2.DiscoveryResponse) -> bytes:
     assert len(resp.resources) == 1, f"{len(resp.resources)} debug resources"
     return bytes(resp.resources[0].value)
-
-
-Check = Callable[[Outcome], str]  # "" when the outcome is right, else why not
 
 
 def kinds(mesh: Mesh, rng: random.Random) -> dict[str, Callable[[grpc.aio.Channel], Awaitable[tuple[Outcome, Check]]]]:
@@ -87,7 +79,7 @@ def kinds(mesh: Mesh, rng: random.Random) -> dict[str, Callable[[grpc.aio.Channe
             if why := complete(o, 1):
                 return why
             resp = o.sotw()
-            if sorted(_syncz_ids(resp)) != every:
+            if sorted(syncz_ids(resp)) != every:
                 return f"syncz has {len(resp.resources)} proxies, want {len(every)}"
             if json.loads(resp.control_plane.identifier)["ID"] != "<external>":
                 return "control plane ID is not <external>"
@@ -97,7 +89,7 @@ def kinds(mesh: Mesh, rng: random.Random) -> dict[str, Callable[[grpc.aio.Channe
 
     async def syncz_scoped(ch: grpc.aio.Channel) -> tuple[Outcome, Check]:
         out = await ads_call(ch, [_req(SYNCZ, ns="ns-1")], metadata=bearer("ns-1-token"), timeout=DEADLINE)
-        return out, lambda o: complete(o, 1) or ("" if set(_syncz_ids(o.sotw())) == ns1 else "ns-1 view is wrong")
+        return out, lambda o: complete(o, 1) or ("" if set(syncz_ids(o.sotw())) == ns1 else "ns-1 view is wrong")
 
     async def config_dump(ch: grpc.aio.Channel) -> tuple[Outcome, Check]:
         proxy = rng.choice(every)
@@ -153,25 +145,6 @@ def kinds(mesh: Mesh, rng: random.Random) -> dict[str, Callable[[grpc.aio.Channe
                                     debug_configz, debug_proxy, one_stream_three_requests, delta_syncz)}
 
 
-@dataclass
-class Tally:
-    calls: collections.Counter[str] = field(default_factory=collections.Counter)
-    failures: collections.Counter[str] = field(default_factory=collections.Counter)
-    examples: list[str] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)
-    late: int = 0
-
-    def add(self, kind: str, out: Outcome, why: str) -> None:
-        self.calls[kind] += 1
-        self.latencies.append(out.elapsed)
-        if out.elapsed > out.deadline:
-            self.late += 1
-        if why:
-            self.failures[f"{kind}: {why.split(':')[0]}"] += 1
-            if len(self.examples) < 10:
-                self.examples.append(f"{kind}: {why}")
-
-
 async def drive(address: str, mesh: Mesh, streams: int, seconds: float, tally: Tally, seed: int = 1,
                 only: frozenset[str] = frozenset()) -> None:
     """`streams` concurrent workers, each one stream at a time, until `seconds` have passed.
@@ -181,31 +154,22 @@ async def drive(address: str, mesh: Mesh, streams: int, seconds: float, tally: T
     """
     stop = time.monotonic() + seconds
 
-    async def worker(i: int) -> None:
-        rng = random.Random(seed * 1000 + i)
+    def make_call(rng: random.Random) -> Call:
         table = kinds(mesh, rng)
         names = sorted(only or table)
-        fresh = i % 4 == 0
-        ch: grpc.aio.Channel | None = None
-        try:
-            while time.monotonic() < stop:
-                if ch is None:
-                    ch = grpc.aio.insecure_channel(address, options=channel_options())
-                kind = rng.choice(names)
-                out, check = await table[kind](ch)
-                try:
-                    why = check(out)
-                except Exception as err:  # a malformed answer is a failure, not a test crash
-                    why = f"unreadable answer: {err!r}"
-                tally.add(kind, out, why)
-                if fresh:
-                    await ch.close()
-                    ch = None
-        finally:
-            if ch is not None:
-                await ch.close()
 
-    await asyncio.gather(*(worker(i) for i in range(streams)))
+        async def call(ch: grpc.aio.Channel) -> tuple[str, Outcome, Check]:
+            kind = rng.choice(names)
+            out, check = await table[kind](ch)
+            return kind, out, check
+
+        return call
+
+    def channel() -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(address, options=channel_options())
+
+    await run_workers(streams, make_call, tally, channel=channel, going=lambda: time.monotonic() < stop,
+                      redial_every=4, seed=seed)
 
 
 def _percentile(values: list[float], q: float) -> float:
