@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
-import inspect
 import os
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from istioctl_proxy import client
@@ -19,9 +17,6 @@ from istioctl_proxy.sim.simulate import SimulatedMesh
 from istioctl_proxy.sim.simulator import SimReplica, make_mesh
 
 ADMIN_TOKEN = "admin-token"
-# How long `until` waits for an event before it fails the test: a backstop against hangs, not a bound the
-# test asserts, so it is generous enough to hold on a loaded machine.
-EVENT_TIMEOUT = 120.0
 TOKENS: Mapping[str, tuple[str, str]] = {
     ADMIN_TOKEN: ("istio-system", "default"),
     "ns-1-token": ("ns-1", "default"),
@@ -145,18 +140,6 @@ async def stack(
         finally:
             await proxy.stop(0)
             await sim.stop()
-
-
-async def until(check: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = EVENT_TIMEOUT) -> None:
-    """Wait for an event the code under test makes observable (a counter, a state); fail naming `what`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = check()
-        if await result if inspect.isawaitable(result) else result:
-            return
-        assert loop.time() < deadline, f"gave up after {timeout:.0f}s waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def in_flight(proxy: Proxy, type_url: str) -> int:

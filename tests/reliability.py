@@ -219,16 +219,6 @@ async def warm_grpc(tls: tuple[bytes, bytes] | None = None) -> None:
         await server.stop(0)
 
 
-async def settle(check: Callable[[], bool], timeout: float = 10.0, step: float = 0.1) -> bool:
-    """Wait until `check()` holds (e.g. task counts back down after cancellation), up to `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        await asyncio.sleep(step)
-    return check()
-
-
 @dataclass
 class RssSampler:
     """Samples the process RSS every `every` seconds while running."""

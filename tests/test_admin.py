@@ -22,7 +22,8 @@ from istioctl_proxy.server import SERVICE
 from istioctl_proxy.sim.simulator import build_simulator_server
 
 from . import ads_client
-from .helpers import ADMIN_TOKEN, EVENT_TIMEOUT, stack, until
+from .helpers import ADMIN_TOKEN, stack
+from .waits import EVENT_TIMEOUT, until
 
 ANY_PORT = "127.0.0.1:0"
 

@@ -25,8 +25,8 @@ from istioctl_proxy.tls import UpstreamTLS
 from istioctl_proxy.upstream import UpstreamPool
 
 from . import ads_client
-from .helpers import ADMIN_TOKEN, EVENT_TIMEOUT, TOKENS, Stack, stack
-from .reliability import settle
+from .helpers import ADMIN_TOKEN, TOKENS, Stack, stack
+from .waits import until
 
 
 async def test_syncz_concatenates_replicas_with_external_id_and_keeps_version_info() -> None:
@@ -369,7 +369,7 @@ async def test_concurrent_scope_checks_share_one_syncz_fetch() -> None:
         aggregator.fanout.all = gated  # type: ignore[method-assign]
         target = s.target(leaf=s.pki.client("ns-1"), namespace="ns-1")
         calls = [asyncio.create_task(ads_client.request(target, CONFIG_DUMP, ["mine.ns-1"])) for _ in range(8)]
-        assert await settle(lambda: aggregator.syncz_checks.stats.joined == 7, timeout=EVENT_TIMEOUT)
+        await until(lambda: aggregator.syncz_checks.stats.joined == 7, "the seven other callers to join the check")
         release.set()
         for resp, _ in await asyncio.gather(*calls):
             assert len(resp.resources) == 7 and "mine.ns-1.svc" in _dump_text(resp)

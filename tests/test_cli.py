@@ -7,12 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from istioctl_proxy.config import add_serve_flags, from_args
 from istioctl_proxy.errors import ConfigError
+
+from .waits import until_sync
 
 
 def _cfg(args: list[str], env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
@@ -157,12 +158,9 @@ def test_sigterm_drains_and_exits() -> None:
         text=True,
     )
     try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        deadline = time.monotonic() + 30
-        while "serving ADS" not in line and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-        assert "serving ADS" in line
+        stderr = proc.stderr
+        assert stderr is not None
+        until_sync(lambda: "serving ADS" in stderr.readline(), "the proxy to log 'serving ADS'", step=0)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         assert "draining" in proc.stderr.read()

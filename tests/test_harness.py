@@ -1,5 +1,6 @@
 """The test harness itself: missing peers fail fast with the command to run, never build inside a test; the
-shared traffic harness (reliability.Tally, run_workers) counts and dials as it says."""
+shared traffic harness (reliability.Tally, run_workers) counts and dials as it says; the one wait
+(waits.until) returns what it waited for and fails naming it."""
 
 from __future__ import annotations
 
@@ -92,3 +93,23 @@ async def test_run_workers_redials_as_asked_and_closes_every_channel() -> None:
     assert tally.total == 6 and not tally.failures
     assert [len(used[0]), len(used[1])] == [3, 1]
     assert len(opened) == 4 and all(ch.closed for ch in opened)
+
+
+async def test_until_returns_the_value_and_fails_naming_what_it_waited_for() -> None:
+    import pytest
+
+    from .waits import WaitTimeout, until, until_sync
+
+    polls = iter([0, None, "", "ready"])
+    assert await until(lambda: next(polls), "a value", step=0) == "ready"
+
+    async def never() -> bool:
+        return False
+
+    with pytest.raises(AssertionError, match=r"gave up after 0s waiting for the thing: seen 3"):
+        await until(never, lambda: "the thing: seen 3", timeout=0.01, step=0)
+    with pytest.raises(TimeoutError):  # harness code (mesh.wait_ready) catches it as a TimeoutError
+        until_sync(lambda: False, "never", timeout=0.01, step=0)
+    assert issubclass(WaitTimeout, AssertionError) and issubclass(WaitTimeout, TimeoutError)
+    sync_polls = iter([False, 7])
+    assert until_sync(lambda: next(sync_polls), step=0) == 7

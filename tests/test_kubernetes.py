@@ -22,7 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ from .k8s.objects import (
     request_token,
     set_pod_status,
 )
+from .waits import until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -133,14 +134,6 @@ def addr(ip: str, port: int = 15012) -> str:
     return f"{ip}:{port}"
 
 
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Discovery
 
@@ -154,7 +147,7 @@ async def test_pods_follow_creation_readiness_ip_and_deletion(
     rec = Recorder()
     latencies = []
     async with running(source.run(rec)):
-        await rec.wait_pods({"istiod-a": addr("127.0.0.11")}, timeout=10)
+        await rec.wait_pods({"istiod-a": addr("127.0.0.11")})
         assert source.name == f"k8s:{cluster.apiserver.tag}-admin/{ns}"
         assert {r.source for r in rec.latest} == {source.name}
 
@@ -212,9 +205,9 @@ async def test_revision_selects_only_that_revisions_pods(
     every = pod_source(cluster.apiserver, ns)
     rec_canary, rec_every = Recorder(), Recorder()
     async with running(canary.run(rec_canary), every.run(rec_every)):
-        await rec_canary.wait_pods({"istiod-canary-5f4": addr("127.0.0.32", 15013)}, timeout=10)
+        await rec_canary.wait_pods({"istiod-canary-5f4": addr("127.0.0.32", 15013)})
         await rec_every.wait_pods(
-            {"istiod-7d9": addr("127.0.0.31"), "istiod-canary-5f4": addr("127.0.0.32")}, 10
+            {"istiod-7d9": addr("127.0.0.31"), "istiod-canary-5f4": addr("127.0.0.32")}
         )
         # A second canary replica comes up; the default revision's pod never shows in the canary set.
         await create_istiod_pod(admin, ns, "istiod-canary-8c1", "127.0.0.33", revision="canary")
@@ -243,13 +236,13 @@ async def test_two_sources_merge_into_one_replica_set(cluster: KubeCluster, admi
     replicas = ReplicaSet([s1, s2])
     await replicas.start()
     try:
-        await until(lambda: len(replicas.current()) == 2, 10, "both sources")
+        await until(lambda: len(replicas.current()) == 2, "both sources")
         assert {(r.name, r.address, r.source) for r in replicas.current()} == {
             ("istiod-1", addr("127.0.0.41"), s1.name),
             ("istiod-2", addr("127.0.0.42"), s2.name),
         }
         await force_delete_pod(admin, ns2, "istiod-2")
-        await until(lambda: [r.name for r in replicas.current()] == ["istiod-1"], FOLLOW, "west to empty")
+        await until(lambda: [r.name for r in replicas.current()] == ["istiod-1"], "west to empty")
     finally:
         await replicas.stop()
 
@@ -264,7 +257,7 @@ async def test_watch_expiry_410_relists(cluster: KubeCluster, admin: AsyncClient
         source = pod_source(direct, ns, watch_timeout=1)  # the server ends each watch after ~1 s
         rec = Recorder()
         async with running(source.run(rec)):
-            await rec.wait_pods({"istiod-a": addr("127.0.0.51")}, timeout=10)
+            await rec.wait_pods({"istiod-a": addr("127.0.0.51")})
             for i in range(40):  # bounded: a relist normally follows the first compaction
                 # Writes elsewhere move etcd's revision past the source's; then compact them away.
                 await admin.create(ConfigMap(metadata=ObjectMeta(name=f"churn-{i}"), data={"i": str(i)}),
@@ -276,7 +269,7 @@ async def test_watch_expiry_410_relists(cluster: KubeCluster, admin: AsyncClient
             assert source.stats.relists_gone >= 1, source.stats
             # The relisted state is right and the watch works again afterwards.
             await create_istiod_pod(admin, ns, "istiod-b", "127.0.0.52")
-            await rec.wait_pods({"istiod-a": addr("127.0.0.51"), "istiod-b": addr("127.0.0.52")}, timeout=5)
+            await rec.wait_pods({"istiod-a": addr("127.0.0.51"), "istiod-b": addr("127.0.0.52")})
         assert source.stats.lists >= 2
         # A relist of an unchanged set reports nothing new.
         assert [set(r.name for r in rs) for _, rs in rec.reports] == [{"istiod-a"}, {"istiod-a", "istiod-b"}]
@@ -298,9 +291,9 @@ async def test_api_server_restart_keeps_last_known_set_then_catches_up(
         rec = Recorder()
         async with running(source.run(rec)):
             before = {"istiod-a": addr("127.0.0.61"), "istiod-b": addr("127.0.0.62")}
-            await rec.wait_pods(before, timeout=10)
+            await rec.wait_pods(before)
             await asyncio.to_thread(server.stop)
-            await until(lambda: not source.stats.connected, 10, "the source to notice the outage")
+            await until(lambda: not source.stats.connected, "the source to notice the outage")
             await force_delete_pod(admin, ns, "istiod-a")
             await create_istiod_pod(admin, ns, "istiod-c", "127.0.0.63")
             await asyncio.sleep(1.0)  # several failed reconnects
@@ -308,7 +301,7 @@ async def test_api_server_restart_keeps_last_known_set_then_catches_up(
             assert source.stats.errors >= 1
             await asyncio.to_thread(server.start)
             after = {"istiod-b": addr("127.0.0.62"), "istiod-c": addr("127.0.0.63")}
-            took = await rec.wait_pods(after, timeout=10)
+            took = await rec.wait_pods(after)
         assert took < 5, took
         assert source.stats.connected
         # Never an empty set on the way: the outage did not clear it, the relist replaced it.
@@ -371,14 +364,14 @@ async def test_in_cluster_config_with_shipped_rbac_and_token_rotation(
     assert source.name == f"k8s:in-cluster/{namespace}"
     rec = Recorder()
     async with running(source.run(rec)):
-        await rec.wait_pods({"istiod-a": addr("127.0.0.71")}, timeout=10)
+        await rec.wait_pods({"istiod-a": addr("127.0.0.71")})
         # Rotation: the kubelet writes a new token; the old one stops working (here: revoked at once).
         token2 = await request_token(
             admin, namespace, "istioctl-proxy", audiences=[k8s_issuer()], bound_secret="t2"
         )
         (sa_dir / "token").write_text(token2)
         await admin.delete(Secret, "t1", namespace=namespace)
-        await until(lambda: not _token_works(cluster, token1), 10, "the old token to be rejected")
+        await until(lambda: not _token_works(cluster, token1), "the old token to be rejected")
         # The server ends each watch after 1 s and the client resumes it: after 3 s, whatever watch is open
         # was opened after the revocation, i.e. with the re-read token (the old one gets 401 now).
         await asyncio.sleep(3)
@@ -416,16 +409,16 @@ async def test_root_cert_configmap_is_watched(cluster: KubeCluster, admin: Async
         return ConfigMap(metadata=ObjectMeta(name="istio-ca-root-cert"), data={"root-cert.pem": pem})
 
     async with running(watcher.run(got.append)):
-        await until(lambda: watcher.stats.synced, 10, "the watcher to sync (no ConfigMap yet)")
+        await until(lambda: watcher.stats.synced, "the watcher to sync (no ConfigMap yet)")
         assert got == []
         await admin.create(cm(pem1), namespace=namespace)
-        await until(lambda: got == [pem1.encode()], FOLLOW, "the first root cert")
+        await until(lambda: got == [pem1.encode()], "the first root cert")
         # A different ConfigMap in the namespace is invisible (and not even allowed by RBAC).
         await admin.create(
             ConfigMap(metadata=ObjectMeta(name="other"), data={"root-cert.pem": pem2}), namespace=namespace
         )
         await admin.replace(cm(pem2), namespace=namespace)
-        await until(lambda: got == [pem1.encode(), pem2.encode()], FOLLOW, "the rotated root cert")
+        await until(lambda: got == [pem1.encode(), pem2.encode()], "the rotated root cert")
         # Deleted: keep the last good root rather than failing TLS.
         await admin.delete(ConfigMap, "istio-ca-root-cert", namespace=namespace)
         await asyncio.sleep(0.5)
@@ -469,8 +462,8 @@ async def test_shipped_role_is_exactly_what_the_code_uses(cluster: KubeCluster, 
     labels = {"metadata": {"labels": {"istio.io/rev": "default"}}}
     await admin.patch(Pod, "istiod-a", labels, namespace=namespace, patch_type=PatchType.MERGE)
     async with running(source.run(rec), watcher.run(pems.append)):
-        await rec.wait_pods({"istiod-a": addr("127.0.0.81")}, timeout=10)
-        await until(lambda: bool(pems), 10, "the root cert")
+        await rec.wait_pods({"istiod-a": addr("127.0.0.81")})
+        await until(lambda: bool(pems), "the root cert")
     user = f"system:serviceaccount:{namespace}:istioctl-proxy"
     events = [e for e in cluster.apiserver.audit_events() if e.get("user", {}).get("username") == user]
     assert events, "the audit log has no request of the proxy's service account"
@@ -918,11 +911,11 @@ async def test_rolling_replace_of_three_replicas_fails_no_call(
 
     async def follows(expected: set[str]) -> None:
         start = time.monotonic()
-        await until(lambda: names() == expected, FOLLOW, f"replicas {expected}")
+        await until(lambda: names() == expected, f"replicas {expected}")
         follow.append(time.monotonic() - start)
 
     try:
-        await until(lambda: names() == {p for p, _ in old}, 10, "the first replicas")
+        await until(lambda: names() == {p for p, _ in old}, "the first replicas")
         async with running(caller(), caller()):
             live = {p for p, _ in old}
             for (old_pod, _), (new_pod, new_ip) in zip(old, new, strict=True):
@@ -996,7 +989,7 @@ async def test_flags_give_one_source_per_cluster(cluster: KubeCluster, admin: As
     replicas = ReplicaSet(sources)
     await replicas.start()
     try:
-        await until(lambda: len(replicas.current()) == 1, 10, "the pod, seen through both clusters")
+        await until(lambda: len(replicas.current()) == 1, "the pod, seen through both clusters")
         assert replicas.current()[0].address == addr("127.0.0.61")
     finally:
         await replicas.stop()
@@ -1046,10 +1039,10 @@ async def test_garbage_ca_configmap_is_refused_and_the_last_good_root_stays(
     watcher = RootCertWatcher(namespace, target=target, backoff=FAST, on_rejected=refused.append)
     got: list[bytes] = []
     async with running(watcher.run(got.append)):
-        await until(lambda: got == [good1.encode()], 10, "the first root")
+        await until(lambda: got == [good1.encode()], "the first root")
         for i, bad in enumerate(bad_values, 1):
             seen = await replace_cm(admin, namespace, bad)
-            await until(lambda v=seen: watcher.resource_version == v, FOLLOW, f"bad value {i} to be seen")
+            await until(lambda v=seen: watcher.resource_version == v, f"bad value {i} to be seen")
             assert watcher.rejected == i and len(refused) == i
             assert watcher.pem == good1.encode() and got == [good1.encode()]
             assert f"(resourceVersion {seen}) is not a usable root certificate bundle" in (
@@ -1057,10 +1050,10 @@ async def test_garbage_ca_configmap_is_refused_and_the_last_good_root_stays(
             )
         # A later empty value keeps the last *good* root, not the garbage before it.
         version = await replace_cm(admin, namespace, "")
-        await until(lambda: watcher.resource_version == version, FOLLOW, "the empty value to be seen")
+        await until(lambda: watcher.resource_version == version, "the empty value to be seen")
         assert watcher.pem == good1.encode() and watcher.rejected == len(bad_values)
         await replace_cm(admin, namespace, good2)
-        await until(lambda: got == [good1.encode(), good2.encode()], FOLLOW, "the rotated root")
+        await until(lambda: got == [good1.encode(), good2.encode()], "the rotated root")
         assert watcher.describe_rejection() == ""
     assert [r.reason.split(":")[0] for r in refused] == [
         "a certificate does not parse", "a certificate does not parse", "a certificate block is not terminated",
@@ -1112,7 +1105,7 @@ async def test_garbage_ca_configmap_does_not_take_the_proxy_down(
         assert len(resp.resources) == 6
         assert proxy.ca_watcher is not None
         await replace_cm(admin, namespace, GARBAGE_PEM)
-        await until(lambda: proxy.ca_watcher is not None and proxy.ca_watcher.rejected == 1, FOLLOW, "the refusal")
+        await until(lambda: proxy.ca_watcher is not None and proxy.ca_watcher.rejected == 1, "the refusal")
         # Fresh channels (as after a reconnect) still verify istiod with the last good root.
         proxy.pool.refresh_tls(proxy.pool.tls)
         resp, trailers = await ads_client.request(target, client.SYNCZ)
@@ -1203,10 +1196,10 @@ async def test_token_review_cache_ttl_bounds_how_long_a_revoked_token_works(
         # The API server caches its own verdicts (~10 s): wait until a review without our cache says no.
         probe = TokenReviewAuthenticator(kubeconfig=cluster.apiserver.admin_kubeconfig(), ttl=0)
         try:
-            deadline = time.monotonic() + 60
-            while await probe.review(token) is not None:
-                assert time.monotonic() < deadline, "the API server never refused the revoked token"
-                await asyncio.sleep(0.2)
+            async def refused() -> bool:
+                return await probe.review(token) is None
+
+            await until(refused, "the API server to refuse the revoked token", step=0.2)
         finally:
             await probe.close()
         now[0] += 3.9
@@ -1379,7 +1372,7 @@ async def test_discovery_does_not_dial_addresses_it_must_not(
     source = pod_source(cluster.apiserver, ns, allow_loopback=False, on_skip=skipped.append)
     rec = Recorder()
     async with running(source.run(rec)):
-        await rec.wait_pods({"istiod-ok": addr("10.1.2.3")}, timeout=10)
+        await rec.wait_pods({"istiod-ok": addr("10.1.2.3")})
         assert sorted(skipped) == ["host-network", "link-local", "link-local", "loopback", "unspecified"]
         # Another event re-examines every pod: the skips are not logged or counted again.
         await set_pod_status(admin, ns, "istiod-ok", ip="10.1.2.9", ready=True)
@@ -1393,7 +1386,7 @@ async def test_discovery_does_not_dial_addresses_it_must_not(
     rec = Recorder()
     async with running(opted.run(rec)):
         await rec.wait_pods({"istiod-ok": addr("10.1.2.9"), "istiod-lo": addr("127.0.0.5"),
-                             "istiod-hostnet": addr("10.1.2.4")}, timeout=10)  # fmt: skip
+                             "istiod-hostnet": addr("10.1.2.4")})  # fmt: skip
     assert opted.skipped == 3
 
     # From the flags, counted in the proxy's metrics.
@@ -1403,7 +1396,7 @@ async def test_discovery_does_not_dial_addresses_it_must_not(
     assert isinstance(flagged, KubernetesPodSource) and not flagged.allow_loopback
     rec = Recorder()
     async with running(flagged.run(rec)):
-        await rec.wait_pods({"istiod-ok": addr("10.1.2.9")}, timeout=10)
+        await rec.wait_pods({"istiod-ok": addr("10.1.2.9")})
     assert metrics.registry.get_sample_value("istioctl_proxy_discovery_skipped_pods_total",
                                              {"reason": "link-local"}) == 2  # fmt: skip
     (allowed,) = sources_of(Config(istiod_k8s=True, istio_namespace=ns, kubeconfig=kubeconfig,

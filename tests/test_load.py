@@ -25,7 +25,8 @@ from istioctl_proxy.sim.simulator import SimReplica
 
 from .ads_client import SOTW, Outcome, ads_call, bearer, channel_options, istioctl_request, syncz_ids
 from .helpers import ADMIN_TOKEN, stack
-from .reliability import Call, Check, RssSampler, Tally, Usage, env_float, record_figures, run_workers, settle
+from .reliability import Call, Check, RssSampler, Tally, Usage, env_float, record_figures, run_workers
+from .waits import until
 
 SECONDS = env_float("SOAK_SECONDS", 10.0)
 STREAMS = int(env_float("LOAD_STREAMS", 200))
@@ -196,8 +197,9 @@ async def test_200_mixed_streams_no_failures_bounded_memory_no_leaks() -> None:
         wall = time.monotonic() - started
 
         gc.collect()
-        # Cancelled server-side handlers and closed channels unwind asynchronously: give them a moment.
-        await settle(lambda: Usage.now().tasks <= before.tasks and Usage.now().fds <= before.fds, timeout=60)
+        # Cancelled server-side handlers and closed channels unwind asynchronously: wait for them.
+        await until(lambda: Usage.now().tasks <= before.tasks and Usage.now().fds <= before.fds + 2,
+                    lambda: f"tasks and file descriptors back to their baseline: {before} -> {Usage.now()}")
         after = Usage.now()
         upstream_requests = sum(r.requests for r in s.replicas)
     gc.collect()
@@ -285,9 +287,8 @@ async def test_legitimate_calls_keep_their_p99_beside_idle_streams_and_slow_read
                     if (i + 1) % 200 == 0:
                         # In waves: gRPC core itself cancels streams that arrive faster than the server
                         # takes them (overload protection), which would make the count unreachable.
-                        opened = await settle(lambda: gauge("istioctl_proxy_streams_open") >= len(attack),
-                                              timeout=60)
-                        assert opened, (len(attack), gauge("istioctl_proxy_streams_open"))
+                        await until(lambda: gauge("istioctl_proxy_streams_open") >= len(attack),
+                                    lambda: f"{len(attack)} streams open: {gauge('istioctl_proxy_streams_open')}")
                 slow_conn = conns[-1]
                 big = _req(SYNCZ).SerializeToString()  # the whole mesh, with the 4 MiB proxy
                 for _ in range(SLOW_READERS):
@@ -298,9 +299,8 @@ async def test_legitimate_calls_keep_their_p99_beside_idle_streams_and_slow_read
                         why = f"{await call.code()}: {await call.details()}"
                         raise AssertionError(f"slow reader refused: {why}") from None
                     attack.append(call)
-                opened = await settle(lambda: gauge("istioctl_proxy_streams_open") >= IDLE_STREAMS + SLOW_READERS,
-                                      timeout=120)
-                assert opened, gauge("istioctl_proxy_streams_open")
+                await until(lambda: gauge("istioctl_proxy_streams_open") >= IDLE_STREAMS + SLOW_READERS,
+                            lambda: f"every attack stream open: {gauge('istioctl_proxy_streams_open')}")
                 under_attack = Tally()
                 queued: list[float] = []
 

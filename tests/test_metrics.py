@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Mapping
 
 import aiohttp
@@ -23,6 +22,7 @@ from istioctl_proxy.sim.pki import write_file
 from . import ads_client
 from .ads_client import ads_call
 from .helpers import stack
+from .waits import until
 
 Samples = Mapping[tuple[str, frozenset[tuple[str, str]]], float]
 ANY_PORT = "127.0.0.1:0"
@@ -44,14 +44,15 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-async def eventually(port: int, name: str, expected: float, timeout: float = 10.0, **labels: str) -> Samples:
-    deadline = time.monotonic() + timeout
-    while True:
+async def eventually(port: int, name: str, expected: float, **labels: str) -> Samples:
+    """The scraped samples once `name{labels}` reads `expected`."""
+
+    async def reached() -> tuple[Samples] | None:
         samples = await scrape(port)
-        if value(samples, name, **labels) == expected or time.monotonic() > deadline:
-            assert value(samples, name, **labels) == expected, (name, labels)
-            return samples
-        await asyncio.sleep(0.05)
+        return (samples,) if value(samples, name, **labels) == expected else None
+
+    (samples,) = await until(reached, f"{name}{labels or ''} to read {expected}")
+    return samples
 
 
 async def test_call_and_upstream_metrics_move_with_traffic() -> None:

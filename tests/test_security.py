@@ -44,7 +44,8 @@ from istioctl_proxy.tls import CertificateReloader, ServingTLS
 from . import ads_client
 from .ads_client import DELTA, SOTW, ads_call, bearer
 from .helpers import ADMIN_TOKEN, TOKENS, Stack, stack
-from .reliability import record_figures, settle
+from .reliability import record_figures
+from .waits import until
 
 FIGURES: dict[str, int] = {}
 
@@ -447,7 +448,7 @@ async def test_nothing_of_an_aborted_stream_stays_referenced() -> None:
                               (b"\xff\xff", grpc.StatusCode.INVALID_ARGUMENT)):
                 out = await ads_call(ch, [req], metadata=bearer(ADMIN_TOKEN))
                 assert out.code == code, out
-                assert await settle(lambda: not _server_frames(), timeout=5), _server_frames()
+                await until(lambda: not _server_frames(), lambda: f"server frames to be freed: {_server_frames()}")
 
 
 # -- Replicas' error texts (issue 10 item 4) ---------------------------------------------------------------------

@@ -26,7 +26,7 @@ from istioctl_proxy.sim.simulator import SimProxy, make_mesh
 from . import ads_client
 from .ads_client import DELTA, SOTW, ads_call, bearer
 from .helpers import ADMIN_TOKEN, TOKENS, Stack, make_pki, stack
-from .reliability import settle
+from .waits import until
 
 
 async def test_health_and_reflection_are_served() -> None:
@@ -192,7 +192,7 @@ async def test_slow_readers_are_cut_and_others_are_unaffected() -> None:
                 call = slow_ch.stream_stream(SOTW)(metadata=bearer(ADMIN_TOKEN), timeout=60)
                 await call.write(_syncz().SerializeToString())  # a 6 MiB answer, never read
                 slow.append(call)
-            assert await settle(lambda: _metric(s, "istioctl_proxy_send_queued_bytes") == 6 << 20)
+            await until(lambda: _metric(s, "istioctl_proxy_send_queued_bytes") == 6 << 20, "6 MiB queued")
             # One answer fills the 6 MiB budget; the others wait, so the budget is never exceeded. A caller who
             # reads gets its small answer once the stalled stream is cut.
             small = s.replicas[1].proxies[0].id
@@ -210,7 +210,7 @@ async def test_slow_readers_are_cut_and_others_are_unaffected() -> None:
                         pass
                 codes.append(await call.code())
             assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
-            assert await settle(lambda: _metric(s, "istioctl_proxy_send_queued_bytes") == 0)
+            await until(lambda: _metric(s, "istioctl_proxy_send_queued_bytes") == 0, "the send queue to empty")
 
 
 async def test_an_answer_not_read_within_the_send_timeout_is_cut() -> None:
@@ -220,8 +220,8 @@ async def test_an_answer_not_read_within_the_send_timeout_is_cut() -> None:
         async with grpc.aio.insecure_channel(s.address, options=NOT_READING) as ch:
             call = ch.stream_stream(SOTW)(metadata=bearer(ADMIN_TOKEN), timeout=60)
             await call.write(_syncz().SerializeToString())
-            assert await settle(lambda: _metric(s, "istioctl_proxy_streams_cut_total", reason="send_timeout") == 1)
-            assert await settle(lambda: _metric(s, "istioctl_proxy_streams_open") == 0)
+            await until(lambda: _metric(s, "istioctl_proxy_streams_cut_total", reason="send_timeout") == 1, "the cut")
+            await until(lambda: _metric(s, "istioctl_proxy_streams_open") == 0, "no stream left open")
             with contextlib.suppress(grpc.aio.AioRpcError):
                 while await call.read() is not grpc.aio.EOF:
                     pass

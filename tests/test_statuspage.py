@@ -19,11 +19,12 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.ui import Select, WebDriverWait
+from selenium.webdriver.support.ui import Select
 
 from istioctl_proxy.sim.simulator import SimProxy, SimReplica, make_mesh
 
 from .helpers import TOKENS, stack
+from .waits import until_sync
 
 SCREENSHOT = pathlib.Path(__file__).resolve().parent.parent / "docs" / "status-page.png"
 ANY_PORT = "127.0.0.1:0"
@@ -78,8 +79,9 @@ def rows(driver: WebDriver, table: str) -> list[dict[str, str]]:
     return result
 
 
-def wait_rows(driver: WebDriver, table: str, count: int, timeout: float = 15.0) -> list[dict[str, str]]:
-    WebDriverWait(driver, timeout).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")) == count)
+def wait_rows(driver: WebDriver, table: str, count: int) -> list[dict[str, str]]:
+    until_sync(lambda: len(driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")) == count,
+               f"{count} rows in #{table}", step=0.05)
     return rows(driver, table)
 
 
@@ -126,7 +128,7 @@ async def test_status_page_renders_mesh_filters_and_screenshot(browser: WebDrive
         mesh[2].faults.fail_code = grpc.StatusCode.UNAVAILABLE
 
         def shows_error() -> None:
-            WebDriverWait(browser, 20).until(lambda d: "ERROR" in rows(d, "replicas")[2]["cells"])
+            until_sync(lambda: "ERROR" in rows(browser, "replicas")[2]["cells"], "replica 2 shown in ERROR", step=0.05)
             assert "UNAVAILABLE" in rows(browser, "replicas")[2]["cells"]
             wait_rows(browser, "proxies", 24 - len(mesh[2].proxies))
 

@@ -16,7 +16,8 @@ from istioctl_proxy.tls import UpstreamTLS
 from istioctl_proxy.upstream import UpstreamPool
 
 from . import ads_client
-from .helpers import ADMIN_TOKEN, EVENT_TIMEOUT, TOKENS, stack, until
+from .helpers import ADMIN_TOKEN, TOKENS, stack
+from .waits import EVENT_TIMEOUT, until
 
 
 def _served_cert(port: int) -> bytes:
@@ -81,8 +82,7 @@ async def test_dns_discovery_follows_changes_and_survives_outage() -> None:
         assert [r.address for r in held] == ["127.0.0.2:15012", "127.0.0.3:15012"]
         resolver.records = []  # DNS outage: keep the last known set
         calls = resolver.calls
-        while resolver.calls < calls + 3:
-            await asyncio.sleep(0.05)
+        await until(lambda: resolver.calls >= calls + 3, "three resolutions during the outage")
         assert len(rs.current()) == 2
         assert all(r.source == "dns:istiod-headless.istio-system.svc:15012" for r in rs.current())
     finally:
@@ -106,8 +106,7 @@ async def test_sources_merge_without_duplicates() -> None:
     rs = ReplicaSet([StaticSource(["10.0.0.1:15012", "10.0.0.2:15012"]), StaticSource(["10.0.0.2:15012"], name="b")])
     await rs.start()
     try:
-        while len(rs.current()) < 2:
-            await asyncio.sleep(0.01)
+        await until(lambda: len(rs.current()) >= 2, "both sources")
         assert [r.address for r in rs.current()] == ["10.0.0.1:15012", "10.0.0.2:15012"]
     finally:
         await rs.stop()

@@ -20,7 +20,8 @@ from istioctl_proxy.sim.simulator import SimReplica, build_simulator_server, mak
 from istioctl_proxy.tls import TokenFile, UpstreamTLS, fetch_unverified_root
 from istioctl_proxy.upstream import UpstreamError, UpstreamPool
 
-from .helpers import ADMIN_TOKEN, TOKENS, until
+from .helpers import ADMIN_TOKEN, TOKENS
+from .waits import until
 
 PLAIN = UpstreamTLS(plaintext=True)
 MiB = 1024 * 1024

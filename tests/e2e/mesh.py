@@ -23,19 +23,19 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 from istioctl_proxy.sim.pki import TestCA
 
 from ..k8s.cluster import KubeCluster
 from ..k8s.cluster import peers_missing as kube_peers_missing
+from ..waits import until_sync
 from .ads import DEFAULT_CLUSTER_ID, DEFAULT_PROXY_VERSION, SHORT_TYPES, AdsClient, XdsState, node_id
 from .jwt_issuer import JwtIssuer
 
@@ -44,7 +44,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PEERS_DIR = Path(os.environ.get("ISTIOCTL_PROXY_E2E_PEERS_DIR", REPO_ROOT / ".peers"))
 ISTIO_NAMESPACE = "istio-system"
 DEFAULT_BASE_PORT = int(os.environ.get("ISTIOCTL_PROXY_E2E_BASE_PORT", "25000"))
-T = TypeVar("T")
 
 
 class PeersMissingError(RuntimeError):
@@ -135,34 +134,6 @@ def _base_env(home: Path) -> dict[str, str]:
     env = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR") if k in os.environ}
     env["HOME"] = str(home)
     return env
-
-
-def wait_until(predicate: Callable[[], T], timeout_s: float, interval: float = 0.1, what: str = "condition") -> T:
-    """Poll predicate until it returns a truthy value (returned) or raise TimeoutError."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval)
-
-
-async def async_wait_until(
-    predicate: Callable[[], Any], timeout_s: float, interval: float = 0.1, what: str = "condition"
-) -> Any:
-    """Like wait_until, for predicates that are coroutine functions (or plain callables)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
@@ -345,7 +316,7 @@ class IstiodReplica:
             return self.ready()
 
         try:
-            wait_until(check, timeout_s, interval=0.2, what=f"{self.pod_name} /ready")
+            until_sync(check, f"{self.pod_name} /ready", timeout_s, step=0.2)
         except TimeoutError as e:
             raise TimeoutError(f"{e}; log tail:\n{self.log_tail()}") from None
 
@@ -574,7 +545,7 @@ class EnvoyProxy:
             "info",
         ]
         self._proc = _spawn(argv, env=_base_env(self.workdir), cwd=self.workdir, log=self.log_path)
-        wait_until(self._admin_up, timeout_s, what=f"envoy {self.proxy_id} admin")
+        until_sync(self._admin_up, f"envoy {self.proxy_id} admin", timeout_s)
         return self
 
     def _admin_up(self) -> bool:

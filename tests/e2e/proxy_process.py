@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from istioctl_proxy.app import free_port
+
+from ..waits import until_sync
 
 
 class ProxyProcess:
@@ -30,11 +31,14 @@ class ProxyProcess:
             stderr=subprocess.STDOUT,
             env={**os.environ, "HOME": str(self.workdir)},
         )
-        deadline = time.monotonic() + timeout_s
-        while "serving ADS" not in self.log():
-            if self._proc.poll() is not None or time.monotonic() > deadline:
+        proc = self._proc
+
+        def serving() -> bool:
+            if proc.poll() is not None:
                 raise RuntimeError(f"istioctl-proxy did not start:\n{self.log()}")
-            time.sleep(0.05)
+            return "serving ADS" in self.log()
+
+        until_sync(serving, lambda: f"istioctl-proxy to serve:\n{self.log()}", timeout_s, step=0.05)
         return self
 
     def log(self) -> str:

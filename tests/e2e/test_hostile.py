@@ -22,9 +22,10 @@ from istioctl_proxy.policy import CONFIG_DUMP, DEBUG, SYNCZ
 
 from .. import ads_client
 from ..ads_client import Outcome, ads_call
+from ..waits import until, until_sync
 from .ads import CDS, LDS, AdsClient, XdsState, close_clients, start_clients
 from .jwt_issuer import JwtIssuer
-from .mesh import SIDECAR_NAMESPACE, EnvoyProxy, Istioctl, Mesh, async_wait_until, wait_until
+from .mesh import SIDECAR_NAMESPACE, EnvoyProxy, Istioctl, Mesh
 from .proxy_process import ProxyProcess
 
 pytestmark = pytest.mark.e2e
@@ -79,7 +80,7 @@ async def population(mesh: Mesh) -> AsyncIterator[list[AdsClient]]:
             seen |= set(r.proxy_states())
         return {c.proxy_id for c in clients} <= seen
 
-    await async_wait_until(listed, 30, what="hostile population in syncz")
+    await until(listed, "hostile population in syncz")
     yield clients
     await close_clients(clients)
 
@@ -247,9 +248,9 @@ def test_x_ps_of_a_proxy_with_a_lookalike_uses_the_holders_config(
     mesh: Mesh, istioctl: Istioctl, proxies: dict[str, ProxyProcess], lookalike_envoys: tuple[EnvoyProxy, EnvoyProxy]
 ) -> None:
     lookalike, holder = lookalike_envoys
-    wait_until(lambda: holder.replica.proxy_states().get(holder.proxy_id) == {"CDS": "SYNCED", "LDS": "SYNCED"}, 30,
-               what=f"{holder.proxy_id} synced")  # fmt: skip
-    wait_until(lambda: lookalike.proxy_id in lookalike.replica.proxy_states(), 30, what="look-alike connected")
+    until_sync(lambda: holder.replica.proxy_states().get(holder.proxy_id) == {"CDS": "SYNCED", "LDS": "SYNCED"},
+               f"{holder.proxy_id} synced")  # fmt: skip
+    until_sync(lambda: lookalike.proxy_id in lookalike.replica.proxy_states(), "look-alike connected")
     assert holder.proxy_id == "web-1.e2e" and lookalike.proxy_id == f"web-1.{SIDECAR_NAMESPACE}"
     dump = holder.write_config_dump()
     through = ["--xds-address", proxies["identity"].address, "--cert-dir", str(mesh.admin_cert_dir)]

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from ..waits import until, until_sync
 from .ads import (
     CDS,
     DEBUG,
@@ -37,9 +38,7 @@ from .mesh import (
     Mesh,
     Peers,
     PeersMissingError,
-    async_wait_until,
     parse_table,
-    wait_until,
 )
 
 pytestmark = pytest.mark.e2e
@@ -109,9 +108,9 @@ def test_replicas_ready_on_own_addresses(mesh: Mesh) -> None:
 
 def test_envoy_router_is_synced(mesh: Mesh, istioctl: Istioctl, envoy_router: EnvoyProxy) -> None:
     replica, pid = envoy_router.replica, envoy_router.proxy_id
-    wait_until(
-        lambda: replica.proxy_states().get(pid) == {"CDS": "SYNCED", "LDS": "SYNCED"}, 30,
-        what=f"{pid} SYNCED on {replica.pod_name}: {replica.proxy_states().get(pid)}",
+    until_sync(
+        lambda: replica.proxy_states().get(pid) == {"CDS": "SYNCED", "LDS": "SYNCED"},
+        f"{pid} SYNCED on {replica.pod_name}: {replica.proxy_states().get(pid)}",
     )  # fmt: skip
     rows = {r["NAME"]: r for r in ps(istioctl, mesh, replica, "-v", "1")}
     row = rows[pid]
@@ -125,7 +124,7 @@ def test_envoy_router_is_synced(mesh: Mesh, istioctl: Istioctl, envoy_router: En
 def test_istioctl_ps_diff_of_envoy_config_dump(mesh: Mesh, istioctl: Istioctl, envoy_router: EnvoyProxy) -> None:
     """`ps <pod>.<ns> --file dump` fetches istiod's config_dump for the proxy and diffs it with Envoy's."""
     replica, pid = envoy_router.replica, envoy_router.proxy_id
-    wait_until(lambda: replica.proxy_states().get(pid) == {"CDS": "SYNCED", "LDS": "SYNCED"}, 30, what="synced")
+    until_sync(lambda: replica.proxy_states().get(pid) == {"CDS": "SYNCED", "LDS": "SYNCED"}, "synced")
     dump = envoy_router.write_config_dump()
     rc, out, err = istioctl.run(
         "x", "ps", pid, "--file", dump, *mesh.istioctl_xds_args(replica), "-r", "default", timeout_s=60
@@ -136,9 +135,9 @@ def test_istioctl_ps_diff_of_envoy_config_dump(mesh: Mesh, istioctl: Istioctl, e
 
 def test_envoy_sidecar_nacks(mesh: Mesh, istioctl: Istioctl, envoy_sidecar: EnvoyProxy) -> None:
     replica, pid = envoy_sidecar.replica, envoy_sidecar.proxy_id
-    wait_until(
-        lambda: replica.proxy_states().get(pid) == {"CDS": "ERROR", "LDS": "ERROR"}, 30,
-        what=f"{pid} CDS+LDS NACK on {replica.pod_name}",
+    until_sync(
+        lambda: replica.proxy_states().get(pid) == {"CDS": "ERROR", "LDS": "ERROR"},
+        f"{pid} CDS+LDS NACK on {replica.pod_name}",
     )  # fmt: skip
     rows = {r["NAME"]: r for r in ps(istioctl, mesh, replica, "-v", "1")}
     assert rows[pid]["LDS"].startswith("ERROR") and rows[pid]["CDS"].startswith("ERROR"), rows[pid]
@@ -187,7 +186,7 @@ async def test_python_client_states(mesh: Mesh, istioctl: Istioctl) -> None:
             rows = {p.proxy_id: p for p in await admin_syncz(mesh, replica)}
             return all(rows.get(pid) and rows[pid].status == {"CDS": v, "LDS": v} for pid, v in expected.items())
 
-        await async_wait_until(settled, 20, what="client states in syncz")
+        await until(settled, "client states in syncz")
         rows = {p.proxy_id: p for p in await admin_syncz(mesh, replica)}
         assert rows["state-error.team-a"].errors["LDS"].startswith("e2e NACK")
 
@@ -295,7 +294,7 @@ async def test_replica_kill_and_restart(mesh: Mesh) -> None:
     try:
         replica.kill()
         assert not replica.is_running()
-        await async_wait_until(lambda: client.error is not None, 10, what="stream broken by the kill")
+        await until(lambda: client.error is not None, "stream broken by the kill")
         assert client.error.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[union-attr]
     finally:
         await client.close()

@@ -15,9 +15,10 @@ from istioctl_proxy import client
 from istioctl_proxy.policy import CONFIG_DUMP, DEBUG, SYNCZ
 
 from .. import ads_client
+from ..waits import until
 from .ads import CDS, LDS, AdsClient, XdsState, close_clients, start_clients
 from .jwt_issuer import JwtIssuer
-from .mesh import Mesh, async_wait_until
+from .mesh import Mesh
 from .proxy_process import ProxyProcess
 from .test_hostile import SCOPED_NS, _proxy
 
@@ -44,8 +45,8 @@ async def crafted_proxy(mesh: Mesh) -> AsyncIterator[AdsClient]:
     ads.node.id = f"sidecar~127.0.0.1~{CRAFTED_ID}~{SCOPED_NS}.svc.cluster.local"
     control = mesh.ads_client(replica, "control", SCOPED_NS, {CDS: XdsState.SYNCED, LDS: XdsState.SYNCED})
     await start_clients([ads, control])
-    await async_wait_until(lambda: {CRAFTED_ID, CONTROL_ID} <= set(replica.proxy_states()), 30,
-                           what="crafted and control proxies in syncz")
+    await until(lambda: {CRAFTED_ID, CONTROL_ID} <= set(replica.proxy_states()),
+                "crafted and control proxies in syncz")
     yield ads
     await close_clients([ads, control])
 
@@ -92,7 +93,7 @@ async def namespace_less_proxy(mesh: Mesh) -> AsyncIterator[AdsClient]:
     ads.node.id = f"sidecar~127.0.0.1~{SPOOF_ID}~{SCOPED_NS}.svc.cluster.local"
     del ads.node.metadata.fields["NAMESPACE"]
     await start_clients([ads])
-    await async_wait_until(lambda: SPOOF_ID in replica.proxy_states(), 30, what="namespace-less proxy in syncz")
+    await until(lambda: SPOOF_ID in replica.proxy_states(), "namespace-less proxy in syncz")
     yield ads
     await close_clients([ads])
 
@@ -147,8 +148,8 @@ async def digits_and_victim(mesh: Mesh) -> AsyncIterator[list[AdsClient]]:
     attacker.node.id = f"sidecar~127.0.0.1~{DIGITS_ID}~{SCOPED_NS}.svc.cluster.local"
     victim = mesh.ads_client(replica, "payroll", VICTIM_NS, subs)
     await start_clients([attacker, victim])
-    await async_wait_until(lambda: {DIGITS_ID, victim.proxy_id} <= set(replica.proxy_states()), 30,
-                           what="digit-id and victim proxies in syncz")
+    await until(lambda: {DIGITS_ID, victim.proxy_id} <= set(replica.proxy_states()),
+                "digit-id and victim proxies in syncz")
     yield [attacker, victim]
     await close_clients([attacker, victim])
 

@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 from istioctl_proxy.fanout import connection_broke
 from istioctl_proxy.sim.simulator import SimProxy, SimReplica, _Abort, _Crash
 
+from ..waits import until
 from .ads import (
     CDS,
     CONFIG_DUMP,
@@ -32,7 +33,7 @@ from .ads import (
     start_clients,
     tls_channel,
 )
-from .mesh import EnvoyProxy, Mesh, async_wait_until
+from .mesh import EnvoyProxy, Mesh
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +61,7 @@ async def real(mesh: Mesh) -> AsyncIterator[tuple[Mesh, list[AdsClient]]]:
     async def settled() -> bool:
         return r.proxy_states().get("fid-error.team-f", {}).get("CDS") == "ERROR"
 
-    await async_wait_until(settled, 30, what="fidelity proxies settled")
+    await until(settled, "fidelity proxies settled")
     yield mesh, clients
     await close_clients(clients)
 
@@ -237,7 +238,7 @@ async def test_unparsable_debug_names_break_both(mesh: Mesh, name: str) -> None:
         # The connection died under the request (no status from istiod): what fanout.connection_broke reads.
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
         assert connection_broke(err.value.code(), err.value.details() or ""), err.value.details()
-        await async_wait_until(lambda: not victim.is_running(), 20, what=f"{victim.pod_name} exits")
+        await until(lambda: not victim.is_running(), f"{victim.pod_name} exits")
         assert "nil pointer dereference" in victim.log_tail(200)
     finally:
         victim.restart(graceful=False)

@@ -23,9 +23,10 @@ from lightkube.resources.core_v1 import ServiceAccount
 from istioctl_proxy import client
 
 from .. import ads_client
+from ..waits import until, until_sync
 from .ads import CDS, LDS, AdsClient, XdsState, close_clients, start_clients
 from .jwt_issuer import JwtIssuer
-from .mesh import EnvoyProxy, Istioctl, Mesh, Peers, async_wait_until, parse_table, wait_until
+from .mesh import EnvoyProxy, Istioctl, Mesh, Peers, parse_table
 from .proxy_process import ProxyProcess
 
 pytestmark = pytest.mark.e2e
@@ -131,7 +132,7 @@ async def _settled(mesh: Mesh, fleet: list[AdsClient]) -> None:
             "ERROR" in states[c.proxy_id].values() for c in fleet if XdsState.ERROR in c.types.values()
         )
 
-    await async_wait_until(ready, 30, what="fleet registered on every replica")
+    await until(ready, "fleet registered on every replica")
 
 
 async def test_x_ps_lists_every_proxy_once_as_the_replicas_do(
@@ -188,7 +189,7 @@ def test_x_ps_of_one_proxy_on_the_last_replica_compares_like_direct(
     mesh: Mesh, istioctl: Istioctl, identity_proxy: ProxyProcess, envoy_last: EnvoyProxy
 ) -> None:
     replica, pid = envoy_last.replica, envoy_last.proxy_id
-    wait_until(lambda: replica.proxy_states().get(pid) == {"CDS": "SYNCED", "LDS": "SYNCED"}, 30, what="synced")
+    until_sync(lambda: replica.proxy_states().get(pid) == {"CDS": "SYNCED", "LDS": "SYNCED"}, "synced")
     dump = envoy_last.write_config_dump()
     direct = istioctl.run("x", "ps", pid, "--file", dump, *mesh.istioctl_xds_args(replica), "-r", "default")
     proxied = istioctl.run("x", "ps", pid, "--file", dump, *_through(identity_proxy, mesh), "-r", "default")

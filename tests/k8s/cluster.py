@@ -24,7 +24,6 @@ import socket
 import ssl
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -36,6 +35,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from istioctl_proxy.sim.pki import CLIENT_AUTH, SERVER_AUTH, Leaf, TestCA, private_pem, write_file
+
+from ..waits import EVENT_TIMEOUT, until_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".peers" / "bin"
@@ -162,18 +163,18 @@ class _Process:
         return ""
 
     def _wait(self, check: Any, what: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
+        last = [""]
+
+        def done() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if check():
-                    return
+                return bool(check())
             except (OSError, urllib.error.URLError, ssl.SSLError) as e:
-                last = str(e)
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.name} not {what} after {timeout:.0f}s ({last}):\n{self.log_tail()}")
+                last[0] = str(e)
+                return False
+
+        until_sync(done, lambda: f"{self.name} {what} ({last[0]}):\n{self.log_tail()}", timeout, step=0.2)
 
 
 class Etcd(_Process):
@@ -196,7 +197,7 @@ class Etcd(_Process):
             # A throwaway store: fsync only costs time, and a test never survives a power cut.
             "--unsafe-no-fsync", "--log-level", "warn", "--quota-backend-bytes", str(2 << 30),
         ])  # fmt: skip
-        self._wait(lambda: self._post("/health", None).get("health") == "true", "healthy", 30)
+        self._wait(lambda: self._post("/health", None).get("health") == "true", "healthy", EVENT_TIMEOUT)
 
     def _post(self, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
         data = None if body is None else json.dumps(body).encode()

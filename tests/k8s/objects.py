@@ -18,6 +18,8 @@ from lightkube.types import PatchType
 
 from istioctl_proxy.discovery import Replica
 
+from ..waits import EVENT_TIMEOUT
+
 ISTIOD_IMAGE = "docker.io/istio/pilot:1.30.3"  # never pulled: there is no kubelet
 
 
@@ -153,7 +155,7 @@ class Recorder:
         """pod name -> address of the latest report."""
         return {r.name: r.address for r in self.latest}
 
-    async def wait_for(self, predicate: Callable[[tuple[Replica, ...]], bool], timeout: float = 2.0) -> float:
+    async def wait_for(self, predicate: Callable[[tuple[Replica, ...]], bool], timeout: float = EVENT_TIMEOUT) -> float:
         """Wait until the latest report satisfies `predicate`; returns how long that took."""
         start = time.monotonic()
         try:
@@ -167,5 +169,5 @@ class Recorder:
             ) from None
         return time.monotonic() - start
 
-    async def wait_pods(self, expected: dict[str, str], timeout: float = 2.0) -> float:
+    async def wait_pods(self, expected: dict[str, str], timeout: float = EVENT_TIMEOUT) -> float:
         return await self.wait_for(lambda _: self.addresses() == expected, timeout)
