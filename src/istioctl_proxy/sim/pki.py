@@ -64,12 +64,11 @@ def _key_usage(*, ca: bool, key_encipherment: bool = False) -> x509.KeyUsage:
     )
 
 
-@dataclass(frozen=True)
-class Leaf:
-    """A certificate with its private key; both also as PEM bytes."""
+class _Pem:
+    """A certificate and its private key, both also as PEM bytes."""
 
     cert: x509.Certificate
-    key: PrivateKey = field(repr=False)
+    key: PrivateKey
 
     @property
     def cert_pem(self) -> bytes:
@@ -80,8 +79,16 @@ class Leaf:
         return private_pem(self.key)
 
 
+@dataclass(frozen=True)
+class Leaf(_Pem):
+    """A certificate with its private key; both also as PEM bytes."""
+
+    cert: x509.Certificate
+    key: PrivateKey = field(repr=False)
+
+
 @dataclass
-class TestCA:
+class TestCA(_Pem):
     """A root CA in memory; `key_type` is used for the root and every leaf it issues."""
 
     __test__ = False  # not a pytest test class, despite the name
@@ -116,14 +123,6 @@ class TestCA:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
             .sign(self.key, hashes.SHA256())
         )
-
-    @property
-    def cert_pem(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.PEM)
-
-    @property
-    def key_pem(self) -> bytes:
-        return private_pem(self.key)
 
     def issue(
         self,
