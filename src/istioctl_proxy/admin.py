@@ -127,7 +127,7 @@ class Readiness:
         elif up:
             whys = "; ".join(f"{p.replica.label}: {p.why}" for p in probes if p.replica.revision in dark)
             await self._set(False, f"no reachable replica of revision {', '.join(r or '(none)' for r in dark)} "
-                                   f"(--ready-policy every-revision){per_revision}" + (f": {whys}" if whys else ""))
+                                   f"(--ready-policy every-revision)" + (f" [{whys}]" if whys else "") + per_revision)
         else:
             whys = "; ".join(f"{p.replica.label}: {p.why}" for p in probes)
             await self._set(False, f"none of the {len(probes)} known istiod replicas is reachable: {whys}")
