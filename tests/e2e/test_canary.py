@@ -21,7 +21,7 @@ from istioctl_proxy.config import Config, validate
 from istioctl_proxy.kubernetes import load_kube_target
 from istioctl_proxy.tls import diagnose_upstream
 
-from ..k8s.objects import create_istiod_pod, force_delete_pod
+from ..k8s.objects import create_istiod_pod, ensure_namespace, force_delete_pod
 from .ads import CDS, LDS, AdsClient, XdsState, close_clients, start_clients
 from .jwt_issuer import JwtIssuer
 from .mesh import ISTIO_NAMESPACE, IstiodReplica, Mesh, Peers, async_wait_until, http_get, parse_table
@@ -82,20 +82,21 @@ async def start(proxies: list[Proxy], cfg: Config) -> Proxy:
     return proxy
 
 
-def admin(proxy: Proxy, path: str) -> tuple[int, str]:
-    status, body = http_get(f"http://127.0.0.1:{proxy.admin_port}{path}")
+async def admin(proxy: Proxy, path: str) -> tuple[int, str]:
+    # In a thread: the proxy's admin server runs on this very event loop.
+    status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{proxy.admin_port}{path}")
     return status, body.decode()
 
 
-def status_page(proxy: Proxy) -> dict[str, Any]:
-    status, body = admin(proxy, "/api/status")
+async def status_page(proxy: Proxy) -> dict[str, Any]:
+    status, body = await admin(proxy, "/api/status")
     assert status == 200, body
     data: dict[str, Any] = json.loads(body)
     return data
 
 
-def metric(proxy: Proxy, name: str, **labels: str) -> float | None:
-    _, text = admin(proxy, "/metrics")
+async def metric(proxy: Proxy, name: str, **labels: str) -> float | None:
+    _, text = await admin(proxy, "/metrics")
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     for line in text.splitlines():
         m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
@@ -170,7 +171,7 @@ async def test_two_revisions_one_view_and_a_proxy_moving_over(
                                WAIT, what="the move in istiod's own syncz")
         names = [r["NAME"] for r in await ps(canary_mesh, proxy)]
         assert names.count(mover.proxy_id) == 1, names
-        page = status_page(proxy)
+        page = await status_page(proxy)
         row = next(p for p in page["proxies"] if p["id"] == mover.proxy_id)
         assert row["istiod"] == canary.pod_name, row  # on the canary, not on the default revision
         revisions = {r["address"]: r["revision"] for r in page["replicas"]}
@@ -179,10 +180,10 @@ async def test_two_revisions_one_view_and_a_proxy_moving_over(
             "default": (1, 1), REV: (1, 1)}
 
         # Readiness, /readyz and metrics per revision.
-        status, text = admin(proxy, "/readyz")
+        status, text = await admin(proxy, "/readyz")
         assert status == 200 and f"revision {REV}: 1 of 1" in text and "revision default: 1 of 1" in text, text
         for rev in ("default", REV):
-            assert metric(proxy, "istioctl_proxy_revision_replicas_healthy", revision=rev) == 1.0
+            assert await metric(proxy, "istioctl_proxy_revision_replicas_healthy", revision=rev) == 1.0
 
         # x version: the control plane version(s) present (one binary here: one version).
         rc, out, err = await canary_mesh.istioctl.arun(
@@ -209,11 +210,11 @@ async def test_a_replica_presenting_another_revisions_certificate_is_refused(
     assert not probe.up and f"not istiod-{REV}.{ISTIO_NAMESPACE}.svc" in probe.why, probe
     assert proxy.admin.readiness.probes[canary.secure_address].up
     # Listed revision "default" has no replica: not ready under the default policy, and /readyz says why.
-    status, text = admin(proxy, "/readyz")
+    status, text = await admin(proxy, "/readyz")
     assert status == 503 and "no reachable replica of revision default" in text, text
-    assert (metric(proxy, "istioctl_proxy_upstream_tls_refused_total", revision=REV, reason="san") or 0) >= 1
+    assert (await metric(proxy, "istioctl_proxy_upstream_tls_refused_total", revision=REV, reason="san") or 0) >= 1
     # The status page shows the refusal on that replica's row.
-    row = next(r for r in status_page(proxy)["replicas"] if r["address"] == default.secure_address)
+    row = next(r for r in (await status_page(proxy))["replicas"] if r["address"] == default.secure_address)
     assert row["health"] in ("ERROR", "UNREACHABLE") and row["error"], row
     # Calls never reach the impostor: its proxies are not in the answer, the partial answer says why.
     client = canary_mesh.ads_client(default, "only-on-default", "team-a", SYNCED)
@@ -234,6 +235,7 @@ async def test_kubernetes_follows_every_revision_and_the_old_one_leaves_cleanly(
     assert canary_mesh.kube is not None
     kubeconfig = canary_mesh.kube.apiserver.admin_kubeconfig()
     kube: AsyncClient = load_kube_target(kubeconfig).client()
+    await ensure_namespace(kube, ISTIO_NAMESPACE)  # its `default` ServiceAccount: no controller manager here
     await create_istiod_pod(kube, ISTIO_NAMESPACE, "istiod-5c7", default.host, revision="default")
     await create_istiod_pod(kube, ISTIO_NAMESPACE, f"istiod-{REV}-8d2", canary.host, revision=REV)
     on_default = canary_mesh.ads_client(default, "web-0", "team-a", SYNCED)
@@ -273,8 +275,8 @@ async def test_kubernetes_follows_every_revision_and_the_old_one_leaves_cleanly(
         await async_wait_until(lambda: follow.admin.readiness.by_revision == {REV: (1, 1)}, WAIT,
                                what="a probe after the change")
         assert follow.admin.readiness.ready
-        assert metric(follow, "istioctl_proxy_revision_replicas_known", revision="default") is None
-        assert [r["revision"] for r in status_page(follow)["replicas"]] == [REV]
+        assert await metric(follow, "istioctl_proxy_revision_replicas_known", revision="default") is None
+        assert [r["revision"] for r in (await status_page(follow))["replicas"]] == [REV]
         # A listed revision with no replica: not ready (drop it from --revision), unless any-replica.
         await async_wait_until(lambda: listed.admin.readiness.by_revision.get("default") == (0, 0), WAIT,
                                what="a probe after the change")
