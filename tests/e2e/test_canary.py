@@ -19,13 +19,13 @@ from lightkube import AsyncClient
 from istioctl_proxy.app import Proxy
 from istioctl_proxy.config import Config, validate
 from istioctl_proxy.kubernetes import load_kube_target
+from istioctl_proxy.sim.pki import TestCA
 from istioctl_proxy.tls import diagnose_upstream
 
 from ..k8s.objects import create_istiod_pod, ensure_namespace, force_delete_pod
 from .ads import CDS, LDS, AdsClient, XdsState, close_clients, start_clients
 from .jwt_issuer import JwtIssuer
 from .mesh import ISTIO_NAMESPACE, IstiodReplica, Mesh, Peers, async_wait_until, http_get, parse_table
-from .pki import TestCA
 
 pytestmark = pytest.mark.e2e
 
