@@ -105,9 +105,10 @@ async def metric(proxy: Proxy, name: str, **labels: str) -> float | None:
     return None
 
 
-async def ps(mesh: Mesh, proxy: Proxy, *args: str) -> list[dict[str, str]]:
+async def ps(mesh: Mesh, proxy: Proxy, *args: str, cert_dir: Path | None = None) -> list[dict[str, str]]:
     rc, out, err = await mesh.istioctl.arun("x", "ps", "--xds-address", f"127.0.0.1:{proxy.port}", "--cert-dir",
-                                            str(mesh.admin_cert_dir), "-r", "default", *args, timeout_s=60)
+                                            str(cert_dir or mesh.admin_cert_dir), "-r", "default", *args,
+                                            timeout_s=60)
     assert rc == 0, f"istioctl x ps failed ({rc}):\n{err}\n{out}"
     return parse_table(out)
 
@@ -161,6 +162,9 @@ async def test_two_revisions_one_view_and_a_proxy_moving_over(
         assert expected <= set(names) and len(names) == len(set(names)), names
         # One ISTIOD value per response (istioctl's table): the revisions that hold the listed proxies.
         assert {r["ISTIOD"] for r in rows} == {f"<external>/{REV},default"}
+        # A caller's rights do not depend on the revision: team-a sees its proxies on both, and only those.
+        team_a = await ps(canary_mesh, proxy, "-i", "team-a", cert_dir=canary_mesh.cert_dir("team-a"))
+        assert sorted(r["NAME"] for r in team_a) == ["new-0.team-a", "old-0.team-a"], team_a
 
         # The workload of old-0 restarts onto the canary: same proxy id, now held by 1-31.
         mover = on_default.pop(0)
