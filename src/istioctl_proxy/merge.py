@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -186,7 +187,8 @@ def merge_syncz(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Mer
             keep = {loc for loc in keep if _namespace(views[loc[0]].resource_any(loc[1])) == ctx.scope}
         parts = [views[vi].resource_bytes(i) for vi, i in sorted(keep)]
         count = len(parts)
-        held = [(a, sum(vi == k for k, _ in keep)) for vi, (a, _) in enumerate(good)]
+        per_replica = Counter(vi for vi, _ in keep) if ctx.istiod_column == "revision" else Counter[int]()
+        held = [(a, per_replica[vi]) for vi, (a, _) in enumerate(good)]
     ident = external_identifier([v.identifier() for v in views], shown_id(ctx, held))
     parts.append(wire.envelope(type_url=plan.type_url, version_info=_version(views), nonce=_nonce(),
                                control_plane_identifier=ident))
