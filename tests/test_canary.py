@@ -185,3 +185,17 @@ async def test_readiness_per_revision(policy: str, listed: tuple[str, ...], read
     # A revision no longer found loses its series.
     metrics.set_revisions({"1-31": (2, 2)})
     assert 'revision="default"' not in metrics.exposition("")[0].decode()
+
+
+def test_check_counts_replicas_per_revision(tmp_path: Path) -> None:
+    from istioctl_proxy.check import FAIL, OK, revisions_step
+
+    cfg = cfg_of(tmp_path, "--revision", "default,1-31", "--istiod", "10.0.0.1:15012@default")
+    one = [Replica("10.0.0.1:15012", revision="default", san=DEFAULT_SAN)]
+    step = revisions_step(cfg, one)
+    assert step.mark == FAIL and "1-31: 0 replicas, default: 1 replica; no replica of 1-31" in step.detail
+    both = [*one, Replica("10.0.0.2:15012", revision="1-31", san=CANARY_SAN)]
+    assert revisions_step(cfg, both).mark == OK
+    relaxed = cfg_of(tmp_path, "--revision", "default,1-31", "--istiod", "10.0.0.1:15012@default",
+                     "--ready-policy", "any-replica")
+    assert revisions_step(relaxed, one).mark == OK
