@@ -1461,7 +1461,9 @@ def test_kubernetes_configuration_errors_are_one_line_and_exit_2(tmp_path: Path)
         "certificate-authority": [*k8s_args, "--kubeconfig", "missing-ca.yaml"],
         "--istiod-selector/--revision: invalid label selector term": [
             *k8s_args, "--kubeconfig", "missing-ca.yaml", "--istiod-selector", "app = istiod x"],
-        "invalid label value": [*k8s_args, "--kubeconfig", "missing-ca.yaml", "--revision=-bad-"],
+        # Refused before any selector is built: a revision is a DNS label (istio.io/rev).
+        "--revision '-bad-' is not a valid istio.io/rev value": [
+            *k8s_args, "--kubeconfig", "missing-ca.yaml", "--revision=-bad-"],
         "--istio-namespace 'Istio_System' is not a valid namespace name": [
             *k8s_args, "--istio-namespace", "Istio_System"],
         "--token-review-kubeconfig empty.yaml: not a usable kubeconfig": [
