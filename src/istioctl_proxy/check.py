@@ -545,4 +545,4 @@ def _summary(report: Report) -> None:
         print(f"\nall {checked} checks passed", file=report.out, flush=True)
 
 
-__all__ = ["Report", "Step", "run_check", "san_matches"]
+__all__ = ["Report", "Step", "revisions_step", "run_check", "san_matches"]

@@ -132,6 +132,7 @@ class StaticSource:
     per_replica_san: bool = False  # several revisions: each replica gets its revision's SAN
 
     def replicas(self) -> list[Replica]:
+        """The replicas the entries stand for, each with its revision and SAN."""
         out = []
         for value in self.addresses:
             entry = parse_entry(value)
@@ -172,6 +173,7 @@ class DnsSource:
         return f"dns:{self.target}"
 
     def replica(self, ip: str, port: int) -> Replica:
+        """The replica at one resolved address, with the entry's revision and SAN."""
         return entry_replica(parse_entry(self.target), join_host_port(ip, port), self.name,
                              namespace=self.namespace, revision=self.revision,
                              per_replica_san=self.per_replica_san)
@@ -272,6 +274,7 @@ class ReplicaSet:
 
 __all__ = [
     "DnsSource",
+    "Entry",
     "Listener",
     "OnChange",
     "Replica",
@@ -279,7 +282,10 @@ __all__ = [
     "ReplicaSource",
     "Resolver",
     "StaticSource",
+    "entry_replica",
+    "istiod_san",
     "join_host_port",
+    "parse_entry",
     "resolve_all",
     "split_host_port",
 ]

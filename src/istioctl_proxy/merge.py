@@ -403,4 +403,5 @@ __all__ = [
     "external_identifier",
     "merge",
     "merge_syncz_fast",
+    "shown_id",
 ]
