@@ -23,15 +23,15 @@ from istioctl_proxy.sim.pki import TestCA
 from istioctl_proxy.tls import diagnose_upstream
 
 from ..k8s.objects import create_istiod_pod, ensure_namespace, force_delete_pod
+from ..waits import until
 from .ads import CDS, LDS, AdsClient, XdsState, close_clients, start_clients
 from .jwt_issuer import JwtIssuer
-from .mesh import ISTIO_NAMESPACE, IstiodReplica, Mesh, Peers, async_wait_until, http_get, parse_table
+from .mesh import ISTIO_NAMESPACE, IstiodReplica, Mesh, Peers, http_get, parse_table
 
 pytestmark = pytest.mark.e2e
 
 REV = "1-31"
 SYNCED = {CDS: XdsState.SYNCED, LDS: XdsState.SYNCED}
-WAIT = 60.0  # a backstop: every wait below ends on an event (a probe, a watch, a syncz) long before
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def holds(replica: IstiodReplica, proxy_id: str) -> bool:
 
 
 async def ready(proxy: Proxy) -> None:
-    await async_wait_until(lambda: proxy.admin.readiness.ready, WAIT, what="proxy ready")
+    await until(lambda: proxy.admin.readiness.ready, "proxy ready")
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -171,8 +171,8 @@ async def test_two_revisions_one_view_and_a_proxy_moving_over(
         await mover.close()
         moved = canary_mesh.ads_client(canary, mover.pod, mover.namespace, SYNCED)
         await moved.start()
-        await async_wait_until(lambda: not holds(default, mover.proxy_id) and holds(canary, mover.proxy_id),
-                               WAIT, what="the move in istiod's own syncz")
+        await until(lambda: not holds(default, mover.proxy_id) and holds(canary, mover.proxy_id),
+                    "the move in istiod's own syncz")
         names = [r["NAME"] for r in await ps(canary_mesh, proxy)]
         assert names.count(mover.proxy_id) == 1, names
         page = await status_page(proxy)
@@ -207,9 +207,8 @@ async def test_a_replica_presenting_another_revisions_certificate_is_refused(
         canary_mesh, tmp_path, revision=f"default,{REV}",
         istiod=(f"{default.secure_address}@{REV}", f"{canary.secure_address}@{REV}"),
     ))  # fmt: skip
-    await async_wait_until(lambda: "TLS refused" in proxy.admin.readiness.reason or
-                           any("TLS refused" in p.why for p in proxy.admin.readiness.probes.values()),
-                           WAIT, what="the refusal at a readiness probe")
+    await until(lambda: any("TLS refused" in p.why for p in proxy.admin.readiness.probes.values()),
+                "the refusal at a readiness probe")
     probe = proxy.admin.readiness.probes[default.secure_address]
     assert not probe.up and f"not istiod-{REV}.{ISTIO_NAMESPACE}.svc" in probe.why, probe
     assert proxy.admin.readiness.probes[canary.secure_address].up
@@ -270,24 +269,21 @@ async def test_kubernetes_follows_every_revision_and_the_old_one_leaves_cleanly(
         await on_default.close()
         default.stop()
         for proxy in (follow, listed, anyone):
-            await async_wait_until(lambda p=proxy: [r.revision for r in p.replicas.current()] == [REV], WAIT,
-                                   what="the old revision gone from discovery")
+            await until(lambda p=proxy: [r.revision for r in p.replicas.current()] == [REV],
+                        "the old revision gone from discovery")
         rows = await ps(canary_mesh, follow)
         assert "web-0.team-a" not in {r["NAME"] for r in rows} and "web-1.team-a" in {r["NAME"] for r in rows}
         assert {r["ISTIOD"] for r in rows} == {f"<external>/{REV}"}
         # Following every revision: ready, and the old revision's series and rows are gone.
-        await async_wait_until(lambda: follow.admin.readiness.by_revision == {REV: (1, 1)}, WAIT,
-                               what="a probe after the change")
+        await until(lambda: follow.admin.readiness.by_revision == {REV: (1, 1)}, "a probe after the change")
         assert follow.admin.readiness.ready
         assert await metric(follow, "istioctl_proxy_revision_replicas_known", revision="default") is None
         assert [r["revision"] for r in (await status_page(follow))["replicas"]] == [REV]
         # A listed revision with no replica: not ready (drop it from --revision), unless any-replica.
-        await async_wait_until(lambda: listed.admin.readiness.by_revision.get("default") == (0, 0), WAIT,
-                               what="a probe after the change")
+        await until(lambda: listed.admin.readiness.by_revision.get("default") == (0, 0), "a probe after the change")
         assert not listed.admin.readiness.ready
         assert "no reachable replica of revision default" in listed.admin.readiness.reason
-        await async_wait_until(lambda: anyone.admin.readiness.by_revision.get("default") == (0, 0), WAIT,
-                               what="a probe after the change")
+        await until(lambda: anyone.admin.readiness.by_revision.get("default") == (0, 0), "a probe after the change")
         assert anyone.admin.readiness.ready
     finally:
         await close_clients([on_default, on_canary])
