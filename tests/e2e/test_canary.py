@@ -7,6 +7,7 @@ REVISION=1-31 (its certificate adds `istiod-1-31.istio-system.svc`). Real istioc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -290,3 +291,47 @@ async def test_kubernetes_follows_every_revision_and_the_old_one_leaves_cleanly(
         await kube.close()
         if not default.is_running():
             await asyncio.to_thread(default.start)
+
+
+# -- two Istio versions (the version-skew builds of `scripts/install-peers matrix`) ----------------------------
+OLD_VERSION = "1.26.0"
+
+
+@pytest.fixture(scope="module")
+def two_version_mesh(
+    peers: Peers, test_ca: TestCA, jwt_issuer: JwtIssuer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Mesh]:
+    """The old release as the default revision (127.0.0.44), the pinned build as the 1-31 canary (.45)."""
+    old = peers.pilot_discovery.parents[1] / "istio" / OLD_VERSION / "bin" / "pilot-discovery"
+    if not old.is_file():
+        pytest.fail(f"Istio {OLD_VERSION} of the version-skew matrix is missing ({old}): install it with "
+                    "`scripts/install-peers matrix`; CI must run it before the e2e tests.", pytrace=False)
+    m = Mesh(tmp_path_factory.mktemp("two-version-mesh"), peers, replicas=2, first_host=44, ca=test_ca,
+             jwt_issuer=jwt_issuer, revisions=("", REV))  # fmt: skip
+    m.replicas[0].peers = dataclasses.replace(peers, pilot_discovery=old)
+    with m:
+        yield m
+
+
+async def test_two_versions_x_version_lists_each_and_every_proxy_once(
+    two_version_mesh: Mesh, proxies: list[Proxy], tmp_path: Path
+) -> None:
+    mesh = two_version_mesh
+    old, new = mesh.replicas
+    clients = [mesh.ads_client(old, "legacy-0", "team-a", SYNCED), mesh.ads_client(new, "fresh-0", "team-a", SYNCED)]
+    await start_clients(clients)
+    try:
+        proxy = await start(proxies, identity_config(
+            mesh, tmp_path, revision=f"default,{REV}", istiod_column="revision",
+            istiod=(f"{old.secure_address}@default", f"{new.secure_address}@{REV}"),
+        ))  # fmt: skip
+        await ready(proxy)
+        rows = await ps(mesh, proxy)
+        names = [r["NAME"] for r in rows]
+        assert {"legacy-0.team-a", "fresh-0.team-a"} <= set(names) and len(names) == len(set(names)), names
+        rc, out, err = await mesh.istioctl.arun(
+            "x", "version", "--xds-address", f"127.0.0.1:{proxy.port}", "--cert-dir", str(mesh.admin_cert_dir))
+        assert rc == 0, err
+        assert f"control plane version: {OLD_VERSION}, {mesh.peers.istio_version}" in out, out
+    finally:
+        await close_clients(clients)
