@@ -40,7 +40,7 @@ def test_flags_from_environment() -> None:
 SWITCHES = ("plaintext", "istiod-k8s", "istiod-plaintext", "istiod-ca-configmap", "istiod-insecure-skip-verify",
             "require-all", "upstream-identity", "token-review", "admin-status-page", "coalesce",
             "istiod-allow-loopback", "istiod-allow-host-network", "insecure-forward-tokens",
-            "admin-status-page-remote")
+            "admin-status-page-remote", "all-revisions")
 
 
 def _switch_fields(args: list[str], env: dict[str, str]) -> argparse.Namespace:

@@ -221,6 +221,36 @@ async def test_revision_selects_only_that_revisions_pods(
     assert k8s.istiod_san(ns, "default") == k8s.istiod_san(ns) == f"istiod.{ns}.svc"
 
 
+async def test_every_revision_each_replica_with_its_own_san(
+    cluster: KubeCluster, admin: AsyncClient, ns: str
+) -> None:
+    """--all-revisions: one source, each replica's revision from its own istio.io/rev label (none: default)
+    and that revision's SAN; a pod relabelled to another revision is verified against the new name."""
+    await create_istiod_pod(admin, ns, "istiod-7d9", "127.0.0.51")  # no label: the default revision
+    await create_istiod_pod(admin, ns, "istiod-1-31-5f4", "127.0.0.52", revision="1-31")
+    await create_istiod_pod(admin, ns, "other", "127.0.0.53", labels={"app": "other"}, revision="1-31")
+    every = pod_source(cluster.apiserver, ns, per_replica_san=True)
+    rec = Recorder()
+
+    def seen() -> set[tuple[str, str, str]]:
+        return {(r.name, r.revision, r.san) for r in rec.latest}
+
+    async with running(every.run(rec)):
+        await rec.wait_for(lambda _: seen() == {("istiod-7d9", "default", f"istiod.{ns}.svc"),
+                                                ("istiod-1-31-5f4", "1-31", f"istiod-1-31.{ns}.svc")}, 10)
+        await admin.patch(Pod, "istiod-7d9", {"metadata": {"labels": {"istio.io/rev": "1-32"}}}, namespace=ns,
+                          patch_type=PatchType.MERGE)  # fmt: skip
+        await rec.wait_for(lambda _: ("istiod-7d9", "1-32", f"istiod-1-32.{ns}.svc") in seen(), FOLLOW)
+    # Listed revisions (--revision a,b): one source each, the selector pins the revision.
+    from istioctl_proxy.config import Config
+
+    cfg = Config(istiod_k8s=True, kubeconfig=str(cluster.apiserver.admin_kubeconfig()), istio_namespace=ns,
+                 istiod_allow_loopback=True, revision="1-31,1-32")
+    sources = app.pod_sources_from_config(cfg)
+    assert [s.selector for s in sources] == ["app=istiod,istio.io/rev=1-31", "app=istiod,istio.io/rev=1-32"]
+    assert all(s.per_replica_san for s in sources)
+
+
 async def test_two_sources_merge_into_one_replica_set(cluster: KubeCluster, admin: AsyncClient) -> None:
     # Two namespaces through two kubeconfig contexts: the shape of "two clusters" as the proxy sees it.
     ns1, ns2 = _ns_name("east"), _ns_name("west")
@@ -1431,7 +1461,9 @@ def test_kubernetes_configuration_errors_are_one_line_and_exit_2(tmp_path: Path)
         "certificate-authority": [*k8s_args, "--kubeconfig", "missing-ca.yaml"],
         "--istiod-selector/--revision: invalid label selector term": [
             *k8s_args, "--kubeconfig", "missing-ca.yaml", "--istiod-selector", "app = istiod x"],
-        "invalid label value": [*k8s_args, "--kubeconfig", "missing-ca.yaml", "--revision=-bad-"],
+        # Refused before any selector is built: a revision is a DNS label (istio.io/rev).
+        "--revision '-bad-' is not a valid istio.io/rev value": [
+            *k8s_args, "--kubeconfig", "missing-ca.yaml", "--revision=-bad-"],
         "--istio-namespace 'Istio_System' is not a valid namespace name": [
             *k8s_args, "--istio-namespace", "Istio_System"],
         "--token-review-kubeconfig empty.yaml: not a usable kubeconfig": [

@@ -24,6 +24,7 @@ from .fanout import FanOut
 from .metrics import Metrics
 from .model import Probe
 from .statuspage import StatusPage
+from .tls import diagnose_upstream
 from .upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,14 @@ class Readiness:
     """
 
     def __init__(self, replicas: ReplicaSet, pool: UpstreamPool, metrics: Metrics, *,
-                 interval: float = 2.0, probe_timeout: float = 1.0) -> None:
+                 interval: float = 2.0, probe_timeout: float = 1.0, revisions: tuple[str, ...] = (),
+                 policy: str = "every-revision") -> None:
         self.replicas = replicas
+        # Canary upgrades: the revisions that must each have a reachable replica (`policy` every-revision);
+        # besides these, every revision discovery finds counts. any-replica: one reachable replica will do.
+        self.revisions = revisions
+        self.policy = policy
+        self.by_revision: dict[str, tuple[int, int]] = {}  # revision → (known, reachable) at the last probe
         self.pool = pool
         self.metrics = metrics
         self.interval = interval
@@ -90,7 +97,9 @@ class Readiness:
         replicas = self.replicas.current()
         if not replicas:
             self.probes = {}
+            self.by_revision = {rev: (0, 0) for rev in self.revisions}
             self.metrics.set_replicas({})
+            self.metrics.set_revisions(self.by_revision)
             await self._set(False, "no istiod replica is known: discovery (--istiod, --istiod-dns, --istiod-k8s) "
                                    "has found none yet")
             return
@@ -102,16 +111,30 @@ class Readiness:
             return  # the set changed under this probe; the change woke the next one
         self.probes = {p.replica.address: p for p in probes}
         self.metrics.set_replicas({p.replica: p.up for p in probes})
+        groups: dict[str, list[Probe]] = {rev: [] for rev in self.revisions}
+        for p in probes:
+            groups.setdefault(p.replica.revision, []).append(p)
+        self.by_revision = {rev: (len(ps), sum(p.up for p in ps)) for rev, ps in sorted(groups.items())}
+        self.metrics.set_revisions(self.by_revision)
         up = sum(p.up for p in probes)
-        if up:
-            await self._set(True, f"{up} of {len(probes)} istiod replicas reachable")
+        per_revision = ""
+        if len(groups) > 1 or any(groups):  # only when discovery knows revisions: "revision 1-31: 1 of 2"
+            per_revision = "; " + ", ".join(f"revision {rev or '(none)'}: {n_up} of {n}"
+                                            for rev, (n, n_up) in self.by_revision.items())
+        dark = [rev for rev, (_, n_up) in self.by_revision.items() if not n_up]
+        if up and (self.policy == "any-replica" or not dark):
+            await self._set(True, f"{up} of {len(probes)} istiod replicas reachable{per_revision}")
+        elif up:
+            whys = "; ".join(f"{p.replica.label}: {p.why}" for p in probes if p.replica.revision in dark)
+            await self._set(False, f"no reachable replica of revision {', '.join(r or '(none)' for r in dark)} "
+                                   f"(--ready-policy every-revision)" + (f" [{whys}]" if whys else "") + per_revision)
         else:
             whys = "; ".join(f"{p.replica.label}: {p.why}" for p in probes)
             await self._set(False, f"none of the {len(probes)} known istiod replicas is reachable: {whys}")
 
     async def _probe(self, replica: Replica) -> Probe:
         try:
-            channel = await self.pool.open_channel(replica.address, self.probe_timeout)
+            channel = await self.pool.open_channel(replica.address, self.probe_timeout, replica.san)
         except (OSError, ValueError) as err:  # --istiod-insecure-skip-verify dials to fetch the root first
             return Probe(replica, False, f"cannot connect: {err}")
         if channel.get_state(try_to_connect=True) is grpc.ChannelConnectivity.READY:
@@ -121,9 +144,24 @@ class Readiness:
         except TimeoutError:
             state = channel.get_state().name
             last = self.pool.last_error.get(replica.address)
+            refusal = await self._tls_refusal(replica)
+            if refusal:
+                return Probe(replica, False, refusal)
             hint = f"; last call: {last}" if last else "; `istioctl-proxy check` shows which step fails"
             return Probe(replica, False, f"not connected ({state}){hint}")
         return Probe(replica, True)
+
+    async def _tls_refusal(self, replica: Replica) -> str:
+        """Why the replica's certificate is refused (wrong revision's name, other CA), "" if it is not."""
+        tls = self.pool.tls
+        if tls.plaintext or tls.skip_verify or tls.ca_pem is None:
+            return ""
+        san = self.pool.san_of(replica.san)
+        refusal = await asyncio.to_thread(diagnose_upstream, replica.address, tls.ca_pem, san, self.probe_timeout)
+        if refusal is None:
+            return ""
+        self.metrics.upstream_tls_refused.labels(replica.revision, refusal.reason).inc()
+        return f"TLS refused: {refusal.detail}"
 
     async def _set(self, ready: bool, reason: str) -> None:
         self.ready, self.reason = ready, reason
@@ -309,7 +347,9 @@ class Admin:
 def build_admin(cfg: Config, replicas: ReplicaSet, pool: UpstreamPool, metrics: Metrics, fanout: FanOut,
                 upstream_node: base_pb2.Node | None) -> Admin:
     """The admin side of a Proxy; raises ConfigError for admin flags that do not fit the rest."""
-    readiness = Readiness(replicas, pool, metrics)
+    # Listed revisions must each be reachable; following every revision, the ones found are.
+    listed = cfg.revisions if len(cfg.revisions) > 1 else ()
+    readiness = Readiness(replicas, pool, metrics, revisions=listed, policy=cfg.ready_policy)
     status = None
     if cfg.admin_status_page and upstream_node is not None:
         status = StatusPage(replicas, fanout, upstream_node, metrics, readiness, timeout=cfg.upstream_timeout)

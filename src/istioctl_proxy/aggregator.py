@@ -39,6 +39,7 @@ class Settings:
     coalesce: bool = True  # identical concurrent requests of one caller key share one fan-out
     cache_ttl: float = 0.0  # seconds a complete answer is reused for the same caller key; 0 = off
     cache_max_bytes: int = 64 * 1024 * 1024  # bound on cached bodies (entries are also capped in number)
+    istiod_column: str = "external"  # or "revision": the ISTIOD value names the revisions holding the proxies
 
 
 def _may_match_connection(proxy_id: str, node_id: str) -> bool:
@@ -128,7 +129,7 @@ class Aggregator:
         deadline = started + upstream_timeout(remaining, self.settings.upstream_timeout)
         request, metadata = self._upstream_request(plan, node, caller)
         scope = caller.scope_for(plan.type_url)
-        ctx = MergeContext(self.settings.external_id, scope)
+        ctx = MergeContext(self.settings.external_id, scope, istiod_column=self.settings.istiod_column)
 
         if scope and plan.names_proxy:
             # Identity mode: the replicas are asked with the proxy's own identity, so istiod's namespace

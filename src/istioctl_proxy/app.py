@@ -98,9 +98,12 @@ def pod_sources_from_config(
     n = max(len(kubeconfigs), len(contexts))
     pairs = zip(kubeconfigs * n if len(kubeconfigs) == 1 else kubeconfigs,
                 contexts * n if len(contexts) == 1 else contexts, strict=True)
+    # Several --revision values: one source per revision and cluster, each with its own selector.
+    revisions = cfg.revisions or ("",)
     return [
-        pod_source_from_config(dataclasses.replace(cfg, kubeconfig=kubeconfig, context=context), on_skip=on_skip)
-        for kubeconfig, context in pairs
+        pod_source_from_config(dataclasses.replace(cfg, kubeconfig=kubeconfig, context=context, revision=revision),
+                               on_skip=on_skip, per_replica_san=cfg.multi_revision)
+        for kubeconfig, context in pairs for revision in revisions
     ]
 
 
@@ -112,8 +115,9 @@ def _check_namespace(namespace: str) -> None:
         raise ConfigError(f"--istio-namespace {namespace!r} is not a valid namespace name (RFC 1123 label)")
 
 
-def pod_source_from_config(cfg: Config, *, on_skip: Callable[[str], None] | None = None) -> KubernetesPodSource:
-    """`--istiod-k8s` with `--istio-namespace`, `--istiod-selector`, `--revision`, `--istiod-port`,
+def pod_source_from_config(cfg: Config, *, on_skip: Callable[[str], None] | None = None,
+                           per_replica_san: bool = False) -> KubernetesPodSource:
+    """`--istiod-k8s` with `--istio-namespace`, `--istiod-selector`, `--revision` (one), `--istiod-port`,
     `--kubeconfig`, `--context`, `--istiod-allow-loopback`, `--istiod-allow-host-network`."""
     from .kubernetes import (
         DEFAULT_SELECTOR,
@@ -138,6 +142,7 @@ def pod_source_from_config(cfg: Config, *, on_skip: Callable[[str], None] | None
         allow_loopback=cfg.istiod_allow_loopback,
         allow_host_network=cfg.istiod_allow_host_network,
         on_skip=on_skip,
+        per_replica_san=per_replica_san,
     )
 
 
@@ -172,10 +177,14 @@ def token_reviewer_from_config(cfg: Config) -> TokenReviewAuthenticator:
 def sources_of(cfg: Config, metrics: Metrics | None = None) -> list[ReplicaSource]:
     """The replica sources the flags ask for (static, DNS, Kubernetes), in that order."""
     sources: list[ReplicaSource] = []
+    # One listed revision is every entry's; several (or --all-revisions): each entry names its own.
+    revision = cfg.revisions[0] if len(cfg.revisions) == 1 else ""
+    ns, multi = cfg.istio_namespace, cfg.multi_revision
     if cfg.istiod:
-        sources.append(StaticSource(cfg.istiod))
+        sources.append(StaticSource(cfg.istiod, namespace=ns, revision=revision, per_replica_san=multi))
     for target in cfg.istiod_dns:
-        sources.append(DnsSource(target, interval=cfg.istiod_dns_interval))
+        sources.append(DnsSource(target, interval=cfg.istiod_dns_interval, namespace=ns, revision=revision,
+                                 per_replica_san=multi))
     if cfg.istiod_k8s:
         on_skip = None if metrics is None else (lambda reason: metrics.discovery_skipped.labels(reason).inc())
         sources.extend(pod_sources_from_config(cfg, on_skip=on_skip))
@@ -223,7 +232,7 @@ class Proxy:
             mode=mode, require_all=cfg.require_all, upstream_timeout=cfg.upstream_timeout,
             external_id=cfg.external_id,
             upstream_node=upstream_identity_node(cfg) if mode is AuthMode.IDENTITY else None,
-            coalesce=cfg.coalesce, cache_ttl=cfg.cache_ttl,
+            coalesce=cfg.coalesce, cache_ttl=cfg.cache_ttl, istiod_column=cfg.istiod_column,
         )
         fanout = FanOut(self.pool, on_answer=self._observe_upstream)
         aggregator = Aggregator(self.replicas, fanout, settings)

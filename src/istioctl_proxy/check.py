@@ -33,7 +33,7 @@ from . import client, wire
 from .app import Proxy, root_cert_watcher_from_config, sources_of, upstream_identity_node
 from .auth import jwt_expiry
 from .config import Config, from_args, replicas_all_loopback, tokens_unprotected
-from .discovery import DnsSource, Replica, ReplicaSource, join_host_port, split_host_port
+from .discovery import DnsSource, Replica, ReplicaSource, parse_entry, split_host_port
 from .errors import CaRejected, ConfigError
 from .policy import SYNCZ
 from .statuspage import identity_of
@@ -244,10 +244,10 @@ async def _configmap_ca(cfg: Config, timeout: float) -> tuple[Step, bytes | None
 async def _first_report(source: ReplicaSource, timeout: float) -> list[Replica]:
     """Run a source until it reports its first set of replicas."""
     if isinstance(source, DnsSource):
-        host, port = split_host_port(source.target)
+        host, port = split_host_port(parse_entry(source.target).target)
         # Resolved here rather than through run(): run() only logs a failure, and the error is the point.
         found = await asyncio.wait_for(source.resolver(host, port), timeout)
-        return [Replica(join_host_port(ip, port), source.name) for ip in found]
+        return [source.replica(ip, port) for ip in found]
     got: asyncio.Future[list[Replica]] = asyncio.get_running_loop().create_future()
 
     def once(replicas: Sequence[Replica]) -> None:
@@ -309,6 +309,19 @@ async def discovery_steps(cfg: Config, timeout: float) -> tuple[list[Step], list
     return steps, sorted(seen.values())
 
 
+def revisions_step(cfg: Config, replicas: Sequence[Replica]) -> Step:
+    """Several revisions: how many replicas each has; a listed revision without any fails (readiness would)."""
+    counts = {rev: 0 for rev in cfg.revisions}
+    for r in replicas:
+        counts[r.revision] = counts.get(r.revision, 0) + 1
+    shown = ", ".join(f"{rev or '(none)'}: {n} replica{'s' if n != 1 else ''}" for rev, n in sorted(counts.items()))
+    empty = [rev for rev, n in counts.items() if not n]
+    if empty and cfg.ready_policy == "every-revision":
+        return Step("revisions", FAIL, f"{shown}; no replica of {', '.join(empty)}",
+                    "a finished upgrade: drop the old revision from --revision (or --ready-policy any-replica)")
+    return Step("revisions", OK, shown)
+
+
 # -- one replica ------------------------------------------------------------------------------------------------
 @dataclass
 class Checker:
@@ -363,7 +376,8 @@ class Checker:
 
     async def _handshake(self, r: Replica, verify: bool) -> tuple[x509.Certificate, str]:
         host, port = split_host_port(r.address)
-        _, writer = await asyncio.open_connection(host, port, ssl=self._context(verify), server_hostname=self.cfg.san,
+        _, writer = await asyncio.open_connection(host, port, ssl=self._context(verify),
+                                                  server_hostname=self.pool.san_of(r.san),
                                                   ssl_handshake_timeout=self.timeout)
         try:
             tls: ssl.SSLObject = writer.get_extra_info("ssl_object")
@@ -392,11 +406,16 @@ class Checker:
             return [Step(f"tls {r.label}", INFO, f"{how}; certificate NOT verified (--istiod-insecure-skip-verify)")]
         steps = [Step(f"tls ca {r.label}", OK, f"chain verified ({how})")]
         names = _names(cert)
-        if san_matches(self.cfg.san, names):
-            steps.append(Step(f"tls san {r.label}", OK, f"certificate names {self.cfg.san}"))
+        san = self.pool.san_of(r.san)  # the replica's own revision's name when several are followed
+        if san_matches(san, names):
+            steps.append(Step(f"tls san {r.label}", OK, f"certificate names {san}"))
+        elif r.san:
+            steps.append(Step(f"tls san {r.label}", FAIL, f"certificate names {', '.join(names) or 'nothing'}, "
+                              f"not {san} (revision {r.revision or '?'}): not this revision's istiod",
+                              "is the pod's istio.io/rev label (or the entry's @REVISION / =SAN) its own?"))
         else:
             steps.append(Step(f"tls san {r.label}", FAIL, f"certificate names {', '.join(names) or 'nothing'}, "
-                              f"not {self.cfg.san}", f"--istiod-san {names[0] if names else '<name>'} (or --revision "
+                              f"not {san}", f"--istiod-san {names[0] if names else '<name>'} (or --revision "
                               "for istiod-<rev>.<namespace>.svc)"))
         return steps
 
@@ -493,6 +512,8 @@ async def run_check(ns: argparse.Namespace, out: TextIO = sys.stdout, err: TextI
     async with report.waiting("discovering istiod replicas"):
         found, replicas = await discovery_steps(cfg, timeout)
     report.add(*found)
+    if cfg.multi_revision and replicas:
+        report.add(revisions_step(cfg, replicas))
     if replicas and trust.mark != FAIL:
         await _check_replicas(report, cfg, proxy, ca_pem, token, timeout, replicas)
     elif not replicas and not any(s.mark == FAIL for s in found):
@@ -524,4 +545,4 @@ def _summary(report: Report) -> None:
         print(f"\nall {checked} checks passed", file=report.out, flush=True)
 
 
-__all__ = ["Report", "Step", "run_check", "san_matches"]
+__all__ = ["Report", "Step", "revisions_step", "run_check", "san_matches"]

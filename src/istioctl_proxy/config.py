@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .discovery import split_host_port
+from .discovery import parse_entry, split_host_port
 from .errors import ConfigError
 
 ENV_PREFIX = "ISTIOCTL_PROXY_"
@@ -84,6 +84,10 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"
     drain_seconds: float = 20.0
+    # Canary upgrades (docs/deploy.md): several revisions in one view.
+    all_revisions: bool = False
+    ready_policy: str = "every-revision"
+    istiod_column: str = "external"
 
     @property
     def max_message_bytes(self) -> int:
@@ -100,7 +104,17 @@ class Config:
         """The name istiod's certificate must carry: --istiod-san, else derived from namespace and revision."""
         if self.istiod_san:
             return self.istiod_san
-        return istiod_san(self.istio_namespace, self.revision)
+        return istiod_san(self.istio_namespace, self.revisions[0] if len(self.revisions) == 1 else None)
+
+    @property
+    def revisions(self) -> tuple[str, ...]:
+        """`--revision` as a list (it takes one revision or several, comma-separated)."""
+        return _csv(self.revision)
+
+    @property
+    def multi_revision(self) -> bool:
+        """Several revisions in one view: each replica is verified against its own revision's SAN."""
+        return self.all_revisions or len(self.revisions) > 1
 
 
 # --plaintext serves on loopback unless --listen says otherwise: callers' tokens must not cross a network in clear.
@@ -196,12 +210,21 @@ def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = 
     flag("send-budget-mib", "MiB of answers waiting for their callers to read them, over all streams")
     flag("send-timeout", "seconds a caller may take to read one answer before its stream is cut")
     flag("slow-reader-seconds", "an answer unread this long is cut when other streams need the send budget")
-    flag("istiod", "static istiod replicas, HOST:PORT[,HOST:PORT...]")
-    flag("istiod-dns", "DNS name(s) NAME:PORT whose A/AAAA records are the replicas (headless Service)")
+    flag("istiod", "static istiod replicas, HOST:PORT[@REVISION][=SAN][,...] (revision and SAN their "
+         "certificate is verified against)")
+    flag("istiod-dns", "DNS name(s) NAME:PORT[@REVISION][=SAN] whose A/AAAA records are the replicas "
+         "(headless Service; one per revision)")
     flag("istiod-dns-interval", "seconds between DNS re-resolutions")
     switch("istiod-k8s", "discover istiod pods with the Kubernetes API (list + watch)")
     flag("istiod-selector", "label selector of istiod pods")
-    flag("revision", "istio revision: adds istio.io/rev=<rev> to the selector and sets the SAN default")
+    flag("revision", "istio revision(s), comma-separated: istio.io/rev=<rev> selects its pods and "
+         "istiod[-<rev>].<ns>.svc is the SAN its replicas must carry (several: a canary upgrade)")
+    switch("all-revisions", "--istiod-k8s: follow the istiod pods of every revision (any istio.io/rev), each "
+           "verified against its own revision's SAN")
+    flag("ready-policy", "every-revision: ready while each revision (listed, or found) has a reachable "
+         "replica; any-replica: while any replica is reachable")
+    flag("istiod-column", "ISTIOD value of merged syncz answers: external (--external-id) or revision "
+         "(<external-id>/<revisions that hold the listed proxies>)")
     flag("istiod-port", "port of the pods found by --istiod-k8s")
     switch("istiod-allow-loopback", "--istiod-k8s: also dial pods whose IP is loopback (single-host setups, tests)")
     switch("istiod-allow-host-network", "--istiod-k8s: also dial hostNetwork pods (their IP is the node's)")
@@ -363,6 +386,9 @@ def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) 
         log_level=ns.log_level.lower(),
         log_format=ns.log_format.lower(),
         drain_seconds=_number("drain-seconds", ns.drain_seconds, float),
+        all_revisions=_switch(ns, "all-revisions"),
+        ready_policy=str(ns.ready_policy).lower(),
+        istiod_column=str(ns.istiod_column).lower(),
     )
     validate(cfg)
     return cfg
@@ -374,9 +400,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("no istiod replicas: give --istiod HOST:PORT, --istiod-dns NAME:PORT or --istiod-k8s")
     for value in cfg.istiod + cfg.istiod_dns:
         try:
-            split_host_port(value)
+            parse_entry(value)
         except ValueError as err:
             raise ConfigError(f"istiod address: {err}") from None
+    _check_revisions(cfg)
     if cfg.plaintext and (cfg.tls_cert or cfg.tls_key):
         raise ConfigError("--plaintext and --tls-cert/--tls-key exclude each other")
     if not cfg.plaintext and not (cfg.tls_cert and cfg.tls_key):
@@ -431,6 +458,33 @@ def validate(cfg: Config) -> None:
         _readable(name, path)
 
 
+def _check_revisions(cfg: Config) -> None:
+    for rev in cfg.revisions:
+        try:
+            parse_entry(f"x:1@{rev}")
+        except ValueError:
+            raise ConfigError(f"--revision {rev!r} is not a valid istio.io/rev value (a DNS label)") from None
+    if cfg.all_revisions and cfg.revisions:
+        raise ConfigError("--all-revisions follows every revision; --revision lists some: give one of them")
+    if cfg.ready_policy not in ("every-revision", "any-replica"):
+        raise ConfigError(f"--ready-policy {cfg.ready_policy!r}: use every-revision or any-replica")
+    if cfg.istiod_column not in ("external", "revision"):
+        raise ConfigError(f"--istiod-column {cfg.istiod_column!r}: use external or revision")
+    if not cfg.multi_revision:
+        return
+    if cfg.istiod_san:
+        # One name for replicas of several revisions would verify each against a name that is not its own.
+        raise ConfigError("--istiod-san names one certificate name; with several revisions each replica is "
+                          "verified against its own revision's (istiod[-<rev>].<ns>.svc), or give it per entry "
+                          "as HOST:PORT=SAN")
+    for flag, values in (("--istiod", cfg.istiod), ("--istiod-dns", cfg.istiod_dns)):
+        for value in values:
+            entry = parse_entry(value)
+            if not (entry.revision or entry.san):
+                raise ConfigError(f"{flag} {value!r}: with several revisions each entry says its revision "
+                                  f"({entry.target}@<rev>) or its SAN ({entry.target}=<name>)")
+
+
 def tokens_unprotected(cfg: Config) -> str:
     """Forward mode only: why callers' tokens reach istiod without verified TLS ("" when they do not)."""
     if cfg.upstream_identity:
@@ -444,7 +498,8 @@ def tokens_unprotected(cfg: Config) -> str:
 
 def replicas_all_loopback(cfg: Config) -> bool:
     """Every replica address is a loopback address: only static --istiod ones can be known to be."""
-    return bool(cfg.istiod) and not (cfg.istiod_dns or cfg.istiod_k8s) and all(map(_is_loopback, cfg.istiod))
+    return bool(cfg.istiod) and not (cfg.istiod_dns or cfg.istiod_k8s) and all(
+        _is_loopback(parse_entry(value).target) for value in cfg.istiod)
 
 
 def _check_forwarded_tokens(cfg: Config) -> None:

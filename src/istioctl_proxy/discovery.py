@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import random
+import re
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -30,11 +31,56 @@ class Replica:
     address: str  # "host:port"; IPv6 hosts in brackets
     source: str = "static"  # label for logs and metrics
     name: str = ""  # pod name, when the source knows it
+    revision: str = ""  # istio.io/rev of the replica; "" when its source does not say (one revision)
+    # The name its serving certificate must carry; "" = the proxy-wide one (--istiod-san / --revision).
+    # Set per replica when several revisions are followed, so none is verified against another's name.
+    san: str = ""
 
     @property
     def label(self) -> str:
         """The replica's name for logs and trailers: its pod/DNS name, else its address."""
         return self.name or self.address
+
+
+def istiod_san(namespace: str, revision: str = "") -> str:
+    """The DNS SAN istiod's serving certificate carries for a revision (istiod's getDNSNames, istioctl's
+    makeSan): `istiod-<rev>.<ns>.svc`, or `istiod.<ns>.svc` for the default revision."""
+    if revision and revision != "default":
+        return f"istiod-{revision}.{namespace}.svc"
+    return f"istiod.{namespace}.svc"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One `--istiod` / `--istiod-dns` entry: `HOST:PORT[@REVISION][=SAN]`."""
+
+    target: str  # HOST:PORT (a DNS name for --istiod-dns)
+    revision: str = ""
+    san: str = ""
+
+
+_REVISION = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # istio.io/rev values are DNS labels
+
+
+def parse_entry(value: str) -> Entry:
+    """Split `HOST:PORT[@REVISION][=SAN]`; raises ValueError saying what is wrong."""
+    rest, has_san, san = value.partition("=")
+    target, has_rev, revision = rest.partition("@")
+    if has_san and not san:
+        raise ValueError(f"{value!r}: nothing after '=' (the SAN its certificate must carry)")
+    if has_rev and not _REVISION.match(revision):
+        raise ValueError(f"{value!r}: revision {revision!r} is not a valid istio.io/rev value")
+    split_host_port(target)
+    return Entry(target, revision, san)
+
+
+def entry_replica(entry: Entry, address: str, source: str, *, namespace: str, revision: str = "",
+                  per_replica_san: bool = False) -> Replica:
+    """The replica an entry stands for: its own revision (else `revision`), its own SAN (else the revision's
+    when `per_replica_san`, else the proxy-wide one)."""
+    rev = entry.revision or revision
+    san = entry.san or (istiod_san(namespace, rev) if (entry.revision or per_replica_san) and rev else "")
+    return Replica(address, source, revision=rev, san=san)
 
 
 class ReplicaSource(Protocol):
@@ -79,12 +125,24 @@ def join_host_port(host: str, port: int) -> str:
 class StaticSource:
     """A fixed list given on the command line (`--istiod`)."""
 
-    addresses: Sequence[str]
+    addresses: Sequence[str]  # HOST:PORT[@REVISION][=SAN]
     name: str = "static"
+    namespace: str = "istio-system"  # for the SAN of an entry's revision
+    revision: str = ""  # the revision of entries that name none
+    per_replica_san: bool = False  # several revisions: each replica gets its revision's SAN
+
+    def replicas(self) -> list[Replica]:
+        """The replicas the entries stand for, each with its revision and SAN."""
+        out = []
+        for value in self.addresses:
+            entry = parse_entry(value)
+            out.append(entry_replica(entry, entry.target, self.name, namespace=self.namespace,
+                                     revision=self.revision, per_replica_san=self.per_replica_san))
+        return out
 
     async def run(self, on_change: OnChange) -> None:
         """Report the fixed addresses once, then wait to be cancelled."""
-        on_change([Replica(a, self.name) for a in self.addresses])
+        on_change(self.replicas())
         await asyncio.Event().wait()
 
 
@@ -102,18 +160,27 @@ async def resolve_all(host: str, port: int) -> Sequence[str]:
 class DnsSource:
     """Every A/AAAA record of one name (a headless Service), re-resolved every `interval` seconds."""
 
-    target: str  # "name:port"
+    target: str  # "name:port[@revision][=san]": one headless Service per revision
     interval: float = 5.0
     resolver: Resolver = resolve_all
+    namespace: str = "istio-system"
+    revision: str = ""
+    per_replica_san: bool = False
 
     @property
     def name(self) -> str:
         """"dns:<NAME:PORT>"."""
         return f"dns:{self.target}"
 
+    def replica(self, ip: str, port: int) -> Replica:
+        """The replica at one resolved address, with the entry's revision and SAN."""
+        return entry_replica(parse_entry(self.target), join_host_port(ip, port), self.name,
+                             namespace=self.namespace, revision=self.revision,
+                             per_replica_san=self.per_replica_san)
+
     async def run(self, on_change: OnChange) -> None:
         """Resolve every `interval` s (jittered) and report changes; a failed lookup keeps the last set."""
-        host, port = split_host_port(self.target)
+        host, port = split_host_port(parse_entry(self.target).target)
         last: list[Replica] | None = None
         while True:
             try:
@@ -122,7 +189,7 @@ class DnsSource:
                 # Keep serving the last known set: a DNS outage must not empty the mesh view.
                 log.warning("resolving %s failed: %s; keeping %d known replicas", host, err, len(last or []))
             else:
-                replicas = sorted(Replica(join_host_port(ip, port), self.name) for ip in ips)
+                replicas = sorted(self.replica(ip, port) for ip in ips)
                 if replicas != last:
                     log.info("%s resolved to %s", self.target, ", ".join(r.address for r in replicas) or "nothing")
                     last = replicas
@@ -207,6 +274,7 @@ class ReplicaSet:
 
 __all__ = [
     "DnsSource",
+    "Entry",
     "Listener",
     "OnChange",
     "Replica",
@@ -214,7 +282,10 @@ __all__ = [
     "ReplicaSource",
     "Resolver",
     "StaticSource",
+    "entry_replica",
+    "istiod_san",
     "join_host_port",
+    "parse_entry",
     "resolve_all",
     "split_host_port",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -36,6 +37,8 @@ class MergeContext:
     # Addresses of the replicas whose syncz lists the requested proxy id exactly: when several replicas
     # answer for a proxy (istiod matches ids by substring), theirs is the answer (the holder rule).
     holders: frozenset[str] = frozenset()
+    # "revision": the ISTIOD value is `<external_id>/<revisions holding the listed proxies>` (--istiod-column).
+    istiod_column: str = "external"
 
 
 @dataclass
@@ -77,7 +80,13 @@ def _views(answers: Sequence[Answer], type_url: str) -> tuple[list[tuple[Answer,
 
 
 def external_identifier(identifiers: Sequence[str | None], external_id: str) -> str:
-    """istiod's ControlPlane JSON with the ID replaced; version info kept from the first replica that has one."""
+    """istiod's ControlPlane JSON with the ID replaced; version info kept from the first replica that has one.
+
+    istioctl shows one control plane per response (`x version`: `control plane version: <Info.version>`):
+    when the replicas run different versions (a canary upgrade), Info.version lists each, "1.29.2, 1.30.3".
+    """
+    first: dict[str, object] | None = None
+    versions: set[str] = set()
     for ident in identifiers:
         if not ident:
             continue
@@ -86,9 +95,32 @@ def external_identifier(identifiers: Sequence[str | None], external_id: str) -> 
         except ValueError:
             continue
         if isinstance(data, dict):
-            data["ID"] = external_id
-            return json.dumps(data, separators=(",", ":"))
-    return json.dumps({"Component": "istiod", "ID": external_id}, separators=(",", ":"))
+            first = first or data
+            info = data.get("Info")
+            if isinstance(info, dict) and isinstance(info.get("version"), str):
+                versions.add(info["version"])
+    if first is None:
+        return json.dumps({"Component": "istiod", "ID": external_id}, separators=(",", ":"))
+    first["ID"] = external_id
+    info = first.get("Info")
+    if len(versions) > 1 and isinstance(info, dict):
+        info["version"] = ", ".join(sorted(versions, key=_version_key))
+    return json.dumps(first, separators=(",", ":"))
+
+
+def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    # "1.9.0" before "1.30.3": numeric parts compare as numbers.
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in version.replace("-", ".").split("."))
+
+
+def shown_id(ctx: MergeContext, held: Sequence[tuple[Answer, int]]) -> str:
+    """The ISTIOD value: --external-id, or with --istiod-column revision `<external-id>/<revisions>` of the
+    replicas that hold the listed proxies (every answering replica's when none is listed)."""
+    if ctx.istiod_column != "revision":
+        return ctx.external_id
+    revisions = {a.replica.revision for a, n in held if n} or {a.replica.revision for a, _ in held}
+    shown = ",".join(sorted(r for r in revisions if r))
+    return f"{ctx.external_id}/{shown}" if shown else ctx.external_id
 
 
 def merge_syncz_fast(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged | None:
@@ -112,7 +144,8 @@ def merge_syncz_fast(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -
     if len(set().union(*(index.node_keys for index in indexes))) != total:
         return None
     parts = [a.body for a in answers if a.body is not None]
-    ident = external_identifier([i.identifier() for i in indexes], ctx.external_id)
+    held = [(a, i.count) for a, i in zip(answers, indexes, strict=True)]
+    ident = external_identifier([i.identifier() for i in indexes], shown_id(ctx, held))
     parts.append(wire.envelope(type_url=plan.type_url, version_info=max((i.version_info for i in indexes), default=""),
                                nonce=_nonce(), control_plane_identifier=ident))
     return Merged(b"".join(parts), total, [])
@@ -144,6 +177,7 @@ def merge_syncz(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Mer
         # The common case: nothing to drop, so the replicas' bytes pass through untouched.
         parts = [v.raw for v in views]
         count = sum(len(v.resources) for v in views)
+        held = [(a, len(v.resources)) for a, v in good]
     else:
         keep: set[tuple[int, int]] = {locs[0] for locs in owners.values()}
         for locs in dup.values():
@@ -153,7 +187,9 @@ def merge_syncz(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Mer
             keep = {loc for loc in keep if _namespace(views[loc[0]].resource_any(loc[1])) == ctx.scope}
         parts = [views[vi].resource_bytes(i) for vi, i in sorted(keep)]
         count = len(parts)
-    ident = external_identifier([v.identifier() for v in views], ctx.external_id)
+        per_replica = Counter(vi for vi, _ in keep) if ctx.istiod_column == "revision" else Counter[int]()
+        held = [(a, per_replica[vi]) for vi, (a, _) in enumerate(good)]
+    ident = external_identifier([v.identifier() for v in views], shown_id(ctx, held))
     parts.append(wire.envelope(type_url=plan.type_url, version_info=_version(views), nonce=_nonce(),
                                control_plane_identifier=ident))
     return Merged(b"".join(parts), count, bad)
@@ -367,4 +403,5 @@ __all__ = [
     "external_identifier",
     "merge",
     "merge_syncz_fast",
+    "shown_id",
 ]

@@ -100,6 +100,18 @@ class Metrics:
         self.replica_up = Gauge("istioctl_proxy_replica_up", "1 if the replica's channel was connected at the "
                                 "last probe, else 0.", ["replica", "source"], registry=r)
         self.ready = Gauge("istioctl_proxy_ready", "1 when /readyz answers 200.", registry=r)
+        # Canary upgrades: replicas per istio.io/rev ("" when discovery does not say), and certificates
+        # refused because they do not carry the replica's own revision's name (or chain to the CA).
+        self.revision_known = Gauge("istioctl_proxy_revision_replicas_known",
+                                    "istiod replicas discovery lists now, by revision.", ["revision"], registry=r)
+        self.revision_healthy = Gauge("istioctl_proxy_revision_replicas_healthy",
+                                      "Replicas of the revision whose channel was connected at the last probe.",
+                                      ["revision"], registry=r)
+        self.upstream_tls_refused = Counter("istioctl_proxy_upstream_tls_refused",
+                                            "Readiness probes that found a replica's certificate refused, by "
+                                            "revision and reason (san: it does not name the replica's own "
+                                            "revision's SAN; ca: it does not chain to the istio CA).",
+                                            ["revision", "reason"], registry=r)
 
     def _define_stream_metrics(self) -> None:
         r = self.registry
@@ -178,6 +190,18 @@ class Metrics:
         self.replicas_healthy.set(sum(up.values()))
         for replica, ok in up.items():
             self.replica_up.labels(replica.address, replica.source).set(1 if ok else 0)
+
+    def set_revisions(self, counts: dict[str, tuple[int, int]]) -> None:
+        """Per revision (known, healthy); revisions no longer listed lose their series."""
+        for family in self.revision_known.collect():
+            for sample in family.samples:
+                if sample.labels["revision"] not in counts:
+                    self.revision_known.remove(sample.labels["revision"])
+                    with contextlib.suppress(KeyError):
+                        self.revision_healthy.remove(sample.labels["revision"])
+        for revision, (known, healthy) in counts.items():
+            self.revision_known.labels(revision).set(known)
+            self.revision_healthy.labels(revision).set(healthy)
 
     def retain(self, replicas: Sequence[Replica]) -> None:
         """A discovery listener: drop the series of replicas that are gone."""

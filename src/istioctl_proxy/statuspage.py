@@ -49,6 +49,11 @@ class Readiness(Protocol):
         """The last probe of each replica, by address."""
         ...
 
+    @property
+    def by_revision(self) -> Mapping[str, tuple[int, int]]:
+        """Replicas per revision at the last probe: (known, reachable)."""
+        ...
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Json = dict[str, Any]
 
@@ -178,6 +183,9 @@ class StatusPage:
             "generated": time.time(),
             "ready": self.readiness.ready,
             "reason": self.readiness.reason,
+            # Canary upgrades: replicas per revision at the last readiness probe.
+            "revisions": [{"revision": rev, "known": n, "reachable": up}
+                          for rev, (n, up) in self.readiness.by_revision.items()],
             # By istiod name, as operators know them (discovery orders by address).
             "replicas": sorted((self._replica_row(r, v) for r, v in views), key=lambda r: (r["name"], r["address"])),
             "proxies": proxies,
@@ -199,6 +207,7 @@ class StatusPage:
         else:
             health = "SERVING"
         return {"address": replica.address, "source": replica.source, "name": replica.name or istiod,
+                "revision": replica.revision,
                 "istiod": istiod, "version": version, "health": health,
                 "error": view.error or (probe.why if probe is not None and not probe.up else ""),
                 "latency_ms": round(last.seconds * 1e3, 1) if last else None,

@@ -19,7 +19,8 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CertificateReloader", "ServingTLS", "TokenFile", "UpstreamTLS", "check_pair", "fetch_unverified_root"]
+__all__ = ["CertificateReloader", "ServingTLS", "TlsRefusal", "TokenFile", "UpstreamTLS", "check_pair",
+           "diagnose_upstream", "fetch_unverified_root"]
 
 
 @dataclass(frozen=True)
@@ -177,3 +178,46 @@ def fetch_unverified_root(address: str, timeout: float = 5.0) -> bytes:
     if not der:
         raise OSError(f"{address} presented no certificate")
     return ssl.DER_cert_to_PEM_cert(bytes(der)).encode()
+
+
+@dataclass(frozen=True)
+class TlsRefusal:
+    """Why a replica's certificate is refused: `reason` "san" (it does not name `wanted`) or "ca"."""
+
+    reason: str
+    detail: str
+
+
+def _dns_names(der: bytes) -> list[str]:
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(n) for n in san.get_values_for_type(x509.DNSName)]
+
+
+def diagnose_upstream(address: str, ca_pem: bytes, san: str, timeout: float = 2.0) -> TlsRefusal | None:
+    """Handshake with `address` as gRPC would verify it (chain to `ca_pem`, name `san`): why it is refused,
+    or None when it is not (or the replica cannot be reached at all: that is not a TLS verdict).
+
+    gRPC's channel state says only TRANSIENT_FAILURE; this names the cause for /readyz and metrics. Blocking:
+    run it in a thread.
+    """
+    host, port = split_host_port(address)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # the name is compared below, exactly against this replica's own SAN
+    ctx.load_verify_locations(cadata=ca_pem.decode())
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock, ctx.wrap_socket(sock) as tls:
+            der = tls.getpeercert(binary_form=True)
+    except ssl.SSLCertVerificationError as err:
+        return TlsRefusal("ca", f"certificate does not chain to the istio CA ({err.verify_message})")
+    except (OSError, ValueError):
+        return None
+    names = _dns_names(der) if der else []
+    wanted = san.lower().rstrip(".")
+    if any(n.lower().rstrip(".") == wanted for n in names):
+        return None
+    return TlsRefusal("san", f"certificate names {', '.join(names) or 'no DNS name'}, not {san}")

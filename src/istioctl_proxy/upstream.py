@@ -58,6 +58,7 @@ class UpstreamPool:
         self.token_file = token_file
         self.retire_after = retire_after
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channel_san: dict[str, str] = {}  # the name each open channel verifies its replica against
         self._unverified_roots: dict[str, bytes] = {}  # --istiod-insecure-skip-verify only
         self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}
         self.last_ok: dict[str, float] = {}
@@ -76,7 +77,7 @@ class UpstreamPool:
         """Channels of dropped replicas still open for calls that were using them."""
         return len(self._retiring)
 
-    def _options(self) -> list[tuple[str, object]]:
+    def _options(self, san: str = "") -> list[tuple[str, object]]:
         opts: list[tuple[str, object]] = [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
@@ -90,8 +91,8 @@ class UpstreamPool:
             ("grpc.use_local_subchannel_pool", 1),
         ]
         if not self.tls.plaintext:
-            opts.append(("grpc.ssl_target_name_override", self.tls.san))
-            opts.append(("grpc.default_authority", self.tls.san))
+            opts.append(("grpc.ssl_target_name_override", self.san_of(san)))
+            opts.append(("grpc.default_authority", self.san_of(san)))
         return opts
 
     def _credentials(self, address: str) -> grpc.ChannelCredentials:
@@ -102,7 +103,11 @@ class UpstreamPool:
             root_certificates=root, private_key=self.tls.key_pem, certificate_chain=self.tls.cert_pem
         )
 
-    async def open_channel(self, address: str, timeout: float = 5.0) -> grpc.aio.Channel:
+    def san_of(self, san: str = "") -> str:
+        """The name a replica's certificate must carry: its own (several revisions), else the proxy-wide one."""
+        return san or self.tls.san
+
+    async def open_channel(self, address: str, timeout: float = 5.0, san: str = "") -> grpc.aio.Channel:
         """The channel to `address`; with --istiod-insecure-skip-verify the root is fetched off the loop first."""
         if (
             address not in self._channels and self.tls.skip_verify and self.tls.ca_pem is None
@@ -110,19 +115,27 @@ class UpstreamPool:
         ):
             # A dead replica must not stall the event loop while we dial it for its certificate.
             self._unverified_roots[address] = await asyncio.to_thread(fetch_unverified_root, address, timeout)
-        return self.channel(address)
+        return self.channel(address, san)
 
-    def channel(self, address: str) -> grpc.aio.Channel:
-        """The channel to `address`, opened on first use (see `open_channel` for skip-verify)."""
+    def channel(self, address: str, san: str = "") -> grpc.aio.Channel:
+        """The channel to `address` verified against `san` (the replica's own, else the proxy-wide one),
+        opened on first use (see `open_channel` for skip-verify)."""
+        san = self.san_of(san)
         ch = self._channels.get(address)
+        if ch is not None and self._channel_san.get(address) != san:
+            # The address now belongs to a replica of another revision (a pod IP reused): a channel that
+            # verified the old name must never serve it.
+            self._retire_later(self._channels.pop(address))
+            ch = None
         if ch is None:
             if self.tls.plaintext:
-                ch = grpc.aio.insecure_channel(address, options=self._options())
+                ch = grpc.aio.insecure_channel(address, options=self._options(san))
             else:
-                ch = grpc.aio.secure_channel(address, self._credentials(address), options=self._options())
+                ch = grpc.aio.secure_channel(address, self._credentials(address), options=self._options(san))
             self.channels_opened += 1
             if self._listed(address):
                 self._channels[address] = ch
+                self._channel_san[address] = san
             else:
                 # A call or readiness probe that took its replica list before discovery dropped this one:
                 # it gets a channel, which is retired like the others instead of staying open for good.
@@ -141,6 +154,7 @@ class UpstreamPool:
     def _retire_channels(self, keep: set[str]) -> None:
         for address in [a for a in self._channels if a not in keep]:
             self._retire_later(self._channels.pop(address))
+            self._channel_san.pop(address, None)
 
     def _retire_later(self, ch: grpc.aio.Channel) -> None:
         task = asyncio.get_running_loop().create_task(self._retire(ch))
@@ -176,6 +190,7 @@ class UpstreamPool:
                 await task
             await self._close_channel(ch)
         channels, self._channels = list(self._channels.values()), {}
+        self._channel_san.clear()
         for ch in channels:
             await self._close_channel(ch)
 
@@ -195,7 +210,7 @@ class UpstreamPool:
             metadata = (*metadata, ("authorization", "Bearer " + self.token_file.read()))
         started = time.monotonic()
         try:
-            channel = await self.open_channel(replica.address, timeout)
+            channel = await self.open_channel(replica.address, timeout, replica.san)
         except (OSError, ValueError) as err:
             raise UpstreamError(grpc.StatusCode.UNAVAILABLE, f"cannot fetch istiod's certificate: {err}") from None
         call = channel.stream_stream(ADS_METHOD)(metadata=metadata, timeout=timeout)

@@ -223,6 +223,9 @@ class IstiodReplica:
     ) -> None:
         self.peers, self.index, self.host, self.ports = peers, index, host, ports
         self.pod_name = f"istiod-{index}"
+        # istio.io/rev: pilot-discovery reads it from $REVISION and adds the SAN istiod-<rev>.<ns>.svc to its
+        # serving certificate (it keeps istiod.<ns>.svc too). "" or "default": the default revision.
+        self.revision = ""
         self.workdir = workdir
         self.mesh_config, self.config_dir = mesh_config, config_dir
         self.kubeconfig: Path | None = None  # required: set by Mesh.start() once the API server is up
@@ -707,7 +710,9 @@ class Mesh:
         cluster_id: str = DEFAULT_CLUSTER_ID,
         extra_env: Mapping[str, str] | None = None,
         kube: KubeCluster | None = None,
+        revisions: Sequence[str] = (),
     ) -> None:
+        """`revisions[i]` is replica i's istio.io/rev (a canary upgrade); none given: all default."""
         self.workdir, self.peers = workdir, peers
         self.kube = kube  # started in start() unless given; shared by all replicas like a real cluster
         self._own_kube = kube is None
@@ -727,6 +732,8 @@ class Mesh:
             )
             for i in range(replicas)
         ]  # fmt: skip
+        for replica, revision in zip(self.replicas, revisions, strict=False):
+            replica.revision = revision
         self.envoys: list[EnvoyProxy] = []
         self._cert_dirs: dict[tuple[str, str], Path] = {}
         self.istioctl = Istioctl(peers.istioctl, workdir / "istioctl-home")
@@ -788,6 +795,8 @@ class Mesh:
                 "CLUSTER_ID": self.cluster_id,
             }
         )
+        if replica.revision:
+            env["REVISION"] = replica.revision
         env.update(self.extra_env)
         return env
 

@@ -27,7 +27,7 @@ from .config import (
     revision_selector,
     target_from_flags,
 )
-from .pods import DEFAULT_ISTIOD_PORT, KubernetesPodSource, address_refusal, pod_replica_ip
+from .pods import DEFAULT_ISTIOD_PORT, KubernetesPodSource, address_refusal, pod_replica_ip, pod_revision
 from .reflector import Backoff, ReflectorStats
 from .rootcert import ROOT_CERT_CONFIGMAP, ROOT_CERT_KEY, CaRejected, Rejection, RootCertWatcher, parse_root_bundle
 
@@ -51,6 +51,7 @@ __all__ = [
     "parse_label_selector",
     "parse_root_bundle",
     "pod_replica_ip",
+    "pod_revision",
     "revision_selector",
     "target_from_flags",
 ]

@@ -10,13 +10,20 @@ from collections.abc import Callable, Mapping
 from lightkube.resources.core_v1 import Pod
 
 from ..config import Config
-from ..discovery import OnChange, Replica, join_host_port
-from .config import DEFAULT_SELECTOR, KubeTarget, load_kube_target, parse_label_selector, revision_selector
+from ..discovery import OnChange, Replica, istiod_san, join_host_port
+from .config import (
+    DEFAULT_SELECTOR,
+    REVISION_LABEL,
+    KubeTarget,
+    load_kube_target,
+    parse_label_selector,
+    revision_selector,
+)
 from .reflector import Backoff, ReflectorStats, _Reflector
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_ISTIOD_PORT", "KubernetesPodSource", "address_refusal", "pod_replica_ip"]
+__all__ = ["DEFAULT_ISTIOD_PORT", "KubernetesPodSource", "address_refusal", "pod_replica_ip", "pod_revision"]
 
 DEFAULT_ISTIOD_PORT = Config.istiod_port
 
@@ -35,6 +42,12 @@ def pod_replica_ip(pod: Pod) -> str | None:
         return None
     ready = any(c.type == "Ready" and c.status == "True" for c in status.conditions or ())
     return status.podIP if ready else None
+
+
+def pod_revision(pod: Pod) -> str:
+    """The pod's `istio.io/rev` label; "default" without one (istiod's own default revision)."""
+    labels = (pod.metadata.labels if pod.metadata is not None else None) or {}
+    return labels.get(REVISION_LABEL) or "default"
 
 
 def address_refusal(
@@ -73,6 +86,9 @@ class KubernetesPodSource:
 
     `name` is "k8s:<context>/<namespace>" (plus "/<revision>" when one is selected), so replicas found in
     two clusters or two namespaces stay distinguishable in logs and metrics.
+
+    `per_replica_san` (several revisions followed): each replica carries its revision, from its own
+    `istio.io/rev` label, and that revision's SAN, so its certificate is checked against its own name only.
     """
 
     def __init__(
@@ -92,12 +108,14 @@ class KubernetesPodSource:
         allow_loopback: bool = False,
         allow_host_network: bool = False,
         on_skip: Callable[[str], None] | None = None,
+        per_replica_san: bool = False,
     ) -> None:
         # Configuration errors (bad selector, missing kubeconfig/context) surface here, at start-up.
         self.target = target or load_kube_target(kubeconfig, context)
         self.namespace = namespace
         self.port = port
         self.revision = revision
+        self.per_replica_san = per_replica_san
         self.allow_loopback = allow_loopback
         self.allow_host_network = allow_host_network
         self.on_skip = on_skip  # called with the reason each time a pod is newly skipped
@@ -135,6 +153,12 @@ class KubernetesPodSource:
         self._on_change = on_change
         await self._reflector.run()
 
+    def _replica(self, pod: Pod, pod_name: str, ip: str) -> Replica:
+        # The selector already pins a listed revision; following every revision, the pod's label says it.
+        revision = self.revision or (pod_revision(pod) if self.per_replica_san else "")
+        san = istiod_san(self.namespace, revision) if self.per_replica_san else ""
+        return Replica(join_host_port(ip, self.port), self.name, pod_name, revision=revision, san=san)
+
     def _pods_changed(self, pods: Mapping[str, Pod]) -> None:
         replicas: list[Replica] = []
         skipping: dict[str, tuple[str, str]] = {}
@@ -148,7 +172,7 @@ class KubernetesPodSource:
             if why is not None:
                 skipping[pod_name] = (ip, why)
                 continue
-            replicas.append(Replica(join_host_port(ip, self.port), self.name, pod_name))
+            replicas.append(self._replica(pod, pod_name, ip))
         for pod_name, (ip, why) in skipping.items():
             # Once per pod and address: the whole map is re-examined on every watch event.
             if self._skipping.get(pod_name) != (ip, why):

@@ -59,7 +59,7 @@ function renderReplicas(d) {
   $("replica-count").textContent = "(" + d.replicas.length + ")";
   if (!d.replicas.length) {
     const tr = el("tr");
-    tr.appendChild(el("td", "discovery has found no istiod replica", { colspan: "7", class: "muted" }));
+    tr.appendChild(el("td", "discovery has found no istiod replica", { colspan: "8", class: "muted" }));
     body.appendChild(tr);
   }
   for (const rep of d.replicas) {
@@ -67,6 +67,7 @@ function renderReplicas(d) {
     tr.appendChild(el("td", rep.istiod || rep.name || "?", { class: "id" }));
     tr.appendChild(el("td", rep.address, { class: "id" }));
     tr.appendChild(el("td", rep.source));
+    tr.appendChild(el("td", rep.revision || "–"));
     tr.appendChild(el("td", rep.version || "–"));
     const health = el("td");
     health.appendChild(badge(rep.health));
