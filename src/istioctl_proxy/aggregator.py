@@ -99,6 +99,8 @@ class Aggregator:
         # Scope and holder checks read every replica's own syncz: concurrent checks share one fetch, so a
         # tenant asking for dumps in a loop does not make the proxy read the whole mesh once per request.
         self.syncz_checks: Coalescer[list[Answer]] = Coalescer(enabled=settings.coalesce)
+        # Each proxy's node id and namespace, by node bytes: scoped and deduplicating merges read them (merge.py).
+        self.syncz_memo = wire.SynczMemo()
         # Told (type URL, "coalesced" | "cached") for each call served without its own fan-out (metrics).
         self.on_shared: Callable[[str, str], None] | None = None
 
@@ -128,7 +130,7 @@ class Aggregator:
         deadline = started + upstream_timeout(remaining, self.settings.upstream_timeout)
         request, metadata = self._upstream_request(plan, node, caller)
         scope = caller.scope_for(plan.type_url)
-        ctx = MergeContext(self.settings.external_id, scope)
+        ctx = MergeContext(self.settings.external_id, scope, memo=self.syncz_memo)
 
         if scope and plan.names_proxy:
             # Identity mode: the replicas are asked with the proxy's own identity, so istiod's namespace
