@@ -124,15 +124,17 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 )
             )
     m = results.get("merge")
-    if m:
-        v = m["fast_mb_s_median"]
+    for name, path in (m or {}).get("paths", {}).items():
+        if name.startswith("exact"):
+            continue  # the reference the others are proven against, not a path callers take
+        v = path["mb_s_median"]
         rows.append(
             (
-                "merge of 30k ClientConfigs ≥ 300 MB/s on one core",
-                f"{v:.0f} MB/s median, {m['fast_mb_s_best']:.0f} best ({m['payload_bytes'] / 1e6:.1f} MB in "
-                f"{m['fast_ms_median']:.1f} ms)",
+                "every syncz merge path ≥ 300 MB/s on one core (K=5, P=30k)",
+                f"{v:.0f} MB/s median, {path['mb_s_best']:.0f} best ({path['payload_bytes'] / 1e6:.1f} MB in "
+                f"{path['ms_median']:.1f} ms)",
                 "met" if v >= 300 else "missed",
-                "in-process, K=5",
+                path["label"],
             )
         )
     for c in results.get("concurrency", []):
@@ -286,16 +288,23 @@ def tables(results: dict[str, Any]) -> str:
             )
     m = results.get("merge")
     if m:
+        load = ", ".join(f"{x:.1f}" for x in m.get("load", ()))
         lines += [
             "",
             "### The syncz merge alone (one core, in-process)",
             "",
-            "| payload | fast path median | fast path best | exact (field-by-field) path |",
-            "|---:|---:|---:|---:|",
-            f"| {m['payload_bytes'] / 1e6:.1f} MB (K={m['replicas']}, P={m['proxies'] // 1000}k) | "
-            f"{_f(m['fast_ms_median'])} ms = {m['fast_mb_s_median']:.0f} MB/s | {_f(m['fast_ms_best'])} ms = "
-            f"{m['fast_mb_s_best']:.0f} MB/s | {_f(m['exact_ms_median'])} ms = {m['exact_mb_s_median']:.0f} MB/s |",
+            f"K={m['replicas']}, P={m['proxies'] // 1000}k; the paths alternated round by round in one process "
+            f"(load average {load or '?'}).",
+            "",
+            "| path | payload | median | best | runs |",
+            "|---|---:|---:|---:|---:|",
         ]
+        for path in m.get("paths", {}).values():
+            lines.append(
+                f"| {path['label']} | {path['payload_bytes'] / 1e6:.1f} MB | {_f(path['ms_median'])} ms = "
+                f"{path['mb_s_median']:.0f} MB/s | {_f(path['ms_best'])} ms = {path['mb_s_best']:.0f} MB/s | "
+                f"{path['runs']} |"
+            )
     return "\n".join(lines)
 
 

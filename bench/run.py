@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -471,43 +471,92 @@ async def run_concurrency(
         proxy.close()
 
 
-def merge_microbench(k: int = 5, p: int = 30_000, repeat: int = 9) -> dict[str, Any]:
-    """The syncz merge alone, in this process, on one core: fast path and exact (field-by-field) path."""
+MERGE_PATHS = {
+    "fast": "fast path: no duplicate, unscoped",
+    "split-dups": "split path: 1 % of proxies on two replicas",
+    "split-scoped": "split path: scoped caller (one namespace of 4)",
+    "split-scoped-cold": "split path: scoped, memo cold (the first call)",
+    "exact-dups": "exact (field-by-field) path: the same duplicates",
+}
+
+
+def merge_microbench(k: int = 5, p: int = 30_000, rounds: int = 7) -> dict[str, Any]:
+    """Every syncz merge path alone, in this process, on one core, alternated round by round.
+
+    The answers are the same bytes for every path but "split-dups"/"exact-dups", whose mesh also lists 1 % of
+    its proxies on a second replica (a reconnect window). Warm paths share one SynczMemo, as the proxy does.
+    """
     from istioctl_proxy import merge
     from istioctl_proxy.discovery import Replica
     from istioctl_proxy.model import Answer
     from istioctl_proxy.policy import plan_request
     from istioctl_proxy.sim.simulator import make_mesh
 
-    answers = [Answer(Replica(f"r{i}"), r.syncz("")) for i, r in enumerate(make_mesh(k, p))]
-    total = sum(len(a.body or b"") for a in answers)
-    plan, ctx = plan_request(SYNCZ, []), merge.MergeContext()
+    mesh = make_mesh(k, p)
+    answers = [Answer(Replica(f"r{i}"), r.syncz("")) for i, r in enumerate(mesh)]
+    mesh[-1].proxies.extend(mesh[0].proxies[: p // 100])
+    dup_answers = [Answer(Replica(f"r{i}"), r.syncz("")) for i, r in enumerate(make_mesh(k, p))]
+    dup_answers[-1] = Answer(Replica(f"r{k - 1}"), mesh[-1].syncz(""))
+    plan = plan_request(SYNCZ, [])
+    memo = wire.SynczMemo()
+    fast, split, exact = merge.merge_syncz_fast, merge.merge_syncz_split, merge.merge_syncz
 
-    def timed(fn: Callable[[], object], n: int) -> list[float]:
-        out = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-        return out
+    def no_fast(*_a: object) -> None:
+        return None
 
-    fast = timed(lambda: merge.merge(plan, answers, ctx), repeat)
-    real_fast = merge.merge_syncz_fast
-    merge.merge_syncz_fast = lambda *_a: None
-    try:
-        exact = timed(lambda: merge.merge(plan, answers, ctx), 3)
-    finally:
-        merge.merge_syncz_fast = real_fast
+    def run(path: str) -> tuple[int, float]:
+        with contextlib.ExitStack() as undo:
+            if path != "fast":
+                merge.merge_syncz_fast = no_fast  # type: ignore[assignment]
+                undo.callback(setattr, merge, "merge_syncz_fast", fast)
+            if path.startswith("exact"):
+                merge.merge_syncz_split = no_fast  # type: ignore[assignment]
+                undo.callback(setattr, merge, "merge_syncz_split", split)
+            batch = dup_answers if path.endswith("dups") else answers
+            ctx = merge.MergeContext(scope="ns-1" if "scoped" in path else "",
+                                     memo=wire.SynczMemo() if path.endswith("cold") else memo)
+            # CPU seconds of this process: what one core spends, whatever else the machine is running.
+            t = time.process_time()
+            out = exact(plan, batch, ctx)
+            elapsed = time.process_time() - t
+            assert not out.rejected
+            return sum(len(a.body or b"") for a in batch), elapsed
+
+    run("split-scoped")  # warm the node facts, as any call before would
+    times: dict[str, list[float]] = {name: [] for name in MERGE_PATHS}
+    sizes: dict[str, int] = {}
+    for r in range(rounds):
+        names = list(MERGE_PATHS)
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            if name.startswith("exact") and r % 3:
+                continue  # the exact path takes ~half a second: a third of the rounds is enough
+            sizes[name], elapsed = run(name)
+            times[name].append(elapsed)
+    paths = {
+        name: {
+            "label": MERGE_PATHS[name],
+            "payload_bytes": sizes[name],
+            "ms_median": statistics.median(ts) * 1e3,
+            "ms_best": min(ts) * 1e3,
+            "mb_s_median": sizes[name] / statistics.median(ts) / 1e6,
+            "mb_s_best": sizes[name] / min(ts) / 1e6,
+            "runs": len(ts),
+        }
+        for name, ts in times.items()
+    }
+    f, e = paths["fast"], paths["exact-dups"]
     return {
         "replicas": k,
         "proxies": p,
-        "payload_bytes": total,
-        "fast_ms_median": statistics.median(fast) * 1e3,
-        "fast_ms_best": min(fast) * 1e3,
-        "fast_mb_s_median": total / statistics.median(fast) / 1e6,
-        "fast_mb_s_best": total / min(fast) / 1e6,
-        "exact_ms_median": statistics.median(exact) * 1e3,
-        "exact_mb_s_median": total / statistics.median(exact) / 1e6,
+        "payload_bytes": f["payload_bytes"],
+        "fast_ms_median": f["ms_median"],
+        "fast_ms_best": f["ms_best"],
+        "fast_mb_s_median": f["mb_s_median"],
+        "fast_mb_s_best": f["mb_s_best"],
+        "exact_ms_median": e["ms_median"],
+        "exact_mb_s_median": e["mb_s_median"],
+        "paths": paths,
+        "load": os.getloadavg(),
     }
 
 
@@ -534,7 +583,7 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
         "concurrency": [],
     }
     results["args"]["command"] = "python -m bench.run " + " ".join(sys.argv[1:])
-    scenarios = list(matrix(ns))
+    scenarios = [] if ns.merge_only else list(matrix(ns))
     print(f"{len(scenarios)} scenarios, {ns.rounds} rounds x {ns.calls} calls per mode", flush=True)
     with tempfile.TemporaryDirectory(prefix="istioctl-proxy-bench-") as tmp:
         pki = Pki.make(tmp)
@@ -561,7 +610,7 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
                     )
             finally:
                 reps.close()
-        if ns.concurrency_seconds > 0:
+        if ns.concurrency_seconds > 0 and not ns.merge_only:
             k, p = ns.concurrency_replicas, ns.concurrency_proxies
             reps = ReplicaProcess(k, p, None)
             try:
@@ -580,11 +629,9 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
                 reps.close()
     if ns.merge_bench:
         results["merge"] = merge_microbench()
-        print(
-            f"merge 5x30k: fast {results['merge']['fast_mb_s_median']:.0f} MB/s (best "
-            f"{results['merge']['fast_mb_s_best']:.0f}), exact {results['merge']['exact_mb_s_median']:.0f} MB/s",
-            flush=True,
-        )
+        for name, m in results["merge"]["paths"].items():
+            print(f"merge 5x30k {name:18s} {m['mb_s_median']:5.0f} MB/s median, {m['mb_s_best']:5.0f} best "
+                  f"({m['ms_median']:.1f} ms for {m['payload_bytes'] / 1e6:.1f} MB)", flush=True)
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return results
 
@@ -607,6 +654,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency-latency", type=float, default=0.05)
     p.add_argument("--concurrency-variants", default="no-coalesce,coalesce,cache-1s")
     p.add_argument("--no-merge-bench", dest="merge_bench", action="store_false")
+    p.add_argument("--merge-only", action="store_true", help="only the in-process merge paths (~1 minute)")
     p.add_argument(
         "--no-ab-grpc",
         dest="ab_grpc",
