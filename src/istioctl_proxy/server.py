@@ -63,7 +63,7 @@ class StreamLimits:
     max_age: float = 1800.0
     max_streams: int = 10000
     max_streams_per_connection: int = 1000
-    send_budget_bytes: int = 256 * MiB
+    send_budget_bytes: int = 48 * MiB  # gRPC copies each answer it sends: this bounds those copies
     send_timeout: float = 60.0
     slow_reader_seconds: float = 5.0
 
