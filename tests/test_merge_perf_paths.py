@@ -6,6 +6,7 @@ Correctness only: the speed is measured by bench/, not asserted here.
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -301,3 +302,56 @@ def test_node_facts_are_remembered_and_bounded() -> None:
     assert memo.facts(split.nodes) == first and len(memo._facts) == 20
     memo.facts([n + b"\x28\x00" for n in split.nodes])  # 20 more nodes (a trailing field): over the bound
     assert len(memo._facts) <= 30
+
+
+# -- Reading each answer as it arrives (the hop) ---------------------------------------------------------------
+
+
+async def test_each_answer_is_read_while_the_others_are_still_in_transit() -> None:
+    from istioctl_proxy.fanout import FanOut
+
+    mesh = make_mesh(2, 30, seed=8)
+    bodies = {f"10.0.0.{i}:15012": r.syncz("") for i, r in enumerate(mesh)}
+    straggler_may_answer = asyncio.Event()
+    first_read = asyncio.Event()
+
+    class Pool:
+        last_error: dict[str, str] = {}
+
+        async def ask(self, replica: Replica, request: bytes, metadata: object, timeout: float) -> bytes:
+            if replica.address.endswith("1:15012"):
+                await straggler_may_answer.wait()
+            return bodies[replica.address]
+
+    ctx = merge.MergeContext()
+
+    def on_each(answer: Answer) -> None:
+        merge.index_early(PLAN, ctx, answer)
+        first_read.set()
+
+    replicas = [Replica(address) for address in bodies]
+    fan = asyncio.create_task(FanOut(Pool()).all(replicas, b"", (), 5.0, on_each=on_each))  # type: ignore[arg-type]
+    await first_read.wait()
+    # Before the straggler answered, the first answer is already indexed.
+    assert list(ctx.early) == ["10.0.0.0:15012"] and not fan.done()
+    assert isinstance(ctx.early["10.0.0.0:15012"], wire.SynczIndex)
+    straggler_may_answer.set()
+    answers = await fan
+    assert set(ctx.early) == set(bodies)
+    merged = merge.merge(PLAN, answers, ctx)
+    assert canonical(merged.body) == canonical(merge.merge(PLAN, answers, CTX).body) and merged.resources == 30
+
+
+@pytest.mark.usefixtures("fixed_nonce")
+@pytest.mark.parametrize("scope", ["", "ns-1"])
+def test_early_readings_are_used_and_change_nothing(scope: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = answers_of(_mesh_with({0: [SimProxy("long" * 40, "ns-1", states={"CDS": "SYNCED"})]}))
+    ctx = merge.MergeContext(scope=scope, memo=wire.SynczMemo())
+    for answer in answers:
+        merge.index_early(PLAN, ctx, answer)
+    with monkeypatch.context() as m:
+        m.setattr(wire, "syncz_fast_index", lambda *_a: pytest.fail("read again after the fan-out"))
+        if scope:
+            m.setattr(wire, "syncz_split", lambda *_a: pytest.fail("cut again after the fan-out"))
+        early = merge.merge(PLAN, answers, ctx)
+    assert early.body == merge.merge(PLAN, answers, merge.MergeContext(scope=scope)).body

@@ -18,7 +18,7 @@ from .coalesce import Coalescer, FlightKey
 from .discovery import Replica, ReplicaSet
 from .errors import NoReplicas, UpstreamFailed
 from .fanout import FanOut, most_telling, upstream_timeout
-from .merge import MUST_PROVIDE, NOT_CONNECTED, MergeContext, claims_proxy, debug_response, merge
+from .merge import MUST_PROVIDE, NOT_CONNECTED, MergeContext, claims_proxy, debug_response, index_early, merge
 from .model import Answer, Merge, Plan, Result
 from .policy import CONFIG_DUMP, SYNCZ, plan_request
 
@@ -168,7 +168,9 @@ class Aggregator:
         node: base_pb2.Node, caller: Caller,
     ) -> Result:
         if plan.fan_out:
-            answers = await self.fanout.all(replicas, request, metadata, _left(deadline))
+            ctx = dataclasses.replace(ctx, early={})  # this fan-out's own early readings
+            answers = await self.fanout.all(replicas, request, metadata, _left(deadline),
+                                            on_each=lambda a: index_early(plan, ctx, a))
         else:
             answers = await self.fanout.first(replicas, request, metadata, _left(deadline),
                                               accept=lambda a: not merge(plan, [a], ctx).rejected)

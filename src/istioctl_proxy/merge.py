@@ -41,6 +41,22 @@ class MergeContext:
     holders: frozenset[str] = frozenset()
     # What the split path remembers across calls (the Aggregator's); None: a fresh memo for this merge only.
     memo: wire.SynczMemo | None = field(default=None, compare=False)
+    # Answers already read as they arrived (see index_early), by replica address.
+    early: dict[str, wire.SynczIndex | wire.SynczSplit | None] = field(default_factory=dict, compare=False)
+
+
+def index_early(plan: Plan, ctx: MergeContext, answer: Answer) -> None:
+    """Read one syncz answer as soon as it arrives, while the other replicas' answers are still in transit.
+
+    The merge then finds the reading in ctx.early instead of doing it after the last answer. Only the
+    reading moves: the merge itself, and so its result, is the same.
+    """
+    if plan.merge is not Merge.SYNCZ or answer.body is None:
+        return
+    if ctx.scope:
+        ctx.early[answer.replica.address] = wire.syncz_split(answer.body, ctx.memo or wire.SynczMemo())
+    else:
+        ctx.early[answer.replica.address] = wire.syncz_fast_index(answer.body)
 
 
 @dataclass
@@ -108,7 +124,8 @@ def merge_syncz_fast(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -
     total = 0
     for answer in answers:
         assert answer.body is not None
-        index = wire.syncz_fast_index(answer.body)
+        early = ctx.early.get(answer.replica.address, False)
+        index = early if early is None or isinstance(early, wire.SynczIndex) else wire.syncz_fast_index(answer.body)
         if index is None or index.type_url not in ("", plan.type_url):
             return None
         indexes.append(index)
@@ -133,7 +150,8 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
     splits: list[wire.SynczSplit] = []
     for answer in answers:
         assert answer.body is not None
-        split = wire.syncz_split(answer.body, memo)
+        early = ctx.early.get(answer.replica.address, False)
+        split = early if isinstance(early, wire.SynczSplit) else wire.syncz_split(answer.body, memo)
         if split is None or split.envelope.type_url not in ("", plan.type_url):
             return None
         splits.append(split)
