@@ -70,6 +70,10 @@ def machine() -> dict[str, str]:
     }
 
 
+def _mib(row: dict[str, Any], key: str) -> str:
+    return f"{row[key] / MiB:.0f}" if key in row else "–"
+
+
 def _f(x: float, nd: int = 1) -> str:
     return f"{x:.{nd}f}"
 
@@ -138,6 +142,17 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             )
         )
     for c in results.get("concurrency", []):
+        if "single_peak_rss" in c:
+            ratio = c["peak_rss"] / c["single_peak_rss"]
+            rows.append(
+                (
+                    f"peak RSS with {c['callers']} concurrent callers ≤ 1.5 × single-caller peak",
+                    f"{ratio:.2f} × ({c['peak_rss'] / MiB:.0f} vs {c['single_peak_rss'] / MiB:.0f} MiB, idle "
+                    f"{c['idle_rss'] / MiB:.0f})",
+                    "met" if ratio <= 1.5 else "missed",
+                    f"{c['variant']}, K={c['replicas']} P={c['proxies'] // 1000}k",
+                )
+            )
         if c["variant"] == "cache-1s":
             v = max(c["upstream_per_replica_per_s"])
             ok = v <= 2 and c["wrong"] == 0
@@ -276,15 +291,17 @@ def tables(results: dict[str, Any]) -> str:
             "### Many identical callers",
             "",
             "| variant | callers | seconds | answers | wrong | calls/s | p50 | p95 | p99 | upstream calls/replica/s "
-            "| proxy CPU ms/call | peak RSS MiB |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+            "| proxy CPU ms/call | RSS MiB: idle | single caller peak | many callers peak | many / single |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
         ]
         for c in conc:
             ups = ", ".join(_f(u, 2) for u in c["upstream_per_replica_per_s"])
+            ratio = _f(c["peak_rss"] / c["single_peak_rss"], 2) if "single_peak_rss" in c else "–"
             lines.append(
                 f"| {c['variant']} | {c['callers']} | {_f(c['seconds'], 0)} | {c['calls']} | {c['wrong']} | "
                 f"{_f(c['calls_per_s'])} | {_f(c['p50_ms'])} | {_f(c['p95_ms'])} | {_f(c['p99_ms'])} | {ups} | "
-                f"{_f(c['proxy_cpu_s_per_call'] * 1e3, 1)} | {c['peak_rss'] / MiB:.0f} |"
+                f"{_f(c['proxy_cpu_s_per_call'] * 1e3, 1)} | {_mib(c, 'idle_rss')} | {_mib(c, 'single_peak_rss')} | "
+                f"{c['peak_rss'] / MiB:.0f} | {ratio} |"
             )
     m = results.get("merge")
     if m:

@@ -50,6 +50,8 @@ MODES = ("proxy", "floor", "slowest", "baseline")
 # of the gRPC transport tuning (upstream.LARGE_MESSAGE_OPTIONS) under the same noise.
 UNTUNED = "proxy-grpc-defaults"
 MiB = 1024 * 1024
+# The environment the image and the chart run the proxy with (glibc: one arena, freed memory returned at once).
+DEPLOYED_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "0"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The harness's own client settings, identical for every mode (so no mode is favoured).
 CLIENT_OPTIONS: list[tuple[str, Any]] = [
@@ -108,10 +110,12 @@ class Pki:
 class ReplicaProcess:
     """bench.replicas in a child process."""
 
-    def __init__(self, replicas: int, proxies: int, pki: Pki | None) -> None:
+    def __init__(self, replicas: int, proxies: int, pki: Pki | None, client_ca: str = "") -> None:
         cmd = [sys.executable, "-m", "bench.replicas", "--replicas", str(replicas), "--proxies", str(proxies)]
         if pki is not None:
             cmd += ["--tls-cert", pki.istiod_cert, "--tls-key", pki.istiod_key]
+        if client_ca:
+            cmd += ["--client-ca", client_ca]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = self._read()
         self.addresses: list[str] = line["addresses"]
@@ -146,7 +150,8 @@ class ProxyProcess:
     """`istioctl-proxy serve` in a child process, observed with psutil."""
 
     def __init__(
-        self, addresses: Sequence[str], pki: Pki | None, extra: Sequence[str] = (), env: dict[str, str] | None = None
+        self, addresses: Sequence[str], pki: Pki | None, extra: Sequence[str] = (), env: dict[str, str] | None = None,
+        transport: Sequence[str] | None = None,
     ) -> None:
         self.port = free_port()
         cmd = [
@@ -164,11 +169,13 @@ class ProxyProcess:
             "warning",
             *extra,
         ]
-        if pki is None:
+        if transport is not None:
+            cmd += transport
+        elif pki is None:
             cmd += ["--plaintext", "--istiod-plaintext"]
         else:
             cmd += ["--tls-cert", pki.proxy_cert, "--tls-key", pki.proxy_key, "--istiod-ca", pki.ca]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **DEPLOYED_ENV, **(env or {})})
         self.ps = psutil.Process(self.proc.pid)
 
     def cpu(self) -> float:
@@ -408,6 +415,33 @@ async def run_scenario(
             untuned.close()
 
 
+async def _closed_loop(
+    port: int, pki: Pki | None, callers: int, seconds: float, p: int
+) -> tuple[list[float], int]:
+    """`callers` identical syncz callers on their own channels for `seconds`: latencies, wrong answers."""
+    channels = [_channel(f"127.0.0.1:{port}", pki, "localhost") for _ in range(callers)]
+    latencies: list[float] = []
+    wrong = 0
+    stop = time.monotonic() + seconds
+
+    async def caller(ch: grpc.aio.Channel) -> None:
+        nonlocal wrong
+        while time.monotonic() < stop:
+            t = time.perf_counter()
+            body = await ask(ch)
+            latencies.append(time.perf_counter() - t)
+            index = wire.syncz_fast_index(body)
+            if index is None or index.count != p or len(set(index.node_keys)) != p:
+                wrong += 1
+
+    try:
+        await asyncio.gather(*(caller(ch) for ch in channels))
+    finally:
+        for ch in channels:
+            await ch.close()
+    return latencies, wrong
+
+
 async def run_concurrency(
     replicas: ReplicaProcess,
     pki: Pki | None,
@@ -418,36 +452,32 @@ async def run_concurrency(
     variant: str,
     latency: float,
 ) -> dict[str, Any]:
-    """`callers` identical syncz callers (same token) in a closed loop for `seconds`; every answer checked."""
+    """`callers` identical syncz callers (same token) in a closed loop for `seconds`; every answer checked.
+
+    Memory is read on two fresh proxies of the same settings (VmHWM only grows): one serves a single
+    caller for a third of the time (its idle RSS is read first), the other the many callers.
+    """
     extra = {"no-coalesce": ["--no-coalesce"], "coalesce": [], "cache-1s": ["--cache-ttl", "1"]}[variant]
     replicas.command(f"latency {latency}")
+    single = ProxyProcess(replicas.addresses, pki, extra)
+    try:
+        idle_rss = await single.idle_rss()
+        async with clients(single, replicas, pki, k) as c:
+            await wait_ready(c)
+        single_latencies, single_wrong = await _closed_loop(single.port, pki, 1, max(seconds / 3, 3.0), p)
+        single_peak = single.peak_rss()
+    finally:
+        single.close()
     proxy = ProxyProcess(replicas.addresses, pki, extra)
     try:
         async with clients(proxy, replicas, pki, k) as c:
             await wait_ready(c)
             await c.call("proxy")
-            channels = [_channel(f"127.0.0.1:{proxy.port}", pki, "localhost") for _ in range(callers)]
-            latencies: list[float] = []
-            wrong = 0
-            stop = time.monotonic() + seconds
-
-            async def caller(ch: grpc.aio.Channel) -> None:
-                nonlocal wrong
-                while time.monotonic() < stop:
-                    t = time.perf_counter()
-                    body = await ask(ch)
-                    latencies.append(time.perf_counter() - t)
-                    index = wire.syncz_fast_index(body)
-                    if index is None or index.count != p or len(set(index.node_keys)) != p:
-                        wrong += 1
-
             before, cpu0 = replicas.requests(), proxy.cpu()
             started = time.monotonic()
-            await asyncio.gather(*(caller(ch) for ch in channels))
+            latencies, wrong = await _closed_loop(proxy.port, pki, callers, seconds, p)
             wall = time.monotonic() - started
             after = replicas.requests()
-            for ch in channels:
-                await ch.close()
             n = len(latencies)
             return {
                 "variant": variant,
@@ -459,13 +489,16 @@ async def run_concurrency(
                 "tls": pki is not None,
                 "calls": n,
                 "calls_per_s": n / wall,
-                "wrong": wrong,
+                "wrong": wrong + single_wrong,
                 "p50_ms": pct(latencies, 50) * 1e3,
                 "p95_ms": pct(latencies, 95) * 1e3,
                 "p99_ms": pct(latencies, 99) * 1e3,
                 "upstream_per_replica_per_s": [(a - b) / wall for a, b in zip(after, before, strict=True)],
                 "proxy_cpu_s_per_call": (proxy.cpu() - cpu0) / max(n, 1),
                 "peak_rss": proxy.peak_rss(),
+                "idle_rss": idle_rss,
+                "single_peak_rss": single_peak,
+                "single_calls": len(single_latencies),
             }
     finally:
         proxy.close()
@@ -583,7 +616,7 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
         "concurrency": [],
     }
     results["args"]["command"] = "python -m bench.run " + " ".join(sys.argv[1:])
-    scenarios = [] if ns.merge_only else list(matrix(ns))
+    scenarios = [] if ns.merge_only or ns.concurrency_only else list(matrix(ns))
     print(f"{len(scenarios)} scenarios, {ns.rounds} rounds x {ns.calls} calls per mode", flush=True)
     with tempfile.TemporaryDirectory(prefix="istioctl-proxy-bench-") as tmp:
         pki = Pki.make(tmp)
@@ -622,12 +655,13 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
                     print(
                         f"concurrency {variant:12s} {res['calls_per_s']:6.1f} calls/s p50 {res['p50_ms']:.0f} ms "
                         f"upstream/replica/s {max(res['upstream_per_replica_per_s']):.2f} wrong {res['wrong']} "
-                        f"rss {res['peak_rss'] / MiB:.0f} MiB",
+                        f"rss idle {res['idle_rss'] / MiB:.0f} single {res['single_peak_rss'] / MiB:.0f} "
+                        f"{res['callers']} callers {res['peak_rss'] / MiB:.0f} MiB",
                         flush=True,
                     )
             finally:
                 reps.close()
-    if ns.merge_bench:
+    if ns.merge_bench and not ns.concurrency_only:
         results["merge"] = merge_microbench()
         for name, m in results["merge"]["paths"].items():
             print(f"merge 5x30k {name:18s} {m['mb_s_median']:5.0f} MB/s median, {m['mb_s_best']:5.0f} best "
@@ -650,11 +684,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--callers", type=int, default=50)
     p.add_argument("--concurrency-seconds", type=float, default=-1, help="default 30 (quick 10); 0 skips")
     p.add_argument("--concurrency-replicas", type=int, default=5)
-    p.add_argument("--concurrency-proxies", type=int, default=10_000)
+    p.add_argument("--concurrency-proxies", type=int, default=30_000)
     p.add_argument("--concurrency-latency", type=float, default=0.05)
     p.add_argument("--concurrency-variants", default="no-coalesce,coalesce,cache-1s")
     p.add_argument("--no-merge-bench", dest="merge_bench", action="store_false")
     p.add_argument("--merge-only", action="store_true", help="only the in-process merge paths (~1 minute)")
+    p.add_argument("--concurrency-only", action="store_true", help="only the many-callers runs")
     p.add_argument(
         "--no-ab-grpc",
         dest="ab_grpc",
