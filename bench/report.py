@@ -303,6 +303,23 @@ def tables(results: dict[str, Any]) -> str:
                 f"{_f(c['proxy_cpu_s_per_call'] * 1e3, 1)} | {_mib(c, 'idle_rss')} | {_mib(c, 'single_peak_rss')} | "
                 f"{c['peak_rss'] / MiB:.0f} | {ratio} |"
             )
+    h = results.get("hop")
+    if h:
+        added = h["added_over_floor_ms"]
+        lines += [
+            "",
+            "### Reading each answer as it arrives (the hop, in-process)",
+            "",
+            f"K={h['replicas']}, P={h['proxies'] // 1000}k, 0 ms replicas, plaintext; {h['rounds']} alternated "
+            f"rounds × {h['calls']} calls; the floor asks the replicas and reads nothing.",
+            "",
+            "| mode | p50 ms | added over the floor (median of rounds) |",
+            "|---|---:|---:|",
+            *[f"| {mode} | {_f(v)} | {_f(added[mode]) + ' ms' if mode in added else '–'} |"
+              for mode, v in h["p50_ms"].items()],
+            "",
+            f"as-arriving / after-last: {h['ratio_as_arriving_over_after_last']:.2f} × (median of per-round ratios).",
+        ]
     m = results.get("merge")
     if m:
         load = ", ".join(f"{x:.1f}" for x in m.get("load", ()))

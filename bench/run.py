@@ -593,6 +593,66 @@ def merge_microbench(k: int = 5, p: int = 30_000, rounds: int = 7) -> dict[str, 
     }
 
 
+HOP_MODES = ("floor", "read-after-last", "read-as-arriving")
+
+
+async def hop_microbench(k: int = 5, p: int = 30_000, rounds: int = 9, calls: int = 3) -> dict[str, Any]:
+    """What reading each answer as it arrives buys (merge.index_early), in this process, alternated:
+
+      floor              every replica asked concurrently over warm channels, nothing read
+      read-after-last    the same, then the syncz merge reads every answer (as before)
+      read-as-arriving   each answer read as it arrives, the merge after the last uses those readings
+    """
+    from istioctl_proxy import merge
+    from istioctl_proxy.discovery import Replica
+    from istioctl_proxy.model import Answer
+    from istioctl_proxy.policy import plan_request
+
+    plan = plan_request(SYNCZ, [])
+    reps = ReplicaProcess(k, p, None)
+    chans = [_channel(a, None, "") for a in reps.addresses]
+    try:
+
+        async def one(i: int, ctx: merge.MergeContext | None) -> Answer:
+            answer = Answer(Replica(reps.addresses[i]), await ask(chans[i]))
+            if ctx is not None:
+                merge.index_early(plan, ctx, answer)
+            return answer
+
+        async def call(mode: str) -> None:
+            ctx = merge.MergeContext() if mode == "read-as-arriving" else None
+            answers = await asyncio.gather(*(one(i, ctx) for i in range(k)))
+            if mode != "floor":
+                merge.merge(plan, answers, ctx or merge.MergeContext())
+
+        for mode in HOP_MODES:
+            await call(mode)
+        per_round: dict[str, list[float]] = {m: [] for m in HOP_MODES}
+        for r in range(rounds):
+            for mode in HOP_MODES[r % 3:] + HOP_MODES[: r % 3]:
+                block = []
+                for _ in range(calls):
+                    t = time.perf_counter()
+                    await call(mode)
+                    block.append(time.perf_counter() - t)
+                per_round[mode].append(statistics.median(block))
+        floor = per_round["floor"]
+        added = {m: statistics.median(x - f for x, f in zip(per_round[m], floor, strict=True)) * 1e3
+                 for m in HOP_MODES[1:]}
+        return {
+            "replicas": k, "proxies": p, "rounds": rounds, "calls": calls,
+            "p50_ms": {m: statistics.median(v) * 1e3 for m, v in per_round.items()},
+            "added_over_floor_ms": added,
+            "ratio_as_arriving_over_after_last": statistics.median(
+                a / b for a, b in zip(per_round["read-as-arriving"], per_round["read-after-last"], strict=True)),
+            "load": os.getloadavg(),
+        }
+    finally:
+        for ch in chans:
+            await ch.close()
+        reps.close()
+
+
 # -- the matrix ----------------------------------------------------------------------------------------------
 
 
@@ -616,7 +676,8 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
         "concurrency": [],
     }
     results["args"]["command"] = "python -m bench.run " + " ".join(sys.argv[1:])
-    scenarios = [] if ns.merge_only or ns.concurrency_only else list(matrix(ns))
+    only = ns.merge_only or ns.concurrency_only or ns.hop_only
+    scenarios = [] if only else list(matrix(ns))
     print(f"{len(scenarios)} scenarios, {ns.rounds} rounds x {ns.calls} calls per mode", flush=True)
     with tempfile.TemporaryDirectory(prefix="istioctl-proxy-bench-") as tmp:
         pki = Pki.make(tmp)
@@ -643,7 +704,7 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
                     )
             finally:
                 reps.close()
-        if ns.concurrency_seconds > 0 and not ns.merge_only:
+        if ns.concurrency_seconds > 0 and (not only or ns.concurrency_only):
             k, p = ns.concurrency_replicas, ns.concurrency_proxies
             reps = ReplicaProcess(k, p, None)
             try:
@@ -661,7 +722,11 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
                     )
             finally:
                 reps.close()
-    if ns.merge_bench and not ns.concurrency_only:
+    if not only or ns.hop_only:
+        results["hop"] = h = await hop_microbench()
+        print(f"hop K=5 P=30k, 0 ms: added over the floor {h['added_over_floor_ms']}; as-arriving/after-last "
+              f"{h['ratio_as_arriving_over_after_last']:.2f}", flush=True)
+    if ns.merge_bench and (not only or ns.merge_only):
         results["merge"] = merge_microbench()
         for name, m in results["merge"]["paths"].items():
             print(f"merge 5x30k {name:18s} {m['mb_s_median']:5.0f} MB/s median, {m['mb_s_best']:5.0f} best "
@@ -690,6 +755,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-merge-bench", dest="merge_bench", action="store_false")
     p.add_argument("--merge-only", action="store_true", help="only the in-process merge paths (~1 minute)")
     p.add_argument("--concurrency-only", action="store_true", help="only the many-callers runs")
+    p.add_argument("--hop-only", action="store_true", help="only what reading answers as they arrive buys")
     p.add_argument(
         "--no-ab-grpc",
         dest="ab_grpc",

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, compress, pairwise, starmap
-from operator import add
+from operator import add, itemgetter
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -379,7 +379,8 @@ def syncz_split(raw: bytes, memo: SynczMemo) -> SynczSplit | None:
         layouts = memo.layouts(found)
         if layouts is None:
             return None
-        headers, sizes, node_offsets, node_lengths = zip(*layouts, strict=True)
+        # Field by field (zip(*layouts) would make an iterator per resource).
+        headers, sizes, node_offsets, node_lengths = (list(map(itemgetter(i), layouts)) for i in range(4))
         starts = list(accumulate(sizes, initial=raw.find(_URL_HEADER) - (len(headers[0]) - len(_URL_HEADER))))
         if starts[0] < 0 or starts[-1] > len(raw) or not all(map(raw.startswith, headers, starts)):
             return None
