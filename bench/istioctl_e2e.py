@@ -55,7 +55,7 @@ class Pki:
         self.upstream_cert, self.upstream_key = write_file(j("up.pem"), upstream.cert_pem), write_file(
             j("up-key.pem"), upstream.key_pem)
         self.admin = ca.issue(spiffe="spiffe://cluster.local/ns/istio-system/sa/default")
-        self.cert_dir = ca.write_istioctl_cert_dir(j("istioctl-certs"), self.admin)
+        self.cert_dir = str(ca.write_cert_dir(j("istioctl-certs"), self.admin))
         self.home = j("home")
         os.makedirs(self.home, exist_ok=True)
 
@@ -146,6 +146,41 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+BEGIN, END = "<!-- istioctl-e2e:begin -->", "<!-- istioctl-e2e:end -->"
+
+
+def report(res: dict[str, Any]) -> str:
+    """The block between the istioctl-e2e markers of docs/benchmarks.md."""
+    load = ", ".join(f"{x:.1f}" for x in res["scenarios"][0]["load"]) if res["scenarios"] else "?"
+    lines = [
+        BEGIN, "",
+        f"Run {res['started']} → {res['finished']}, `python -m bench.istioctl_e2e`, load average {load} on 2 CPUs. "
+        "p50 ms of whole istioctl runs (exec to exit), modes alternated per round; ratios are medians of per-round "
+        "ratios. istioctl's share: its time minus a warm client's fetch of the same answer, over its time.", "",
+        "| P | rounds | `x ps` proxy | `x ps` direct | proxy/direct | `-o json` proxy | `-o json` direct | "
+        "proxy/direct | fetch proxy | fetch direct | istioctl's share |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in res["scenarios"]:
+        m = s["p50_ms"]
+        lines.append(
+            f"| {s['proxies'] // 1000}k | {s['rounds']} | {m['proxy']:.0f} | {m['direct']:.0f} | {s['ps_ratio']:.2f} | "
+            f"{m['proxy-json']:.0f} | {m['direct-json']:.0f} | {s['json_ratio']:.2f} | {m['fetch-proxy']:.0f} | "
+            f"{m['fetch-direct']:.0f} | {s['istioctl_share_ps']:.0%} / {s['istioctl_share_json']:.0%} |")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_report(res: dict[str, Any]) -> None:
+    path = os.path.join(ROOT, "docs", "benchmarks.md")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + report(res) + text[text.index(END) + len(END):]
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.istioctl_e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,7 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=5)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="")
+    p.add_argument("--no-report", dest="report", action="store_false", help="do not rewrite docs/benchmarks.md")
+    p.add_argument("--report-only", default="", help="re-render a saved results JSON into docs/benchmarks.md")
     ns = p.parse_args(argv)
+    if ns.report_only:
+        with open(ns.report_only, encoding="utf-8") as f:
+            write_report(json.load(f))
+        return 0
     ns.proxies = [int(float(x[:-1]) * 1000) if x.endswith("k") else int(x) for x in ns.proxies.split(",")]
     if not ISTIOCTL.exists():
         print(f"{ISTIOCTL} is missing: scripts/install-peers", file=sys.stderr)
@@ -164,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(res, f, indent=1)
     print(f"results: {path}")
+    if ns.report:
+        write_report(res)
     return 0
 
 
