@@ -4,8 +4,10 @@ PYTHON ?= .venv/bin/python
 
 # The benchmark of docs/benchmarks.md: simulated replicas + the proxy in separate processes, real gRPC on
 # loopback; rewrites the generated part of docs/benchmarks.md and docs/bench-*.png. BENCH_ARGS=--quick for ~5 min.
+# Then real istioctl end to end, through the proxy and directly (needs scripts/install-peers for istioctl).
 bench:
 	$(PYTHON) -m bench.run $(BENCH_ARGS)
+	$(PYTHON) -m bench.istioctl_e2e $(E2E_ARGS)
 
 bench-quick:
 	$(PYTHON) -m bench.run --quick $(BENCH_ARGS)

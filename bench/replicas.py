@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 
 from istioctl_proxy.sim.simulate import SimulatedMesh
@@ -30,12 +31,14 @@ async def main(argv: list[str] | None = None) -> None:
     p.add_argument("--proxies", type=int, required=True)
     p.add_argument("--tls-cert", default="")
     p.add_argument("--tls-key", default="")
+    p.add_argument("--client-ca", default="", help="require client certificates (identity mode callers)")
     ns = p.parse_args(argv)
     mesh = SimulatedMesh(make_mesh(ns.replicas, ns.proxies, tokens={TOKEN: ("istio-system", "default")}))
     tls = None
     if ns.tls_cert:
-        with open(ns.tls_cert, "rb") as c, open(ns.tls_key, "rb") as k:
-            tls = (c.read(), k.read(), None)  # no client CA: forward mode, callers authenticate by token
+        with open(ns.tls_cert, "rb") as c, open(ns.tls_key, "rb") as k, open(ns.client_ca or os.devnull, "rb") as ca:
+            # Without a client CA: forward mode, callers authenticate by token.
+            tls = (c.read(), k.read(), ca.read() if ns.client_ca else None)
     await mesh.start(tls=tls)
     for r in mesh.replicas:
         r.syncz("")  # serialize once now, not during the first measured call

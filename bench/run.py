@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,8 @@ MODES = ("proxy", "floor", "slowest", "baseline")
 # of the gRPC transport tuning (upstream.LARGE_MESSAGE_OPTIONS) under the same noise.
 UNTUNED = "proxy-grpc-defaults"
 MiB = 1024 * 1024
+# The environment the image and the chart run the proxy with (glibc: one arena, freed memory returned at once).
+DEPLOYED_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "0"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The harness's own client settings, identical for every mode (so no mode is favoured).
 CLIENT_OPTIONS: list[tuple[str, Any]] = [
@@ -108,10 +110,12 @@ class Pki:
 class ReplicaProcess:
     """bench.replicas in a child process."""
 
-    def __init__(self, replicas: int, proxies: int, pki: Pki | None) -> None:
+    def __init__(self, replicas: int, proxies: int, pki: Pki | None, client_ca: str = "") -> None:
         cmd = [sys.executable, "-m", "bench.replicas", "--replicas", str(replicas), "--proxies", str(proxies)]
         if pki is not None:
             cmd += ["--tls-cert", pki.istiod_cert, "--tls-key", pki.istiod_key]
+        if client_ca:
+            cmd += ["--client-ca", client_ca]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = self._read()
         self.addresses: list[str] = line["addresses"]
@@ -146,7 +150,8 @@ class ProxyProcess:
     """`istioctl-proxy serve` in a child process, observed with psutil."""
 
     def __init__(
-        self, addresses: Sequence[str], pki: Pki | None, extra: Sequence[str] = (), env: dict[str, str] | None = None
+        self, addresses: Sequence[str], pki: Pki | None, extra: Sequence[str] = (), env: dict[str, str] | None = None,
+        transport: Sequence[str] | None = None,
     ) -> None:
         self.port = free_port()
         cmd = [
@@ -164,11 +169,13 @@ class ProxyProcess:
             "warning",
             *extra,
         ]
-        if pki is None:
+        if transport is not None:
+            cmd += transport
+        elif pki is None:
             cmd += ["--plaintext", "--istiod-plaintext"]
         else:
             cmd += ["--tls-cert", pki.proxy_cert, "--tls-key", pki.proxy_key, "--istiod-ca", pki.ca]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **DEPLOYED_ENV, **(env or {})})
         self.ps = psutil.Process(self.proc.pid)
 
     def cpu(self) -> float:
@@ -408,6 +415,38 @@ async def run_scenario(
             untuned.close()
 
 
+async def _closed_loop(
+    port: int, pki: Pki | None, callers: int, seconds: float, p: int
+) -> tuple[list[float], int]:
+    """`callers` identical syncz callers on their own channels for `seconds`: latencies, wrong answers (a
+    failed call counts as wrong: on a loaded machine the simulated replicas can miss the upstream timeout)."""
+    channels = [_channel(f"127.0.0.1:{port}", pki, "localhost") for _ in range(callers)]
+    latencies: list[float] = []
+    wrong = 0
+    stop = time.monotonic() + seconds
+
+    async def caller(ch: grpc.aio.Channel) -> None:
+        nonlocal wrong
+        while time.monotonic() < stop:
+            t = time.perf_counter()
+            try:
+                body = await ask(ch)
+            except grpc.aio.AioRpcError:
+                wrong += 1
+                continue
+            latencies.append(time.perf_counter() - t)
+            index = wire.syncz_fast_index(body)
+            if index is None or index.count != p or len(set(index.node_keys)) != p:
+                wrong += 1
+
+    try:
+        await asyncio.gather(*(caller(ch) for ch in channels))
+    finally:
+        for ch in channels:
+            await ch.close()
+    return latencies, wrong
+
+
 async def run_concurrency(
     replicas: ReplicaProcess,
     pki: Pki | None,
@@ -418,36 +457,32 @@ async def run_concurrency(
     variant: str,
     latency: float,
 ) -> dict[str, Any]:
-    """`callers` identical syncz callers (same token) in a closed loop for `seconds`; every answer checked."""
+    """`callers` identical syncz callers (same token) in a closed loop for `seconds`; every answer checked.
+
+    Memory is read on two fresh proxies of the same settings (VmHWM only grows): one serves a single
+    caller for a third of the time (its idle RSS is read first), the other the many callers.
+    """
     extra = {"no-coalesce": ["--no-coalesce"], "coalesce": [], "cache-1s": ["--cache-ttl", "1"]}[variant]
     replicas.command(f"latency {latency}")
+    single = ProxyProcess(replicas.addresses, pki, extra)
+    try:
+        idle_rss = await single.idle_rss()
+        async with clients(single, replicas, pki, k) as c:
+            await wait_ready(c)
+        single_latencies, single_wrong = await _closed_loop(single.port, pki, 1, max(seconds / 3, 3.0), p)
+        single_peak = single.peak_rss()
+    finally:
+        single.close()
     proxy = ProxyProcess(replicas.addresses, pki, extra)
     try:
         async with clients(proxy, replicas, pki, k) as c:
             await wait_ready(c)
             await c.call("proxy")
-            channels = [_channel(f"127.0.0.1:{proxy.port}", pki, "localhost") for _ in range(callers)]
-            latencies: list[float] = []
-            wrong = 0
-            stop = time.monotonic() + seconds
-
-            async def caller(ch: grpc.aio.Channel) -> None:
-                nonlocal wrong
-                while time.monotonic() < stop:
-                    t = time.perf_counter()
-                    body = await ask(ch)
-                    latencies.append(time.perf_counter() - t)
-                    index = wire.syncz_fast_index(body)
-                    if index is None or index.count != p or len(set(index.node_keys)) != p:
-                        wrong += 1
-
             before, cpu0 = replicas.requests(), proxy.cpu()
             started = time.monotonic()
-            await asyncio.gather(*(caller(ch) for ch in channels))
+            latencies, wrong = await _closed_loop(proxy.port, pki, callers, seconds, p)
             wall = time.monotonic() - started
             after = replicas.requests()
-            for ch in channels:
-                await ch.close()
             n = len(latencies)
             return {
                 "variant": variant,
@@ -459,56 +494,168 @@ async def run_concurrency(
                 "tls": pki is not None,
                 "calls": n,
                 "calls_per_s": n / wall,
-                "wrong": wrong,
+                "wrong": wrong + single_wrong,
                 "p50_ms": pct(latencies, 50) * 1e3,
                 "p95_ms": pct(latencies, 95) * 1e3,
                 "p99_ms": pct(latencies, 99) * 1e3,
                 "upstream_per_replica_per_s": [(a - b) / wall for a, b in zip(after, before, strict=True)],
                 "proxy_cpu_s_per_call": (proxy.cpu() - cpu0) / max(n, 1),
                 "peak_rss": proxy.peak_rss(),
+                "idle_rss": idle_rss,
+                "single_peak_rss": single_peak,
+                "single_calls": len(single_latencies),
             }
     finally:
         proxy.close()
 
 
-def merge_microbench(k: int = 5, p: int = 30_000, repeat: int = 9) -> dict[str, Any]:
-    """The syncz merge alone, in this process, on one core: fast path and exact (field-by-field) path."""
+MERGE_PATHS = {
+    "fast": "fast path: no duplicate, unscoped",
+    "split-dups": "split path: 1 % of proxies on two replicas",
+    "split-scoped": "split path: scoped caller (one namespace of 4)",
+    "split-scoped-cold": "split path: scoped, memo cold (the first call)",
+    "exact-dups": "exact (field-by-field) path: the same duplicates",
+}
+
+
+def merge_microbench(k: int = 5, p: int = 30_000, rounds: int = 7) -> dict[str, Any]:
+    """Every syncz merge path alone, in this process, on one core, alternated round by round.
+
+    The answers are the same bytes for every path but "split-dups"/"exact-dups", whose mesh also lists 1 % of
+    its proxies on a second replica (a reconnect window). Warm paths share one SynczMemo, as the proxy does.
+    """
     from istioctl_proxy import merge
     from istioctl_proxy.discovery import Replica
     from istioctl_proxy.model import Answer
     from istioctl_proxy.policy import plan_request
     from istioctl_proxy.sim.simulator import make_mesh
 
-    answers = [Answer(Replica(f"r{i}"), r.syncz("")) for i, r in enumerate(make_mesh(k, p))]
-    total = sum(len(a.body or b"") for a in answers)
-    plan, ctx = plan_request(SYNCZ, []), merge.MergeContext()
+    mesh = make_mesh(k, p)
+    answers = [Answer(Replica(f"r{i}"), r.syncz("")) for i, r in enumerate(mesh)]
+    mesh[-1].proxies.extend(mesh[0].proxies[: p // 100])
+    dup_answers = [Answer(Replica(f"r{i}"), r.syncz("")) for i, r in enumerate(make_mesh(k, p))]
+    dup_answers[-1] = Answer(Replica(f"r{k - 1}"), mesh[-1].syncz(""))
+    plan = plan_request(SYNCZ, [])
+    memo = wire.SynczMemo()
+    fast, split, exact = merge.merge_syncz_fast, merge.merge_syncz_split, merge.merge_syncz
 
-    def timed(fn: Callable[[], object], n: int) -> list[float]:
-        out = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-        return out
+    def no_fast(*_a: object) -> None:
+        return None
 
-    fast = timed(lambda: merge.merge(plan, answers, ctx), repeat)
-    real_fast = merge.merge_syncz_fast
-    merge.merge_syncz_fast = lambda *_a: None
-    try:
-        exact = timed(lambda: merge.merge(plan, answers, ctx), 3)
-    finally:
-        merge.merge_syncz_fast = real_fast
+    def run(path: str) -> tuple[int, float]:
+        with contextlib.ExitStack() as undo:
+            if path != "fast":
+                merge.merge_syncz_fast = no_fast  # type: ignore[assignment]
+                undo.callback(setattr, merge, "merge_syncz_fast", fast)
+            if path.startswith("exact"):
+                merge.merge_syncz_split = no_fast  # type: ignore[assignment]
+                undo.callback(setattr, merge, "merge_syncz_split", split)
+            batch = dup_answers if path.endswith("dups") else answers
+            ctx = merge.MergeContext(scope="ns-1" if "scoped" in path else "",
+                                     memo=wire.SynczMemo() if path.endswith("cold") else memo)
+            # CPU seconds of this process: what one core spends, whatever else the machine is running.
+            t = time.process_time()
+            out = exact(plan, batch, ctx)
+            elapsed = time.process_time() - t
+            assert not out.rejected
+            return sum(len(a.body or b"") for a in batch), elapsed
+
+    run("split-scoped")  # warm the node facts, as any call before would
+    times: dict[str, list[float]] = {name: [] for name in MERGE_PATHS}
+    sizes: dict[str, int] = {}
+    for r in range(rounds):
+        names = list(MERGE_PATHS)
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            if name.startswith("exact") and r % 3:
+                continue  # the exact path takes ~half a second: a third of the rounds is enough
+            sizes[name], elapsed = run(name)
+            times[name].append(elapsed)
+    paths = {
+        name: {
+            "label": MERGE_PATHS[name],
+            "payload_bytes": sizes[name],
+            "ms_median": statistics.median(ts) * 1e3,
+            "ms_best": min(ts) * 1e3,
+            "mb_s_median": sizes[name] / statistics.median(ts) / 1e6,
+            "mb_s_best": sizes[name] / min(ts) / 1e6,
+            "runs": len(ts),
+        }
+        for name, ts in times.items()
+    }
+    f, e = paths["fast"], paths["exact-dups"]
     return {
         "replicas": k,
         "proxies": p,
-        "payload_bytes": total,
-        "fast_ms_median": statistics.median(fast) * 1e3,
-        "fast_ms_best": min(fast) * 1e3,
-        "fast_mb_s_median": total / statistics.median(fast) / 1e6,
-        "fast_mb_s_best": total / min(fast) / 1e6,
-        "exact_ms_median": statistics.median(exact) * 1e3,
-        "exact_mb_s_median": total / statistics.median(exact) / 1e6,
+        "payload_bytes": f["payload_bytes"],
+        "fast_ms_median": f["ms_median"],
+        "fast_ms_best": f["ms_best"],
+        "fast_mb_s_median": f["mb_s_median"],
+        "fast_mb_s_best": f["mb_s_best"],
+        "exact_ms_median": e["ms_median"],
+        "exact_mb_s_median": e["mb_s_median"],
+        "paths": paths,
+        "load": os.getloadavg(),
     }
+
+
+HOP_MODES = ("floor", "read-after-last", "read-as-arriving")
+
+
+async def hop_microbench(k: int = 5, p: int = 30_000, rounds: int = 9, calls: int = 3) -> dict[str, Any]:
+    """What reading each answer as it arrives buys (merge.index_early), in this process, alternated:
+
+      floor              every replica asked concurrently over warm channels, nothing read
+      read-after-last    the same, then the syncz merge reads every answer (as before)
+      read-as-arriving   each answer read as it arrives, the merge after the last uses those readings
+    """
+    from istioctl_proxy import merge
+    from istioctl_proxy.discovery import Replica
+    from istioctl_proxy.model import Answer
+    from istioctl_proxy.policy import plan_request
+
+    plan = plan_request(SYNCZ, [])
+    reps = ReplicaProcess(k, p, None)
+    chans = [_channel(a, None, "") for a in reps.addresses]
+    try:
+
+        async def one(i: int, ctx: merge.MergeContext | None) -> Answer:
+            answer = Answer(Replica(reps.addresses[i]), await ask(chans[i]))
+            if ctx is not None:
+                merge.index_early(plan, ctx, answer)
+            return answer
+
+        async def call(mode: str) -> None:
+            ctx = merge.MergeContext() if mode == "read-as-arriving" else None
+            answers = await asyncio.gather(*(one(i, ctx) for i in range(k)))
+            if mode != "floor":
+                merge.merge(plan, answers, ctx or merge.MergeContext())
+
+        for mode in HOP_MODES:
+            await call(mode)
+        per_round: dict[str, list[float]] = {m: [] for m in HOP_MODES}
+        for r in range(rounds):
+            for mode in HOP_MODES[r % 3:] + HOP_MODES[: r % 3]:
+                block = []
+                for _ in range(calls):
+                    t = time.perf_counter()
+                    await call(mode)
+                    block.append(time.perf_counter() - t)
+                per_round[mode].append(statistics.median(block))
+        floor = per_round["floor"]
+        added = {m: statistics.median(x - f for x, f in zip(per_round[m], floor, strict=True)) * 1e3
+                 for m in HOP_MODES[1:]}
+        return {
+            "replicas": k, "proxies": p, "rounds": rounds, "calls": calls,
+            "p50_ms": {m: statistics.median(v) * 1e3 for m, v in per_round.items()},
+            "added_over_floor_ms": added,
+            "ratio_as_arriving_over_after_last": statistics.median(
+                a / b for a, b in zip(per_round["read-as-arriving"], per_round["read-after-last"], strict=True)),
+            "load": os.getloadavg(),
+        }
+    finally:
+        for ch in chans:
+            await ch.close()
+        reps.close()
 
 
 # -- the matrix ----------------------------------------------------------------------------------------------
@@ -534,7 +681,8 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
         "concurrency": [],
     }
     results["args"]["command"] = "python -m bench.run " + " ".join(sys.argv[1:])
-    scenarios = list(matrix(ns))
+    only = ns.merge_only or ns.concurrency_only or ns.hop_only
+    scenarios = [] if only else list(matrix(ns))
     print(f"{len(scenarios)} scenarios, {ns.rounds} rounds x {ns.calls} calls per mode", flush=True)
     with tempfile.TemporaryDirectory(prefix="istioctl-proxy-bench-") as tmp:
         pki = Pki.make(tmp)
@@ -561,7 +709,7 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
                     )
             finally:
                 reps.close()
-        if ns.concurrency_seconds > 0:
+        if ns.concurrency_seconds > 0 and (not only or ns.concurrency_only):
             k, p = ns.concurrency_replicas, ns.concurrency_proxies
             reps = ReplicaProcess(k, p, None)
             try:
@@ -573,18 +721,21 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
                     print(
                         f"concurrency {variant:12s} {res['calls_per_s']:6.1f} calls/s p50 {res['p50_ms']:.0f} ms "
                         f"upstream/replica/s {max(res['upstream_per_replica_per_s']):.2f} wrong {res['wrong']} "
-                        f"rss {res['peak_rss'] / MiB:.0f} MiB",
+                        f"rss idle {res['idle_rss'] / MiB:.0f} single {res['single_peak_rss'] / MiB:.0f} "
+                        f"{res['callers']} callers {res['peak_rss'] / MiB:.0f} MiB",
                         flush=True,
                     )
             finally:
                 reps.close()
-    if ns.merge_bench:
+    if not only or ns.hop_only:
+        results["hop"] = h = await hop_microbench()
+        print(f"hop K=5 P=30k, 0 ms: added over the floor {h['added_over_floor_ms']}; as-arriving/after-last "
+              f"{h['ratio_as_arriving_over_after_last']:.2f}", flush=True)
+    if ns.merge_bench and (not only or ns.merge_only):
         results["merge"] = merge_microbench()
-        print(
-            f"merge 5x30k: fast {results['merge']['fast_mb_s_median']:.0f} MB/s (best "
-            f"{results['merge']['fast_mb_s_best']:.0f}), exact {results['merge']['exact_mb_s_median']:.0f} MB/s",
-            flush=True,
-        )
+        for name, m in results["merge"]["paths"].items():
+            print(f"merge 5x30k {name:18s} {m['mb_s_median']:5.0f} MB/s median, {m['mb_s_best']:5.0f} best "
+                  f"({m['ms_median']:.1f} ms for {m['payload_bytes'] / 1e6:.1f} MB)", flush=True)
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return results
 
@@ -603,10 +754,13 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--callers", type=int, default=50)
     p.add_argument("--concurrency-seconds", type=float, default=-1, help="default 30 (quick 10); 0 skips")
     p.add_argument("--concurrency-replicas", type=int, default=5)
-    p.add_argument("--concurrency-proxies", type=int, default=10_000)
+    p.add_argument("--concurrency-proxies", type=int, default=30_000)
     p.add_argument("--concurrency-latency", type=float, default=0.05)
     p.add_argument("--concurrency-variants", default="no-coalesce,coalesce,cache-1s")
     p.add_argument("--no-merge-bench", dest="merge_bench", action="store_false")
+    p.add_argument("--merge-only", action="store_true", help="only the in-process merge paths (~1 minute)")
+    p.add_argument("--concurrency-only", action="store_true", help="only the many-callers runs")
+    p.add_argument("--hop-only", action="store_true", help="only what reading answers as they arrive buys")
     p.add_argument(
         "--no-ab-grpc",
         dest="ab_grpc",

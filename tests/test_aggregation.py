@@ -293,9 +293,11 @@ async def test_scope_check_and_fan_out_share_one_deadline() -> None:
         ends: list[float] = []
         real_all = fanout.all
 
-        async def recording_all(replicas: Any, request: bytes, metadata: Any, timeout: float) -> list[Answer]:
+        async def recording_all(
+            replicas: Any, request: bytes, metadata: Any, timeout: float, **kw: Any
+        ) -> list[Answer]:
             ends.append(time.monotonic() + timeout)
-            return await real_all(replicas, request, metadata, timeout)
+            return await real_all(replicas, request, metadata, timeout, **kw)
 
         fanout.all = recording_all  # type: ignore[method-assign]
         target = s.target(leaf=s.pki.client("ns-1"), namespace="ns-1")
@@ -359,12 +361,12 @@ async def test_concurrent_scope_checks_share_one_syncz_fetch() -> None:
         release = asyncio.Event()
         syncz_fetches = 0
 
-        async def gated(replicas: Any, request: bytes, *args: Any) -> Any:
+        async def gated(replicas: Any, request: bytes, *args: Any, **kw: Any) -> Any:
             nonlocal syncz_fetches
             if discovery_pb2.DiscoveryRequest.FromString(request).type_url == SYNCZ:
                 syncz_fetches += 1
                 await release.wait()  # hold the scope check's fetch until every caller has arrived
-            return await fanout_all(replicas, request, *args)
+            return await fanout_all(replicas, request, *args, **kw)
 
         aggregator.fanout.all = gated  # type: ignore[method-assign]
         target = s.target(leaf=s.pki.client("ns-1"), namespace="ns-1")

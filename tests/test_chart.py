@@ -220,6 +220,14 @@ async def test_image_can_be_pinned_by_digest_and_only_by_a_real_one(helm: Path) 
         await render_fails(f"image.digest={bad}")  # before: rendered repo@latest
 
 
+async def test_the_pod_runs_with_the_glibc_settings_of_the_image(helm: Path) -> None:
+    # Issue 14: one malloc arena, freed memory returned at once (peak RSS, docs/benchmarks.md); before, only
+    # the image set them, so a chart deploying another image ran with glibc's defaults.
+    (dep,) = kinds(await render(), "Deployment")
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MALLOC_ARENA_MAX"] == "1" and env["MALLOC_TRIM_THRESHOLD_"] == "0"
+
+
 # --- item 3: forward mode never forwards tokens in the clear by default ------------------------------------
 
 

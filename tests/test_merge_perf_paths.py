@@ -1,10 +1,12 @@
-"""The syncz fast path (C-speed index) must give exactly what the field-by-field reader gives, or step aside.
+"""The syncz fast paths (C-speed index, C-speed split) must give exactly what the field-by-field reader gives,
+or step aside.
 
 Correctness only: the speed is measured by bench/, not asserted here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -31,6 +33,7 @@ def exact(
     assert monkeypatch is not None
     with monkeypatch.context() as m:
         m.setattr(merge, "merge_syncz_fast", lambda *_a: None)
+        m.setattr(merge, "merge_syncz_split", lambda *_a: None)
         return merge.merge(PLAN, answers, ctx)
 
 
@@ -146,3 +149,209 @@ def test_random_meshes_agree(monkeypatch: pytest.MonkeyPatch) -> None:
         answers = answers_of(mesh)
         fast_or_exact = merge.merge(PLAN, answers, CTX)
         assert canonical(fast_or_exact.body) == canonical(exact(answers, monkeypatch=monkeypatch).body)
+
+
+# -- The split path: duplicates and scoped callers -----------------------------------------------------------
+
+
+@pytest.fixture
+def fixed_nonce(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every merged answer gets the same nonce, so that the paths can be compared byte for byte."""
+    monkeypatch.setattr(merge, "_nonce", lambda: "n")
+
+
+def split_only(answers: list[Answer], ctx: merge.MergeContext = CTX) -> merge.Merged | None:
+    return merge.merge_syncz_split(PLAN, [a for a in answers if a.ok], ctx)
+
+
+@pytest.mark.usefixtures("fixed_nonce")
+@pytest.mark.parametrize("scope", ["", "ns-1", "ns-9"])
+def test_duplicates_and_scopes_take_the_split_path(scope: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    mesh = _mesh_with({0: [SimProxy("moving", "ns-1", states={"CDS": "STALE"}, updated=1e6)],
+                       2: [SimProxy("moving", "ns-1", states={"CDS": "SYNCED"}, updated=2e6)]})
+    answers = answers_of(mesh)
+    ctx = merge.MergeContext(scope=scope)
+    split = split_only(answers, ctx)
+    assert split is not None, "a regular answer with a duplicate or a scope must not need the exact reader"
+    slow = exact(answers, ctx, monkeypatch)
+    assert split.body == slow.body and split.resources == slow.resources
+    assert merge.merge(PLAN, answers, ctx).body == slow.body
+    if scope == "ns-9":
+        assert split.resources == 0
+
+
+def test_the_newest_duplicate_wins_and_ties_keep_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    older = SimProxy("moving", "ns-1", states={"CDS": "STALE"}, updated=1e6)
+    newer = SimProxy("moving", "ns-1", states={"CDS": "SYNCED"}, updated=2e6)
+    tie = SimProxy("moving", "ns-1", states={"LDS": "SYNCED"}, updated=2e6)
+    for extra in ({0: [newer], 1: [older]}, {0: [older], 2: [newer]}, {1: [newer], 2: [tie]}, {0: [tie, newer]}):
+        answers = answers_of(_mesh_with(extra))
+        split = split_only(answers)
+        assert split is not None and split.resources == 31
+        kept = [wire.client_config(r.SerializeToString())
+                for r in discovery_pb2.DiscoveryResponse.FromString(split.body).resources]
+        moving = [c for c in kept if c.node.id == "moving.ns-1"]
+        assert len(moving) == 1
+        assert canonical(split.body) == canonical(exact(answers, monkeypatch=monkeypatch).body)
+
+
+def _envelope_first(body: bytes) -> bytes:
+    """The same answer in the order Go writes it: version_info first, then the resources, then the rest."""
+    resp = discovery_pb2.DiscoveryResponse.FromString(body)
+    head = discovery_pb2.DiscoveryResponse(version_info=resp.version_info).SerializeToString()
+    tail = discovery_pb2.DiscoveryResponse(type_url=resp.type_url, nonce=resp.nonce)
+    tail.control_plane.CopyFrom(resp.control_plane)
+    resources = discovery_pb2.DiscoveryResponse(resources=resp.resources).SerializeToString()
+    return head + resources + tail.SerializeToString()
+
+
+def _random_mesh(rng: random.Random) -> list[SimReplica]:
+    mesh = make_mesh(rng.randint(1, 4), rng.randint(0, 40), seed=rng.randrange(10**6))
+    everyone = [p for r in mesh for p in r.proxies]
+    for _ in range(rng.choice([0, 0, 1, 3, 8])):
+        if everyone:  # a proxy seen again, by another replica or the same one, newer, older or as new
+            p = rng.choice(everyone)
+            copy = SimProxy(p.pod, p.namespace, states={"CDS": rng.choice(["SYNCED", "STALE"])},
+                            updated=p.updated + rng.choice([-5.0, 0.0, 5.0]))
+            rng.choice(mesh).proxies.insert(rng.randint(0, 3), copy)
+    if rng.random() < 0.3:  # no NAMESPACE metadata: in no namespace
+        mesh[0].proxies.append(SimProxy("nons", "", states={"CDS": "SYNCED"}))
+    if rng.random() < 0.3:  # a node of 128+ bytes: two-byte length prefixes
+        mesh[-1].proxies.append(SimProxy("q" * rng.randint(100, 300), "ns-2", states={"CDS": "SYNCED"}))
+    return mesh
+
+
+@pytest.mark.usefixtures("fixed_nonce")
+def test_random_duplicates_and_scopes_agree_byte_for_byte(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(1414)
+    split_answered = 0
+    for _ in range(150):
+        mesh = _random_mesh(rng)
+        answers = answers_of(mesh)
+        if rng.random() < 0.5:
+            answers = [Answer(a.replica, _envelope_first(a.body or b"")) for a in answers]
+        ctx = merge.MergeContext(scope=rng.choice(["", "", "ns-0", "ns-1", "ns-3", "nowhere"]),
+                                 memo=rng.choice([None, wire.SynczMemo()]))
+        slow = exact(answers, ctx, monkeypatch)
+        split = split_only(answers, ctx)
+        if split is not None:
+            split_answered += 1
+            assert (split.body, split.resources) == (slow.body, slow.resources)
+        assert merge.merge(PLAN, answers, ctx).body == slow.body
+    assert split_answered == 150, "every regular answer takes the split path, duplicates and scopes included"
+
+
+@pytest.mark.usefixtures("fixed_nonce")
+def test_mangled_answers_agree_with_the_exact_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Random byte flips, cuts and insertions: the split path either steps aside or answers exactly as the exact
+    # reader does (the same bytes, the same count, the same replicas rejected).
+    rng = random.Random(77)
+    for _ in range(300):
+        mesh = make_mesh(2, rng.randint(1, 12), seed=rng.randrange(10**6))
+        mesh[1].proxies.append(mesh[0].proxies[0])
+        answers = answers_of(mesh)
+        body = bytearray(answers[0].body or b"")
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(body))
+            op = rng.random()
+            if op < 0.5:
+                body[at] = rng.randrange(256)
+            elif op < 0.75:
+                del body[at : at + rng.randint(1, 4)]
+            else:
+                body[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 4)))
+        answers[0] = Answer(answers[0].replica, bytes(body))
+        ctx = merge.MergeContext(scope=rng.choice(["", "ns-1"]))
+        slow = exact(answers, ctx, monkeypatch)
+        split = split_only(answers, ctx)
+        if split is not None:
+            assert (split.body, split.resources, split.rejected) == (slow.body, slow.resources, [])
+            assert not slow.rejected
+        got = merge.merge(PLAN, answers, ctx)
+        assert (got.body, got.resources, [why for _, why in got.rejected]) == \
+            (slow.body, slow.resources, [why for _, why in slow.rejected])
+
+
+@pytest.mark.usefixtures("fixed_nonce")
+def test_quoted_headers_and_stray_fields_break_the_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = wire.CLIENT_CONFIG_URL.decode()
+    victim = make_mesh(3, 30, seed=11)[1].proxies[0].id
+    fake = "\n" + chr(len(url)) + url + "\x12\x05\n\x03\n" + chr(len(victim)) + victim
+    sneaky = SimProxy("sneaky", "ns-2", states={"LDS": "ERROR"}, error=fake)
+    answers = answers_of(_mesh_with({0: [sneaky]}))
+    assert wire.syncz_split(answers[0].body or b"", wire.SynczMemo()) is None
+    ctx = merge.MergeContext(scope="ns-2")
+    assert merge.merge(PLAN, answers, ctx).body == exact(answers, ctx, monkeypatch).body
+    # A field between two resources (the exact reader keeps it out of a cut answer): not cut, exact decides.
+    body = answers[1].body or b""
+    view = wire.view_response(body)
+    cut = view.resources[1][0]
+    stray = body[:cut] + discovery_pb2.DiscoveryResponse(version_info="x").SerializeToString() + body[cut:]
+    assert wire.syncz_split(stray, wire.SynczMemo()) is None
+    answers[1] = Answer(answers[1].replica, stray)
+    assert merge.merge(PLAN, answers, ctx).body == exact(answers, ctx, monkeypatch).body
+
+
+def test_node_facts_are_remembered_and_bounded() -> None:
+    replica = make_mesh(1, 20, seed=4)[0]
+    memo = wire.SynczMemo(max_entries=30)
+    split = wire.syncz_split(replica.syncz(""), memo)
+    assert split is not None
+    first = memo.facts(split.nodes)
+    assert first == [(p.id, p.namespace) for p in replica.proxies]
+    assert memo.facts(split.nodes) == first and len(memo._facts) == 20
+    memo.facts([n + b"\x28\x00" for n in split.nodes])  # 20 more nodes (a trailing field): over the bound
+    assert len(memo._facts) <= 30
+
+
+# -- Reading each answer as it arrives (the hop) ---------------------------------------------------------------
+
+
+async def test_each_answer_is_read_while_the_others_are_still_in_transit() -> None:
+    from istioctl_proxy.fanout import FanOut
+
+    mesh = make_mesh(2, 30, seed=8)
+    bodies = {f"10.0.0.{i}:15012": r.syncz("") for i, r in enumerate(mesh)}
+    straggler_may_answer = asyncio.Event()
+    first_read = asyncio.Event()
+
+    class Pool:
+        last_error: dict[str, str] = {}
+
+        async def ask(self, replica: Replica, request: bytes, metadata: object, timeout: float) -> bytes:
+            if replica.address.endswith("1:15012"):
+                await straggler_may_answer.wait()
+            return bodies[replica.address]
+
+    ctx = merge.MergeContext()
+
+    def on_each(answer: Answer) -> None:
+        merge.index_early(PLAN, ctx, answer)
+        first_read.set()
+
+    replicas = [Replica(address) for address in bodies]
+    fan = asyncio.create_task(FanOut(Pool()).all(replicas, b"", (), 5.0, on_each=on_each))  # type: ignore[arg-type]
+    await first_read.wait()
+    # Before the straggler answered, the first answer is already indexed.
+    assert list(ctx.early) == ["10.0.0.0:15012"] and not fan.done()
+    assert isinstance(ctx.early["10.0.0.0:15012"], wire.SynczIndex)
+    straggler_may_answer.set()
+    answers = await fan
+    assert set(ctx.early) == set(bodies)
+    merged = merge.merge(PLAN, answers, ctx)
+    assert canonical(merged.body) == canonical(merge.merge(PLAN, answers, CTX).body) and merged.resources == 30
+
+
+@pytest.mark.usefixtures("fixed_nonce")
+@pytest.mark.parametrize("scope", ["", "ns-1"])
+def test_early_readings_are_used_and_change_nothing(scope: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = answers_of(_mesh_with({0: [SimProxy("long" * 40, "ns-1", states={"CDS": "SYNCED"})]}))
+    ctx = merge.MergeContext(scope=scope, memo=wire.SynczMemo())
+    for answer in answers:
+        merge.index_early(PLAN, ctx, answer)
+    with monkeypatch.context() as m:
+        m.setattr(wire, "syncz_fast_index", lambda *_a: pytest.fail("read again after the fan-out"))
+        if scope:
+            m.setattr(wire, "syncz_split", lambda *_a: pytest.fail("cut again after the fan-out"))
+        early = merge.merge(PLAN, answers, ctx)
+    assert early.body == merge.merge(PLAN, answers, merge.MergeContext(scope=scope)).body

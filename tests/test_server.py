@@ -254,3 +254,36 @@ async def test_send_budget_waits_cuts_the_oldest_stalled_answer_and_refuses_when
             async with patient.hold(1, 0.1):
                 pass
     assert full == [1] and patient.used == 0
+
+
+async def test_an_answer_is_encoded_for_its_stream_only_once_the_send_budget_has_room() -> None:
+    # Issue 14: Delta encodes a new message per stream (a copy of the merged answer); it used to be built before
+    # waiting for room, so 50 waiting streams held 50 copies outside the budget.
+    from istioctl_proxy.model import Merge, Plan, Result
+    from istioctl_proxy.server import AdsService
+
+    service = AdsService(None, None)  # type: ignore[arg-type]  # _send needs neither
+    service.budget = SendBudget(100, slow_reader_seconds=600.0)
+    encoded: list[int] = []
+    written: list[bytes] = []
+
+    class Protocol:
+        def decode(self, raw: bytes) -> tuple[str, list[str], None]:
+            raise AssertionError("not reading")
+
+        def encode(self, result: Result) -> bytes:
+            encoded.append(service.budget.used)
+            return result.body + b"!"
+
+    class Context:
+        async def write(self, body: bytes) -> None:
+            written.append(body)
+
+    result = Result(b"x" * 60, Plan(SYNCZ, Merge.SYNCZ, ()), 1, [])
+    async with service.budget.hold(60, 1.0):
+        sending = asyncio.create_task(service._send(Context(), Protocol(), result))  # type: ignore[arg-type]
+        for _ in range(5):
+            await asyncio.sleep(0)  # let it run as far as it can: to the budget, not past it
+        assert encoded == [] and written == []
+    await sending
+    assert encoded == [60] and written == [b"x" * 60 + b"!"] and service.budget.used == 0

@@ -18,7 +18,7 @@ from .coalesce import Coalescer, FlightKey
 from .discovery import Replica, ReplicaSet
 from .errors import NoReplicas, UpstreamFailed
 from .fanout import FanOut, most_telling, upstream_timeout
-from .merge import MUST_PROVIDE, NOT_CONNECTED, MergeContext, claims_proxy, debug_response, merge
+from .merge import MUST_PROVIDE, NOT_CONNECTED, MergeContext, claims_proxy, debug_response, index_early, merge
 from .model import Answer, Merge, Plan, Result
 from .policy import CONFIG_DUMP, SYNCZ, plan_request
 
@@ -100,6 +100,8 @@ class Aggregator:
         # Scope and holder checks read every replica's own syncz: concurrent checks share one fetch, so a
         # tenant asking for dumps in a loop does not make the proxy read the whole mesh once per request.
         self.syncz_checks: Coalescer[list[Answer]] = Coalescer(enabled=settings.coalesce)
+        # Each proxy's node id and namespace, by node bytes: scoped and deduplicating merges read them (merge.py).
+        self.syncz_memo = wire.SynczMemo()
         # Told (type URL, "coalesced" | "cached") for each call served without its own fan-out (metrics).
         self.on_shared: Callable[[str, str], None] | None = None
 
@@ -129,7 +131,9 @@ class Aggregator:
         deadline = started + upstream_timeout(remaining, self.settings.upstream_timeout)
         request, metadata = self._upstream_request(plan, node, caller)
         scope = caller.scope_for(plan.type_url)
-        ctx = MergeContext(self.settings.external_id, scope, istiod_column=self.settings.istiod_column)
+        ctx = MergeContext(
+            self.settings.external_id, scope, istiod_column=self.settings.istiod_column, memo=self.syncz_memo
+        )
 
         if scope and plan.names_proxy:
             # Identity mode: the replicas are asked with the proxy's own identity, so istiod's namespace
@@ -167,7 +171,9 @@ class Aggregator:
         node: base_pb2.Node, caller: Caller,
     ) -> Result:
         if plan.fan_out:
-            answers = await self.fanout.all(replicas, request, metadata, _left(deadline))
+            ctx = dataclasses.replace(ctx, early={})  # this fan-out's own early readings
+            answers = await self.fanout.all(replicas, request, metadata, _left(deadline),
+                                            on_each=lambda a: index_early(plan, ctx, a))
         else:
             answers = await self.fanout.first(replicas, request, metadata, _left(deadline),
                                               accept=lambda a: not merge(plan, [a], ctx).rejected)

@@ -72,7 +72,7 @@ class Config:
     max_stream_age: float = 1800.0
     max_streams: int = 10000
     max_streams_per_connection: int = 1000
-    send_budget_mib: int = 256
+    send_budget_mib: int = 48
     send_timeout: float = 60.0
     slow_reader_seconds: float = 5.0
     admin_listen: str = "127.0.0.1:15090"

@@ -71,11 +71,14 @@ class FanOut:
     on_answer: Callable[[Answer], None] | None = None
 
     async def _one(
-        self, replica: Replica, request: bytes, metadata: tuple[tuple[str, str], ...], timeout: float
+        self, replica: Replica, request: bytes, metadata: tuple[tuple[str, str], ...], timeout: float,
+        on_each: Callable[[Answer], None] | None = None,
     ) -> Answer:
         answer = await self._ask(replica, request, metadata, timeout)
         if self.on_answer is not None:
             self.on_answer(answer)
+        if on_each is not None:
+            on_each(answer)
         return answer
 
     async def _ask(
@@ -94,10 +97,11 @@ class FanOut:
         return Answer(replica, body, seconds=time.monotonic() - started)
 
     async def all(
-        self, replicas: Sequence[Replica], request: bytes, metadata: tuple[tuple[str, str], ...], timeout: float
+        self, replicas: Sequence[Replica], request: bytes, metadata: tuple[tuple[str, str], ...], timeout: float,
+        on_each: Callable[[Answer], None] | None = None,
     ) -> list[Answer]:
-        """Every replica at once."""
-        return list(await asyncio.gather(*(self._one(r, request, metadata, timeout) for r in replicas)))
+        """Every replica at once; `on_each` sees each answer as it arrives (work overlapping the others' transfers)."""
+        return list(await asyncio.gather(*(self._one(r, request, metadata, timeout, on_each) for r in replicas)))
 
     async def first(
         self, replicas: Sequence[Replica], request: bytes, metadata: tuple[tuple[str, str], ...], timeout: float,

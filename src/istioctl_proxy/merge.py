@@ -11,6 +11,8 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import and_, eq, itemgetter
 from typing import TypeVar
 
 from envoy.service.discovery.v3 import discovery_pb2
@@ -39,6 +41,24 @@ class MergeContext:
     holders: frozenset[str] = frozenset()
     # "revision": the ISTIOD value is `<external_id>/<revisions holding the listed proxies>` (--istiod-column).
     istiod_column: str = "external"
+    # What the split path remembers across calls (the Aggregator's); None: a fresh memo for this merge only.
+    memo: wire.SynczMemo | None = field(default=None, compare=False)
+    # Answers already read as they arrived (see index_early), by replica address.
+    early: dict[str, wire.SynczIndex | wire.SynczSplit | None] = field(default_factory=dict, compare=False)
+
+
+def index_early(plan: Plan, ctx: MergeContext, answer: Answer) -> None:
+    """Read one syncz answer as soon as it arrives, while the other replicas' answers are still in transit.
+
+    The merge then finds the reading in ctx.early instead of doing it after the last answer. Only the
+    reading moves: the merge itself, and so its result, is the same.
+    """
+    if plan.merge is not Merge.SYNCZ or answer.body is None:
+        return
+    if ctx.scope:
+        ctx.early[answer.replica.address] = wire.syncz_split(answer.body, ctx.memo or wire.SynczMemo())
+    else:
+        ctx.early[answer.replica.address] = wire.syncz_fast_index(answer.body)
 
 
 @dataclass
@@ -135,7 +155,8 @@ def merge_syncz_fast(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -
     total = 0
     for answer in answers:
         assert answer.body is not None
-        index = wire.syncz_fast_index(answer.body)
+        early = ctx.early.get(answer.replica.address, False)
+        index = early if early is None or isinstance(early, wire.SynczIndex) else wire.syncz_fast_index(answer.body)
         if index is None or index.type_url not in ("", plan.type_url):
             return None
         indexes.append(index)
@@ -151,9 +172,60 @@ def merge_syncz_fast(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -
     return Merged(b"".join(parts), total, [])
 
 
+def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged | None:
+    """Duplicates and scoped callers at C speed: the exact path's rules on resources cut by wire.syncz_split.
+
+    Returns None whenever an answer is unusual (malformed, a wrong type, an unreadable node id); the exact
+    reader in merge_syncz then decides, so the two paths always give the same bytes.
+    """
+    memo = ctx.memo or wire.SynczMemo()
+    splits: list[wire.SynczSplit] = []
+    for answer in answers:
+        assert answer.body is not None
+        early = ctx.early.get(answer.replica.address, False)
+        split = early if isinstance(early, wire.SynczSplit) else wire.syncz_split(answer.body, memo)
+        if split is None or split.envelope.type_url not in ("", plan.type_url):
+            return None
+        splits.append(split)
+    facts = memo.facts([n for s in splits for n in s.nodes])
+    if facts is None:
+        return None
+    ids = list(map(itemgetter(0), facts))
+    keep = [True] * len(ids)
+    duplicates = len(set(ids)) != len(ids)
+    if duplicates:
+        # A proxy on two replicas (or twice on one): the newest copy, the first of equals (as merge_syncz).
+        located = [(s, i) for s in splits for i in range(len(s.nodes))]
+        dup = {node_id for node_id, n in Counter(ids).items() if n > 1}
+        owners: dict[str, list[int]] = {}
+        for g in [g for g, node_id in enumerate(ids) if node_id in dup]:
+            owners.setdefault(ids[g], []).append(g)
+        for locs in owners.values():
+            newest = max(locs, key=lambda g: _last_updated(located[g][0].resource_any(located[g][1])))
+            for g in locs:
+                keep[g] = g == newest
+    if ctx.scope:
+        keep = list(map(and_, keep, map(eq, map(itemgetter(1), facts), repeat(ctx.scope))))
+    # As merge_syncz: with nothing to drop, the replicas' bytes pass through untouched.
+    parts = wire.join_kept(splits, keep) if ctx.scope or duplicates else \
+        [a.body for a in answers if a.body is not None]
+    views = [s.envelope for s in splits]
+    held: list[tuple[Answer, int]] = []
+    offset = 0
+    for answer, split in zip(answers, splits, strict=True):
+        held.append((answer, sum(keep[offset:offset + len(split.nodes)])))
+        offset += len(split.nodes)
+    ident = external_identifier([v.identifier() for v in views], shown_id(ctx, held))
+    parts.append(wire.envelope(type_url=plan.type_url, version_info=_version(views), nonce=_nonce(),
+                               control_plane_identifier=ident))
+    return Merged(b"".join(parts), sum(keep), [])
+
+
 def merge_syncz(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged:
     """syncz: every replica's ClientConfigs, each proxy once (the latest update wins), scoped if asked."""
     fast = merge_syncz_fast(plan, answers, ctx)
+    if fast is None:
+        fast = merge_syncz_split(plan, answers, ctx)
     if fast is not None:
         return fast
     good, bad = _views(answers, plan.type_url)
@@ -205,14 +277,9 @@ def _last_updated(any_bytes: bytes) -> float:
 
 
 def _namespace(any_bytes: bytes) -> str:
-    try:
-        cfg = wire.client_config(any_bytes)
-    except wire.WireError:
-        return ""  # undecodable: in no namespace, so never shown to a scoped caller
-    ns = cfg.node.metadata.fields.get("NAMESPACE")
-    # Without NAMESPACE istiod takes the namespace from the node id's DNS domain, which syncz does not carry
-    # (the id's ".<ns>" suffix is the proxy's own claim): in no namespace then, never shown to a scoped caller.
-    return str(ns.string_value) if ns is not None else ""
+    # The node's, like the id (wire.syncz_node_id): an undecodable node is in no namespace, never shown to a
+    # scoped caller; the rest of the ClientConfig is passed through undecoded, as for every other caller.
+    return wire.syncz_namespace(any_bytes)
 
 
 def _holders_first(items: list[_T], answer_of: Callable[[_T], Answer], ctx: MergeContext) -> list[_T]:

@@ -63,7 +63,7 @@ class StreamLimits:
     max_age: float = 1800.0
     max_streams: int = 10000
     max_streams_per_connection: int = 1000
-    send_budget_bytes: int = 256 * MiB
+    send_budget_bytes: int = 48 * MiB  # gRPC copies each answer it sends: this bounds those copies
     send_timeout: float = 60.0
     slow_reader_seconds: float = 5.0
 
@@ -290,10 +290,8 @@ class AdsService:
             result = await self._answer(context, caller, type_url, names, node)
             # Per request, not cumulative: the trailer describes the latest answer.
             context.set_trailing_metadata(failed_replicas_trailer(result.failures))
-            body = protocol.encode(result)
+            await self._send(context, protocol, result)
             del result
-            await self._send(context, body)
-            del body
             age_left = limits.max_age - (time.monotonic() - started)
             if age_left <= 0:
                 self.observer.cut("max_age")
@@ -347,11 +345,15 @@ class AdsService:
         self.observer.call(type_url, caller, "OK", time.monotonic() - started, result)
         return result
 
-    async def _send(self, context: Context, body: bytes) -> None:
-        """Write one answer within the send budget; a caller that does not read it in time is cut."""
+    async def _send(self, context: Context, protocol: _Protocol, result: Result) -> None:
+        """Write one answer within the send budget; a caller that does not read it in time is cut.
+
+        Room is reserved before the answer is encoded for this stream (Delta builds a new message) and handed
+        to gRPC (which copies it): a shared merged body is held once, its per-stream copies only within budget.
+        """
         limits = self.limits
-        async with self.budget.hold(len(body), limits.send_timeout) as evicted:
-            write = asyncio.ensure_future(context.write(body))
+        async with self.budget.hold(len(result.body), limits.send_timeout) as evicted:
+            write = asyncio.ensure_future(context.write(protocol.encode(result)))
             try:
                 done, _ = await asyncio.wait({write, evicted}, timeout=limits.send_timeout,
                                              return_when=asyncio.FIRST_COMPLETED)

@@ -10,8 +10,11 @@ caller of this module asks for a node id or namespace.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate, compress, pairwise, starmap
+from operator import add, itemgetter
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -157,23 +160,54 @@ def any_type_url(any_bytes: bytes) -> bytes:
     return b""
 
 
-def syncz_node_id(any_bytes: bytes) -> str:
-    """The node id of a syncz resource, read without decoding the rest of it.
-
-    Any{1: type_url, 2: value=ClientConfig{1: node=Node{1: id}}}: three nested first fields.
-    """
-    mv = memoryview(any_bytes)
-    for path_number in (2, 1, 1):
+def _first_field(mv: memoryview, path: Sequence[int]) -> memoryview | None:
+    """The value of the first field `path[0]`, then within it the first `path[1]`, ...; None if one is missing."""
+    for path_number in path:
         for number, _wire_type, _start, value_start, end in iter_fields(mv):
             if number == path_number:
                 mv = mv[value_start:end]
                 break
         else:
-            return ""
+            return None
+    return mv
+
+
+def syncz_node_id(any_bytes: bytes) -> str:
+    """The node id of a syncz resource, read without decoding the rest of it.
+
+    Any{1: type_url, 2: value=ClientConfig{1: node=Node{1: id}}}: three nested first fields.
+    """
+    mv = _first_field(memoryview(any_bytes), (2, 1, 1))
+    return "" if mv is None else _utf8_id(mv)
+
+
+def _utf8_id(mv: memoryview) -> str:
     try:
         return bytes(mv).decode()
     except UnicodeDecodeError as err:
         raise WireError("node id is not UTF-8") from err
+
+
+def node_namespace(node: bytes | memoryview) -> str:
+    """NAMESPACE of a serialized Node ("" without it, or if the Node does not decode).
+
+    Without NAMESPACE istiod takes the namespace from the node id's DNS domain, which syncz does not carry
+    (the id's ".<ns>" suffix is the proxy's own claim): in no namespace then, never shown to a scoped caller.
+    """
+    try:
+        ns = base_pb2.Node.FromString(bytes(node)).metadata.fields.get("NAMESPACE")
+    except DecodeError:
+        return ""
+    return str(ns.string_value) if ns is not None else ""
+
+
+def syncz_namespace(any_bytes: bytes) -> str:
+    """The namespace of a syncz resource: that of its ClientConfig's (first) node, see node_namespace."""
+    try:
+        node = _first_field(memoryview(any_bytes), (2, 1))
+    except WireError:
+        return ""
+    return "" if node is None else node_namespace(node)
 
 
 # -- The syncz fast path ---------------------------------------------------------------------------------
@@ -240,16 +274,166 @@ def syncz_fast_index(raw: bytes) -> SynczIndex | None:
                       str(env.control_plane.identifier) if has_cp else None)
 
 
+# -- The syncz split path ----------------------------------------------------------------------------------
+# Scoped callers and answers with a proxy on two replicas need each resource's bytes, node id and namespace.
+# One regex split cuts an answer at its resources; the cuts are then proven to be the exact field boundaries
+# (every resource's own length prefix must agree, the bytes around them must be envelope fields only), so
+# nothing is trusted to the regex. Ids and namespaces are read from each resource's node by the exact
+# reader's own functions, memoised by the node's bytes (SynczMemo): proxies and their nodes outlive calls.
+
+def _varint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_URL_HEADER = b"\n" + bytes([len(CLIENT_CONFIG_URL)]) + CLIENT_CONFIG_URL  # an Any's type URL field
+# An Any's header up to its node's length: Any{1: ClientConfig URL, 2: ClientConfig{1: node, ...}}. It starts
+# with the URL, a literal, so sre finds it by string search. One group (a list of bytes, not of tuples, which
+# the garbage collector would have to visit): the value's length prefix, the node's tag and length prefix.
+_RESOURCE_HEAD = re.compile(re.escape(_URL_HEADER) + b"\\x12(" + _VARINT + b"\\n" + _VARINT + b")")
+
+_Layout = tuple[bytes, int, int, int]
+
+
+def _resource_layout(key: bytes) -> _Layout | None:
+    """For a resource whose Any is exactly {URL, value} and whose header ends in `key` (value length prefix,
+    node tag, node length prefix): the field's bytes up to the end of the URL (tag, length, URL field), the
+    field's size, the node's offset in the field and the node's length. None if the node overflows the value."""
+    value, at = _varint(key, 0)
+    node_length, end = _varint(key, at + 1)
+    if end - at + node_length > value:
+        return None
+    any_length = len(_URL_HEADER) + 1 + at + value
+    header = b"\x12" + _varint_bytes(any_length) + _URL_HEADER
+    return header, len(header) - len(_URL_HEADER) + any_length, len(header) + 1 + end, node_length
+
+
+@dataclass(frozen=True)
+class SynczSplit:
+    """A syncz answer cut at its resources, every cut proven to be a field boundary."""
+
+    raw: bytes
+    starts: list[int]  # resource i is raw[starts[i]:starts[i + 1]] (tag, length, Any), byte for byte as sent
+    nodes: list[bytes]  # the serialized Node of each resource's ClientConfig (its first field)
+    envelope: ResponseView  # everything else: version, type URL, nonce, control plane
+
+    def resource_any(self, i: int) -> bytes:
+        """The Any of resource i (without the resource field's tag and length)."""
+        _, start = _varint(self.raw, self.starts[i] + 1)
+        return self.raw[start : self.starts[i + 1]]
+
+
+@dataclass
+class SynczMemo:
+    """What the split path reads again and again, as pure functions of bytes; bounded, shared by calls.
+
+    Node bytes → (node id, namespace), as the exact reader reads them: a proxy's node (id and metadata) does
+    not change while it is connected, so the same nodes come back on every call. And resource header endings
+    → layouts (a few hundred distinct ones). A remembered answer is the exact one.
+    """
+
+    max_entries: int = 200_000
+    _facts: dict[bytes, tuple[str, str] | None] = field(default_factory=dict)
+    _layouts: dict[bytes, _Layout | None] = field(default_factory=dict)
+
+    def facts(self, nodes: Sequence[bytes]) -> list[tuple[str, str]] | None:
+        """(id, namespace) of every node, or None if the exact reader would reject one of their ids."""
+        return self._remember(self._facts, _node_facts, nodes)
+
+    def layouts(self, keys: Sequence[bytes]) -> list[_Layout] | None:
+        return self._remember(self._layouts, _resource_layout, keys)
+
+    def _remember(
+        self, memo: dict[bytes, Any], fn: Callable[[bytes], object], keys: Sequence[bytes]
+    ) -> list[Any] | None:
+        found = list(map(memo.get, keys))
+        if None in found:
+            if len(memo) + len(keys) > self.max_entries:
+                memo.clear()
+            for i in [i for i, f in enumerate(found) if f is None]:
+                found[i] = memo[keys[i]] = fn(keys[i])
+            if None in found:
+                return None
+        return found
+
+
+def syncz_split(raw: bytes, memo: SynczMemo) -> SynczSplit | None:
+    """Cut a syncz answer at its resources, or None when the exact reader must decide (see merge.py).
+
+    Only Anys that are exactly {type URL, ClientConfig} are cut (what istiod sends). The regex proposes the
+    cuts; they are then proven: every resource field's own tag and length must sit where the previous one
+    ended, from the envelope before the first resource to the envelope after the last, and the URL must occur
+    nowhere else. A header quoted inside a resource breaks that chain, and the exact reader decides.
+    """
+    found = _RESOURCE_HEAD.findall(raw)
+    if len(found) != raw.count(_URL_HEADER):
+        return None
+    try:
+        if not found:
+            view = view_response(raw)
+            return None if view.resources else SynczSplit(raw, [0], [], view)
+        layouts = memo.layouts(found)
+        if layouts is None:
+            return None
+        # Field by field (zip(*layouts) would make an iterator per resource).
+        headers, sizes, node_offsets, node_lengths = (list(map(itemgetter(i), layouts)) for i in range(4))
+        starts = list(accumulate(sizes, initial=raw.find(_URL_HEADER) - (len(headers[0]) - len(_URL_HEADER))))
+        if starts[0] < 0 or starts[-1] > len(raw) or not all(map(raw.startswith, headers, starts)):
+            return None
+        node_starts = list(map(add, starts, node_offsets))
+        nodes = list(map(raw.__getitem__, map(slice, node_starts, map(add, node_starts, node_lengths))))
+        # Around the resources: envelope fields only, each complete on its side.
+        prefix, suffix = raw[: starts[0]], raw[starts[-1]:]
+        if view_response(prefix).resources or view_response(suffix).resources:
+            return None
+        envelope = view_response(prefix + suffix)
+    except WireError:
+        return None
+    return SynczSplit(raw, starts, nodes, envelope)
+
+
+def _node_facts(node: bytes) -> tuple[str, str] | None:
+    """(id, namespace) of a serialized Node; None if the exact reader would reject its id."""
+    try:
+        id_mv = _first_field(memoryview(node), (1,))
+        node_id = "" if id_mv is None else _utf8_id(id_mv)
+    except WireError:
+        return None
+    return node_id, node_namespace(node)
+
+
+def join_kept(splits: Sequence[SynczSplit], keep: Sequence[bool]) -> list[bytes]:
+    """The resource fields whose `keep` flag is set (flags over all splits in order), byte for byte."""
+    out: list[bytes] = []
+    at = 0
+    for s in splits:
+        n = len(s.starts) - 1
+        spans = compress(pairwise(s.starts), keep[at : at + n])
+        out += map(s.raw.__getitem__, starmap(slice, spans))
+        at += n
+    return out
+
+
 __all__ = [
     "CLIENT_CONFIG_URL",
     "ResponseView",
     "SynczIndex",
+    "SynczMemo",
+    "SynczSplit",
     "WireError",
     "any_type_url",
     "client_config",
     "envelope",
     "iter_fields",
+    "join_kept",
+    "node_namespace",
     "syncz_fast_index",
+    "syncz_namespace",
     "syncz_node_id",
+    "syncz_split",
     "view_response",
 ]
