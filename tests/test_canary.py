@@ -145,6 +145,22 @@ def test_istiod_column_is_the_same_on_the_fast_and_exact_paths(monkeypatch: pyte
     assert _syncz(clean, ctx) == fast
 
 
+@pytest.mark.parametrize("scope", ["", "ns-1"])
+def test_istiod_column_is_the_same_on_the_split_and_exact_paths(monkeypatch: pytest.MonkeyPatch, scope: str) -> None:
+    # Duplicates and scoped callers take merge_syncz_split; the revisions it shows must be the exact path's.
+    a, b = make_mesh(2, 12, seed=9)
+    b.proxies.append(a.proxies[0])
+    b.invalidate()
+    answers = [Answer(Replica("10.0.0.1:15012", revision="default"), a.syncz("")),
+               Answer(Replica("10.0.0.2:15012", revision="1-31"), b.syncz(""))]
+    ctx = merge.MergeContext(scope=scope, istiod_column="revision")
+    assert merge.merge_syncz_split(plan_request(SYNCZ, []), answers, ctx) is not None
+    split = _syncz(answers, ctx)
+    assert str(split["ID"]).startswith("<external>/")
+    monkeypatch.setattr(merge, "merge_syncz_split", lambda *_a: None)
+    assert _syncz(answers, ctx)["ID"] == split["ID"]
+
+
 class _Probed(Readiness):
     """Readiness with the channel probe replaced: which replicas are up is the test's to say."""
 
