@@ -65,11 +65,15 @@ from .waits import WaitTimeout, until
 
 SECONDS = env_float("SOAK_SECONDS", 12.0)
 WORKERS = int(env_float("FAULT_WORKERS", 100))
-# The cap on each upstream call is what cuts the hung replica off. The callers' deadline leaves room above
-# it: these 100 clients share the proxy's process and event loop, so on a loaded machine their own work
-# delays the answers; the deadline is not the cap (test_failures checks the cut before a caller's deadline).
-DEADLINE = 10.0
-UPSTREAM_TIMEOUT = 2.0
+# The cap on each upstream call is what cuts the hung replica off. It is also all the time the healthy r0
+# gets, and less: a one-replica request (debug configz) asks the replicas in turn, each but the last with
+# half of what is left. These 100 clients, the proxy and the five replicas share one process and event loop,
+# so on a loaded 2-core machine r0 answers in seconds: at a 2 s cap it got 0.96 s, was named as failed, and
+# the test failed. The cap is sized for the machine, not asserted; the hung replica is cut all the same.
+# The callers' deadline is a backstop above it (a call past it still ends DEADLINE_EXCEEDED and fails the
+# test; test_failures checks the cut before a caller's deadline).
+DEADLINE = 60.0
+UPSTREAM_TIMEOUT = 8.0
 SLOW = 0.6
 SAN = "istiod.istio-system.svc"
 
@@ -292,7 +296,7 @@ def _served_serial(r: Rig) -> int:
     ctx = ssl.create_default_context(cadata=r.ca.cert_pem.decode())
     ctx.check_hostname = False
     ctx.set_alpn_protocols(["h2"])
-    with socket.create_connection(("127.0.0.1", r.proxy.port), timeout=5) as sock, ctx.wrap_socket(sock) as tls:
+    with socket.create_connection(("127.0.0.1", r.proxy.port), timeout=DEADLINE) as sock, ctx.wrap_socket(sock) as tls:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return int(x509.load_der_x509_certificate(der).serial_number)
@@ -353,10 +357,11 @@ async def test_faults_under_load_every_call_answered_in_time(tmp_path: os.PathLi
 
         # The SIGTERM path (Proxy.stop): in-flight calls finish, new calls are refused at once.
         await until(lambda: in_flight(r.proxy, SYNCZ) == 0, "the proxy to finish the load's calls")
-        # From here the hung replica holds calls for 6 s rather than the 2 s cap, so that they are still in
-        # flight when the stop begins however long ten TLS dials take on this machine.
+        # From here the hung replica holds calls for 12 s rather than the cap, so that they are still in
+        # flight when the stop begins however long ten TLS dials take on this machine (the stop's grace,
+        # 30 s, and the callers' deadline are above it).
         aggregator = r.proxy.service.aggregator
-        aggregator.settings = dataclasses.replace(aggregator.settings, upstream_timeout=6.0)
+        aggregator.settings = dataclasses.replace(aggregator.settings, upstream_timeout=12.0)
         in_flight_ch = [r.channel() for _ in range(10)]
         pending = [asyncio.ensure_future(ads_call(ch, [_req(SYNCZ)], metadata=bearer(ADMIN_TOKEN), timeout=DEADLINE))
                    for ch in in_flight_ch]
@@ -513,12 +518,12 @@ async def test_certificate_written_before_its_key_does_not_break_new_handshakes(
             f.write(rotated.cert_pem)
         os.utime(s.proxy.cfg.tls_cert, ns=(time.time_ns() + 10**9,) * 2)
         # The key is still the old one: the new certificate must not be paired with it.
-        resp, _ = await ads_client.request(s.target(leaf=leaf), SYNCZ, timeout=5)
+        resp, _ = await ads_client.request(s.target(leaf=leaf), SYNCZ, timeout=DEADLINE)
         assert len(resp.resources) == 2
         with open(s.proxy.cfg.tls_key, "wb") as f:
             f.write(rotated.key_pem)
         os.utime(s.proxy.cfg.tls_key, ns=(time.time_ns() + 2 * 10**9,) * 2)
-        resp, _ = await ads_client.request(s.target(leaf=leaf), SYNCZ, timeout=5)
+        resp, _ = await ads_client.request(s.target(leaf=leaf), SYNCZ, timeout=DEADLINE)
         assert len(resp.resources) == 2
         assert s.proxy.reloader.reloads >= 1
 

@@ -31,7 +31,10 @@ from .waits import until
 SECONDS = env_float("SOAK_SECONDS", 10.0)
 STREAMS = int(env_float("LOAD_STREAMS", 200))
 REPLICAS, PROXIES = 5, 250
-DEADLINE = 30.0
+# Each call's deadline: a backstop that ends a hung call as a failure, not a latency bound. On this 2-core
+# machine under a load of ~25, 300 legitimate streams see p50 ~8 s and p99 ~12 s (all in one process with
+# the proxy and its replicas); latency is compared as a figure (p99 ratio), and measured in bench/.
+DEADLINE = 120.0
 
 
 @dataclass
@@ -245,6 +248,8 @@ LEGIT = frozenset({"syncz_scoped", "config_dump", "config_dump_unknown", "debug_
 # legitimate calls' p99 under attack against the same calls' p99 just before it: generous bounds, so that
 # a noisy machine does not fail them, and a proxy that holds what it should not does.
 RSS_BOUND_MIB = 1200
+# The flags a slow reader's cut names: it ends RESOURCE_EXHAUSTED for not reading, never refused.
+CUT_FLAGS = ("--slow-reader-seconds", "--send-budget-mib", "--send-timeout")
 P99_RATIO_BOUND = 4.0
 
 
@@ -291,6 +296,7 @@ async def test_legitimate_calls_keep_their_p99_beside_idle_streams_and_slow_read
                                     lambda: f"{len(attack)} streams open: {gauge('istioctl_proxy_streams_open')}")
                 slow_conn = conns[-1]
                 big = _req(SYNCZ).SerializeToString()  # the whole mesh, with the 4 MiB proxy
+                slow: list[grpc.aio.StreamStreamCall] = []  # type: ignore[type-arg]
                 for _ in range(SLOW_READERS):
                     call = slow_conn.stream_stream(SOTW)(metadata=bearer(ADMIN_TOKEN))
                     try:
@@ -299,8 +305,24 @@ async def test_legitimate_calls_keep_their_p99_beside_idle_streams_and_slow_read
                         why = f"{await call.code()}: {await call.details()}"
                         raise AssertionError(f"slow reader refused: {why}") from None
                     attack.append(call)
-                await until(lambda: gauge("istioctl_proxy_streams_open") >= IDLE_STREAMS + SLOW_READERS,
-                            lambda: f"every attack stream open: {gauge('istioctl_proxy_streams_open')}")
+                    slow.append(call)
+
+                async def all_in() -> bool:
+                    # The budget cuts slow readers (that is its job) once their answers sit unread for
+                    # slow_reader_seconds, which a loaded machine reaches before the last one is even
+                    # written: so not "all open", but every one open or ended by that cut. An ended call
+                    # has left the gauge before its status reaches us, so nothing is counted twice, and
+                    # an idle stream that ended would leave the sum short.
+                    ended = [c for c in slow if c.done()]
+                    for c in ended:
+                        code, details = await c.code(), await c.details()
+                        if code != grpc.StatusCode.RESOURCE_EXHAUSTED or not any(f in details for f in CUT_FLAGS):
+                            raise AssertionError(f"a slow reader ended otherwise than cut: {code}: {details}")
+                    return gauge("istioctl_proxy_streams_open") + len(ended) >= IDLE_STREAMS + SLOW_READERS
+
+                await until(all_in, lambda: (f"every attack stream open or cut: {IDLE_STREAMS + SLOW_READERS} "
+                                             f"wanted, {gauge('istioctl_proxy_streams_open')} open, "
+                                             f"{sum(c.done() for c in slow)} slow readers cut"))
                 under_attack = Tally()
                 queued: list[float] = []
 

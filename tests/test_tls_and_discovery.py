@@ -76,8 +76,9 @@ async def test_dns_discovery_follows_changes_and_survives_outage() -> None:
         await asyncio.wait_for(rs.wait_changed(0), EVENT_TIMEOUT)
         assert [r.address for r in rs.current()] == ["127.0.0.2:15012", "127.0.0.3:15012"]
         held = rs.current()  # an in-flight call keeps the tuple it started with
+        version = rs.version
         resolver.records = ["127.0.0.3", "127.0.0.4"]
-        await asyncio.wait_for(rs.wait_changed(), EVENT_TIMEOUT)
+        await asyncio.wait_for(rs.wait_changed(version), EVENT_TIMEOUT)
         assert [r.address for r in rs.current()] == ["127.0.0.3:15012", "127.0.0.4:15012"]
         assert [r.address for r in held] == ["127.0.0.2:15012", "127.0.0.3:15012"]
         resolver.records = []  # DNS outage: keep the last known set
@@ -102,6 +103,22 @@ async def test_dns_discovery_routes_calls_to_new_replicas() -> None:
         assert len(resp.resources) == 9
 
 
+async def replicas_become(rs: ReplicaSet, addresses: list[str]) -> None:
+    """Wait for discovery to list exactly `addresses`."""
+    await until(lambda: [r.address for r in rs.current()] == addresses,
+                lambda: f"discovery to list {addresses}, not {[r.address for r in rs.current()]}")
+
+
+async def test_wait_changed_sees_a_change_made_before_its_waiter_first_runs() -> None:
+    """wait_for and create_task run a coroutine a loop turn later: a change in between must still end the
+    wait (the default is the version when wait_changed was called, not when its waiter first ran)."""
+    rs = ReplicaSet([])
+    waiter = asyncio.ensure_future(rs.wait_changed())
+    rs._update("static", [Replica("10.0.0.1:15012")])  # lands before the waiter's first step
+    assert not waiter.done()
+    assert await asyncio.wait_for(waiter, EVENT_TIMEOUT) == 1
+
+
 async def test_sources_merge_without_duplicates() -> None:
     rs = ReplicaSet([StaticSource(["10.0.0.1:15012", "10.0.0.2:15012"]), StaticSource(["10.0.0.2:15012"], name="b")])
     await rs.start()
@@ -123,8 +140,8 @@ async def churn_through_proxy(
         version = proxy.replicas.version
         expected = await change(i)
         while {r.address for r in proxy.replicas.current()} != expected:
-            version = await asyncio.wait_for(proxy.replicas.wait_changed(version), 30)
-        await ads_client.request(target, client.SYNCZ, timeout=10)
+            version = await asyncio.wait_for(proxy.replicas.wait_changed(version), EVENT_TIMEOUT)
+        await ads_client.request(target, client.SYNCZ, timeout=EVENT_TIMEOUT)
         current = {r.address for r in proxy.replicas.current()}
         for name, state in (("last_ok", pool.last_ok), ("last_error", pool.last_error),
                             ("last_answer", metrics.last_answer)):
@@ -208,14 +225,12 @@ async def test_a_late_answer_of_a_dropped_replica_brings_no_state_back() -> None
     await proxy.start()
     gone = f"127.0.0.2:{port}"
     try:
-        while [r.address for r in proxy.replicas.current()] != [gone]:
-            await asyncio.wait_for(proxy.replicas.wait_changed(), 30)
+        await replicas_become(proxy.replicas, [gone])
         target = client.Target(f"127.0.0.1:{proxy.port}", plaintext=True, token=ADMIN_TOKEN)
         call = asyncio.create_task(ads_client.request(target, client.SYNCZ, timeout=600))
         await until(lambda: hung.requests >= 1, "the call to reach the hung replica")
         resolver.records = ["127.0.0.3"]
-        while [r.address for r in proxy.replicas.current()] != [f"127.0.0.3:{port}"]:
-            await asyncio.wait_for(proxy.replicas.wait_changed(), 30)
+        await replicas_become(proxy.replicas, [f"127.0.0.3:{port}"])
         await servers.pop("127.0.0.2").stop(0)  # now the call in flight to the dropped replica fails
         with pytest.raises(grpc.aio.AioRpcError):
             await call

@@ -14,7 +14,7 @@ import logging
 import random
 import re
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -255,9 +255,14 @@ class ReplicaSet:
                 log.exception("replica source %s failed; restarting it", source.name)
                 await asyncio.sleep(1.0)
 
-    async def wait_changed(self, after: int | None = None) -> int:
+    def wait_changed(self, after: int | None = None) -> Coroutine[None, None, int]:
         """Wait until the set's version is past `after` (default: the current one); return the new version."""
-        after = self.version if after is None else after
+        # Not `async def`: the default is the version when this is called. A coroutine would read it when
+        # it first runs (asyncio.wait_for and create_task run it a loop turn later), and a change landing
+        # in between would then be waited for again, forever.
+        return self._wait_past(self.version if after is None else after)
+
+    async def _wait_past(self, after: int) -> int:
         while self.version <= after:
             await self._changed.wait()
         return self.version
