@@ -528,6 +528,12 @@ class EnvoyProxy:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def wait_states(self, states: Mapping[str, str]) -> None:
+        """Wait until its replica's syncz shows this Envoy with exactly `states` (e.g. CDS and LDS SYNCED)."""
+        until_sync(lambda: self.replica.proxy_states().get(self.proxy_id) == states,
+                   lambda: f"{self.proxy_id} {dict(states)} on {self.replica.pod_name}: "
+                           f"{self.replica.proxy_states().get(self.proxy_id)}")  # fmt: skip
+
     def start(self, timeout_s: float = 30.0) -> EnvoyProxy:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._admin_path.unlink(missing_ok=True)

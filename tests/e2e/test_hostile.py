@@ -248,8 +248,7 @@ def test_x_ps_of_a_proxy_with_a_lookalike_uses_the_holders_config(
     mesh: Mesh, istioctl: Istioctl, proxies: dict[str, ProxyProcess], lookalike_envoys: tuple[EnvoyProxy, EnvoyProxy]
 ) -> None:
     lookalike, holder = lookalike_envoys
-    until_sync(lambda: holder.replica.proxy_states().get(holder.proxy_id) == {"CDS": "SYNCED", "LDS": "SYNCED"},
-               f"{holder.proxy_id} synced")  # fmt: skip
+    holder.wait_states({"CDS": "SYNCED", "LDS": "SYNCED"})
     until_sync(lambda: lookalike.proxy_id in lookalike.replica.proxy_states(), "look-alike connected")
     assert holder.proxy_id == "web-1.e2e" and lookalike.proxy_id == f"web-1.{SIDECAR_NAMESPACE}"
     dump = holder.write_config_dump()

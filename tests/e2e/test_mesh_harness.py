@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ..waits import until, until_sync
+from ..waits import until
 from .ads import (
     CDS,
     DEBUG,
@@ -108,10 +108,7 @@ def test_replicas_ready_on_own_addresses(mesh: Mesh) -> None:
 
 def test_envoy_router_is_synced(mesh: Mesh, istioctl: Istioctl, envoy_router: EnvoyProxy) -> None:
     replica, pid = envoy_router.replica, envoy_router.proxy_id
-    until_sync(
-        lambda: replica.proxy_states().get(pid) == {"CDS": "SYNCED", "LDS": "SYNCED"},
-        f"{pid} SYNCED on {replica.pod_name}: {replica.proxy_states().get(pid)}",
-    )  # fmt: skip
+    envoy_router.wait_states({"CDS": "SYNCED", "LDS": "SYNCED"})
     rows = {r["NAME"]: r for r in ps(istioctl, mesh, replica, "-v", "1")}
     row = rows[pid]
     assert row["CDS"].startswith("SYNCED") and row["LDS"].startswith("SYNCED"), row
@@ -124,7 +121,7 @@ def test_envoy_router_is_synced(mesh: Mesh, istioctl: Istioctl, envoy_router: En
 def test_istioctl_ps_diff_of_envoy_config_dump(mesh: Mesh, istioctl: Istioctl, envoy_router: EnvoyProxy) -> None:
     """`ps <pod>.<ns> --file dump` fetches istiod's config_dump for the proxy and diffs it with Envoy's."""
     replica, pid = envoy_router.replica, envoy_router.proxy_id
-    until_sync(lambda: replica.proxy_states().get(pid) == {"CDS": "SYNCED", "LDS": "SYNCED"}, "synced")
+    envoy_router.wait_states({"CDS": "SYNCED", "LDS": "SYNCED"})
     dump = envoy_router.write_config_dump()
     rc, out, err = istioctl.run(
         "x", "ps", pid, "--file", dump, *mesh.istioctl_xds_args(replica), "-r", "default", timeout_s=60
@@ -135,10 +132,7 @@ def test_istioctl_ps_diff_of_envoy_config_dump(mesh: Mesh, istioctl: Istioctl, e
 
 def test_envoy_sidecar_nacks(mesh: Mesh, istioctl: Istioctl, envoy_sidecar: EnvoyProxy) -> None:
     replica, pid = envoy_sidecar.replica, envoy_sidecar.proxy_id
-    until_sync(
-        lambda: replica.proxy_states().get(pid) == {"CDS": "ERROR", "LDS": "ERROR"},
-        f"{pid} CDS+LDS NACK on {replica.pod_name}",
-    )  # fmt: skip
+    envoy_sidecar.wait_states({"CDS": "ERROR", "LDS": "ERROR"})  # both NACKed
     rows = {r["NAME"]: r for r in ps(istioctl, mesh, replica, "-v", "1")}
     assert rows[pid]["LDS"].startswith("ERROR") and rows[pid]["CDS"].startswith("ERROR"), rows[pid]
     assert rows[pid]["ISTIOD"] == replica.pod_name

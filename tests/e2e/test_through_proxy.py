@@ -23,7 +23,7 @@ from lightkube.resources.core_v1 import ServiceAccount
 from istioctl_proxy import client
 
 from .. import ads_client
-from ..waits import until, until_sync
+from ..waits import until
 from .ads import CDS, LDS, AdsClient, XdsState, close_clients, start_clients
 from .jwt_issuer import JwtIssuer
 from .mesh import EnvoyProxy, Istioctl, Mesh, Peers, parse_table
@@ -189,7 +189,7 @@ def test_x_ps_of_one_proxy_on_the_last_replica_compares_like_direct(
     mesh: Mesh, istioctl: Istioctl, identity_proxy: ProxyProcess, envoy_last: EnvoyProxy
 ) -> None:
     replica, pid = envoy_last.replica, envoy_last.proxy_id
-    until_sync(lambda: replica.proxy_states().get(pid) == {"CDS": "SYNCED", "LDS": "SYNCED"}, "synced")
+    envoy_last.wait_states({"CDS": "SYNCED", "LDS": "SYNCED"})
     dump = envoy_last.write_config_dump()
     direct = istioctl.run("x", "ps", pid, "--file", dump, *mesh.istioctl_xds_args(replica), "-r", "default")
     proxied = istioctl.run("x", "ps", pid, "--file", dump, *_through(identity_proxy, mesh), "-r", "default")
