@@ -132,8 +132,8 @@ def kubeconfig(server: str, ca: Path, cert: Path | None = None, key: Path | None
         "client-key-data": base64.b64encode(Path(key or "").read_bytes()).decode()}
     return json.dumps({
         "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": server,
-                                               "certificate-authority-data": base64.b64encode(ca.read_bytes()).decode()}}],
+        "clusters": [{"name": "c", "cluster": {
+            "server": server, "certificate-authority-data": base64.b64encode(ca.read_bytes()).decode()}}],
         "users": [{"name": user, "user": u}],
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": user}}],
     })  # fmt: skip
@@ -266,8 +266,8 @@ def containerd_config(state: Path, pause_ref: str) -> Path:
 root = "{c}/root"
 state = "{c}/state"
 disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing"]
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
 [grpc]
   address = "{state}/containerd.sock"
 [ttrpc]
@@ -377,7 +377,8 @@ class Node:
     def _kubelet(self) -> None:
         s, ext = self.state, self.ext
         node_kc = ext.user_kubeconfig("kubelet", f"system:node:{NODE}", ["system:nodes"])
-        crt, key = pki.issue(ext.ca, NODE, server=True, ips=[NODE_IP], dns=[NODE]).write(ext.dir / "pki", "kubelet-serving")
+        serving = pki.issue(ext.ca, NODE, server=True, ips=[NODE_IP], dns=[NODE])
+        crt, key = serving.write(ext.dir / "pki", "kubelet-serving")
         (s / "resolv.conf").write_text("")
         cfg = s / "kubelet.json"
         cfg.write_text(json.dumps({

@@ -78,6 +78,27 @@ def parse_ps(out: str) -> list[Row]:
     return rows
 
 
+_HTTP_OPTS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_ROUTER = "envoy.extensions.filters.http.router.v3.Router"
+
+
+def _addr(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+_STATIC_LISTENER = {
+    "name": "static", "address": _addr("127.0.0.1", 0),
+    "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+        "@type": f"type.googleapis.com/{_HCM}", "stat_prefix": "static",
+        "route_config": {"name": "static", "virtual_hosts": [{"name": "l", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "direct_response": {"status": 200}}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router",
+                          "typed_config": {"@type": f"type.googleapis.com/{_ROUTER}"}}],
+    }}]}],
+}  # fmt: skip
+
+
 @dataclass
 class Envoy:
     namespace: str
@@ -90,34 +111,30 @@ class Envoy:
         return f"{self.name}.{self.namespace}"
 
     def bootstrap(self) -> dict[str, Any]:
-        http_opts = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        """A router (all SYNCED with stock Envoy) on ADS to one istiod Pod's plaintext port, as in tests/e2e."""
         return {
             "node": {"id": f"router~{GATEWAY}~{self.proxy_id}~{self.namespace}.svc.cluster.local",
                      "cluster": self.proxy_id,
                      "metadata": {"PROXY_CONFIG": {}, "ISTIO_VERSION": PROXY_VERSION, "NAMESPACE": self.namespace,
                                   "CLUSTER_ID": MESH_CLUSTER_ID}},
-            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+            "admin": {"address": _addr("127.0.0.1", 0)},
             "dynamic_resources": {
-                "ads_config": {"api_type": "GRPC", "transport_api_version": "V3", "set_node_on_first_message_only": True,
+                "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+                               "set_node_on_first_message_only": True,
                                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}]},
                 "cds_config": {"ads": {}, "resource_api_version": "V3"},
-                "lds_config": {"ads": {}, "resource_api_version": "V3"}},
-            "static_resources": {
-                # A static HCM with an inline route table, as istio-proxy's own listeners: `ps <pod> --file`
-                # needs a RoutesConfigDump in the dump.
-                "listeners": [{"name": "static", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-                               "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                   "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                                                    "stat_prefix": "static",
-                                                    "route_config": {"name": "static", "virtual_hosts": [{"name": "l", "domains": ["*"],
-                                                        "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200}}]}]},
-                                                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                                                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}],
-                "clusters": [{"name": "xds-grpc", "type": "STATIC", "connect_timeout": "1s",
-                              "load_assignment": {"cluster_name": "xds-grpc", "endpoints": [{"lb_endpoints": [{"endpoint": {
-                                  "address": {"socket_address": {"address": self.istiod_ip, "port_value": 15010}}}}]}]},
-                              "typed_extension_protocol_options": {http_opts: {"@type": f"type.googleapis.com/{http_opts}",
-                                  "explicit_http_config": {"http2_protocol_options": {}}}}}]},
+                "lds_config": {"ads": {}, "resource_api_version": "V3"},
+            },
+            # A static HCM with an inline route table, as istio-proxy's own listeners: `ps <pod> --file` needs
+            # a RoutesConfigDump in the dump.
+            "static_resources": {"listeners": [_STATIC_LISTENER], "clusters": [{
+                "name": "xds-grpc", "type": "STATIC", "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": "xds-grpc", "endpoints": [
+                    {"lb_endpoints": [{"endpoint": {"address": _addr(self.istiod_ip, 15010)}}]}]},
+                "typed_extension_protocol_options": {_HTTP_OPTS: {
+                    "@type": f"type.googleapis.com/{_HTTP_OPTS}",
+                    "explicit_http_config": {"http2_protocol_options": {}}}},
+            }]},
         }  # fmt: skip
 
     def start(self, procs: Processes) -> None:
@@ -151,7 +168,8 @@ class Run:
                               SERVICE_CIDR, SERVICE_CIDR.replace("0/24", "1"))
         self.mesh = ApiCluster("mesh", self.state / "mesh", PORTS.api_mesh, PORTS.etcd_mesh, PORTS.etcd_mesh_peer,
                                MESH_SERVICE_CIDR, MESH_SERVICE_CIDR.replace("0/24", "1"))
-        self.ext.start(self.procs, ["--authorization-mode", "Node,RBAC", "--enable-admission-plugins", "NodeRestriction",
+        self.ext.start(self.procs, ["--authorization-mode", "Node,RBAC",
+                                    "--enable-admission-plugins", "NodeRestriction",
                                     "--kubelet-client-certificate", self._kubelet_client()[0],
                                     "--kubelet-client-key", self._kubelet_client()[1],
                                     "--kubelet-certificate-authority", self.state / "external" / "ca.crt",
@@ -353,7 +371,8 @@ class Run:
 
     def container_pid(self, pod: dict[str, Any]) -> int:
         cid = pod["status"]["containerStatuses"][0]["containerID"].removeprefix("containerd://")
-        for line in sh("ctr", "--address", self.state / "containerd.sock", "-n", "k8s.io", "tasks", "ls").stdout.splitlines()[1:]:
+        tasks = sh("ctr", "--address", self.state / "containerd.sock", "-n", "k8s.io", "tasks", "ls").stdout
+        for line in tasks.splitlines()[1:]:
             task, pid, *_ = line.split()
             if task == cid:
                 return int(pid)
@@ -565,11 +584,13 @@ class Run:
                               user="reviewer")
         leaf = pki.issue(self.root, "istioctl-proxy", uris=[f"spiffe://cluster.local/ns/{ISTIO_NS}/sa/{RELEASE}"],
                          server=True, client=True)
-        e.apply({"apiVersion": "v1", "kind": "Secret", "metadata": objects.meta("istioctl-proxy-mesh-kubeconfig", ISTIO_NS),
+        e.apply({"apiVersion": "v1", "kind": "Secret",
+                 "metadata": objects.meta("istioctl-proxy-mesh-kubeconfig", ISTIO_NS),
                  "stringData": {"kubeconfig": reviewer}},
                 {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
                  "metadata": objects.meta("istioctl-proxy-upstream", ISTIO_NS),
-                 "stringData": {"tls.crt": pki.cert_pem(leaf.cert).decode(), "tls.key": pki.key_pem(leaf.key).decode()}})
+                 "stringData": {"tls.crt": pki.cert_pem(leaf.cert).decode(),
+                                "tls.key": pki.key_pem(leaf.key).decode()}})
         before = e.get("deploy", RELEASE, "-n", ISTIO_NS)
         old_pods = set(self.proxy_pods())
         self.helm("upgrade", "--reuse-values", "--set", "auth.mode=identity",

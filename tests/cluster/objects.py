@@ -64,7 +64,8 @@ def istiod_config_cluster_rbac() -> list[Obj]:
                     "rbac.istio.io", "telemetry.istio.io", "extensions.istio.io"]
     rw = ["get", "watch", "list", "update", "patch", "create", "delete"]
     cluster_rules = [
-        rule(["admissionregistration.k8s.io"], ["mutatingwebhookconfigurations"], ["get", "list", "watch", "update", "patch"]),
+        rule(["admissionregistration.k8s.io"], ["mutatingwebhookconfigurations"],
+             ["get", "list", "watch", "update", "patch"]),
         rule(["admissionregistration.k8s.io"], ["validatingwebhookconfigurations"], ["get", "list", "watch", "update"]),
         rule(istio_groups, ["*"], ["get", "watch", "list"]),
         rule(["networking.istio.io"], ["workloadentries", "workloadentries/status"], rw),
@@ -74,8 +75,9 @@ def istiod_config_cluster_rbac() -> list[Obj]:
         rule(["networking.k8s.io"], ["ingresses", "ingressclasses"], ["get", "list", "watch"]),
         rule(["networking.k8s.io"], ["ingresses/status"], ["*"]),
         rule([""], ["configmaps"], ["create", "get", "list", "watch", "update"]),
-        rule(["certificates.k8s.io"], ["certificatesigningrequests", "certificatesigningrequests/approval",
-                                       "certificatesigningrequests/status"], ["update", "create", "get", "delete", "watch"]),
+        rule(["certificates.k8s.io"],
+             ["certificatesigningrequests", "certificatesigningrequests/approval", "certificatesigningrequests/status"],
+             ["update", "create", "get", "delete", "watch"]),
         rule(["certificates.k8s.io"], ["signers"], ["approve"], ["kubernetes.io/legacy-unknown"]),
         rule(["authentication.k8s.io"], ["tokenreviews"], ["create"]),
         rule(["authorization.k8s.io"], ["subjectaccessreviews"], ["create"]),
@@ -128,7 +130,8 @@ def istiod_deployment(image: str, replicas: int) -> list[Obj]:
                  "--configDir=/var/lib/istio/config", "--meshConfig=/etc/istio/config/mesh",
                  "--networksConfig=/etc/istio/config/meshNetworks", "--shutdownDuration=1s"],
         "ports": [{"containerPort": p, "protocol": "TCP", "name": n}
-                  for p, n in ((8080, "http-debug"), (15010, "grpc-xds"), (15012, "tls-xds"), (15014, "http-monitoring"))],
+                  for p, n in ((8080, "http-debug"), (15010, "grpc-xds"), (15012, "tls-xds"),
+                               (15014, "http-monitoring"))],
         "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}, "periodSeconds": 1, "timeoutSeconds": 5,
                            "failureThreshold": 3},
         "env": [

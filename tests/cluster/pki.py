@@ -68,7 +68,8 @@ def issue(ca: Pair, cn: str, *, orgs: Iterable[str] = (), dns: Iterable[str] = (
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
     sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
     sans += [x509.UniformResourceIdentifier(u) for u in uris]
-    usages = [u for u, on in ((ExtendedKeyUsageOID.SERVER_AUTH, server), (ExtendedKeyUsageOID.CLIENT_AUTH, client)) if on]
+    usages = [u for u, on in ((ExtendedKeyUsageOID.SERVER_AUTH, server), (ExtendedKeyUsageOID.CLIENT_AUTH, client))
+              if on]
     b = (
         x509.CertificateBuilder().subject_name(_name(cn, orgs)).issuer_name(ca.cert.subject)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -81,7 +82,7 @@ def issue(ca: Pair, cn: str, *, orgs: Iterable[str] = (), dns: Iterable[str] = (
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
     )
     if sans:
-        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=bool(uris) and not cn)
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return Pair(b.sign(ca.key, hashes.SHA256()), key)
 
 
