@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -557,25 +558,42 @@ class Run:
         victim = sorted(self.proxy_pods())[0]
         stop = threading.Event()
         calls: list[tuple[int, str]] = []
+        connects: list[str] = []
+        host, port = self.proxy_address().split(":")
 
         def hammer() -> None:
             while not stop.is_set():
                 p = self.istioctl("proxy-status", timeout=60)
                 calls.append((p.returncode, p.stderr.strip()[-200:]))
 
-        t = threading.Thread(target=hammer, daemon=True)
-        t.start()
+        def dial() -> None:
+            # New TCP connections to the Service, back to back: the window where kube-proxy still routes to a
+            # pod that has stopped accepting is well under a second, too short for istioctl calls alone.
+            while not stop.is_set():
+                try:
+                    socket.create_connection((host, int(port)), timeout=5).close()
+                    connects.append("")
+                except OSError as e:
+                    connects.append(str(e))
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (hammer, dial)]
+        for t in threads:
+            t.start()
         wait_for("a first call", lambda: calls, 60)
         self.ext.kubectl("delete", "pod", victim, "-n", ISTIO_NS, "--wait=true", timeout=120)
         self.rollout(f"deploy/{RELEASE}")
         n = len(calls)
         wait_for("two more calls after the rollout", lambda: len(calls) >= n + 2, 60)
         stop.set()
-        t.join()
+        for t in threads:
+            t.join()
         failed = [c for c in calls if c[0] != 0]
-        if failed:
-            raise ClusterError(f"{len(failed)}/{len(calls)} calls through the Service failed: {failed[:3]}")
-        return f"deleted {victim}; {len(calls)} proxy-status calls through the Service meanwhile, 0 failed"
+        refused = [c for c in connects if c]
+        if failed or refused:
+            raise ClusterError(f"through the Service: {len(failed)}/{len(calls)} istioctl calls failed {failed[:2]}, "
+                               f"{len(refused)}/{len(connects)} connections refused {refused[:1]}")
+        return (f"deleted {victim}; through the Service meanwhile: {len(calls)} proxy-status calls, "
+                f"{len(connects)} new connections, none failed")
 
     def identity_upgrade(self) -> str:
         e, m = self.ext, self.mesh
