@@ -185,6 +185,23 @@ class Run:
         self._proxy_install()
         self._start_envoys()
         say(f"# everything up in {time.monotonic() - t0:.0f} s")
+        self._session()
+
+    def _session(self) -> None:
+        """A transcript of the running setup for docs/deploy.md (logs/session.txt, copied out with the logs)."""
+        out = []
+        for cmd, text in [
+            ("kubectl -n external-istiod get pods -o wide", self.ext.kubectl("get", "pods", "-n", ISTIO_NS, "-o",
+                                                                             "wide").stdout),
+            ("kubectl -n external-istiod get deploy,svc,pdb", self.ext.kubectl("get", "deploy,svc,pdb", "-n",
+                                                                              ISTIO_NS).stdout),
+            (f"ISTIOCTL_XDS_ADDRESS={self.proxy_address()} istioctl proxy-status", self.ok_istioctl("proxy-status")),
+            *((f"ISTIOCTL_XDS_ADDRESS={ip}:15012 istioctl proxy-status    # {name} directly",
+               self.ok_istioctl("proxy-status", xds=f"{ip}:15012")) for name, ip in sorted(self.istiod_pods().items())),
+            ("istioctl x version", self.ok_istioctl("x", "version")),
+        ]:
+            out.append(f"$ {cmd}\n{text.rstrip()}\n")
+        (self.state / "logs" / "session.txt").write_text("\n".join(out))
 
     def _kubelet_client(self) -> tuple[Path, Path]:
         d = self.state / "external" / "pki"
