@@ -150,21 +150,21 @@ class ApiCluster:
     etcd_peer: int
     service_cidr: str
     service_ip: str
-    ca: pki.Pair = field(init=False)
+    ca: pki.TestCA = field(init=False)
     ca_file: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.ca = pki.new_ca(f"{self.name} cluster CA")
+        self.ca = pki.TestCA(name=f"{self.name} cluster CA", days=2)
         self.ca_file = self.dir / "ca.crt"
-        self.ca_file.write_bytes(pki.cert_pem(self.ca.cert))
+        self.ca_file.write_bytes(self.ca.cert_pem)
 
     @property
     def server(self) -> str:
         return f"https://{NODE_IP}:{self.port}"
 
     def user_kubeconfig(self, file: str, cn: str, orgs: Sequence[str] = ()) -> Path:
-        crt, key = pki.issue(self.ca, cn, orgs=orgs, client=True).write(self.dir / "pki", file)
+        crt, key = pki.write(self.ca.issue(cn=cn, orgs=orgs, eku=[pki.CLIENT_AUTH]), self.dir / "pki", file)
         path = self.dir / f"{file}.kubeconfig"
         path.write_text(kubeconfig(self.server, self.ca_file, crt, key, user=cn))
         return path
@@ -179,14 +179,13 @@ class ApiCluster:
             "--initial-cluster", f"{self.name}={peer}", "--unsafe-no-fsync", "--log-level", "warn",
             "--listen-metrics-urls", "",
         ])  # fmt: skip
-        serving = pki.issue(self.ca, "kube-apiserver", server=True, ips=[NODE_IP, self.service_ip, "127.0.0.1"],
-                            dns=["kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                                 "kubernetes.default.svc.cluster.local", "localhost"])
-        crt, key = serving.write(d / "pki", "apiserver")
-        sa = pki.new_sa_key()
-        (d / "pki" / "sa.key").write_bytes(pki.key_pem(sa))
-        (d / "pki" / "sa.pub").write_bytes(sa.public_key().public_bytes(
-            pki.serialization.Encoding.PEM, pki.serialization.PublicFormat.SubjectPublicKeyInfo))
+        serving = self.ca.issue(cn="kube-apiserver", eku=[pki.SERVER_AUTH], ips=[NODE_IP, self.service_ip, "127.0.0.1"],
+                                dns=["kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                                     "kubernetes.default.svc.cluster.local", "localhost"])
+        crt, key = pki.write(serving, d / "pki", "apiserver")
+        sa_private, sa_public = pki.sa_keys()
+        (d / "pki" / "sa.key").write_bytes(sa_private)
+        (d / "pki" / "sa.pub").write_bytes(sa_public)
         self.admin = self.user_kubeconfig("admin", "admin", ["system:masters"])
         procs.spawn(f"kube-apiserver-{self.name}", [
             BIN / "kube-apiserver", "--etcd-servers", etcd_url,
@@ -377,8 +376,8 @@ class Node:
     def _kubelet(self) -> None:
         s, ext = self.state, self.ext
         node_kc = ext.user_kubeconfig("kubelet", f"system:node:{NODE}", ["system:nodes"])
-        serving = pki.issue(ext.ca, NODE, server=True, ips=[NODE_IP], dns=[NODE])
-        crt, key = serving.write(ext.dir / "pki", "kubelet-serving")
+        serving = ext.ca.issue(cn=NODE, eku=[pki.SERVER_AUTH], ips=[NODE_IP], dns=[NODE])
+        crt, key = pki.write(serving, ext.dir / "pki", "kubelet-serving")
         (s / "resolv.conf").write_text("")
         cfg = s / "kubelet.json"
         cfg.write_text(json.dumps({

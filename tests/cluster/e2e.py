@@ -206,8 +206,8 @@ class Run:
     def _kubelet_client(self) -> tuple[Path, Path]:
         d = self.state / "external" / "pki"
         if not (d / "apiserver-kubelet-client.crt").exists():
-            pki.issue(self.ext.ca, "kube-apiserver-kubelet-client", orgs=["system:masters"], client=True).write(
-                d, "apiserver-kubelet-client")
+            leaf = self.ext.ca.issue(cn="kube-apiserver-kubelet-client", orgs=["system:masters"], eku=[pki.CLIENT_AUTH])
+            pki.write(leaf, d, "apiserver-kubelet-client")
         return d / "apiserver-kubelet-client.crt", d / "apiserver-kubelet-client.key"
 
     def _mesh_side(self) -> None:
@@ -227,14 +227,14 @@ class Run:
         # istio-kubeconfig, as `istioctl create-remote-secret --type=config` writes it: istiod's credential for
         # its config cluster (a token of the mesh cluster's istiod account).
         config = kubeconfig(m.server, m.ca_file, token=m.token(ISTIO_NS, "istiod"), user="istiod")
-        self.root = pki.new_ca("istio e2e root", days=2)
-        root_pem = pki.cert_pem(self.root.cert).decode()
+        self.root = pki.TestCA(name="istio e2e root", days=2)
+        root_pem = self.root.cert_pem.decode()
         e.apply(
             {"apiVersion": "v1", "kind": "Secret", "metadata": objects.meta("istio-kubeconfig", ISTIO_NS),
              "stringData": {"config": config}},
             {"apiVersion": "v1", "kind": "Secret", "metadata": objects.meta("cacerts", ISTIO_NS),
              "stringData": {"ca-cert.pem": root_pem, "root-cert.pem": root_pem, "cert-chain.pem": root_pem,
-                            "ca-key.pem": pki.key_pem(self.root.key).decode()}},
+                            "ca-key.pem": self.root.key_pem.decode()}},
             *objects.istiod_deployment(self.images.istiod_ref, replicas),
         )
         self.rollout("deploy/istiod")
@@ -249,12 +249,13 @@ class Run:
 
     def _proxy_install(self) -> None:
         e = self.ext
-        ca = pki.new_ca("istioctl-proxy serving CA")
-        leaf = pki.issue(ca, "istioctl-proxy", server=True, dns=["istioctl-proxy.external-istiod.svc", "localhost"])
+        ca = pki.TestCA(name="istioctl-proxy serving CA", days=2)
+        leaf = ca.issue(cn="istioctl-proxy", eku=[pki.SERVER_AUTH],
+                        dns=["istioctl-proxy.external-istiod.svc", "localhost"])
         e.apply({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
                  "metadata": objects.meta("istioctl-proxy-tls", ISTIO_NS),
-                 "stringData": {"tls.crt": pki.cert_pem(leaf.cert).decode(), "tls.key": pki.key_pem(leaf.key).decode(),
-                                "ca.crt": pki.cert_pem(ca.cert).decode()}})
+                 "stringData": {"tls.crt": leaf.cert_pem.decode(), "tls.key": leaf.key_pem.decode(),
+                                "ca.crt": ca.cert_pem.decode()}})
         self.helm("install", *self.image_values())
         self.rollout(f"deploy/{RELEASE}")
 
@@ -617,15 +618,14 @@ class Run:
         m.kubectl("apply", "-f", ROOT / "deploy" / "manifests" / "mesh-cluster-tokenreview.yaml")
         reviewer = kubeconfig(m.server, m.ca_file, token=m.token(ISTIO_NS, "istioctl-proxy-reviewer", "24h"),
                               user="reviewer")
-        leaf = pki.issue(self.root, "istioctl-proxy", uris=[f"spiffe://cluster.local/ns/{ISTIO_NS}/sa/{RELEASE}"],
-                         server=True, client=True)
+        # The proxy's own identity towards istiod: a SPIFFE leaf of istiod's (plugged) CA.
+        leaf = self.root.issue_spiffe(ISTIO_NS, RELEASE)
         e.apply({"apiVersion": "v1", "kind": "Secret",
                  "metadata": objects.meta("istioctl-proxy-mesh-kubeconfig", ISTIO_NS),
                  "stringData": {"kubeconfig": reviewer}},
                 {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
                  "metadata": objects.meta("istioctl-proxy-upstream", ISTIO_NS),
-                 "stringData": {"tls.crt": pki.cert_pem(leaf.cert).decode(),
-                                "tls.key": pki.key_pem(leaf.key).decode()}})
+                 "stringData": {"tls.crt": leaf.cert_pem.decode(), "tls.key": leaf.key_pem.decode()}})
         before = e.get("deploy", RELEASE, "-n", ISTIO_NS)
         old_pods = set(self.proxy_pods())
         self.helm("upgrade", "--reuse-values", "--set", "auth.mode=identity",
