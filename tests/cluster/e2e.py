@@ -143,7 +143,7 @@ class Envoy:
         (self.dir / "bootstrap.json").write_text(json.dumps(self.bootstrap()))
         procs.spawn(f"envoy-{self.namespace}-{self.name}", [
             BIN / "envoy", "-c", self.dir / "bootstrap.json", "--admin-address-path", self.dir / "admin",
-            "--base-id", str(abs(hash(self.proxy_id)) % 100000 + 31000), "-l", "warning"])  # fmt: skip
+            "--disable-hot-restart", "-l", "warning"])  # fmt: skip
 
     def config_dump(self) -> Path:
         admin = wait_for("envoy admin address", lambda: (self.dir / "admin").read_text().strip(), 30)
