@@ -593,6 +593,8 @@ class Run:
                     connects.append("")
                 except OSError as e:
                     connects.append(str(e))
+                # Paced (~200/s), not flat out: TIME_WAIT sockets must not exhaust the host's ephemeral ports.
+                stop.wait(0.005)
 
         threads = [threading.Thread(target=f, daemon=True) for f in (hammer, dial)]
         for t in threads:
