@@ -922,10 +922,14 @@ async def test_rolling_replace_of_three_replicas_fails_no_call(
     target = client.Target(f"127.0.0.1:{proxy.port}", plaintext=True, token=ADMIN_TOKEN)
     calls, failures, partial = 0, [], []
     stop = asyncio.Event()
+    ids = itertools.count()
+    pending: set[int] = set()  # the callers' calls now in flight
 
     async def caller() -> None:
         nonlocal calls
         while not stop.is_set():
+            call = next(ids)
+            pending.add(call)
             try:
                 _, trailers = await ads_client.request(target, client.SYNCZ, timeout=EVENT_TIMEOUT)
             except Exception as e:  # any failed call fails the test
@@ -933,6 +937,8 @@ async def test_rolling_replace_of_three_replicas_fails_no_call(
             else:
                 calls += 1
                 partial.extend(v for k, v in trailers if k == "x-istioctl-proxy-failed-replicas")
+            finally:
+                pending.discard(call)
             await asyncio.sleep(0.02)
 
     def names() -> set[str]:
@@ -956,10 +962,15 @@ async def test_rolling_replace_of_three_replicas_fails_no_call(
                 await delete_pod(admin, ns, old_pod)  # terminating: leaves the set at once
                 live.discard(old_pod)
                 await follows(live)
-                await asyncio.sleep(0.3)  # calls already routed to it finish (istiod's drain does this)
+                # Calls that began before the set changed may be routed to it: they finish first (istiod's
+                # drain does this); later calls see the new set.
+                routed = set(pending)
+                await until(lambda r=routed: not r & pending, "the calls that may have been routed to it to end")
                 await servers.pop(old_pod).stop(1.0)
                 await force_delete_pod(admin, ns, old_pod)
-            await asyncio.sleep(0.5)
+            # Calls go on after the last step (counted, not timed: a loaded machine makes them slow).
+            after_rollout = calls
+            await until(lambda: calls > max(20, after_rollout + 2), "calls after the rollout")
             stop.set()
         resp, _ = await ads_client.request(target, client.SYNCZ)
         assert sorted(r.name for r in client.rows(resp)) == sorted(f"app-of-{p}.ns-1" for p, _ in new)
