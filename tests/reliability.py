@@ -27,6 +27,7 @@ import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
 from .ads_client import Outcome, ads_call
+from .waits import EVENT_TIMEOUT
 
 FIGURES_DIR = Path(__file__).resolve().parent.parent / "bench" / "results" / "reliability"
 
@@ -118,7 +119,7 @@ class Background:
         self._cm: contextlib.AbstractAsyncContextManager[Any] | None = None
         self.value: Any = None
 
-    def run(self, coro: Awaitable[T], timeout: float = 60.0) -> T:
+    def run(self, coro: Awaitable[T], timeout: float = EVENT_TIMEOUT) -> T:
         async def wrapper() -> T:
             return await coro
 

@@ -35,7 +35,8 @@ async def get(port: int, path: str) -> tuple[int, str]:
 
 async def grpc_health(address: str) -> int:
     async with grpc.aio.insecure_channel(address) as ch:
-        reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+        reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE),
+                                                           timeout=EVENT_TIMEOUT)
         return int(reply.status)
 
 

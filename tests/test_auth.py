@@ -13,6 +13,7 @@ from istioctl_proxy.sim.simulator import SimProxy
 
 from . import ads_client
 from .helpers import stack
+from .waits import EVENT_TIMEOUT
 
 
 async def test_forward_mode_sends_the_token_and_node_to_every_replica() -> None:
@@ -105,7 +106,7 @@ async def test_identity_mode_substring_lookalike_in_other_namespace_is_not_dumpe
 async def test_identity_mode_without_client_certificate_is_refused() -> None:
     async with stack(1, 2, identity=True) as s:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await ads_client.request(s.target(token="whatever"), client.SYNCZ, timeout=5)
+            await ads_client.request(s.target(token="whatever"), client.SYNCZ, timeout=EVENT_TIMEOUT)
         assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
 
 
@@ -115,7 +116,7 @@ async def test_identity_mode_certificate_from_another_ca_is_refused() -> None:
     async with stack(1, 2, identity=True) as s:
         stranger = TestCA().issue_spiffe("istio-system", "default")
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await ads_client.request(s.target(leaf=stranger), client.SYNCZ, timeout=5)
+            await ads_client.request(s.target(leaf=stranger), client.SYNCZ, timeout=EVENT_TIMEOUT)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 

@@ -15,6 +15,7 @@ from istioctl_proxy.errors import ConfigError
 
 from . import ads_client
 from .helpers import Stack, stack
+from .waits import EVENT_TIMEOUT
 
 NS1_TOKEN = "ns-1-token"
 
@@ -52,21 +53,25 @@ async def test_token_port_and_certificate_port_serve_both_kinds_of_caller() -> N
     async with stack(2, 8, identity=True, token_review=True, cert_listen="127.0.0.1:0") as s:
         assert s.proxy.cert_port and s.proxy.cert_port != s.proxy.port
         # Token callers: the --listen port, which does not ask for a certificate.
-        resp, _ = await ads_client.request(_target(s, s.proxy.port, token=NS1_TOKEN), client.SYNCZ, timeout=10)
+        resp, _ = await ads_client.request(_target(s, s.proxy.port, token=NS1_TOKEN), client.SYNCZ,
+                                           timeout=EVENT_TIMEOUT)
         assert resp.resources
         # A certificate caller there offers no certificate (none was asked for): refused, as before.
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await ads_client.request(_target(s, s.proxy.port, cert_ns="istio-system"), client.SYNCZ, timeout=10)
+            await ads_client.request(_target(s, s.proxy.port, cert_ns="istio-system"), client.SYNCZ,
+                                     timeout=EVENT_TIMEOUT)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         # Certificate callers: the --cert-listen port, with their SPIFFE identity and its scope.
         everything, _ = await ads_client.request(_target(s, s.proxy.cert_port, cert_ns="istio-system"), client.SYNCZ,
-                                             timeout=10)
-        scoped, _ = await ads_client.request(_target(s, s.proxy.cert_port, cert_ns="ns-1"), client.SYNCZ, timeout=10)
+                                             timeout=EVENT_TIMEOUT)
+        scoped, _ = await ads_client.request(_target(s, s.proxy.cert_port, cert_ns="ns-1"), client.SYNCZ,
+                                             timeout=EVENT_TIMEOUT)
         assert len(everything.resources) == 8 and 0 < len(scoped.resources) < 8
         assert len(scoped.resources) == len(resp.resources)  # ns-1 by token or by certificate: the same view
         # And the certificate port requires one: a token alone does not get through the handshake.
         with pytest.raises(grpc.aio.AioRpcError) as no_cert:
-            await ads_client.request(_target(s, s.proxy.cert_port, token=NS1_TOKEN), client.SYNCZ, timeout=10)
+            await ads_client.request(_target(s, s.proxy.cert_port, token=NS1_TOKEN), client.SYNCZ,
+                                     timeout=EVENT_TIMEOUT)
         assert no_cert.value.code() == grpc.StatusCode.UNAVAILABLE
 
 

@@ -28,6 +28,7 @@ from istioctl_proxy.policy import CONFIG_DUMP, DEBUG, SYNCZ
 from .ads_client import Outcome, ads_call, bearer
 from .helpers import ADMIN_TOKEN, Stack, stack
 from .reliability import Background, env_float, record_figures
+from .waits import EVENT_TIMEOUT
 
 NODE = client.istioctl_node("istio-system")
 ADMIN = bearer(ADMIN_TOKEN)
@@ -105,7 +106,8 @@ def test_bad_request_gets_precise_status(
     if use_delta and what == "a type URL that is not UTF-8":
         raw = [b"\x12\x02\xff\xfe"]  # type_url is field 2 of DeltaDiscoveryRequest
 
-    out = small_stack.run(ads_call(small_stack.value.address, raw, metadata=metadata, timeout=10, delta=use_delta))
+    out = small_stack.run(ads_call(small_stack.value.address, raw, metadata=metadata, timeout=EVENT_TIMEOUT,
+                                   delta=use_delta))
     assert out.code == code, f"{what}: {out.code.name}: {out.details}"
     for word in words:
         assert word.lower() in out.details.lower(), f"{what}: {out.details!r} lacks {word!r}"
@@ -237,7 +239,7 @@ async def _ask(s: Stack, kind: str) -> tuple[Outcome, str]:
         "debug adsz": sotw(DEBUG, ["adsz"]), "debug configz": sotw(DEBUG, ["configz"]),
         "debug proxy": sotw(DEBUG, [f"config_dump?proxyID={proxy}"]),
     }
-    return await ads_call(s.address, [reqs[kind]], metadata=ADMIN, timeout=10), proxy
+    return await ads_call(s.address, [reqs[kind]], metadata=ADMIN, timeout=EVENT_TIMEOUT), proxy
 
 
 def readable(s: Stack, kind: str, out: Outcome, proxy: str, strict: bool = True) -> str:

@@ -66,7 +66,7 @@ from .k8s.objects import (
     request_token,
     set_pod_status,
 )
-from .waits import until
+from .waits import EVENT_TIMEOUT, until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -326,7 +326,8 @@ async def test_api_server_restart_keeps_last_known_set_then_catches_up(
             await until(lambda: not source.stats.connected, "the source to notice the outage")
             await force_delete_pod(admin, ns, "istiod-a")
             await create_istiod_pod(admin, ns, "istiod-c", "127.0.0.63")
-            await asyncio.sleep(1.0)  # several failed reconnects
+            failed = source.stats.errors
+            await until(lambda: source.stats.errors >= failed + 2, "two more failed reconnects after the changes")
             assert rec.addresses() == before, "the last known set must survive the outage"
             assert source.stats.errors >= 1
             await asyncio.to_thread(server.start)
@@ -457,7 +458,7 @@ async def test_root_cert_configmap_is_watched(cluster: KubeCluster, admin: Async
 
     # first(): what start-up uses before serving.
     await admin.create(cm(pem1), namespace=namespace)
-    first = await asyncio.wait_for(RootCertWatcher(namespace, target=target).first(), 10)
+    first = await asyncio.wait_for(RootCertWatcher(namespace, target=target).first(), EVENT_TIMEOUT)
     assert first == pem1.encode()
 
 
@@ -921,17 +922,23 @@ async def test_rolling_replace_of_three_replicas_fails_no_call(
     target = client.Target(f"127.0.0.1:{proxy.port}", plaintext=True, token=ADMIN_TOKEN)
     calls, failures, partial = 0, [], []
     stop = asyncio.Event()
+    ids = itertools.count()
+    pending: set[int] = set()  # the callers' calls now in flight
 
     async def caller() -> None:
         nonlocal calls
         while not stop.is_set():
+            call = next(ids)
+            pending.add(call)
             try:
-                _, trailers = await ads_client.request(target, client.SYNCZ, timeout=10)
+                _, trailers = await ads_client.request(target, client.SYNCZ, timeout=EVENT_TIMEOUT)
             except Exception as e:  # any failed call fails the test
                 failures.append(repr(e))
             else:
                 calls += 1
                 partial.extend(v for k, v in trailers if k == "x-istioctl-proxy-failed-replicas")
+            finally:
+                pending.discard(call)
             await asyncio.sleep(0.02)
 
     def names() -> set[str]:
@@ -955,10 +962,15 @@ async def test_rolling_replace_of_three_replicas_fails_no_call(
                 await delete_pod(admin, ns, old_pod)  # terminating: leaves the set at once
                 live.discard(old_pod)
                 await follows(live)
-                await asyncio.sleep(0.3)  # calls already routed to it finish (istiod's drain does this)
+                # Calls that began before the set changed may be routed to it: they finish first (istiod's
+                # drain does this); later calls see the new set.
+                routed = set(pending)
+                await until(lambda r=routed: not r & pending, "the calls that may have been routed to it to end")
                 await servers.pop(old_pod).stop(1.0)
                 await force_delete_pod(admin, ns, old_pod)
-            await asyncio.sleep(0.5)
+            # Calls go on after the last step (counted, not timed: a loaded machine makes them slow).
+            after_rollout = calls
+            await until(lambda: calls > max(20, after_rollout + 2), "calls after the rollout")
             stop.set()
         resp, _ = await ads_client.request(target, client.SYNCZ)
         assert sorted(r.name for r in client.rows(resp)) == sorted(f"app-of-{p}.ns-1" for p, _ in new)
@@ -1062,7 +1074,7 @@ async def test_garbage_ca_configmap_is_refused_and_the_last_good_root_stays(
     # At start-up (first()) a garbage value is an error saying why, not an endless wait or a broken root.
     await admin.create(root_cm(GARBAGE_PEM), namespace=namespace)
     with pytest.raises(k8s.CaRejected, match="not a usable root certificate bundle: a certificate does not parse"):
-        await asyncio.wait_for(RootCertWatcher(namespace, target=target, backoff=FAST).first(), 10)
+        await asyncio.wait_for(RootCertWatcher(namespace, target=target, backoff=FAST).first(), EVENT_TIMEOUT)
 
     await replace_cm(admin, namespace, good1)
     refused: list[k8s.Rejection] = []

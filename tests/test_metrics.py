@@ -22,7 +22,7 @@ from istioctl_proxy.sim.pki import write_file
 from . import ads_client
 from .ads_client import ads_call
 from .helpers import stack
-from .waits import until
+from .waits import EVENT_TIMEOUT, until
 
 Samples = Mapping[tuple[str, frozenset[tuple[str, str]]], float]
 ANY_PORT = "127.0.0.1:0"
@@ -179,7 +179,7 @@ async def test_unexpected_exceptions_become_internal_logged_and_counted(
         target = s.target(leaf=s.pki.client("istio-system"))
         os.remove(token_file)  # a missing --upstream-token-file: an OSError deep in the data path
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await ads_client.request(target, SYNCZ, timeout=10)
+            await ads_client.request(target, SYNCZ, timeout=EVENT_TIMEOUT)
         assert err.value.code() == grpc.StatusCode.INTERNAL, err.value.details()
         assert err.value.details() == "internal error in istioctl-proxy (logged there)", err.value.details()
 

@@ -45,7 +45,7 @@ from . import ads_client
 from .ads_client import DELTA, SOTW, ads_call, bearer
 from .helpers import ADMIN_TOKEN, TOKENS, Stack, stack
 from .reliability import record_figures
-from .waits import until
+from .waits import EVENT_TIMEOUT, until
 
 FIGURES: dict[str, int] = {}
 
@@ -56,7 +56,7 @@ def _count(name: str, n: int = 1) -> None:
 
 async def _code(target: client.Target, type_url: str = SYNCZ, names: list[str] | None = None) -> grpc.StatusCode:
     try:
-        await ads_client.request(target, type_url, names, timeout=5)
+        await ads_client.request(target, type_url, names, timeout=EVENT_TIMEOUT)
     except grpc.aio.AioRpcError as err:
         return err.code()
     return grpc.StatusCode.OK

@@ -26,7 +26,7 @@ from istioctl_proxy.sim.simulator import SimProxy, make_mesh
 from . import ads_client
 from .ads_client import DELTA, SOTW, ads_call, bearer
 from .helpers import ADMIN_TOKEN, TOKENS, Stack, make_pki, stack
-from .waits import until
+from .waits import EVENT_TIMEOUT, until
 
 
 async def test_health_and_reflection_are_served() -> None:
@@ -61,7 +61,7 @@ async def test_insecure_skip_verify_reaches_an_istiod_with_an_unknown_ca() -> No
                 else:
                     # With verification on, an istiod certificate from another CA is refused.
                     try:
-                        await ads_client.request(target, client.SYNCZ, timeout=5)
+                        await ads_client.request(target, client.SYNCZ, timeout=EVENT_TIMEOUT)
                         raise AssertionError("an unverifiable istiod was trusted")
                     except grpc.aio.AioRpcError as err:
                         assert err.code() == grpc.StatusCode.UNAVAILABLE
@@ -154,10 +154,12 @@ async def test_streams_are_capped_per_connection_and_in_total() -> None:
                 return call
 
             held += [await hold(channels[0]) for _ in range(3)]
-            out = await ads_call(channels[0], [_syncz()], metadata=bearer(ADMIN_TOKEN))
+            # Refused at admission, before the request is read: pipelined (as istioctl sends), so that the
+            # refusal cannot race our write and turn into grpc.aio's own INTERNAL (seen under load).
+            out = await ads_call(channels[0], [_syncz()], metadata=bearer(ADMIN_TOKEN), pipelined=True)
             assert out.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams-per-connection" in out.details
             held += [await hold(channels[1]) for _ in range(2)]
-            out = await ads_call(channels[2], [_syncz()], metadata=bearer(ADMIN_TOKEN))
+            out = await ads_call(channels[2], [_syncz()], metadata=bearer(ADMIN_TOKEN), pipelined=True)
             assert out.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams" in out.details, out
             assert _metric(s, "istioctl_proxy_streams_open") == 5
             assert _metric(s, "istioctl_proxy_streams_cut_total", reason="max_streams_per_connection") == 1
