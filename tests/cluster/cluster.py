@@ -18,12 +18,12 @@ import base64
 import json
 import os
 import subprocess
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+from ..waits import until_sync
 from . import pki
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,20 +76,21 @@ class ClusterError(RuntimeError):
 
 
 def wait_for(what: str, check: Callable[[], T | None], timeout: float, on_fail: Callable[[], str] = lambda: "") -> T:
-    """Poll a condition (never a fixed sleep): returns its first truthy value or raises with what was awaited."""
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while True:
+    """The one wait (tests/waits.py) over a condition whose own failures (a kubectl call, a socket) are retried
+    until the backstop; the last one and `on_fail()` (a log tail) go into the message."""
+    last: list[BaseException] = []
+
+    def attempt() -> T | None:
         try:
-            value = check()
-            if value:
-                return value
-        except Exception as e:  # the condition's own failures are retried until the deadline
-            last = e
-        if time.monotonic() > deadline:
-            raise ClusterError(f"timed out after {timeout:.0f} s waiting for {what}"
-                               + (f" (last error: {last})" if last else "") + (f"\n{on_fail()}" if on_fail else ""))
-        time.sleep(0.2)
+            return check()
+        except Exception as e:  # retried: the thing awaited may not answer yet
+            last[:] = [e]
+            return None
+
+    def describe() -> str:
+        return what + (f" (last error: {last[0]})" if last else "") + (f"\n{tail}" if (tail := on_fail()) else "")
+
+    return cast(T, until_sync(attempt, describe, timeout, step=0.2))
 
 
 def sh(*argv: str | Path, check: bool = True, input: str | None = None, env: Mapping[str, str] | None = None,
