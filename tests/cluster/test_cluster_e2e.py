@@ -50,7 +50,8 @@ def _env(tmp_path: Path, state: Path) -> dict[str, str]:
 @pytest.mark.timeout(1500)
 def test_cluster_e2e_passes_every_check_and_leaves_nothing(tmp_path: Path) -> None:
     state = Path("/tmp/istioctl-proxy-cluster-test")
-    before = machine_state(state)
+    # A state directory left by an earlier killed run is torn down by the run itself: afterwards there is none.
+    before = {**machine_state(state), "state dir": False}
     p = subprocess.run([E2E], capture_output=True, text=True, env=_env(tmp_path, state), timeout=1400)
     lines = p.stdout.strip().splitlines()
     report = f"{p.stdout}\n--- stderr\n{p.stderr[-4000:]}\n(process logs in {tmp_path / 'logs'})"
@@ -67,7 +68,8 @@ def test_cluster_e2e_passes_every_check_and_leaves_nothing(tmp_path: Path) -> No
 def test_an_interrupted_run_is_torn_down(tmp_path: Path) -> None:
     """Ctrl-C once the Pods run (the first check line): the trap tears down everything at once."""
     state = Path("/tmp/istioctl-proxy-cluster-test")
-    before = machine_state(state)
+    # A state directory left by an earlier killed run is torn down by the run itself: afterwards there is none.
+    before = {**machine_state(state), "state dir": False}
     p = subprocess.Popen([E2E], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=_env(tmp_path, state))
     assert p.stdout
