@@ -112,3 +112,18 @@ async def test_the_proxys_nonce_reads_like_istiods(type_url: str) -> None:
         resp, _ = await client.request(s.target(), type_url, names)
         for r in (direct, resp):
             assert r.version_info and re.fullmatch(re.escape(r.version_info) + UUID, r.nonce), (r.version_info, r.nonce)
+
+
+async def test_1_24_replicas_through_the_proxy() -> None:
+    """istiod 1.24's ControlPlane on every response: syncz still says <external>; a config_dump passes through
+    with the holder's own ControlPlane (it is that replica's answer); debug envelopes are built by the proxy
+    without one, as istiod ≥ 1.25 sends them."""
+    async with stack(mesh=make_mesh(2, 6, tokens=TOKENS, version="1.24.6")) as s:
+        syncz, _ = await client.request(s.target(), SYNCZ)
+        assert json.loads(syncz.control_plane.identifier)["ID"] == "<external>"
+        assert json.loads(syncz.control_plane.identifier)["Info"]["version"] == "1.24.6"
+        holder = s.replicas[1]
+        dump, _ = await client.request(s.target(), CONFIG_DUMP, [holder.proxies[0].id])
+        assert dump.resources and json.loads(dump.control_plane.identifier)["ID"] == holder.pod_name
+        debug, _ = await client.request(s.target(), DEBUG, ["syncz"])
+        assert not debug.HasField("control_plane") and len(json.loads(debug.resources[0].value)) == 6
