@@ -22,6 +22,7 @@ from istioctl_proxy import client
 from istioctl_proxy.sim.pki import TestCA
 
 from ..k8s.cluster import KubeCluster
+from ..waits import until
 from .ads import CDS, LDS, AdsClient, XdsState, close_clients, start_clients
 from .jwt_issuer import JwtIssuer
 from .mesh import (
@@ -33,7 +34,6 @@ from .mesh import (
     Mesh,
     Peers,
     PeersMissingError,
-    async_wait_until,
     parse_table,
 )
 from .proxy_process import ProxyProcess
@@ -208,13 +208,13 @@ async def data_plane(sm: SkewMesh) -> AsyncIterator[tuple[list[AdsClient], Envoy
                 and states.get(envoy.proxy_id) == {"CDS": "SYNCED", "LDS": "SYNCED"}
             )
 
-        await async_wait_until(settled, 60, what="the skew data plane registered and settled")
+        await until(settled, "the skew data plane registered and settled")
         yield clients, envoy
     finally:
         await close_clients(clients)
         envoy.stop()
         mesh.envoys.remove(envoy)
-        await async_wait_until(lambda: not _listed(mesh), 60, what="the skew data plane gone from every replica")
+        await until(lambda: not _listed(mesh), "the skew data plane gone from every replica")
 
 
 def _listed(mesh: Mesh) -> set[str]:
