@@ -37,6 +37,16 @@ def _rotate(ns: argparse.Namespace) -> int:
     return asyncio.run(run_rotate(ns))
 
 
+def _istio_version(value: str) -> str:
+    from .sim.simulator import Behaviour
+
+    try:
+        Behaviour.of(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
 def _simulate(ns: argparse.Namespace) -> int:
     from .sim.simulate import run_simulator
 
@@ -97,6 +107,9 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--token", action="append", default=[], metavar="TOKEN=NS/SA",
                      help="a bearer token the replicas accept, and the identity it stands for")
     sim.add_argument("--latency", type=float, default=0.0, help="seconds each replica waits before answering")
+    sim.add_argument("--istio-version", default="1.30.3", type=_istio_version,
+                     help="the istiod release to behave as (1.24: ControlPlane on every response; "
+                          "1.26/1.27.0: debug types unauthenticated and unscoped)")
     sim.add_argument("--log-level", default="info")
     sim.set_defaults(func=_simulate)
 

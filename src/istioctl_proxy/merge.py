@@ -70,8 +70,10 @@ class Merged:
     rejected: list[tuple[Answer, str]] = field(default_factory=list)
 
 
-def _nonce() -> str:
-    return uuid.uuid4().hex
+def _nonce(version_info: str) -> str:
+    # istiod's form (xds.go nonce()): the push version directly followed by a dashed UUID, a bare UUID
+    # before the first push. istioctl ≥ 1.30 prints it with `-o json`, so it must read like one istiod's.
+    return version_info + str(uuid.uuid4())
 
 
 def _version(views: Sequence[wire.ResponseView]) -> str:
@@ -167,8 +169,9 @@ def merge_syncz_fast(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -
     parts = [a.body for a in answers if a.body is not None]
     held = [(a, i.count) for a, i in zip(answers, indexes, strict=True)]
     ident = external_identifier([i.identifier() for i in indexes], shown_id(ctx, held))
-    parts.append(wire.envelope(type_url=plan.type_url, version_info=max((i.version_info for i in indexes), default=""),
-                               nonce=_nonce(), control_plane_identifier=ident))
+    version = max((i.version_info for i in indexes), default="")
+    parts.append(wire.envelope(type_url=plan.type_url, version_info=version, nonce=_nonce(version),
+                               control_plane_identifier=ident))
     return Merged(b"".join(parts), total, [])
 
 
@@ -216,7 +219,8 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
         held.append((answer, sum(keep[offset:offset + len(split.nodes)])))
         offset += len(split.nodes)
     ident = external_identifier([v.identifier() for v in views], shown_id(ctx, held))
-    parts.append(wire.envelope(type_url=plan.type_url, version_info=_version(views), nonce=_nonce(),
+    version = _version(views)
+    parts.append(wire.envelope(type_url=plan.type_url, version_info=version, nonce=_nonce(version),
                                control_plane_identifier=ident))
     return Merged(b"".join(parts), sum(keep), [])
 
@@ -262,7 +266,8 @@ def merge_syncz(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Mer
         per_replica = Counter(vi for vi, _ in keep) if ctx.istiod_column == "revision" else Counter[int]()
         held = [(a, per_replica[vi]) for vi, (a, _) in enumerate(good)]
     ident = external_identifier([v.identifier() for v in views], shown_id(ctx, held))
-    parts.append(wire.envelope(type_url=plan.type_url, version_info=_version(views), nonce=_nonce(),
+    version = _version(views)
+    parts.append(wire.envelope(type_url=plan.type_url, version_info=version, nonce=_nonce(version),
                                control_plane_identifier=ident))
     return Merged(b"".join(parts), count, bad)
 
@@ -321,7 +326,8 @@ def merge_proxy_holder(plan: Plan, answers: Sequence[Answer], ctx: MergeContext)
             return Merged(view.raw, len(view.resources), bad)
     # Nobody holds it: istiod's answer for an unknown proxy is an empty response, not an error.
     views = [v for _, v in good]
-    return Merged(wire.envelope(type_url=plan.type_url, version_info=_version(views), nonce=_nonce()), 0, bad)
+    version = _version(views)
+    return Merged(wire.envelope(type_url=plan.type_url, version_info=version, nonce=_nonce(version)), 0, bad)
 
 
 def _debug_bodies(
@@ -344,7 +350,8 @@ def _debug_bodies(
 
 def debug_response(plan: Plan, views: Sequence[wire.ResponseView], body: bytes) -> bytes:
     """A DiscoveryResponse carrying one istio.io/debug body, as istiod wraps it."""
-    resp = wire.envelope(type_url=plan.type_url, version_info=_version(views), nonce=_nonce())
+    version = _version(views)
+    resp = wire.envelope(type_url=plan.type_url, version_info=version, nonce=_nonce(version))
     res = any_pb2.Any(type_url=DEBUG, value=body).SerializeToString()
     # Field 2 (resources), length-delimited: hand-built so the body is copied once.
     return resp + b"\x12" + _varint_bytes(len(res)) + res

@@ -82,6 +82,31 @@ class Peers:
             )
         return cls(bins["istioctl"], bins["pilot-discovery"], bins["envoy"], version_file.read_text().strip())
 
+    @classmethod
+    def find_version(cls, version: str, root: Path = PEERS_DIR) -> Peers:
+        """The istioctl + pilot-discovery of one matrix version (`.peers/istio/<version>/bin`, installed by
+        `scripts/install-peers matrix`); PIN_VERSION is the default build in `.peers/bin`. Envoy is shared."""
+        default = cls.find(root)
+        if version in (PIN_VERSION, default.istio_version):
+            return default
+        base = root / "istio" / version
+        bins = {name: base / "bin" / name for name in ("istioctl", "pilot-discovery")}
+        missing = [str(p) for p in bins.values() if not (p.is_file() and os.access(p, os.X_OK))]
+        if not (base / "VERSION").is_file():
+            missing.append(str(base / "VERSION"))
+        if missing:
+            raise PeersMissingError(
+                f"Istio {version} of the version-skew matrix is missing: " + ", ".join(missing)
+                + ". Install it with `scripts/install-peers matrix`; CI must run it before the e2e tests."
+            )
+        return cls(bins["istioctl"], bins["pilot-discovery"], default.envoy, (base / "VERSION").read_text().strip())
+
+
+# The version-skew matrix (issue 13): every Istio build besides the default that `scripts/install-peers matrix`
+# installs into .peers/istio/<version>/bin, oldest first. PIN_VERSION names the default build in .peers/bin.
+PIN_VERSION = "pin"
+MATRIX_VERSIONS = ("1.26.0", "1.27.0", PIN_VERSION, "1.31-dev")
+
 
 # -- process plumbing ----------------------------------------------------------------------------------
 
@@ -717,9 +742,13 @@ class Mesh:
         extra_env: Mapping[str, str] | None = None,
         kube: KubeCluster | None = None,
         revisions: Sequence[str] = (),
+        replica_peers: Sequence[Peers] | None = None,
     ) -> None:
-        """`revisions[i]` is replica i's istio.io/rev (a canary upgrade); none given: all default."""
+        """`revisions[i]` is replica i's istio.io/rev (a canary upgrade); none given: all default.
+        `replica_peers[i]` is replica i's binaries, for meshes of mixed Istio versions; none given: `peers`."""
         self.workdir, self.peers = workdir, peers
+        if replica_peers is not None and len(replica_peers) != replicas:
+            raise ValueError(f"replica_peers has {len(replica_peers)} entries for {replicas} replicas")
         self.kube = kube  # started in start() unless given; shared by all replicas like a real cluster
         self._own_kube = kube is None
         self.ports = ReplicaPorts.from_base(base_port)
@@ -733,7 +762,8 @@ class Mesh:
         self.mesh_config = workdir / "mesh.yaml"
         self.replicas = [
             IstiodReplica(
-                peers, i, f"127.0.0.{first_host + i}", self.ports, workdir / f"istiod-{i}",
+                replica_peers[i] if replica_peers else peers, i, f"127.0.0.{first_host + i}", self.ports,
+                workdir / f"istiod-{i}",
                 mesh_config=self.mesh_config, config_dir=self.config_dir, env_factory=self.replica_env,
             )
             for i in range(replicas)

@@ -7,7 +7,7 @@ simulator — the embedded default and the benchmarks' load source — cannot dr
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -17,6 +17,7 @@ from envoy.service.status.v3 import csds_pb2
 from google.protobuf.message import Message
 
 from istioctl_proxy.fanout import connection_broke
+from istioctl_proxy.sim.pki import TestCA
 from istioctl_proxy.sim.simulator import SimProxy, SimReplica, _Abort, _Crash
 
 from ..waits import until
@@ -33,7 +34,8 @@ from .ads import (
     start_clients,
     tls_channel,
 )
-from .mesh import EnvoyProxy, Mesh
+from .jwt_issuer import JwtIssuer
+from .mesh import MATRIX_VERSIONS, EnvoyProxy, Mesh, Peers, PeersMissingError
 
 pytestmark = pytest.mark.e2e
 
@@ -242,3 +244,99 @@ async def test_unparsable_debug_names_break_both(mesh: Mesh, name: str) -> None:
         assert "nil pointer dereference" in victim.log_tail(200)
     finally:
         victim.restart(graceful=False)
+
+
+# -- Every built release (issue 13): the simulator's `--istio-version` behaviour matches that istiod's --------
+
+
+@pytest.fixture(scope="module", params=MATRIX_VERSIONS)
+def release_mesh(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, test_ca: TestCA, jwt_issuer: JwtIssuer
+) -> Iterator[Mesh]:
+    """One replica of each matrix release, on 127.0.0.50 (one release at a time)."""
+    try:
+        peers = Peers.find_version(request.param)
+    except PeersMissingError as e:
+        pytest.fail(str(e), pytrace=False)
+    with Mesh(tmp_path_factory.mktemp("release"), peers, replicas=1, first_host=50, ca=test_ca,
+              jwt_issuer=jwt_issuer) as m:  # fmt: skip
+        yield m
+
+
+@pytest.fixture
+async def release_real(release_mesh: Mesh) -> AsyncIterator[tuple[Mesh, SimReplica]]:
+    """The fidelity proxies on the release's replica, and a simulated replica of the same release."""
+    mesh = release_mesh
+    r = mesh.replicas[0]
+    clients = [
+        mesh.ads_client(r, "fid-synced", "team-f", {CDS: XdsState.SYNCED, LDS: XdsState.SYNCED}),
+        mesh.ads_client(r, "fid-stale", "team-f", {CDS: XdsState.SYNCED, LDS: XdsState.STALE}),
+        mesh.ads_client(r, "fid-error", "team-f", {CDS: XdsState.ERROR, LDS: XdsState.SYNCED}),
+        mesh.ads_client(r, "fid-other", "team-g", {CDS: XdsState.SYNCED, LDS: XdsState.SYNCED}),
+    ]
+    await start_clients(clients)
+
+    async def settled() -> bool:
+        return r.proxy_states().get("fid-error.team-f", {}).get("CDS") == "ERROR"
+
+    await until(settled, "fidelity proxies settled")
+    sim = simulated()
+    sim.version = r.peers.istio_version
+    sim.proxies.append(SimProxy("fid-other", "team-g", states={"CDS": "SYNCED", "LDS": "SYNCED"}))
+    yield mesh, sim
+    await close_clients(clients)
+
+
+async def test_each_release_has_the_simulators_syncz_and_debug_shapes(release_real: tuple[Mesh, SimReplica]) -> None:
+    mesh, sim = release_real
+    ids = {"fid-synced.team-f", "fid-stale.team-f", "fid-error.team-f"}
+    real_syncz = await ask(mesh, SYNCZ)
+    # version_info is "" (so absent) until istiod's first push since start: not a difference between releases.
+    got, want = shape_of_syncz(real_syncz, ids), shape_of_syncz(sim_response(sim.syncz("")), ids)
+    got["envelope"] |= {"version_info"}
+    assert want == got
+    assert json.loads(real_syncz.control_plane.identifier)["Info"]["version"] == sim.version
+    identity = ("istio-system", "default")
+    real_list = json.loads(_body(await ask(mesh, DEBUG, ("list",))))
+    assert json.loads(_body(sim_response(sim.debug(["list"], identity)))) == real_list, json.dumps(real_list)
+    for path in ("config_dump?proxyID=nobody.nowhere", "no-such-path", "config_dump"):
+        assert _body(sim_response(sim.debug([path], identity))) == _body(await ask(mesh, DEBUG, (path,))), path
+    dump = await ask(mesh, CONFIG_DUMP, ("fid-synced.team-f",))
+    sim_dump = sim_response(sim.config_dump(["fid-synced.team-f"], ""))
+    assert [a.type_url for a in sim_dump.resources] == [a.type_url for a in dump.resources]
+    assert sim_dump.HasField("control_plane") is dump.HasField("control_plane") is False  # from 1.25 on
+
+
+async def test_each_release_authenticates_and_scopes_as_the_simulator_says(
+    release_real: tuple[Mesh, SimReplica], jwt_issuer: JwtIssuer
+) -> None:
+    mesh, sim = release_real
+    r = mesh.replicas[0]
+    behaviour = sim.behaviour
+    # No identity at all, on the plaintext port: istiod < 1.27.8 serves syncz to anyone.
+    async with grpc.aio.insecure_channel(r.xds_address) as ch:
+        try:
+            anonymous = {row.node.id for row in _client_configs(await debug_request(ch, SYNCZ))}
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err
+            anonymous = None
+    assert (anonymous is None) is behaviour.debug_types_need_identity, anonymous
+    # A team-f caller: only its namespace from 1.28.7/1.29.3/1.30 on, everything before.
+    async with tls_channel(r.secure_address, mesh.root_cert_pem) as ch:
+        resp = await debug_request(ch, SYNCZ, namespace="team-f", token=jwt_issuer.mint("team-f"))
+        other = await debug_request(ch, CONFIG_DUMP, ("fid-other.team-g",), namespace="team-f",
+                                    token=jwt_issuer.mint("team-f"))  # fmt: skip
+    seen = {cfg.node.id for cfg in _client_configs(resp)}
+    want = {p.id for p in sim.proxies if not sim.caller_scope(("team-f", "default")) or p.namespace == "team-f"}
+    assert seen & {p.id for p in sim.proxies} == want
+    assert ("fid-other.team-g" in seen) is not behaviour.scopes_debug_types
+    assert bool(other.resources) is not behaviour.scopes_debug_types
+
+
+def _client_configs(resp: discovery_pb2.DiscoveryResponse) -> list[csds_pb2.ClientConfig]:
+    out = []
+    for a in resp.resources:
+        cfg = csds_pb2.ClientConfig()
+        assert a.Unpack(cfg)
+        out.append(cfg)
+    return out

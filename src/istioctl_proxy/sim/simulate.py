@@ -80,7 +80,9 @@ async def simulated_mesh(
 
 async def run_simulator(ns: argparse.Namespace) -> None:
     tokens = parse_tokens(ns.token) or {"demo-admin-token": ("istio-system", "default")}
-    mesh = SimulatedMesh(make_mesh(ns.replicas, ns.proxies, namespaces=ns.namespaces, tokens=tokens))
+    mesh = SimulatedMesh(
+        make_mesh(ns.replicas, ns.proxies, namespaces=ns.namespaces, tokens=tokens, version=ns.istio_version)
+    )
     for r in mesh.replicas:
         r.faults.latency = ns.latency
     await mesh.start(ns.listen_host, ns.base_port)

@@ -2,8 +2,9 @@
 
 Each replica answers the three debug type URLs with the shapes istiod 1.30 uses (pilot/pkg/xds/
 statusgen.go, debuggen.go, debug.go), applies istiod's authentication and namespace rules, and can be
-told to be slow, to fail or to hang. tests/e2e/test_simulator_fidelity.py compares it field by field
-with a real istiod.
+told to be slow, to fail or to hang. `SimReplica.version` also selects the behaviour of older releases
+(`Behaviour.of`): 1.24's ControlPlane on every response, and 1.26/1.27's unauthenticated, unscoped debug
+types. tests/e2e/test_simulator_fidelity.py compares it field by field with a real istiod of each release.
 """
 
 from __future__ import annotations
@@ -51,6 +52,41 @@ DEBUG_LIST = [
     "instancesz", "krtz", "mcsz", "mesh", "ndsz", "networkz", "push_status", "pushcontext", "registryz",
     "resourcesz", "sidecarz", "syncz", "telemetryz",
 ]  # fmt: skip
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(minor, patch) of "1.26.0", "1.30.0-alpha.1-48-g…" or "1.31-dev" (a dev build: newer than any patch)."""
+    core = version.split("-", 1)[0].split(".")
+    try:
+        minor = int(core[1])
+        patch = int(core[2]) if len(core) > 2 else 1_000
+    except (IndexError, ValueError):
+        raise ValueError(f"not an Istio version: {version!r} (want e.g. 1.26.0 or 1.31-dev)") from None
+    return minor, patch
+
+
+def _since(minor: int, patch: int, firsts: Mapping[int, int], from_minor: int) -> bool:
+    """A fix that landed in patch firsts[m] of minor m, and in every release from from_minor on."""
+    return minor >= from_minor or (minor in firsts and patch >= firsts[minor])
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """What differs between the istiod releases users run (verified against the binaries where one builds
+    here: tests/e2e/test_simulator_fidelity.py and test_version_skew.py)."""
+
+    control_plane_on_every_response: bool  # ≤ 1.24; from 1.25 only syncz carries ControlPlane
+    debug_types_need_identity: bool  # syncz/config_dump: ≥ 1.27.8, 1.28.5, 1.29.1
+    scopes_debug_types: bool  # non-root callers see their namespace only: ≥ 1.28.7, 1.29.3, 1.30
+
+    @classmethod
+    def of(cls, version: str) -> Behaviour:
+        minor, patch = _release(version)
+        return cls(
+            control_plane_on_every_response=minor <= 24,
+            debug_types_need_identity=_since(minor, patch, {27: 8, 28: 5, 29: 1}, 30),
+            scopes_debug_types=_since(minor, patch, {28: 7, 29: 3}, 30),
+        )
 
 
 @dataclass
@@ -133,6 +169,10 @@ class SimReplica:
     _push: int = 0
     _syncz_cache: dict[str, bytes] = field(default_factory=dict)
 
+    @property
+    def behaviour(self) -> Behaviour:
+        return Behaviour.of(self.version)
+
     def identifier(self) -> str:
         info = {"version": self.version, "revision": "56df41f63e513f834c9a3af33d8aed82d1d961f2",
                 "golang_version": "go1.25.9", "status": "Clean", "tag": self.version}
@@ -165,7 +205,9 @@ class SimReplica:
         raise _Abort(grpc.StatusCode.PERMISSION_DENIED,
                      f"authorization failed: no identities ({ids}) matched {ns}/{sa}")
 
-    def caller_scope(self, identity: tuple[str, str]) -> str:
+    def caller_scope(self, identity: tuple[str, str] | None) -> str:
+        if identity is None or not self.behaviour.scopes_debug_types:
+            return ""  # before 1.28.7/1.29.3/1.30 istiod showed every caller every proxy
         ns = identity[0]
         return "" if ns == self.root_namespace or ns in self.allowed_namespaces else ns
 
@@ -173,8 +215,11 @@ class SimReplica:
     def _envelope(self, type_url: str) -> discovery_pb2.DiscoveryResponse:
         self._push += 1
         version = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f"/{self._push}"
-        return discovery_pb2.DiscoveryResponse(type_url=type_url, version_info=version,
+        resp = discovery_pb2.DiscoveryResponse(type_url=type_url, version_info=version,
                                                nonce=version + str(uuid.uuid4()))
+        if self.behaviour.control_plane_on_every_response and type_url != SYNCZ:
+            resp.control_plane.identifier = self.identifier()  # istiod ≤ 1.24: on every response
+        return resp
 
     def syncz(self, scope: str) -> bytes:
         resp = self._envelope(SYNCZ)
@@ -223,8 +268,9 @@ class SimReplica:
         if identity[0] != self.root_namespace and debug_type not in NAMESPACE_DEBUG_PATHS:
             raise _Abort(grpc.StatusCode.PERMISSION_DENIED,
                          f"the debug info is not available for current identity: \"spiffe://cluster.local/ns/{identity[0]}/sa/{identity[1]}\"")
-        # getDebugConnection checks only the root namespace, not the allowed-namespaces list.
-        scope = "" if identity[0] == self.root_namespace else identity[0]
+        # getDebugConnection checks only the root namespace, not the allowed-namespaces list; before the
+        # scoping fix, the handlers did not know the caller at all.
+        scope = "" if identity[0] == self.root_namespace or not self.behaviour.scopes_debug_types else identity[0]
         path = request_url.path.decode("utf-8", "replace")
         handler = path.removeprefix("/debug/") if path.startswith("/debug/") else ""
         body = self._debug_body(handler, gourl.parse_query(request_url.raw_query), scope)
@@ -316,15 +362,17 @@ class SimulatorService:
                     await asyncio.sleep(r.faults.latency)
                 if r.faults.fail_code is not None:
                     raise _Abort(r.faults.fail_code, "simulated failure")
-                if req.type_url in (SYNCZ, CONFIG_DUMP, DEBUG) and identity is None:
+                # istio.io/debug always wanted an identity; syncz/config_dump only from 1.27.8/1.28.5/1.29.1.
+                needs_identity = (DEBUG, SYNCZ, CONFIG_DUMP) if r.behaviour.debug_types_need_identity else (DEBUG,)
+                if req.type_url in needs_identity and identity is None:
                     raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "authentication required")
-                assert identity is not None or req.type_url not in (SYNCZ, CONFIG_DUMP, DEBUG)
                 if req.type_url == SYNCZ:
-                    answer = r.syncz(r.caller_scope(identity))  # type: ignore[arg-type]
+                    answer = r.syncz(r.caller_scope(identity))
                 elif req.type_url == CONFIG_DUMP:
-                    answer = r.config_dump(list(req.resource_names), r.caller_scope(identity))  # type: ignore[arg-type]
+                    answer = r.config_dump(list(req.resource_names), r.caller_scope(identity))
                 elif req.type_url == DEBUG:
-                    answer = r.debug(list(req.resource_names), identity)  # type: ignore[arg-type]
+                    assert identity is not None
+                    answer = r.debug(list(req.resource_names), identity)
                 else:
                     # A real istiod would serve Envoy types; the simulator answers them empty.
                     answer = r._envelope(req.type_url).SerializeToString()
