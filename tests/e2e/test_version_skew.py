@@ -124,6 +124,7 @@ class Meshes:
             kube=self.kube,
             replica_peers=replica_peers,
         ).start()
+        started: list[ProxyProcess] = []
         try:
             serving = mesh.ca.issue_serving()
             upstream = mesh.ca.issue_spiffe("istio-system", "istioctl-proxy")
@@ -155,9 +156,12 @@ class Meshes:
             )
             forward = ProxyProcess(d / "forward", common)
             # Generous: a Python interpreter starting under the CI's load; they signal readiness in their log.
-            identity.start(timeout_s=180)
-            forward.start(timeout_s=180)
+            for proc in (identity, forward):
+                started.append(proc)  # stop() of a process that never started is a no-op
+                proc.start(timeout_s=180)
         except BaseException:
+            for proc in started:  # one may have started before the other failed: no process left behind
+                proc.stop()
             mesh.stop()
             raise
         self.current = SkewMesh(key, mesh, identity, forward)
