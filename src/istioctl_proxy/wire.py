@@ -337,8 +337,12 @@ class SynczMemo:
     """
 
     max_entries: int = 200_000
+    # Node bytes are the proxies' own metadata (labels, annotations): a count alone would let 200k large or
+    # churning nodes hold gigabytes across calls. The keys' bytes are bounded too.
+    max_bytes: int = 64 * 1024 * 1024
     _facts: dict[bytes, tuple[str, str] | None] = field(default_factory=dict)
     _layouts: dict[bytes, _Layout | None] = field(default_factory=dict)
+    _key_bytes: dict[int, int] = field(default_factory=dict)  # id(memo dict) → bytes of its keys
 
     def facts(self, nodes: Sequence[bytes]) -> list[tuple[str, str]] | None:
         """(id, namespace) of every node, or None if the exact reader would reject one of their ids."""
@@ -352,10 +356,19 @@ class SynczMemo:
     ) -> list[Any] | None:
         found = list(map(memo.get, keys))
         if None in found:
-            if len(memo) + len(keys) > self.max_entries:
+            missing = [i for i, f in enumerate(found) if f is None]
+            size = self._key_bytes.get(id(memo), 0)
+            added = sum(len(keys[i]) for i in missing)
+            if len(memo) + len(missing) > self.max_entries or size + added > self.max_bytes:
                 memo.clear()
-            for i in [i for i, f in enumerate(found) if f is None]:
-                found[i] = memo[keys[i]] = fn(keys[i])
+                size = 0
+            fits = added <= self.max_bytes and len(missing) <= self.max_entries  # else: read, not remembered
+            for i in missing:
+                found[i] = fn(keys[i])
+                if fits and keys[i] not in memo:
+                    memo[keys[i]] = found[i]
+                    size += len(keys[i])
+            self._key_bytes[id(memo)] = size
             if None in found:
                 return None
         return found
