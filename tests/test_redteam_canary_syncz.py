@@ -126,3 +126,50 @@ async def test_one_caller_with_many_unread_streams_does_not_starve_another() -> 
             for hog in pending:
                 hog.cancel()
             _, pending = await asyncio.wait(pending, timeout=0.1)
+
+
+# -- Canary revisions: what a pod's istio.io/rev label can do (issue 16) ------------------------------------
+
+
+def test_refusal_counts_of_gone_revisions_are_dropped() -> None:
+    # Anyone who can run a pod labelled app=istiod in the istio namespace picks its istio.io/rev: with
+    # --all-revisions every new label made a refusal series that stayed for good.
+    from istioctl_proxy.metrics import Metrics
+
+    metrics = Metrics()
+    for i in range(50):
+        metrics.upstream_tls_refused.labels(f"churn-{i}", "san").inc()
+        metrics.set_revisions({"default": (1, 1), f"churn-{i}": (1, 0)})
+    metrics.set_revisions({"default": (1, 1)})
+    text = metrics.exposition("")[0].decode()
+    assert "churn-" not in text
+
+
+@pytest.mark.xfail(strict=True, reason="open: with --all-revisions and the default --ready-policy every-revision, "
+                   "a found revision with no reachable replica (a hostile or leftover pod) makes every proxy unready")
+async def test_a_pod_of_an_unknown_revision_does_not_take_the_proxy_out_of_service() -> None:
+    from istioctl_proxy.admin import Probe, Readiness
+    from istioctl_proxy.discovery import ReplicaSet, StaticSource
+    from istioctl_proxy.metrics import Metrics
+    from istioctl_proxy.tls import UpstreamTLS
+    from istioctl_proxy.upstream import UpstreamPool
+
+    class Probed(Readiness):
+        async def _probe(self, replica: Replica) -> Probe:
+            up = replica.revision != "evil"  # the attacker's pod: Ready to Kubernetes, no istiod behind it
+            return Probe(replica, up, "" if up else "TLS refused: certificate names no DNS name")
+
+    # What --all-revisions finds: both real revisions, and a pod someone labelled app=istiod, istio.io/rev=evil.
+    replicas = ReplicaSet([StaticSource(["10.0.0.1:1@default", "10.0.0.2:1@1-31", "10.0.0.9:1@evil"],
+                                        per_replica_san=True)])
+    readiness = Probed(replicas, UpstreamPool(UpstreamTLS(plaintext=True), max_message_bytes=1 << 20), Metrics(),
+                       revisions=(), policy="every-revision")
+    await replicas.start()
+    try:
+        if replicas.version == 0:
+            await replicas.wait_changed(0)
+        await readiness.probe_once()
+    finally:
+        await replicas.stop()
+    # Every real revision serves: the proxy can answer everyone, yet it goes unready (out of its Service).
+    assert readiness.ready, readiness.reason

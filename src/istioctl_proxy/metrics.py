@@ -199,6 +199,12 @@ class Metrics:
                     self.revision_known.remove(sample.labels["revision"])
                     with contextlib.suppress(KeyError):
                         self.revision_healthy.remove(sample.labels["revision"])
+        # Revisions are pod labels anyone who can create a pod there chooses: a gone revision's refusal
+        # counts go with it, or churning labels would grow the series without bound.
+        for family in self.upstream_tls_refused.collect():
+            for sample in family.samples:
+                if sample.labels["revision"] not in counts:
+                    self.upstream_tls_refused.remove_by_labels({"revision": sample.labels["revision"]})
         for revision, (known, healthy) in counts.items():
             self.revision_known.labels(revision).set(known)
             self.revision_healthy.labels(revision).set(healthy)
