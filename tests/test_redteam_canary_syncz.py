@@ -72,8 +72,6 @@ def _as_the_caller_reads_it(body: bytes) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="open: the scope reads a field's first occurrence, protobuf keeps the "
-                   "last (or merges); a replica's repeated Any.value / ClientConfig.node shows another namespace")
 @pytest.mark.parametrize("path", ["split", "exact"])
 @pytest.mark.parametrize("shape", ["any value twice", "client config node twice"])
 def test_a_scoped_caller_sees_only_its_namespace_as_it_decodes_it(
@@ -88,8 +86,14 @@ def test_a_scoped_caller_sees_only_its_namespace_as_it_decodes_it(
     if path == "exact":
         monkeypatch.setattr(merge, "merge_syncz_fast", lambda *_a: None)
         monkeypatch.setattr(merge, "merge_syncz_split", lambda *_a: None)
-    got = merge.merge(PLAN, [Answer(Replica("10.0.0.1:15012"), body)], merge.MergeContext(scope="ns-1"))
-    assert all(ns == "ns-1" for _, ns in _as_the_caller_reads_it(got.body)), _as_the_caller_reads_it(got.body)
+    honest = _response(_any(_client_config("b", "ns-1")))
+    answers = [Answer(Replica("10.0.0.1:15012"), body), Answer(Replica("10.0.0.2:15012"), honest)]
+    got = merge.merge(PLAN, answers, merge.MergeContext(scope="ns-1"))
+    assert _as_the_caller_reads_it(got.body) == [("b.ns-1", "ns-1")]
+    assert [(a.replica.address, why) for a, why in got.rejected] == \
+        [("10.0.0.1:15012", "malformed syncz resource: a repeated Any value or ClientConfig node")]
+    # Unscoped callers see every namespace anyway: their answers pass through as before.
+    assert merge.merge(PLAN, answers, merge.MergeContext()).resources == 3
 
 
 @pytest.mark.xfail(strict=True, reason="open: the send budget has no per-caller share; one caller's queued "

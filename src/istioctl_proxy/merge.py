@@ -11,7 +11,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import compress, repeat
 from operator import and_, eq, itemgetter
 from typing import TypeVar
 
@@ -209,6 +209,14 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
                 keep[g] = g == newest
     if ctx.scope:
         keep = list(map(and_, keep, map(eq, map(itemgetter(1), facts), repeat(ctx.scope))))
+        # What a scoped caller is shown must be the node the scope read (see wire.one_node): else the exact
+        # reader decides (it rejects that replica).
+        offset = 0
+        for split in splits:
+            n = len(split.nodes)
+            if not all(map(wire.one_node, map(split.resource_any, compress(range(n), keep[offset:offset + n])))):
+                return None
+            offset += n
     # As merge_syncz: with nothing to drop, the replicas' bytes pass through untouched.
     parts = wire.join_kept(splits, keep) if ctx.scope or duplicates else \
         [a.body for a in answers if a.body is not None]
@@ -261,6 +269,16 @@ def merge_syncz(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Mer
             keep.add(max(locs, key=lambda loc: _last_updated(views[loc[0]].resource_any(loc[1]))))
         if ctx.scope:
             keep = {loc for loc in keep if _namespace(views[loc[0]].resource_any(loc[1])) == ctx.scope}
+            two_faced = sorted({vi for vi, i in keep if not wire.one_node(views[vi].resource_any(i))})
+            if two_faced:
+                # A kept resource whose scope reading is not what the caller decodes: its replica is malformed,
+                # and the merge runs again without it (another replica's copy of a proxy may then win).
+                for vi in two_faced:
+                    bad.append((good[vi][0], "malformed syncz resource: a repeated Any value or ClientConfig node"))
+                rejected = {id(a) for a, _ in bad}
+                rest = [a for vi, (a, _) in enumerate(good) if vi not in two_faced and id(a) not in rejected]
+                again = merge_syncz(plan, rest, ctx)
+                return Merged(again.body, again.resources, bad + again.rejected)
         parts = [views[vi].resource_bytes(i) for vi, i in sorted(keep)]
         count = len(parts)
         per_replica = Counter(vi for vi, _ in keep) if ctx.istiod_column == "revision" else Counter[int]()

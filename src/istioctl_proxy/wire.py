@@ -201,6 +201,22 @@ def node_namespace(node: bytes | memoryview) -> str:
     return str(ns.string_value) if ns is not None else ""
 
 
+def one_node(any_bytes: bytes) -> bool:
+    """Does the Any carry its value once, and that ClientConfig its node once?
+
+    The readers here take a field's first occurrence; protobuf (istioctl) keeps the last value and merges
+    repeated messages. Only with one of each is the node they read the node the caller decodes.
+    """
+    try:
+        values = [(v, e, w) for n, w, _s, v, e in iter_fields(any_bytes) if n == 2]
+        if len(values) != 1 or values[0][2] != _LEN:
+            return False
+        value = memoryview(any_bytes)[values[0][0] : values[0][1]]
+        return [n for n, *_ in iter_fields(value)].count(1) == 1
+    except WireError:
+        return False
+
+
 def syncz_namespace(any_bytes: bytes) -> str:
     """The namespace of a syncz resource: that of its ClientConfig's (first) node, see node_namespace."""
     try:
@@ -444,6 +460,7 @@ __all__ = [
     "iter_fields",
     "join_kept",
     "node_namespace",
+    "one_node",
     "syncz_fast_index",
     "syncz_namespace",
     "syncz_node_id",
