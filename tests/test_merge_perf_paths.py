@@ -157,7 +157,7 @@ def test_random_meshes_agree(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def fixed_nonce(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every merged answer gets the same nonce, so that the paths can be compared byte for byte."""
-    monkeypatch.setattr(merge, "_nonce", lambda: "n")
+    monkeypatch.setattr(merge, "_nonce", lambda *_a: "n")
 
 
 def split_only(answers: list[Answer], ctx: merge.MergeContext = CTX) -> merge.Merged | None:
