@@ -179,11 +179,15 @@ async def test_readiness_per_revision(policy: str, listed: tuple[str, ...], read
     metrics = Metrics()
     pool = UpstreamPool(UpstreamTLS(plaintext=True), max_message_bytes=1 << 20)
     readiness = _Probed(replicas, pool, metrics, revisions=listed, policy=policy)
-    readiness.up = {"10.0.0.2:1"}  # the canary serves, the default revision's only replica does not
     await replicas.start()
     try:
         if replicas.version == 0:
             await replicas.wait_changed(0)
+        # Both revisions have served (a found revision counts once it has: finding 5 of docs/security.md) ...
+        readiness.up = {"10.0.0.1:1", "10.0.0.2:1"}
+        await readiness.probe_once()
+        # ... then the canary serves, the default revision's only replica does not.
+        readiness.up = {"10.0.0.2:1"}
         await readiness.probe_once()
     finally:
         await replicas.stop()

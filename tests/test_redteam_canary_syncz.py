@@ -149,8 +149,6 @@ def test_refusal_counts_of_gone_revisions_are_dropped() -> None:
     assert "churn-" not in text
 
 
-@pytest.mark.xfail(strict=True, reason="open: with --all-revisions and the default --ready-policy every-revision, "
-                   "a found revision with no reachable replica (a hostile or leftover pod) makes every proxy unready")
 async def test_a_pod_of_an_unknown_revision_does_not_take_the_proxy_out_of_service() -> None:
     from istioctl_proxy.admin import Probe, Readiness
     from istioctl_proxy.discovery import ReplicaSet, StaticSource

@@ -51,6 +51,10 @@ class Readiness:
         self.revisions = revisions
         self.policy = policy
         self.by_revision: dict[str, tuple[int, int]] = {}  # revision → (known, reachable) at the last probe
+        # Revisions found (not listed) count for every-revision only once a replica of theirs has been reachable:
+        # anyone who may create a pod labelled app=istiod in the namespace could otherwise take every proxy out
+        # of its Service with a pod of a made-up revision that no istiod stands behind (red team, finding 5).
+        self._served: set[str] = set()
         self.pool = pool
         self.metrics = metrics
         self.interval = interval
@@ -121,7 +125,9 @@ class Readiness:
         if len(groups) > 1 or any(groups):  # only when discovery knows revisions: "revision 1-31: 1 of 2"
             per_revision = "; " + ", ".join(f"revision {rev or '(none)'}: {n_up} of {n}"
                                             for rev, (n, n_up) in self.by_revision.items())
-        dark = [rev for rev, (_, n_up) in self.by_revision.items() if not n_up]
+        self._served |= {rev for rev, (_, n_up) in self.by_revision.items() if n_up}
+        dark = [rev for rev, (_, n_up) in self.by_revision.items()
+                if not n_up and (rev in self.revisions or rev in self._served)]
         if up and (self.policy == "any-replica" or not dark):
             await self._set(True, f"{up} of {len(probes)} istiod replicas reachable{per_revision}")
         elif up:
