@@ -113,10 +113,16 @@ def mesh_operator_rbac(user: str) -> list[Obj]:
     ]  # fmt: skip
 
 
-def istiod_deployment(image: str, replicas: int) -> list[Obj]:
+def istiod_deployment(image: str, replicas: int, revision: str = "default") -> list[Obj]:
     """istiod in the external cluster, as Istio's chart renders it for an external control plane: the config
     cluster through KUBECONFIG from the istio-kubeconfig Secret, a plugged CA (cacerts), non-root, read-only root
-    filesystem, no capabilities. Its ServiceAccount here has no RBAC at all and no token mounted."""
+    filesystem, no capabilities. Its ServiceAccount here has no RBAC at all and no token mounted.
+
+    A revision other than `default` is a canary as the chart installs it: Deployment, Service and mesh ConfigMap
+    named `istiod-<rev>`/`istio-<rev>`, pods labelled `istio.io/rev=<rev>`, REVISION set (which puts
+    `istiod-<rev>.<ns>.svc` into its serving certificate)."""
+    suffix = "" if revision == "default" else f"-{revision}"
+    labels = {"app": "istiod", "istio.io/rev": revision}
     def env(name: str, value: str) -> Obj:
         return {"name": name, "value": value}
 
@@ -135,7 +141,7 @@ def istiod_deployment(image: str, replicas: int) -> list[Obj]:
         "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}, "periodSeconds": 1, "timeoutSeconds": 5,
                            "failureThreshold": 3},
         "env": [
-            env("REVISION", "default"), field_env("POD_NAME", "metadata.name"),
+            env("REVISION", revision), field_env("POD_NAME", "metadata.name"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
             field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
             env("KUBECONFIG", "/var/run/secrets/remote/config"), env("CLUSTER_ID", MESH_CLUSTER_ID),
@@ -155,13 +161,18 @@ def istiod_deployment(image: str, replicas: int) -> list[Obj]:
     }  # fmt: skip
     return [
         service_account("istiod", ISTIO_NS, automount=False),
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta("istio", ISTIO_NS), "data": {"mesh": MESH_CONFIG}},
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta("istiod", ISTIO_NS, app="istiod"),
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(f"istio{suffix}", ISTIO_NS),
+         "data": {"mesh": MESH_CONFIG}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": meta(f"istiod{suffix}", ISTIO_NS, **labels),
+         "spec": {"selector": labels, "ports": [{"name": n, "port": p, "protocol": "TCP"}
+                                                for p, n in ((15010, "grpc-xds"), (15012, "https-dns"),
+                                                             (15014, "http-monitoring"))]}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(f"istiod{suffix}", ISTIO_NS, **labels),
          "spec": {
-             "replicas": replicas, "selector": {"matchLabels": {"app": "istiod"}},
+             "replicas": replicas, "selector": {"matchLabels": labels},
              "strategy": {"rollingUpdate": {"maxSurge": "100%", "maxUnavailable": "25%"}},
              "template": {
-                 "metadata": {"labels": {"app": "istiod", "istio": "pilot", "sidecar.istio.io/inject": "false"}},
+                 "metadata": {"labels": {**labels, "istio": "pilot", "sidecar.istio.io/inject": "false"}},
                  "spec": {
                      "serviceAccountName": "istiod", "automountServiceAccountToken": False,
                      "enableServiceLinks": False, "terminationGracePeriodSeconds": 5,
@@ -173,7 +184,7 @@ def istiod_deployment(image: str, replicas: int) -> list[Obj]:
                          {"name": "tmp", "emptyDir": {}},
                          {"name": "cacerts", "secret": {"secretName": "cacerts"}},
                          {"name": "istio-kubeconfig", "secret": {"secretName": "istio-kubeconfig"}},
-                         {"name": "config-volume", "configMap": {"name": "istio"}},
+                         {"name": "config-volume", "configMap": {"name": f"istio{suffix}"}},
                      ],
                  },
              },
