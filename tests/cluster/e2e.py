@@ -51,6 +51,7 @@ RELEASE = "istioctl-proxy"
 CHART = ROOT / "deploy" / "helm" / "istioctl-proxy"
 ENVOYS = (("shop", "gw-0"), ("shop", "gw-1"), ("pay", "gw-0"), ("pay", "gw-1"), ("shop", "gw-2"))
 PROXY_VERSION = "1.30.3"
+CANARY = "1-31"  # the canary revision (docs/deploy.md "Canary upgrades")
 
 
 def say(line: str) -> None:
@@ -649,6 +650,108 @@ class Run:
                 f"{sorted(old_pods)} → {sorted(self.proxy_pods())} (--upstream-identity --token-review against the "
                 "mesh cluster)")
 
+    # -- canary upgrade (issue 16): a second istiod Deployment, workloads rolled over to it, the old one removed --
+    def istiod_revisions(self) -> dict[str, tuple[str, str]]:
+        """Ready istiod pods: name -> (IP, istio.io/rev)."""
+        pods = self.ext.get("pods", "-n", ISTIO_NS, "-l", "app=istiod")["items"]
+        ips = self.istiod_pods()
+        return {p["metadata"]["name"]: (ips[p["metadata"]["name"]], p["metadata"]["labels"].get("istio.io/rev", ""))
+                for p in pods if p["metadata"]["name"] in ips}
+
+    def canary_view(self, held: dict[str, str]) -> str:
+        """Asking each istiod pod: every proxy held by exactly the revision `held` says; through the proxy: each
+        proxy once, ISTIOD `<external>/<revisions holding them>`; each proxy pod's /readyz counts both revisions."""
+        last: list[str] = [""]
+
+        def compare() -> str | None:
+            pods = self.istiod_revisions()
+            where: dict[str, list[str]] = {}
+            for pod, rows in self.direct().items():
+                for r in rows:
+                    where.setdefault(r.name, []).append(pods[pod][1])
+            via = parse_ps(self.ok_istioctl("proxy-status"))
+            column = "<external>/" + ",".join(sorted(set(held.values())))
+            last[0] = f"istiod pods hold {where}; through the proxy {[(r.name, r.istiod) for r in via]}"
+            if where != {pid: [rev] for pid, rev in held.items()}:
+                return None
+            if sorted(r.name for r in via) != sorted(held) or {r.istiod for r in via} != {column}:
+                return None
+            return f"{len(via)} rows, each proxy once, ISTIOD {column}"
+
+        shown = wait_for("proxy-status through the proxy: each proxy once, on its revision", compare, 90,
+                         on_fail=lambda: last[0])
+        per_rev = {rev: sum(1 for _, r in self.istiod_revisions().values() if r == rev)
+                   for rev in {r for _, r in self.istiod_revisions().values()}}
+        want = [f"revision {rev}: {n} of {n}" for rev, n in sorted(per_rev.items())]
+        bodies: dict[str, tuple[int, str]] = {}
+
+        def ready() -> bool:
+            bodies.update({ip: self.readyz(ip) for ip in self.proxy_pods().values()})
+            return len(bodies) == 2 and all(c == 200 and ", ".join(want) in b for c, b in bodies.values())
+
+        wait_for(f"/readyz of both proxy pods counting {want}", ready, 60, on_fail=lambda: str(bodies))
+        return f"{shown}; /readyz 200 `{next(iter(bodies.values()))[1]}`"
+
+    def move_envoys(self, namespace: str) -> list[str]:
+        """The rollout of a namespace: its Envoys restarted against the canary istiod (a workload's new pod)."""
+        ip = next(ip for ip, rev in self.istiod_revisions().values() if rev == CANARY)
+        moved = []
+        for e in self.envoys:
+            if e.namespace != namespace:
+                continue
+            proc = self.procs.procs.pop(f"envoy-{e.namespace}-{e.name}")
+            proc.kill()
+            proc.wait()
+            (e.dir / "admin").unlink(missing_ok=True)
+            e.istiod_ip = ip
+            e.start(self.procs)
+            moved.append(e.proxy_id)
+        return moved
+
+    def canary_install(self) -> str:
+        old = set(self.proxy_pods())
+        # docs/deploy.md canary step 1: the proxy follows every revision (no --istiod-san), shows them in ISTIOD.
+        self.helm("upgrade", "--reuse-values", "--set", "revision=",
+                  "--set", "extraArgs={--all-revisions,--istiod-column=revision}")
+        self.ext.apply(*objects.istiod_deployment(self.images.istiod_ref, 1, CANARY))
+        self.rollout(f"deploy/istiod-{CANARY}")
+        self.rollout(f"deploy/{RELEASE}")
+        wait_for("the old proxy pods gone", lambda: not (set(self.proxy_pods()) & old), 120)
+        wait_for("every proxy pod knowing the istiod pods of both revisions", self.proxies_follow, 60)
+        revs = sorted(f"{n} ({r})" for n, (_, r) in self.istiod_revisions().items())
+        return f"istiod pods {', '.join(revs)}; " + self.canary_view({e.proxy_id: "default" for e in self.envoys})
+
+    def canary_rollout(self) -> str:
+        moved = self.move_envoys("shop")
+        held = {e.proxy_id: CANARY if e.proxy_id in moved else "default" for e in self.envoys}
+        view = self.canary_view(held)
+        # Mid-upgrade transcript for docs/deploy.md "Canary upgrades" (logs/canary-session.txt).
+        out = []
+        for cmd, text in [
+            ("kubectl -n external-istiod get deploy,svc,pods -l app=istiod -L istio.io/rev",
+             self.ext.kubectl("get", "deploy,svc,pods", "-n", ISTIO_NS, "-l", "app=istiod", "-L",
+                              "istio.io/rev").stdout),
+            ("istioctl proxy-status    # through the proxy, --all-revisions --istiod-column revision",
+             self.ok_istioctl("proxy-status")),
+            ("curl <proxy pod>:15090/readyz", self.readyz(next(iter(self.proxy_pods().values())))[1]),
+        ]:
+            out.append(f"$ {cmd}\n{text.rstrip()}\n")
+        (self.state / "logs" / "canary-session.txt").write_text("\n".join(out))
+        return f"moved {', '.join(moved)} to {CANARY}: {view}"
+
+    def canary_remove_old(self) -> str:
+        moved = self.move_envoys("pay")
+        self.ext.kubectl("delete", "deploy/istiod", "service/istiod", "-n", ISTIO_NS, "--wait=true", timeout=120)
+        self.ext.kubectl("wait", "--for=delete", "pod", "-l", "app=istiod,istio.io/rev=default", "-n", ISTIO_NS,
+                         "--timeout=60s", timeout=90)
+        wait_for("every proxy pod knowing only the canary istiod", self.proxies_follow, 60)
+        self.ext.kubectl("wait", "--for=condition=Ready", "pod", "-l", f"app.kubernetes.io/name={RELEASE}",
+                         "-n", ISTIO_NS, "--timeout=60s")
+        view = self.canary_view({e.proxy_id: CANARY for e in self.envoys})
+        if any("default" in b for _, b in (self.readyz(ip) for ip in self.proxy_pods().values())):
+            raise ClusterError("/readyz still names revision default")
+        return f"moved {', '.join(moved)}; deploy/istiod deleted, its pods gone, proxy pods Ready: {view}"
+
 
 CHECKS: list[tuple[str, str]] = [
     ("proxy-status through the proxy Service == union of each istiod Pod, ISTIOD <external>", "ps_equals_union"),
@@ -666,6 +769,10 @@ CHECKS: list[tuple[str, str]] = [
     ("helm upgrade to identity mode (chart values) rolls the Deployment", "identity_upgrade"),
     ("identity mode: proxy-status == union (TokenReview against the mesh cluster)", "ps_equals_union"),
     ("identity mode: x version", "x_version"),
+    (f"canary: istiod-{CANARY} Deployment beside the default one, proxy --all-revisions: each proxy once",
+     "canary_install"),
+    (f"canary: rollout of namespace shop to {CANARY}: each proxy once, on its revision", "canary_rollout"),
+    ("canary: rollout of pay, old revision's Deployment deleted: a clean view", "canary_remove_old"),
 ]
 
 
