@@ -441,6 +441,9 @@ class Run:
         if first != 0 or "disruption budget" not in second:
             raise ClusterError(f"evictions: first {first!r}, second {second!r}")
         self.rollout(f"deploy/{RELEASE}")
+        # The rollout is complete while the evicted pod still terminates (preStop wait): a later `kubectl wait -l`
+        # that resolved it would fail NotFound when it goes.
+        self.ext.kubectl("wait", "--for=delete", f"pod/{ready[0]}", "-n", ISTIO_NS, "--timeout=60s", timeout=90)
         return (f"readiness /readyz + liveness /healthz (kubelet-probed, {len(ready)} Ready); PDB minAvailable 1, "
                 f"currentHealthy 2, disruptionsAllowed 1; eviction of {ready[0]} allowed, of {ready[1]} refused: "
                 f"{second.strip().splitlines()[-1][:90]}")
