@@ -222,10 +222,11 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
         [a.body for a in answers if a.body is not None]
     views = [s.envelope for s in splits]
     held: list[tuple[Answer, int]] = []
-    offset = 0
-    for answer, split in zip(answers, splits, strict=True):
-        held.append((answer, sum(keep[offset:offset + len(split.nodes)])))
-        offset += len(split.nodes)
+    if ctx.istiod_column == "revision":  # kept proxies per replica: only the revision column needs them
+        offset = 0
+        for answer, split in zip(answers, splits, strict=True):
+            held.append((answer, sum(keep[offset:offset + len(split.nodes)])))
+            offset += len(split.nodes)
     ident = external_identifier([v.identifier() for v in views], shown_id(ctx, held))
     version = _version(views)
     parts.append(wire.envelope(type_url=plan.type_url, version_info=version, nonce=_nonce(version),

@@ -83,6 +83,17 @@ async def start(proxies: list[Proxy], cfg: Config) -> Proxy:
     return proxy
 
 
+async def start_two_revisions(proxies: list[Proxy], mesh: Mesh, d: Path, default: IstiodReplica,
+                              canary: IstiodReplica) -> Proxy:
+    """A ready proxy listing `default` as the default revision and `canary` as REV, with the revision column."""
+    proxy = await start(proxies, identity_config(
+        mesh, d, revision=f"default,{REV}", istiod_column="revision",
+        istiod=(f"{default.secure_address}@default", f"{canary.secure_address}@{REV}"),
+    ))  # fmt: skip
+    await ready(proxy)
+    return proxy
+
+
 async def admin(proxy: Proxy, path: str) -> tuple[int, str]:
     # In a thread: the proxy's admin server runs on this very event loop.
     status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{proxy.admin_port}{path}")
@@ -149,11 +160,7 @@ async def test_two_revisions_one_view_and_a_proxy_moving_over(
     await start_clients(on_default + on_canary)
     moved: AdsClient | None = None
     try:
-        proxy = await start(proxies, identity_config(
-            canary_mesh, tmp_path, revision=f"default,{REV}", istiod_column="revision",
-            istiod=(f"{default.secure_address}@default", f"{canary.secure_address}@{REV}"),
-        ))  # fmt: skip
-        await ready(proxy)
+        proxy = await start_two_revisions(proxies, canary_mesh, tmp_path, default, canary)
         assert {(r.revision, r.san) for r in proxy.replicas.current()} == {
             ("default", f"istiod.{ISTIO_NAMESPACE}.svc"), (REV, f"istiod-{REV}.{ISTIO_NAMESPACE}.svc")}
 
@@ -321,11 +328,7 @@ async def test_two_versions_x_version_lists_each_and_every_proxy_once(
     clients = [mesh.ads_client(old, "legacy-0", "team-a", SYNCED), mesh.ads_client(new, "fresh-0", "team-a", SYNCED)]
     await start_clients(clients)
     try:
-        proxy = await start(proxies, identity_config(
-            mesh, tmp_path, revision=f"default,{REV}", istiod_column="revision",
-            istiod=(f"{old.secure_address}@default", f"{new.secure_address}@{REV}"),
-        ))  # fmt: skip
-        await ready(proxy)
+        proxy = await start_two_revisions(proxies, mesh, tmp_path, old, new)
         rows = await ps(mesh, proxy)
         names = [r["NAME"] for r in rows]
         assert {"legacy-0.team-a", "fresh-0.team-a"} <= set(names) and len(names) == len(set(names)), names
