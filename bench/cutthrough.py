@@ -29,6 +29,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 import weakref
@@ -811,7 +812,7 @@ async def serve(ns: argparse.Namespace) -> None:
 
 # -- the benchmark ------------------------------------------------------------------------------------------
 
-MODES = ("floor", "proxy", "cutthrough", "cutthrough-upb")
+MODES = ("floor", "proxy", "cutthrough", "cutthrough-upb", "floor-via-envoy")
 
 
 class CutThroughProcess:
@@ -832,6 +833,69 @@ class CutThroughProcess:
         if not line:
             raise RuntimeError("cut-through process exited")
         self.port = int(json.loads(line)["port"])
+        self.ps = psutil.Process(self.proc.pid)
+
+    def cpu(self) -> float:
+        t = self.ps.cpu_times()
+        return float(t.user + t.system)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class EnvoyHop:
+    """Real Envoy (.peers/bin/envoy, one worker) as a plain HTTP/2 router in front of each replica, one listener
+    per replica: the floor through a native hop. What a native cut-through forwarder would cost at least (it
+    forwards the same bytes the same way, and would add only the trailer), measured instead of guessed."""
+
+    def __init__(self, addresses: Sequence[str], directory: str) -> None:
+        import psutil
+
+        from istioctl_proxy.app import free_port
+
+        from .run import ROOT
+
+        window = {"initial_stream_window_size": WINDOW, "initial_connection_window_size": CONN_WINDOW}
+        self.ports = [free_port() for _ in addresses]
+        listeners, clusters = [], []
+        for i, (address, port) in enumerate(zip(addresses, self.ports, strict=True)):
+            host, _, rport = address.rpartition(":")
+            route = {"match": {"prefix": "/"}, "route": {"cluster": f"r{i}", "timeout": "0s"}}
+            router = {"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+            listeners.append({"name": f"l{i}", "address": {"socket_address": {"address": "127.0.0.1",
+                                                                                  "port_value": port}},
+                              "filter_chains": [{"filters": [{
+                                  "name": "envoy.filters.network.http_connection_manager",
+                                  "typed_config": {
+                                      "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                               "http_connection_manager.v3.HttpConnectionManager",
+                                      "stat_prefix": f"l{i}", "codec_type": "HTTP2", "http2_protocol_options": window,
+                                      "stream_idle_timeout": "0s",
+                                      "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
+                                                                          "routes": [route]}]},
+                                      "http_filters": [router],
+                                  }}]}],
+                              "per_connection_buffer_limit_bytes": WINDOW})
+            clusters.append({"name": f"r{i}", "type": "STATIC", "per_connection_buffer_limit_bytes": WINDOW,
+                             "typed_extension_protocol_options": {
+                                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                                     "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                                              "HttpProtocolOptions",
+                                     "explicit_http_config": {"http2_protocol_options": window}}},
+                             "load_assignment": {"cluster_name": f"r{i}", "endpoints": [{"lb_endpoints": [{
+                                 "endpoint": {"address": {"socket_address": {"address": host,
+                                                                             "port_value": int(rport)}}}}]}]}})
+        config = os.path.join(directory, "envoy.json")
+        with open(config, "w", encoding="utf-8") as f:
+            json.dump({"static_resources": {"listeners": listeners, "clusters": clusters}}, f)
+        self.proc = subprocess.Popen(
+            [os.path.join(ROOT, ".peers", "bin", "envoy"), "-c", config, "--concurrency", "1", "--log-level", "error",
+             "--base-id", str(os.getpid() % 60000)], cwd=directory)
         self.ps = psutil.Process(self.proc.pid)
 
     def cpu(self) -> float:
@@ -871,8 +935,6 @@ def compare(proxy_body: bytes, cut_body: bytes, proxies: int) -> dict[str, Any]:
 
 async def run_istioctl(port: int, proxies: int) -> dict[str, Any]:
     """Real istioctl `x ps` against the prototype, once: rows, and the ISTIOD column of each."""
-    import tempfile
-
     from .run import ROOT
 
     istioctl = os.path.join(ROOT, ".peers", "bin", "istioctl")
@@ -898,16 +960,22 @@ async def scenario(replicas: Any, latency: float, proxies: int, rounds: int, cal
     proxy = ProxyProcess(replicas.addresses, None)
     cut = CutThroughProcess(replicas.addresses, upstream_token=TOKEN)
     cut_upb = CutThroughProcess(replicas.addresses, upstream_token=TOKEN, check="end")
+    tmp = tempfile.TemporaryDirectory(prefix="cutthrough-envoy-")
+    envoy = EnvoyHop(replicas.addresses, tmp.name)
     chans = {"proxy": _channel(f"127.0.0.1:{proxy.port}", None, ""),
              "cutthrough": _channel(f"127.0.0.1:{cut.port}", None, ""),
              "cutthrough-upb": _channel(f"127.0.0.1:{cut_upb.port}", None, "")}
     floor = [_channel(a, None, "") for a in replicas.addresses]
+    via_envoy = [_channel(f"127.0.0.1:{port}", None, "") for port in envoy.ports]
     try:
         await proxy.idle_rss()
+        for ch in via_envoy:  # Envoy listens once its config is loaded
+            await asyncio.wait_for(ch.channel_ready(), 30)
 
         async def call(mode: str) -> bytes | int:
-            if mode == "floor":
-                return sum(map(len, await asyncio.gather(*(ask(ch) for ch in floor))))
+            if mode in ("floor", "floor-via-envoy"):
+                chs = floor if mode == "floor" else via_envoy
+                return sum(map(len, await asyncio.gather(*(ask(ch) for ch in chs))))
             return await ask(chans[mode])
 
         for mode in MODES:  # warm every path; then the answers' check
@@ -917,7 +985,8 @@ async def scenario(replicas: Any, latency: float, proxies: int, rounds: int, cal
         sizes: dict[str, int] = {}
         lat: dict[str, list[float]] = {m: [] for m in MODES}
         round_p50: dict[str, list[float]] = {m: [] for m in MODES}
-        procs = {"proxy": proxy, "cutthrough": cut, "cutthrough-upb": cut_upb}
+        procs: dict[str, CutThroughProcess | EnvoyHop | Any] = {
+            "proxy": proxy, "cutthrough": cut, "cutthrough-upb": cut_upb, "floor-via-envoy": envoy}
         cpu = dict.fromkeys(procs, 0.0)
         load = [os.getloadavg()]
         for r in range(rounds):
@@ -954,11 +1023,13 @@ async def scenario(replicas: Any, latency: float, proxies: int, rounds: int, cal
                              for m in ("cutthrough", "cutthrough-upb")}
         return out
     finally:
-        for ch in [*chans.values(), *floor]:
+        for ch in [*chans.values(), *floor, *via_envoy]:
             await ch.close()
         proxy.close()
         cut.close()
         cut_upb.close()
+        envoy.close()
+        tmp.cleanup()
 
 
 def table(results: dict[str, Any]) -> str:
@@ -966,7 +1037,8 @@ def table(results: dict[str, Any]) -> str:
              "|---|---|---:|---:|---:|---:|---:|"]
     names = {"floor": "floor (direct, concurrent)", "proxy": "proxy (grpc.aio, store-and-forward)",
              "cutthrough": "cut-through (h2), envelope read as it streams",
-             "cutthrough-upb": "cut-through (h2), envelope read by upb at each answer's end"}
+             "cutthrough-upb": "cut-through (h2), envelope read by upb at each answer's end",
+             "floor-via-envoy": "floor through Envoy (a native HTTP/2 hop per replica)"}
     for sc in results["scenarios"]:
         for mode, m in sc["modes"].items():
             cpu = "" if m["cpu_ms_per_call"] is None else f"{m['cpu_ms_per_call']:.1f}"
