@@ -60,7 +60,7 @@ MAX_FRAME = 4 * MiB
 MAX_ANSWER = 256 * MiB
 MAX_REQUEST = 1 * MiB
 # gRPC status codes as numbers (the wire form).
-OK, CANCELLED, INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED = 0, 1, 3, 4, 8
+OK, CANCELLED, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED = 0, 1, 2, 3, 4, 8
 UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 12, 13, 14
 
 
@@ -68,7 +68,7 @@ class Malformed(Exception):
     """A replica's answer is not a well-framed DiscoveryResponse."""
 
 
-def _header(buf: bytes, pos: int) -> tuple[int, int, int, int] | None:
+def _header(buf: bytes | memoryview, pos: int) -> tuple[int, int, int, int] | None:
     """(field number, wire type, length or varint value, position after) of the field at pos; None if cut."""
     values = []
     for _ in range(2):
@@ -100,7 +100,7 @@ def _header(buf: bytes, pos: int) -> tuple[int, int, int, int] | None:
     return number, wiretype, values[1], pos
 
 
-def _skip_resources(chunk: bytes, pos: int, limit: int) -> tuple[int, int]:
+def _skip_resources(chunk: bytes | memoryview, pos: int, limit: int) -> tuple[int, int]:
     """Jump over consecutive resources (tag 0x12, a 1-2 byte length) starting before `limit`: the one loop that
     runs per resource, so locals only. Returns (the position after the last one, which may lie past the
     chunk, and how many)."""
@@ -136,7 +136,7 @@ class Envelope:
         self.resources = 0
         self.fields: dict[int, bytes] = {}
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | memoryview) -> None:
         pos, n = 0, len(chunk)
         while pos < n:
             if self.skip:
@@ -158,7 +158,7 @@ class Envelope:
                 # else a resource of 16 KiB or more: the general reader
             pos = self._field(chunk, pos)
 
-    def _field(self, chunk: bytes, pos: int) -> int:
+    def _field(self, chunk: bytes | memoryview, pos: int) -> int:
         """Read the header at pos (joining a cut one); returns where its value starts, or len(chunk) if cut."""
         window = self.head + chunk[pos : pos + 16] if self.head else chunk
         start = 0 if self.head else pos
@@ -225,7 +225,7 @@ def quiet_frame_repr() -> None:
     def short(data: bytes | None) -> str:
         return "None" if not data else "<hex:" + bytes(data[:10]).hex() + "...>"
 
-    hyperframe.frame._raw_data_repr = short  # type: ignore[attr-defined]
+    hyperframe.frame._raw_data_repr = short
 
 
 class Parsed:
@@ -238,7 +238,7 @@ class Parsed:
         except DecodeError as err:
             raise Malformed(str(err)) from err
         self.resources = len(msg.resources)
-        self.texts = {1: msg.version_info, 4: msg.type_url, 5: msg.nonce}
+        self.texts: dict[int, str] = {1: msg.version_info, 4: msg.type_url, 5: msg.nonce}
         self.ident = msg.control_plane.identifier if msg.HasField("control_plane") else None
 
     def complete(self) -> bool:
@@ -498,7 +498,8 @@ class Leg:
         status = headers.get(b"grpc-status")
         if status is not None and status != b"0" and not self.done:
             message = headers.get(b"grpc-message", b"").decode(errors="replace")
-            self.call.fail(int(status), f"replica {self.index}: {message}")
+            code = int(status) if status.isdigit() and int(status) <= 16 else UNKNOWN
+            self.call.fail(code, f"replica {self.index}: {message}")
         elif headers.get(b":status", b"200") != b"200":
             self.call.fail(UNAVAILABLE, f"replica {self.index}: HTTP status {headers[b':status'].decode()}")
 
