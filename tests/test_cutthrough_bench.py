@@ -90,6 +90,22 @@ def test_envelope_reads_large_resources_and_every_field_order() -> None:
         assert_reads(fed([raw[i : i + 65536] for i in range(0, len(raw), 65536)]), raw)
 
 
+def test_envelope_reads_resources_of_every_length_prefix_width() -> None:
+    from google.protobuf import any_pb2
+
+    rng = random.Random(3)
+    sizes = [*range(0, 300), *rng.sample(range(300, 20000), 60), 16381, 16382, 16383, 16384]
+    rng.shuffle(sizes)  # 1-, 2- and 3-byte length prefixes, and the edges between them
+    msg = discovery_pb2.DiscoveryResponse(version_info="v", type_url=SYNCZ, nonce="n", resources=[
+        any_pb2.Any(type_url="t", value=b"\x01" * n) for n in sizes])
+    msg.control_plane.identifier = "{}"
+    body = msg.SerializeToString()
+    assert_reads(fed([body]), body)
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(len(body)), 20))
+        assert_reads(fed([body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]), body)
+
+
 def test_envelope_tells_a_cut_or_broken_answer() -> None:
     body = syncz_body()
     rng = random.Random(7)
