@@ -65,6 +65,9 @@ class ReflectorStats:
     lists: int = 0  # successful full lists
     relists_gone: int = 0  # relists forced by 410 Gone / Expired
     watches: int = 0  # watch streams started (lightkube itself resumes one that the server ended cleanly)
+    watch_streams: int = 0  # watch requests the server accepted (200), lightkube's own resumes included
+    unauthorized: int = 0  # requests answered 401 (lightkube re-reads the token file and retries once)
+    events: int = 0  # watch events applied (ADDED, MODIFIED, DELETED; bookmarks only move the resourceVersion)
     errors: int = 0  # failed list or watch attempts
     synced: bool = False  # a list has succeeded at least once
     connected: bool = False  # the last list/watch attempt succeeded (false while the API server is away)
@@ -124,6 +127,7 @@ class _Reflector(Generic[R]):
 
     async def run(self) -> None:
         client = self.target.client(timeout=self.request_timeout)
+        _count_responses(client, self.stats, self.what)
         try:
             await self._loop(client)
         finally:
@@ -222,7 +226,31 @@ class _Reflector(Generic[R]):
             self.objects.pop(obj.metadata.name, None)
         else:  # ADDED, MODIFIED
             self.objects[obj.metadata.name] = obj
+        self.stats.events += 1
         self.on_state(self.objects)
+
+
+def _count_responses(client: AsyncClient, stats: ReflectorStats, what: str) -> None:
+    """Count the watch streams the server accepts and the 401s `client` gets, in `stats`.
+
+    Both happen inside lightkube, out of the loop's sight: its watch re-requests by itself when the server
+    ends a stream (every `watch_timeout`), and its token-file auth re-reads the token and retries on a 401.
+    An httpx response hook on lightkube's HTTP client sees every response, retries and resumes included.
+    """
+    # lightkube 1.0: AsyncClient._client (GenericAsyncClient)._client (httpx2.AsyncClient); it has no public
+    # hook. Should that change, the counters stay 0 (the tests that wait on them say so); nothing else breaks.
+    http = getattr(getattr(client, "_client", None), "_client", None)
+    if not isinstance(http, httpx2.AsyncClient):
+        log.debug("%s: cannot count watch streams (lightkube's HTTP client not found)", what)
+        return
+
+    async def on_response(response: httpx2.Response) -> None:
+        if response.status_code == 401:
+            stats.unauthorized += 1
+        elif response.status_code == 200 and response.request.url.params.get("watch") == "true":
+            stats.watch_streams += 1
+
+    http.event_hooks["response"].append(on_response)
 
 
 async def _aclose(stream: AsyncIterable[Any]) -> None:
