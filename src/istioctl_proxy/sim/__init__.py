@@ -3,3 +3,5 @@
 
 Nothing in the proxy's data path imports this package; the cli imports it only for `simulate` and `demo`.
 """
+
+__all__: list[str] = []  # its modules are the surface: import istioctl_proxy.sim.simulator etc.

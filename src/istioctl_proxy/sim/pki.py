@@ -21,6 +21,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+__all__ = [
+    "CLIENT_AUTH",
+    "SERVER_AUTH",
+    "TRUST_DOMAIN",
+    "KeyType",
+    "Leaf",
+    "PrivateKey",
+    "TestCA",
+    "private_pem",
+    "spiffe_id",
+    "write_file",
+    "write_files",
+]
+
 KeyType = Literal["ec", "rsa"]
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 TRUST_DOMAIN = "cluster.local"

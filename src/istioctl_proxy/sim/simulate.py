@@ -18,6 +18,8 @@ from ..config import Config
 from .pki import Leaf, TestCA, write_file
 from .simulator import SimReplica, build_simulator_server, make_mesh
 
+__all__ = ["DemoFiles", "SimulatedMesh", "demo_pki", "parse_tokens", "run_demo", "run_simulator", "simulated_mesh"]
+
 
 def parse_tokens(values: list[str]) -> dict[str, tuple[str, str]]:
     out = {}

@@ -31,6 +31,20 @@ from ..policy import CONFIG_DUMP, DEBUG, NAMESPACE_DEBUG_PATHS, SYNCZ
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "DEBUG_LIST",
+    "NOT_CONNECTED",
+    "NO_PROXY_ID",
+    "TYPES",
+    "Behaviour",
+    "Faults",
+    "SimProxy",
+    "SimReplica",
+    "SimulatorService",
+    "build_simulator_server",
+    "make_mesh",
+]
+
 TYPES = {
     "CDS": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
     "LDS": "type.googleapis.com/envoy.config.listener.v3.Listener",
