@@ -15,6 +15,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from . import wire
 from .auth import AuthMode, Caller, authorize
 from .coalesce import Coalescer, FlightKey
+from .config import Config
 from .discovery import Replica, ReplicaSet
 from .errors import NoReplicas, UpstreamFailed
 from .fanout import FanOut, most_telling, upstream_timeout
@@ -29,17 +30,17 @@ _PASSED_THROUGH = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_D
 
 @dataclass(frozen=True)
 class Settings:
-    """How the aggregator serves every call (from flags: app.py builds it from Config)."""
+    """How the aggregator serves every call (from flags: app.py builds it from Config, whose defaults these are)."""
 
-    mode: AuthMode = AuthMode.FORWARD
-    require_all: bool = False
-    upstream_timeout: float = 10.0
-    external_id: str = "<external>"
+    mode: AuthMode = AuthMode.FORWARD  # Config.upstream_identity is off
+    require_all: bool = Config.require_all
+    upstream_timeout: float = Config.upstream_timeout
+    external_id: str = Config.external_id
     upstream_node: base_pb2.Node | None = None  # identity mode: the node matching the proxy's own identity
-    coalesce: bool = True  # identical concurrent requests of one caller key share one fan-out
-    cache_ttl: float = 0.0  # seconds a complete answer is reused for the same caller key; 0 = off
+    coalesce: bool = Config.coalesce  # identical concurrent requests of one caller key share one fan-out
+    cache_ttl: float = Config.cache_ttl  # seconds a complete answer is reused for the same caller key; 0 = off
     cache_max_bytes: int = 64 * 1024 * 1024  # bound on cached bodies (entries are also capped in number)
-    istiod_column: str = "external"  # or "revision": the ISTIOD value names the revisions holding the proxies
+    istiod_column: str = Config.istiod_column  # or "revision": the ISTIOD value names the revisions holding the proxies
 
 
 def _may_match_connection(proxy_id: str, node_id: str) -> bool:

@@ -12,6 +12,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from envoy.service.status.v3 import csds_pb2
 from google.protobuf import json_format
 
+from .config import Config
 from .policy import SYNCZ
 
 SHORT_TYPES = {
@@ -46,8 +47,8 @@ class Target:
     cert_pem: bytes | None = None
     key_pem: bytes | None = None
     authority: str = ""
-    namespace: str = "istio-system"
-    max_message_bytes: int = 256 * 1024 * 1024
+    namespace: str = Config.istio_namespace
+    max_message_bytes: int = Config.max_message_mib * 1024 * 1024  # what the proxy may send (--max-message-mib)
 
 
 def istioctl_node(

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from .aggregator import Aggregator
 from .auth import Authenticator, Caller
+from .config import Config
 from .errors import (
     InvalidRequest,
     ProxyError,
@@ -56,16 +57,16 @@ def _remaining(context: Context) -> float | None:
 
 @dataclass(frozen=True)
 class StreamLimits:
-    """What one stream, and all of them together, may hold (flags in config.py)."""
+    """What one stream, and all of them together, may hold (flags in config.py, whose defaults these are)."""
 
-    first_message_timeout: float = 10.0
-    idle_timeout: float = 300.0
-    max_age: float = 1800.0
-    max_streams: int = 10000
-    max_streams_per_connection: int = 1000
-    send_budget_bytes: int = 48 * MiB  # gRPC copies each answer it sends: this bounds those copies
-    send_timeout: float = 60.0
-    slow_reader_seconds: float = 5.0
+    first_message_timeout: float = Config.first_message_timeout
+    idle_timeout: float = Config.stream_idle_timeout
+    max_age: float = Config.max_stream_age
+    max_streams: int = Config.max_streams
+    max_streams_per_connection: int = Config.max_streams_per_connection
+    send_budget_bytes: int = Config.send_budget_mib * MiB  # gRPC copies each answer it sends: this bounds those copies
+    send_timeout: float = Config.send_timeout
+    slow_reader_seconds: float = Config.slow_reader_seconds
 
 
 class _Protocol(Protocol):

@@ -59,6 +59,16 @@ class TokenIdentity(NamedTuple):
 _SA_PREFIX = "system:serviceaccount:"
 
 
+def _burst(rate: float) -> int:
+    """Two seconds' worth of `rate`, at least one."""
+    return max(1, math.ceil(2 * rate))
+
+
+def _peer_share(concurrency: int) -> int:
+    """Half the reviews in flight, at least one."""
+    return max(1, concurrency // 2)
+
+
 @dataclass(frozen=True)
 class ReviewLimits:
     """How many TokenReviews callers can cause: rates (token buckets) and reviews in flight.
@@ -68,20 +78,20 @@ class ReviewLimits:
     the API server at most `burst + rate * seconds` reviews however many calls arrive.
     """
 
-    rate: float = 20.0  # reviews per second, all callers together
-    burst: int = 40
-    peer_rate: float = 2.0  # reviews per second per peer address
-    peer_burst: int = 5
-    concurrency: int = 4  # reviews in flight at once, all callers (more wait for a slot)
-    peer_concurrency: int = 2  # reviews in flight at once per peer (more are refused)
+    # The defaults are the flags' (Config's), with from_rates' bursts and peer share.
+    rate: float = Config.token_review_rate  # reviews per second, all callers together
+    burst: int = _burst(Config.token_review_rate)
+    peer_rate: float = Config.token_review_peer_rate  # reviews per second per peer address
+    peer_burst: int = _burst(Config.token_review_peer_rate)
+    concurrency: int = Config.token_review_concurrency  # reviews in flight at once, all callers (more wait)
+    peer_concurrency: int = _peer_share(Config.token_review_concurrency)  # per peer (more are refused)
     max_peers: int = 4096  # peers whose buckets are remembered (LRU); a forgotten peer starts full
 
     @classmethod
     def from_rates(cls, rate: float, peer_rate: float, concurrency: int) -> ReviewLimits:
         """The flags' form: bursts are two seconds' worth, a peer may use half the concurrency."""
-        return cls(rate=rate, burst=max(1, math.ceil(2 * rate)), peer_rate=peer_rate,
-                   peer_burst=max(1, math.ceil(2 * peer_rate)), concurrency=concurrency,
-                   peer_concurrency=max(1, concurrency // 2))  # fmt: skip
+        return cls(rate=rate, burst=_burst(rate), peer_rate=peer_rate, peer_burst=_burst(peer_rate),
+                   concurrency=concurrency, peer_concurrency=_peer_share(concurrency))  # fmt: skip
 
 
 @dataclass
@@ -129,7 +139,7 @@ class TokenReviewAuthenticator:
         context: str | None = None,
         target: KubeTarget | None = None,
         audiences: Sequence[str] | None = DEFAULT_TOKEN_AUDIENCES,
-        ttl: float = 10.0,
+        ttl: float = Config.token_review_cache_ttl,
         negative_ttl: float = 30.0,
         max_entries: int = 4096,
         timeout: float = 5.0,
