@@ -244,16 +244,18 @@ ADV_SECONDS = env_float("SOAK_SECONDS", 6.0)
 BIG_ANSWER = int(env_float("LOAD_SLOW_ANSWER_MIB", 4)) << 20
 # Calls whose answers do not include the slow readers' 4 MiB proxy (it lives in a namespace of its own).
 LEGIT = frozenset({"syncz_scoped", "config_dump", "config_dump_unknown", "debug_configz", "debug_proxy"})
-# Process RSS (proxy, 5 simulated replicas and every client of the test) at the attack's peak, and the
-# legitimate calls' p99 under attack against the same calls' p99 just before it: generous bounds, so that
-# a noisy machine does not fail them, and a proxy that holds what it should not does.
+# Process RSS (proxy, 5 simulated replicas and every client of the test) at the attack's peak: a generous
+# bound, so that a noisy machine does not fail it, and a proxy that holds what it should not does.
 RSS_BOUND_MIB = 1200
 # The flags a slow reader's cut names: it ends RESOURCE_EXHAUSTED for not reading, never refused.
 CUT_FLAGS = ("--slow-reader-seconds", "--send-budget-mib", "--send-timeout")
-P99_RATIO_BOUND = 4.0
 
 
-async def test_legitimate_calls_keep_their_p99_beside_idle_streams_and_slow_readers() -> None:
+async def test_legitimate_calls_are_served_beside_idle_streams_and_slow_readers() -> None:
+    """Legitimate calls are not starved by 5000 idle streams and 50 slow readers: every one is answered,
+    complete, before its deadline backstop, while every idle stream is still held open; the only streams cut
+    are slow readers, each by the send budget's cut. Counted, not timed: the legitimate calls' latency just
+    before and under the attack (p50, p99, their ratio) is a recorded figure (bench/results/reliability/)."""
     from istioctl_proxy.sim.simulator import SimProxy, make_mesh
 
     from .helpers import TOKENS
@@ -268,6 +270,12 @@ async def test_legitimate_calls_keep_their_p99_beside_idle_streams_and_slow_read
 
         def gauge(name: str) -> float:
             return metrics.get_sample_value(name) or 0.0
+
+        def cuts() -> dict[str, float]:
+            """Streams the proxy cut (or refused), by reason."""
+            return {sample.labels["reason"]: sample.value for family in metrics.collect()
+                    if family.name == "istioctl_proxy_streams_cut" for sample in family.samples
+                    if sample.name.endswith("_total")}  # fmt: skip
 
         warm = Tally()
         await drive(s.address, mesh, 20, 1.5, warm, seed=99, only=LEGIT)
@@ -307,18 +315,25 @@ async def test_legitimate_calls_keep_their_p99_beside_idle_streams_and_slow_read
                     attack.append(call)
                     slow.append(call)
 
+                idle = attack[:IDLE_STREAMS]
+
+                async def slow_readers_cut() -> int:
+                    """The slow readers that have ended, each checked to have ended by the budget's cut."""
+                    ended = [c for c in slow if c.done()]
+                    for c in ended:
+                        code, details = await c.code(), await c.details()
+                        if code != grpc.StatusCode.RESOURCE_EXHAUSTED or not any(f in details for f in CUT_FLAGS):
+                            raise AssertionError(f"a slow reader ended otherwise than cut: {code}: {details}")
+                    return len(ended)
+
                 async def all_in() -> bool:
                     # The budget cuts slow readers (that is its job) once their answers sit unread for
                     # slow_reader_seconds, which a loaded machine reaches before the last one is even
                     # written: so not "all open", but every one open or ended by that cut. An ended call
                     # has left the gauge before its status reaches us, so nothing is counted twice, and
                     # an idle stream that ended would leave the sum short.
-                    ended = [c for c in slow if c.done()]
-                    for c in ended:
-                        code, details = await c.code(), await c.details()
-                        if code != grpc.StatusCode.RESOURCE_EXHAUSTED or not any(f in details for f in CUT_FLAGS):
-                            raise AssertionError(f"a slow reader ended otherwise than cut: {code}: {details}")
-                    return gauge("istioctl_proxy_streams_open") + len(ended) >= IDLE_STREAMS + SLOW_READERS
+                    ended = await slow_readers_cut()
+                    return gauge("istioctl_proxy_streams_open") + ended >= IDLE_STREAMS + SLOW_READERS
 
                 await until(all_in, lambda: (f"every attack stream open or cut: {IDLE_STREAMS + SLOW_READERS} "
                                              f"wanted, {gauge('istioctl_proxy_streams_open')} open, "
@@ -336,6 +351,11 @@ async def test_legitimate_calls_keep_their_p99_beside_idle_streams_and_slow_read
                 watcher.cancel()
                 queued_peak = max(queued, default=0.0)
                 open_during = gauge("istioctl_proxy_streams_open")
+                # The attack after the legitimate calls: idle streams end only if cut, so none ended means
+                # every answer above was completed while all of them were held open.
+                idle_ended = sum(c.done() for c in idle)
+                slow_cut = await slow_readers_cut()
+                cut_by_reason = cuts()
         finally:
             for call in attack:
                 call.cancel()
@@ -355,10 +375,16 @@ async def test_legitimate_calls_keep_their_p99_beside_idle_streams_and_slow_read
         "p99_ratio": round(p99_attack / p99_base, 2) if p99_base else None,
         "rss_before_mib": round(before.rss / 2**20, 1), "rss_peak_mib": round(peak / 2**20, 1),
         "send_budget_mib": 64, "send_queued_peak_mib": round(queued_peak / 2**20, 1),
-        "streams_open_during_attack": open_during, "slow_readers_cut": cut,
+        "streams_open_during_attack": open_during, "slow_readers_cut": cut, "streams_cut_by_reason": cut_by_reason,
     })
+    # Every legitimate call answered, complete and right, before its deadline (a backstop: a starved call
+    # would end DEADLINE_EXCEEDED, or RESOURCE_EXHAUSTED if the budget cut it, and count as a failure).
     assert not baseline.failures and not under_attack.failures, (baseline.examples, under_attack.examples)
-    assert len(under_attack.latencies) >= ADV_STREAMS
+    # Served under attack: at least one answer per legitimate worker, with every idle stream held open.
+    assert under_attack.total >= ADV_STREAMS, under_attack.total
+    assert idle_ended == 0, f"{idle_ended} idle attack streams ended during the legitimate calls"
+    # Cut by the right counter, and only they: each slow reader seen ended was cut naming its flag and is
+    # counted by the proxy (it counts before the status leaves); no other stream was cut or refused.
+    assert slow_cut <= sum(cut_by_reason.values()) <= SLOW_READERS, (slow_cut, cut_by_reason)
     assert queued_peak <= 64 << 20
     assert peak < RSS_BOUND_MIB * 2**20, f"peak RSS {peak / 2**20:.0f} MiB"
-    assert p99_attack <= P99_RATIO_BOUND * p99_base, (p99_base, p99_attack)
