@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import uuid
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import compress, repeat
+from itertools import accumulate, repeat
 from operator import and_, eq, itemgetter
 from typing import TypeVar
 
@@ -198,27 +199,24 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
     duplicates = len(set(ids)) != len(ids)
     if duplicates:
         # A proxy on two replicas (or twice on one): the newest copy, the first of equals (as merge_syncz).
-        located = [(s, i) for s in splits for i in range(len(s.nodes))]
+        ends = list(accumulate(len(s.nodes) for s in splits))  # resource g is in splits[bisect_right(ends, g)]
+
+        def stamp(g: int) -> float:
+            at = bisect_right(ends, g)
+            return _last_updated(splits[at].resource_any(g - (ends[at - 1] if at else 0)))
+
         dup = {node_id for node_id, n in Counter(ids).items() if n > 1}
         owners: dict[str, list[int]] = {}
         for g in [g for g, node_id in enumerate(ids) if node_id in dup]:
             owners.setdefault(ids[g], []).append(g)
         for locs in owners.values():
-            newest = max(locs, key=lambda g: _last_updated(located[g][0].resource_any(located[g][1])))
+            newest = max(locs, key=stamp)
             for g in locs:
                 keep[g] = g == newest
     if ctx.scope:
         keep = list(map(and_, keep, map(eq, map(itemgetter(1), facts), repeat(ctx.scope))))
-        # What a scoped caller is shown must be the node the scope read (see wire.one_node): else the exact
-        # reader decides (it rejects that replica).
-        offset = 0
-        for split in splits:
-            n = len(split.nodes)
-            if not all(map(wire.one_node, map(split.resource_any, compress(range(n), keep[offset:offset + n])))):
-                return None
-            offset += n
     # As merge_syncz: with nothing to drop, the replicas' bytes pass through untouched.
-    parts = wire.join_kept(splits, keep) if ctx.scope or duplicates else \
+    parts: list[bytes | memoryview] = wire.join_kept(splits, keep) if ctx.scope or duplicates else \
         [a.body for a in answers if a.body is not None]
     views = [s.envelope for s in splits]
     held: list[tuple[Answer, int]] = []
@@ -231,7 +229,12 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
     version = _version(views)
     parts.append(wire.envelope(type_url=plan.type_url, version_info=version, nonce=_nonce(version),
                                control_plane_identifier=ident))
-    return Merged(b"".join(parts), sum(keep), [])
+    body, count = b"".join(parts), sum(keep)
+    # What a scoped caller is shown must be the node the scope read (see wire.one_node): else the exact reader
+    # decides (it rejects that replica).
+    if ctx.scope and not wire.kept_one_node(body, count):
+        return None
+    return Merged(body, count, [])
 
 
 def merge_syncz(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged:

@@ -12,14 +12,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate, compress, pairwise, starmap
-from operator import add, itemgetter
+from itertools import accumulate, compress
+from operator import add, gt, itemgetter
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.status.v3 import csds_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError, Message
 
 from .errors import WireError
 
@@ -27,6 +28,50 @@ from .errors import WireError
 _VERSION_INFO, _RESOURCES, _TYPE_URL, _NONCE, _CONTROL_PLANE = 1, 2, 4, 5, 6
 _LEN = 2  # wire type of length-delimited fields
 _ENVELOPE = frozenset({_VERSION_INFO, _RESOURCES, _TYPE_URL, _NONCE, _CONTROL_PLANE})
+
+
+@dataclass(frozen=True)
+class _Lite:
+    """Private message types that let upb count and collect what the syncz merge reads, many resources at once.
+
+    Nodes1 is a ClientConfig seen only as its node fields (field 1, kept as bytes); Any1 an Any seen only as
+    its values (field 2). ResourcesMerged is a DiscoveryResponse whose resources (field 2) and their values are
+    *singular*: parsing concatenated resources merges them, so `resources.value.node` lists every node field
+    of every resource. NodeList is any number of envoy Nodes, decoded in one call.
+    """
+
+    any_values: type[Message]
+    resources_merged: type[Message]
+    node_list: type[Message]
+
+
+def _lite() -> _Lite:
+    name, package = "istioctl_proxy/wire_lite.proto", "istioctl_proxy.wire_lite"
+    pool = descriptor_pool.Default()
+    try:
+        file = pool.FindFileByName(name)
+    except KeyError:
+        proto = descriptor_pb2.FileDescriptorProto(name=name, package=package, syntax="proto3",
+                                                   dependency=[base_pb2.DESCRIPTOR.name])
+        f = descriptor_pb2.FieldDescriptorProto
+        for message, field_name, number, label, type_name in (
+            ("Nodes1", "node", 1, f.LABEL_REPEATED, ""),
+            ("Any1", "value", 2, f.LABEL_REPEATED, f".{package}.Nodes1"),
+            ("AnyMerged", "value", 2, f.LABEL_OPTIONAL, f".{package}.Nodes1"),
+            ("ResourcesMerged", "resources", 2, f.LABEL_OPTIONAL, f".{package}.AnyMerged"),
+            ("NodeList", "nodes", 1, f.LABEL_REPEATED, ".envoy.config.core.v3.Node"),
+        ):
+            one = proto.message_type.add(name=message).field.add(name=field_name, number=number, label=label)
+            one.type = f.TYPE_MESSAGE if type_name else f.TYPE_BYTES
+            if type_name:
+                one.type_name = type_name
+        pool.Add(proto)
+        file = pool.FindFileByName(name)
+    classes = {n: message_factory.GetMessageClass(d) for n, d in file.message_types_by_name.items()}
+    return _Lite(classes["Any1"], classes["ResourcesMerged"], classes["NodeList"])
+
+
+_LITE = _lite()
 
 
 def _varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
@@ -201,20 +246,30 @@ def node_namespace(node: bytes | memoryview) -> str:
     return str(ns.string_value) if ns is not None else ""
 
 
+def _first_len(mv: memoryview, number: int) -> memoryview | None:
+    """The value of the first field `number` if it is length-delimited; None if it is missing or is not."""
+    for n, wire_type, _start, value_start, end in iter_fields(mv):
+        if n == number:
+            return mv[value_start:end] if wire_type == _LEN else None
+    return None
+
+
 def one_node(any_bytes: bytes) -> bool:
-    """Does the Any carry its value once, and that ClientConfig its node once?
+    """Does the Any carry its value once, and that ClientConfig its node once, as protobuf decodes them?
 
     The readers here take a field's first occurrence; protobuf (istioctl) keeps the last value and merges
-    repeated messages. Only with one of each is the node they read the node the caller decodes.
+    repeated messages. Only with one of each is the node they read the node the caller decodes. Counted by
+    upb with protobuf's own rules (a field of another wire type is an unknown field, as in Go), so that the
+    split path can count a whole answer's at once (kept_one_node) and agree resource by resource.
     """
     try:
-        values = [(v, e, w) for n, w, _s, v, e in iter_fields(any_bytes) if n == 2]
-        if len(values) != 1 or values[0][2] != _LEN:
-            return False
-        value = memoryview(any_bytes)[values[0][0] : values[0][1]]
-        return [n for n, *_ in iter_fields(value)].count(1) == 1
-    except WireError:
+        value = _first_len(memoryview(any_bytes), 2)
+        if value is None or _first_len(value, 1) is None:
+            return False  # the node the readers take is not one protobuf would decode as the node
+        parsed: Any = _LITE.any_values.FromString(any_bytes)
+    except (WireError, DecodeError):
         return False
+    return len(parsed.value) == 1 and len(parsed.value[0].node) == 1
 
 
 def syncz_namespace(any_bytes: bytes) -> str:
@@ -435,16 +490,40 @@ def _node_facts(node: bytes) -> tuple[str, str] | None:
     return node_id, node_namespace(node)
 
 
-def join_kept(splits: Sequence[SynczSplit], keep: Sequence[bool]) -> list[bytes]:
-    """The resource fields whose `keep` flag is set (flags over all splits in order), byte for byte."""
-    out: list[bytes] = []
+def join_kept(splits: Sequence[SynczSplit], keep: Sequence[bool]) -> list[bytes | memoryview]:
+    """The resource fields whose `keep` flag is set (flags over all splits in order), byte for byte.
+
+    As views of the answers, one per run of consecutive kept resources: the caller's join is then the only
+    copy (slicing each resource first copied every byte twice; most runs are long when only duplicates drop).
+    """
+    out: list[bytes | memoryview] = []
     at = 0
     for s in splits:
         n = len(s.starts) - 1
-        spans = compress(pairwise(s.starts), keep[at : at + n])
-        out += map(s.raw.__getitem__, starmap(slice, spans))
+        flags = list(keep[at : at + n])
         at += n
+        # A run begins at a kept resource after a dropped one (or first), ends at one before a dropped one.
+        after = [False, *flags]
+        begins = compress(range(n), map(gt, flags, after))
+        ends = compress(range(1, n + 1), map(gt, flags, [*flags[1:], False]))
+        view = memoryview(s.raw)
+        out += map(view.__getitem__, map(slice, map(s.starts.__getitem__, begins), map(s.starts.__getitem__, ends)))
     return out
+
+
+def kept_one_node(body: bytes, count: int) -> bool:
+    """one_node of each of the `count` resources of a merged answer whose resources were cut by syncz_split
+    (their Anys exactly {type URL, value}, the node the value's first field), in one upb parse.
+
+    Parsed as the private ResourcesMerged, the singular `resources` and `value` merge, and the repeated `node`
+    collects every node field of every value: each resource has at least one, so one each ⇔ the total is
+    `count`. The envelope fields are unknown to it; a resource upb refuses makes the parse fail (then False).
+    """
+    try:
+        merged: Any = _LITE.resources_merged.FromString(body)
+    except DecodeError:
+        return False
+    return len(merged.resources.value.node) == count
 
 
 __all__ = [
@@ -459,6 +538,7 @@ __all__ = [
     "envelope",
     "iter_fields",
     "join_kept",
+    "kept_one_node",
     "node_namespace",
     "one_node",
     "syncz_fast_index",
