@@ -11,7 +11,9 @@ import random
 
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.status.v3 import csds_pb2
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 
 from istioctl_proxy import merge, wire
 from istioctl_proxy.discovery import Replica
@@ -290,6 +292,148 @@ def test_quoted_headers_and_stray_fields_break_the_chain(monkeypatch: pytest.Mon
     assert wire.syncz_split(stray, wire.SynczMemo()) is None
     answers[1] = Answer(answers[1].replica, stray)
     assert merge.merge(PLAN, answers, ctx).body == exact(answers, ctx, monkeypatch).body
+
+
+def _resource_spans(body: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each resource's ClientConfig value in a syncz answer (the bytes the scope reads)."""
+    view = wire.view_response(body)
+    out = []
+    for start, end in view.resource_values:
+        any_mv = memoryview(body)[start:end]
+        for number, _w, _s, value_start, value_end in wire.iter_fields(any_mv):
+            if number == 2:
+                out.append((start + value_start, start + value_end))
+    return out
+
+
+def _namespaces_as_the_caller_reads_them(body: bytes) -> list[str]:
+    out = []
+    for res in discovery_pb2.DiscoveryResponse.FromString(body).resources:
+        cc = csds_pb2.ClientConfig()
+        try:
+            res.Unpack(cc)
+        except DecodeError:
+            continue  # istioctl fails on it: shows nothing of it, in no namespace
+        out.append(cc.node.metadata.fields["NAMESPACE"].string_value if "NAMESPACE" in cc.node.metadata.fields
+                   else "")
+    return out
+
+
+_HOSTILE_NODE_BYTES = [
+    b"\n\x00",  # a second (empty) node
+    b"\x0a\x0c\x3a\x0a\n\x08\n\x02NS\x12\x02\x1a\x00",  # a second node with metadata
+    b"\x4b\x08\x01\x4c",  # an unknown group
+    b"\x0b",  # an unterminated group
+    b"\x08\x05",  # field 1 as a varint
+    b"\x1a\x09NAMESPACE",  # NAMESPACE quoted in another field
+]
+
+
+@pytest.mark.usefixtures("fixed_nonce")
+def test_scoped_callers_with_hostile_node_bytes_agree_and_see_only_their_namespace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A hostile replica edits the ClientConfigs the scope reads (the node, fields around it): the split path
+    # steps aside or answers exactly as the exact reader, and the caller never decodes another namespace's proxy.
+    rng = random.Random(2718)
+    split_answered = 0
+    for _ in range(300):
+        mesh = make_mesh(2, rng.randint(1, 12), seed=rng.randrange(10**6))
+        if rng.random() < 0.5:
+            mesh[1].proxies.append(mesh[0].proxies[0])
+        answers = answers_of(mesh)
+        body = answers[0].body or b""
+        spans = _resource_spans(body)
+        pieces, at = [], 0
+        edits = sorted(rng.sample(spans, rng.randint(1, min(3, len(spans)))))
+        for start, end in edits:
+            pieces.append(body[at:start])
+            value = bytearray(body[start:end])
+            op = rng.random()
+            if op < 0.4:  # a byte of the node or around it changed
+                i = rng.randrange(min(len(value), 160))
+                value[i] = rng.randrange(256)
+            elif op < 0.7:  # bytes after the node (or inside it, at a random point)
+                i = rng.choice([len(value), rng.randrange(len(value) + 1)])
+                value[i:i] = rng.choice(_HOSTILE_NODE_BYTES)
+            else:  # the node given another namespace's NAMESPACE bytes
+                value = bytearray(bytes(value).replace(b"ns-2", b"ns-1").replace(b"ns-0", b"ns-1")) \
+                    if rng.random() < 0.5 else bytearray(bytes(value).replace(b"ns-1", b"ns-3"))
+            # The lengths that enclose the value (the Any's and the resource field's) follow the edit, as a
+            # careful attacker would write them; sometimes they do not.
+            if rng.random() < 0.8:
+                any_start = body.rfind(wire._URL_HEADER, 0, start)
+                head_start = body.rfind(b"\x12", 0, any_start)
+                value_head = b"\x12" + wire._varint_bytes(len(value))
+                any_bytes = body[any_start:start - len(b"\x12" + wire._varint_bytes(end - start))] + value_head
+                any_bytes += bytes(value)
+                pieces[-1] = pieces[-1][: len(pieces[-1]) - (start - head_start)]
+                pieces.append(b"\x12" + wire._varint_bytes(len(any_bytes)) + any_bytes)
+            else:
+                pieces.append(bytes(value))
+            at = end
+        pieces.append(body[at:])
+        answers[0] = Answer(answers[0].replica, b"".join(pieces))
+        ctx = merge.MergeContext(scope="ns-1", memo=rng.choice([None, wire.SynczMemo()]))
+        slow = exact(answers, ctx, monkeypatch)
+        split = split_only(answers, ctx)
+        if split is not None:
+            split_answered += 1
+            assert (split.body, split.resources, split.rejected) == (slow.body, slow.resources, [])
+        got = merge.merge(PLAN, answers, ctx)
+        assert (got.body, got.resources, [why for _, why in got.rejected]) == \
+            (slow.body, slow.resources, [why for _, why in slow.rejected])
+        assert set(_namespaces_as_the_caller_reads_them(got.body)) <= {"ns-1"}
+    assert split_answered > 30, "the split path must answer some edited answers, not only step aside"
+
+
+def test_an_unknown_group_in_a_client_config_is_shown_as_istioctl_decodes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Protobuf (istioctl's Go decoder too) keeps a well-formed group of an unknown field as an unknown field:
+    # the node is the one the scope read, so the proxy is shown, by both paths alike (it used to cost the whole
+    # replica: the field reader refused the wire type).
+    mesh = make_mesh(2, 8, seed=21)
+    body = mesh[0].syncz("")
+    start, end = _resource_spans(body)[0]
+    value = body[start:end] + b"\x4b\x08\x01\x4c"
+    any_start = body.rfind(wire._URL_HEADER, 0, start)
+    head_start = body.rfind(b"\x12", 0, any_start)
+    any_bytes = body[any_start:start - len(b"\x12" + wire._varint_bytes(end - start))]
+    any_bytes += b"\x12" + wire._varint_bytes(len(value)) + value
+    edited = body[:head_start] + b"\x12" + wire._varint_bytes(len(any_bytes)) + any_bytes + body[end:]
+    answers = [Answer(Replica("10.0.0.0:15012"), edited), Answer(Replica("10.0.0.1:15012"), mesh[1].syncz(""))]
+    scope = mesh[0].proxies[0].namespace
+    ctx = merge.MergeContext(scope=scope)
+    slow = exact(answers, ctx, monkeypatch)
+    assert not slow.rejected
+    assert mesh[0].proxies[0].id in [c.node.id for c in (
+        wire.client_config(r.SerializeToString())
+        for r in discovery_pb2.DiscoveryResponse.FromString(slow.body).resources)]
+    split = split_only(answers, ctx)
+    assert split is not None and split.resources == slow.resources
+
+
+def test_the_syncz_merge_runs_with_the_collector_paused_and_restores_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    seen: list[bool] = []
+
+    def spy(*_a: object) -> None:
+        seen.append(gc.isenabled())
+        raise RuntimeError("boom")
+
+    answers = answers_of(make_mesh(2, 4, seed=3))
+    monkeypatch.setattr(merge, "merge_syncz_fast", spy)
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        merge.merge(PLAN, answers, CTX)
+    assert seen == [False] and gc.isenabled()
+    gc.disable()  # whoever turned it off keeps it off
+    try:
+        with merge.gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_node_facts_are_remembered_and_bounded() -> None:

@@ -148,3 +148,90 @@ def test_the_byte_readers_agree_with_protobuf(ids: list[str], version: str, iden
     index = wire.syncz_fast_index(raw)
     if index is not None:  # when it answers, it answers exactly
         assert index.count == len(ids) and [k[1:].decode() for k in index.node_keys] == ids
+
+
+# -- The split path's batch readers agree with the one-by-one readers ---------------------------------------
+
+
+def _node_bytes(node_id: str, namespace: str | None) -> bytes:
+    node = base_pb2.Node(id=node_id)
+    if namespace is not None:
+        node.metadata.fields["NAMESPACE"].string_value = namespace
+    node.metadata.fields["CLUSTER_ID"].string_value = "Kubernetes"
+    return bytes(node.SerializeToString())
+
+
+_HOSTILE_NODE_EDITS = st.sampled_from([
+    lambda n: n,
+    lambda n: n + b"\n\x03bad",  # a second id: the readers take the first, protobuf the last
+    lambda n: b"\x12\x01x" + n,  # another field before the id
+    lambda n: b"\n\x02\xff\xfe" + n,  # a non-UTF-8 first id
+    lambda n: n[:-1],  # cut: the metadata does not decode
+    lambda n: n + b"\x3a\x05\n\x03\n\x01N",  # a second metadata Struct, merged by protobuf
+    lambda n: n + b"\x0b",  # an unterminated group
+    lambda n: b"\x08\x05" + n,  # field 1 as a varint first
+])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=140), st.sampled_from([None, "", "ns-1", "ns-ü"]), _HOSTILE_NODE_EDITS,
+                          st.integers(0, 40), st.integers(0, 255)), max_size=12))
+def test_nodes_read_together_as_one_by_one(nodes: list[tuple[str, str | None, object, int, int]]) -> None:
+    # The cold memo decodes all new nodes with one upb call; every answer must be _node_facts' own.
+    raw = []
+    for node_id, namespace, edit, at, byte in nodes:
+        node = edit(_node_bytes(node_id, namespace))  # type: ignore[operator]
+        if at % 3 == 0 and node:
+            node = node[: at % len(node)] + bytes([byte]) + node[at % len(node) + 1 :]  # one byte flipped
+        raw.append(node)
+    assert wire._nodes_facts(raw) == [wire._node_facts(n) for n in raw]
+
+
+def _cc_resource(cc: bytes) -> tuple[bytes, bytes]:
+    """(resource field, Any) for an Any exactly {ClientConfig URL, value=cc}: the split path's layout."""
+    any_bytes = wire._URL_HEADER + b"\x12" + wire._varint_bytes(len(cc)) + cc
+    return b"\x12" + wire._varint_bytes(len(any_bytes)) + any_bytes, any_bytes
+
+
+_CC_TAILS = st.sampled_from([
+    b"",
+    b"\n\x00",  # a second node: istioctl merges the two
+    b"\x1a\x04\x12\x02ab",  # a generic_xds_config
+    b"\x4b\x08\x01\x4c",  # a well-formed unknown group (field 9): protobuf (Go too) keeps it as unknown
+    b"\x4b\x08\x01",  # an unterminated group
+    b"\x08\x05",  # field 1 as a varint: protobuf treats it as an unknown field, not a node
+    b"\x0c",  # an end-group tag out of place
+    b"\x22\x05ab",  # a string running past the value
+    b"\x0a\x81\x01",  # a node whose length runs past the value
+])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a.ns-1", "b.ns-2", ""]), _CC_TAILS), min_size=1, max_size=8))
+def test_kept_one_node_counts_as_one_node_does(resources: list[tuple[str, bytes]]) -> None:
+    # One upb parse over a merged answer's kept resources must say what one_node says of each of them.
+    fields, anys = [], []
+    for node_id, tail in resources:
+        node = _node_bytes(node_id, "ns-1")
+        field, any_bytes = _cc_resource(b"\n" + wire._varint_bytes(len(node)) + node + tail)
+        fields.append(field)
+        anys.append(any_bytes)
+    envelope = wire.envelope(type_url=SYNCZ, version_info="v", nonce="n", control_plane_identifier="x")
+    body = b"".join(fields) + envelope
+    assert wire.kept_one_node(body, len(fields)) == all(map(wire.one_node, anys))
+
+
+def test_one_node_follows_protobuf_for_groups_and_wire_types() -> None:
+    node = _node_bytes("a.ns-1", "ns-1")
+    head = b"\n" + wire._varint_bytes(len(node)) + node
+    _, kept_group = _cc_resource(head + b"\x4b\x08\x01\x4c")
+    _, varint_one = _cc_resource(head + b"\x08\x05")
+    _, two_nodes = _cc_resource(head + head)
+    _, varint_first = _cc_resource(b"\x08\x05" + head)
+    # What istioctl decodes: one node in the first two, so the scope's reading is the caller's.
+    for any_bytes in (kept_group, varint_one):
+        assert wire.client_config(any_bytes).node.id == "a.ns-1"
+        assert wire.one_node(any_bytes)
+    assert not wire.one_node(two_nodes)
+    # The node the readers take must be the one protobuf decodes: not when a varint field 1 comes first.
+    assert not wire.one_node(varint_first)
