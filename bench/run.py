@@ -516,55 +516,120 @@ MERGE_PATHS = {
     "split-scoped-cold": "split path: scoped, memo cold (the first call)",
     "exact-dups": "exact (field-by-field) path: the same duplicates",
 }
+# --merge-gc: the garbage collector's share, on the split paths, in a process holding a proxy's own objects.
+GC_VARIANTS = {
+    "gc-paused": "merge.gc_paused around the merge (the default)",
+    "gc-on": "the collector left on during the merge",
+    "gc-on+frozen": "the collector on, the start-up heap frozen (gc.freeze)",
+    "gc-paused+frozen": "both",
+}
 
 
-def merge_microbench(k: int = 5, p: int = 30_000, rounds: int = 7) -> dict[str, Any]:
+def _merge_at(rev: str) -> Any:
+    """merge.py and wire.py as they were at git revision `rev`, imported beside the current ones (the rest of
+    the package is the current one: same Answer and Plan types), so that old and new alternate in one run."""
+    import importlib.util
+    import types
+
+    from istioctl_proxy import errors, model, policy
+
+    name = "istioctl_proxy_at_" + "".join(c if c.isalnum() else "_" for c in rev)
+    if name + ".merge" in sys.modules:
+        return sys.modules[name + ".merge"]
+    where = tempfile.mkdtemp(prefix="istioctl-proxy-merge-at-")
+    package = types.ModuleType(name)
+    package.__path__ = [where]
+    sys.modules[name] = package
+    for alias, module in (("errors", errors), ("model", model), ("policy", policy)):
+        sys.modules[f"{name}.{alias}"] = module
+    loaded = None
+    for module_name in ("wire", "merge"):
+        path = os.path.join(where, module_name + ".py")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(subprocess.run(["git", "-C", ROOT, "show", f"{rev}:src/istioctl_proxy/{module_name}.py"],
+                                   check=True, capture_output=True, text=True).stdout)
+        spec = importlib.util.spec_from_file_location(f"{name}.{module_name}", path)
+        assert spec is not None and spec.loader is not None
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[f"{name}.{module_name}"] = loaded
+        spec.loader.exec_module(loaded)
+    return loaded
+
+
+def _proxy_heap(k: int) -> Any:
+    """A configured (not started) Proxy in this process, as `serve` builds it: its objects are what the collector
+    walks in a real proxy (modules, gRPC, metrics, the aggregator). Held by the caller for the whole run."""
+    from istioctl_proxy.app import Proxy
+    from istioctl_proxy.config import Config
+
+    cfg = Config(listen="127.0.0.1:0", plaintext=True, istiod=tuple(f"127.0.0.1:{20000 + i}" for i in range(k)),
+                 istiod_plaintext=True, admin_listen="")
+    return Proxy(cfg)
+
+
+def merge_microbench(k: int = 5, p: int = 30_000, rounds: int = 7, baseline: str = "",
+                     gc_variants: bool = False) -> dict[str, Any]:
     """Every syncz merge path alone, in this process, on one core, alternated round by round.
 
     The answers are the same bytes for every path but "split-dups"/"exact-dups", whose mesh also lists 1 % of
     its proxies on a second replica (a reconnect window). Warm paths share one SynczMemo, as the proxy does.
+    `baseline`: the same paths with merge.py/wire.py of that git revision ("<path>@<rev>"), alternated too.
+    `gc_variants`: split-dups and split-scoped under GC_VARIANTS ("<path>/<variant>").
     """
+    import gc
+
     from istioctl_proxy import merge
     from istioctl_proxy.discovery import Replica
     from istioctl_proxy.model import Answer
     from istioctl_proxy.policy import plan_request
     from istioctl_proxy.sim.simulator import make_mesh
 
+    held = _proxy_heap(k)  # a proxy's own objects in the heap, as in `serve`
     mesh = make_mesh(k, p)
     answers = [Answer(Replica(f"r{i}"), r.syncz("")) for i, r in enumerate(mesh)]
     mesh[-1].proxies.extend(mesh[0].proxies[: p // 100])
     dup_answers = [Answer(Replica(f"r{i}"), r.syncz("")) for i, r in enumerate(make_mesh(k, p))]
     dup_answers[-1] = Answer(Replica(f"r{k - 1}"), mesh[-1].syncz(""))
+    del mesh  # the simulator's objects are not the proxy's
     plan = plan_request(SYNCZ, [])
-    memo = wire.SynczMemo()
-    fast, split, exact = merge.merge_syncz_fast, merge.merge_syncz_split, merge.merge_syncz
+    modules = {"": merge, **({"@" + baseline: _merge_at(baseline)} if baseline else {})}
+    memos = {at: m.wire.SynczMemo() for at, m in modules.items()}
+    names = [name + at for at in modules for name in MERGE_PATHS if not (at and name.startswith("exact"))]
+    if gc_variants:
+        names += [f"{name}/{variant}" for name in ("split-dups", "split-scoped") for variant in GC_VARIANTS]
 
     def no_fast(*_a: object) -> None:
         return None
 
     def run(path: str) -> tuple[int, float]:
+        path, _, variant = path.partition("/")
+        path, at, rev = path.partition("@")
+        m = modules[at + rev]
         with contextlib.ExitStack() as undo:
             if path != "fast":
-                merge.merge_syncz_fast = no_fast  # type: ignore[assignment]
-                undo.callback(setattr, merge, "merge_syncz_fast", fast)
+                undo.enter_context(_patched(m, "merge_syncz_fast", no_fast))
             if path.startswith("exact"):
-                merge.merge_syncz_split = no_fast  # type: ignore[assignment]
-                undo.callback(setattr, merge, "merge_syncz_split", split)
+                undo.enter_context(_patched(m, "merge_syncz_split", no_fast))
+            if "gc-on" in variant:
+                undo.enter_context(_patched(m, "gc_paused", contextlib.nullcontext))
+            if "frozen" in variant:
+                gc.freeze()
+                undo.callback(gc.unfreeze)
             batch = dup_answers if path.endswith("dups") else answers
-            ctx = merge.MergeContext(scope="ns-1" if "scoped" in path else "",
-                                     memo=wire.SynczMemo() if path.endswith("cold") else memo)
+            ctx = m.MergeContext(scope="ns-1" if "scoped" in path else "",
+                                 memo=m.wire.SynczMemo() if path.endswith("cold") else memos[at + rev])
             # CPU seconds of this process: what one core spends, whatever else the machine is running.
             t = time.process_time()
-            out = exact(plan, batch, ctx)
+            out = m.merge_syncz(plan, batch, ctx)
             elapsed = time.process_time() - t
             assert not out.rejected
             return sum(len(a.body or b"") for a in batch), elapsed
 
-    run("split-scoped")  # warm the node facts, as any call before would
-    times: dict[str, list[float]] = {name: [] for name in MERGE_PATHS}
+    for at in modules:
+        run("split-scoped" + at)  # warm the node facts, as any call before would
+    times: dict[str, list[float]] = {name: [] for name in names}
     sizes: dict[str, int] = {}
     for r in range(rounds):
-        names = list(MERGE_PATHS)
         for name in names[r % len(names):] + names[: r % len(names)]:
             if name.startswith("exact") and r % 3:
                 continue  # the exact path takes ~half a second: a third of the rounds is enough
@@ -572,7 +637,9 @@ def merge_microbench(k: int = 5, p: int = 30_000, rounds: int = 7) -> dict[str, 
             times[name].append(elapsed)
     paths = {
         name: {
-            "label": MERGE_PATHS[name],
+            "label": MERGE_PATHS.get(name.partition("/")[0].partition("@")[0], "")
+            + (f" [{name.partition('@')[2]}]" if "@" in name else "")
+            + (f" ({GC_VARIANTS[name.partition('/')[2]]})" if "/" in name else ""),
             "payload_bytes": sizes[name],
             "ms_median": statistics.median(ts) * 1e3,
             "ms_best": min(ts) * 1e3,
@@ -594,8 +661,20 @@ def merge_microbench(k: int = 5, p: int = 30_000, rounds: int = 7) -> dict[str, 
         "exact_ms_median": e["ms_median"],
         "exact_mb_s_median": e["mb_s_median"],
         "paths": paths,
+        "baseline": baseline,
+        "heap_objects": len(gc.get_objects()) if held else 0,
         "load": os.getloadavg(),
     }
+
+
+@contextlib.contextmanager
+def _patched(module: Any, name: str, value: object) -> Iterator[None]:
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
 
 
 HOP_MODES = ("floor", "read-after-last", "read-as-arriving")
@@ -732,9 +811,9 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
         print(f"hop K=5 P=30k, 0 ms: added over the floor {h['added_over_floor_ms']}; as-arriving/after-last "
               f"{h['ratio_as_arriving_over_after_last']:.2f}", flush=True)
     if ns.merge_bench and (not only or ns.merge_only):
-        results["merge"] = merge_microbench()
+        results["merge"] = merge_microbench(baseline=ns.merge_baseline, gc_variants=ns.merge_gc)
         for name, m in results["merge"]["paths"].items():
-            print(f"merge 5x30k {name:18s} {m['mb_s_median']:5.0f} MB/s median, {m['mb_s_best']:5.0f} best "
+            print(f"merge 5x30k {name:32s} {m['mb_s_median']:5.0f} MB/s median, {m['mb_s_best']:5.0f} best "
                   f"({m['ms_median']:.1f} ms for {m['payload_bytes'] / 1e6:.1f} MB)", flush=True)
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return results
@@ -759,6 +838,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency-variants", default="no-coalesce,coalesce,cache-1s")
     p.add_argument("--no-merge-bench", dest="merge_bench", action="store_false")
     p.add_argument("--merge-only", action="store_true", help="only the in-process merge paths (~1 minute)")
+    p.add_argument("--merge-baseline", default="", metavar="REV",
+                   help="also the merge paths of merge.py/wire.py at this git revision, alternated")
+    p.add_argument("--merge-gc", action="store_true", help="also the split paths with and without the collector")
     p.add_argument("--concurrency-only", action="store_true", help="only the many-callers runs")
     p.add_argument("--hop-only", action="store_true", help="only what reading answers as they arrive buys")
     p.add_argument(
