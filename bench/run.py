@@ -512,6 +512,7 @@ async def run_concurrency(
 MERGE_PATHS = {
     "fast": "fast path: no duplicate, unscoped",
     "split-dups": "split path: 1 % of proxies on two replicas",
+    "dups": "the same duplicates as a caller meets them: the fast index steps aside, then the split path",
     "split-scoped": "split path: scoped caller (one namespace of 4)",
     "split-scoped-cold": "split path: scoped, memo cold (the first call)",
     "exact-dups": "exact (field-by-field) path: the same duplicates",
@@ -585,12 +586,12 @@ def merge_microbench(k: int = 5, p: int = 30_000, rounds: int = 7, baseline: str
     from istioctl_proxy.sim.simulator import make_mesh
 
     held = _proxy_heap(k)  # a proxy's own objects in the heap, as in `serve`
-    mesh = make_mesh(k, p)
-    answers = [Answer(Replica(f"r{i}"), r.syncz("")) for i, r in enumerate(mesh)]
-    mesh[-1].proxies.extend(mesh[0].proxies[: p // 100])
-    dup_answers = [Answer(Replica(f"r{i}"), r.syncz("")) for i, r in enumerate(make_mesh(k, p))]
-    dup_answers[-1] = Answer(Replica(f"r{k - 1}"), mesh[-1].syncz(""))
-    del mesh  # the simulator's objects are not the proxy's
+    answers = [Answer(Replica(f"r{i}"), r.syncz("")) for i, r in enumerate(make_mesh(k, p))]
+    # A mesh of its own: the simulator serialises a replica's answer once (SimReplica.syncz caches it).
+    dup_mesh = make_mesh(k, p)
+    dup_mesh[-1].proxies.extend(dup_mesh[0].proxies[: p // 100])
+    dup_answers = [Answer(Replica(f"r{i}"), r.syncz("")) for i, r in enumerate(dup_mesh)]
+    del dup_mesh  # the simulator's objects are not the proxy's
     plan = plan_request(SYNCZ, [])
     modules = {"": merge, **({"@" + baseline: _merge_at(baseline)} if baseline else {})}
     memos = {at: m.wire.SynczMemo() for at, m in modules.items()}
@@ -606,7 +607,7 @@ def merge_microbench(k: int = 5, p: int = 30_000, rounds: int = 7, baseline: str
         path, at, rev = path.partition("@")
         m = modules[at + rev]
         with contextlib.ExitStack() as undo:
-            if path != "fast":
+            if path not in ("fast", "dups"):
                 undo.enter_context(_patched(m, "merge_syncz_fast", no_fast))
             if path.startswith("exact"):
                 undo.enter_context(_patched(m, "merge_syncz_split", no_fast))
@@ -623,6 +624,8 @@ def merge_microbench(k: int = 5, p: int = 30_000, rounds: int = 7, baseline: str
             out = m.merge_syncz(plan, batch, ctx)
             elapsed = time.process_time() - t
             assert not out.rejected
+            # Each proxy once: the duplicates were there, and were dropped.
+            assert "scoped" in path or out.resources == p, (path, out.resources)
             return sum(len(a.body or b"") for a in batch), elapsed
 
     for at in modules:
@@ -811,7 +814,8 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
         print(f"hop K=5 P=30k, 0 ms: added over the floor {h['added_over_floor_ms']}; as-arriving/after-last "
               f"{h['ratio_as_arriving_over_after_last']:.2f}", flush=True)
     if ns.merge_bench and (not only or ns.merge_only):
-        results["merge"] = merge_microbench(baseline=ns.merge_baseline, gc_variants=ns.merge_gc)
+        results["merge"] = merge_microbench(rounds=ns.merge_rounds, baseline=ns.merge_baseline,
+                                            gc_variants=ns.merge_gc)
         for name, m in results["merge"]["paths"].items():
             print(f"merge 5x30k {name:32s} {m['mb_s_median']:5.0f} MB/s median, {m['mb_s_best']:5.0f} best "
                   f"({m['ms_median']:.1f} ms for {m['payload_bytes'] / 1e6:.1f} MB)", flush=True)
@@ -841,6 +845,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--merge-baseline", default="", metavar="REV",
                    help="also the merge paths of merge.py/wire.py at this git revision, alternated")
     p.add_argument("--merge-gc", action="store_true", help="also the split paths with and without the collector")
+    p.add_argument("--merge-rounds", type=int, default=7, help="alternation rounds of the merge paths")
     p.add_argument("--concurrency-only", action="store_true", help="only the many-callers runs")
     p.add_argument("--hop-only", action="store_true", help="only what reading answers as they arrive buys")
     p.add_argument(

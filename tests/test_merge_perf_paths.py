@@ -387,6 +387,34 @@ def test_scoped_callers_with_hostile_node_bytes_agree_and_see_only_their_namespa
     assert split_answered > 30, "the split path must answer some edited answers, not only step aside"
 
 
+@pytest.mark.usefixtures("fixed_nonce")
+def test_duplicates_reuse_the_fast_index_ids_only_where_they_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With a duplicate the fast path steps aside after reading every node id; the split path reuses those ids.
+    # A node whose own length ends inside its id field: the fast regex still reads the whole id, the exact reader
+    # finds the id field truncated and rejects the replica. The split path must not take the regex's word for it.
+    mesh = _mesh_with({0: [SimProxy("moving", "ns-1", states={"CDS": "STALE"}, updated=1e6)],
+                       2: [SimProxy("moving", "ns-1", states={"CDS": "SYNCED"}, updated=2e6)]})
+    answers = answers_of(mesh)
+    used: list[bool] = []
+    real = merge._indexed_ids
+    monkeypatch.setattr(merge, "_indexed_ids", lambda *a: used.append(real(*a) is not None) or real(*a))
+    assert merge.merge(PLAN, answers, CTX).body == exact(answers, CTX, monkeypatch).body
+    assert used == [True], "a duplicate must not make the split path read every node again"
+    body = bytearray(answers[1].body or b"")
+    at = body.find(wire._URL_HEADER) + len(wire._URL_HEADER)
+    assert body[at] == 0x12
+    _, at = wire._varint(bytes(body), at + 1)
+    assert body[at] == 0x0A and body[at + 2] == 0x0A  # the node's tag and length, then its id's tag
+    body[at + 1] = body[at + 3]  # the node as long as the id's length + 1: its id field runs one byte past it
+    answers[1] = Answer(answers[1].replica, bytes(body))
+    index = wire.syncz_fast_index(answers[1].body or b"")
+    assert index is not None  # the regex reads the id regardless
+    slow = exact(answers, CTX, monkeypatch)
+    assert [why for _, why in slow.rejected] == ["malformed syncz resource: truncated or invalid field"]
+    got = merge.merge(PLAN, answers, CTX)
+    assert (got.body, [why for _, why in got.rejected]) == (slow.body, [why for _, why in slow.rejected])
+
+
 def test_an_unknown_group_in_a_client_config_is_shown_as_istioctl_decodes_it(monkeypatch: pytest.MonkeyPatch) -> None:
     # Protobuf (istioctl's Go decoder too) keeps a well-formed group of an unknown field as an unknown field:
     # the node is the one the scope read, so the proxy is shown, by both paths alike (it used to cost the whole

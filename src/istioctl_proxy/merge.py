@@ -7,15 +7,16 @@ Each rule takes the successful answers and returns the merged bytes plus the ans
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import uuid
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate, repeat
-from operator import and_, eq, itemgetter
+from itertools import accumulate, compress, repeat
+from operator import and_, eq, itemgetter, ne
 from typing import TypeVar
 
 from envoy.service.discovery.v3 import discovery_pb2
@@ -48,6 +49,8 @@ class MergeContext:
     memo: wire.SynczMemo | None = field(default=None, compare=False)
     # Answers already read as they arrived (see index_early), by replica address.
     early: dict[str, wire.SynczIndex | wire.SynczSplit | None] = field(default_factory=dict, compare=False)
+    # During one merge_syncz call: the fast index of each answer (by body), for the split path to reuse.
+    indexes: dict[int, tuple[bytes, wire.SynczIndex]] | None = field(default=None, compare=False, repr=False)
 
 
 def index_early(plan: Plan, ctx: MergeContext, answer: Answer) -> None:
@@ -164,6 +167,8 @@ def merge_syncz_fast(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -
         index = early if early is None or isinstance(early, wire.SynczIndex) else wire.syncz_fast_index(answer.body)
         if index is None or index.type_url not in ("", plan.type_url):
             return None
+        if ctx.indexes is not None:
+            ctx.indexes[id(answer.body)] = (answer.body, index)
         indexes.append(index)
         total += index.count
     # One set over all replicas: a key seen twice (across or within replicas) needs the exact dedup.
@@ -176,6 +181,18 @@ def merge_syncz_fast(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -
     parts.append(wire.envelope(type_url=plan.type_url, version_info=version, nonce=_nonce(version),
                                control_plane_identifier=ident))
     return Merged(b"".join(parts), total, [])
+
+
+def _indexed_ids(answers: Sequence[Answer], splits: Sequence[wire.SynczSplit], ctx: MergeContext) -> list[bytes] | None:
+    """Every resource's node key (length byte + id) from the fast indexes of this merge, or None if one is missing."""
+    ids: list[bytes] = []
+    for answer, split in zip(answers, splits, strict=True):
+        read = ctx.indexes.get(id(answer.body)) if ctx.indexes is not None else None
+        keys = split.ids_of(read[1]) if read is not None and read[0] is answer.body else None
+        if keys is None:
+            return None
+        ids += keys
+    return ids
 
 
 def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged | None:
@@ -193,29 +210,35 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
         if split is None or split.envelope.type_url not in ("", plan.type_url):
             return None
         splits.append(split)
-    facts = memo.facts([n for s in splits for n in s.nodes])
-    if facts is None:
-        return None
-    ids = list(map(itemgetter(0), facts))
+    # Unscoped, only ids matter: those the fast index read (it steps aside for duplicates) if it read them all.
+    facts: list[tuple[str, str]] | None = None
+    ids: Sequence[Hashable] | None = None if ctx.scope else _indexed_ids(answers, splits, ctx)
+    if ids is None:
+        facts = memo.facts([n for s in splits for n in s.nodes])
+        if facts is None:
+            return None
+        ids = list(map(itemgetter(0), facts))
     keep = [True] * len(ids)
-    duplicates = len(set(ids)) != len(ids)
+    last = dict(zip(ids, range(len(ids)), strict=True))  # each id's last position
+    duplicates = len(last) != len(ids)
     if duplicates:
         # A proxy on two replicas (or twice on one): the newest copy, the first of equals (as merge_syncz).
-        ends = list(accumulate(len(s.nodes) for s in splits))  # resource g is in splits[bisect_right(ends, g)]
+        ends = list(accumulate(s.count for s in splits))  # resource g is in splits[bisect_right(ends, g)]
 
         def stamp(g: int) -> float:
             at = bisect_right(ends, g)
             return _last_updated(splits[at].resource_any(g - (ends[at - 1] if at else 0)))
 
-        dup = {node_id for node_id, n in Counter(ids).items() if n > 1}
-        owners: dict[str, list[int]] = {}
-        for g in [g for g, node_id in enumerate(ids) if node_id in dup]:
+        dup = set(compress(ids, map(ne, map(last.__getitem__, ids), range(len(ids)))))  # seen again later
+        owners: dict[Hashable, list[int]] = {}
+        for g in compress(range(len(ids)), map(dup.__contains__, ids)):
             owners.setdefault(ids[g], []).append(g)
         for locs in owners.values():
             newest = max(locs, key=stamp)
             for g in locs:
                 keep[g] = g == newest
     if ctx.scope:
+        assert facts is not None  # scoped: read above
         keep = list(map(and_, keep, map(eq, map(itemgetter(1), facts), repeat(ctx.scope))))
     # As merge_syncz: with nothing to drop, the replicas' bytes pass through untouched.
     parts: list[bytes | memoryview] = wire.join_kept(splits, keep) if ctx.scope or duplicates else \
@@ -225,8 +248,8 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
     if ctx.istiod_column == "revision":  # kept proxies per replica: only the revision column needs them
         offset = 0
         for answer, split in zip(answers, splits, strict=True):
-            held.append((answer, sum(keep[offset:offset + len(split.nodes)])))
-            offset += len(split.nodes)
+            held.append((answer, sum(keep[offset:offset + split.count])))
+            offset += split.count
     ident = external_identifier([v.identifier() for v in views], shown_id(ctx, held))
     version = _version(views)
     parts.append(wire.envelope(type_url=plan.type_url, version_info=version, nonce=_nonce(version),
@@ -259,7 +282,7 @@ def gc_paused() -> Iterator[None]:
 def merge_syncz(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged:
     """syncz: every replica's ClientConfigs, each proxy once (the latest update wins), scoped if asked."""
     with gc_paused():
-        return _merge_syncz(plan, answers, ctx)
+        return _merge_syncz(plan, answers, dataclasses.replace(ctx, indexes={}))
 
 
 def _merge_syncz(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged:

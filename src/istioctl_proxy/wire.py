@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import accumulate, compress
-from operator import add, gt, itemgetter
+from operator import add, gt, itemgetter, lt
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -389,13 +390,36 @@ class SynczSplit:
 
     raw: bytes
     starts: list[int]  # resource i is raw[starts[i]:starts[i + 1]] (tag, length, Any), byte for byte as sent
-    nodes: list[bytes]  # the serialized Node of each resource's ClientConfig (its first field)
+    node_starts: list[int]  # resource i's node (its ClientConfig's first field): raw[node_starts[i]:][:node_lengths[i]]
+    node_lengths: list[int]
     envelope: ResponseView  # everything else: version, type URL, nonce, control plane
+
+    @property
+    def count(self) -> int:
+        return len(self.starts) - 1
+
+    @cached_property
+    def nodes(self) -> list[bytes]:
+        """The serialized Node of each resource (sliced when first asked: unscoped callers may not need them)."""
+        ends = map(add, self.node_starts, self.node_lengths)
+        return list(map(self.raw.__getitem__, map(slice, self.node_starts, ends)))
 
     def resource_any(self, i: int) -> bytes:
         """The Any of resource i (without the resource field's tag and length)."""
         _, start = _varint(self.raw, self.starts[i] + 1)
         return self.raw[start : self.starts[i + 1]]
+
+    def ids_of(self, index: SynczIndex) -> list[bytes] | None:
+        """The fast index's node keys of this same answer as this split's node ids, or None if one is not.
+
+        Both readings enumerate the ClientConfig URL's occurrences in order (each proves one per resource), so
+        key i is read at resource i's header: the first field of its node, field 1 with a one-byte length. It
+        is the id the exact reader takes if that field lies inside the node (a key is length byte + id: the
+        field is one byte longer than the key).
+        """
+        if index.count != self.count or not all(map(lt, map(len, index.node_keys), self.node_lengths)):
+            return None
+        return index.node_keys
 
 
 @dataclass
@@ -459,7 +483,7 @@ def syncz_split(raw: bytes, memo: SynczMemo) -> SynczSplit | None:
     try:
         if not found:
             view = view_response(raw)
-            return None if view.resources else SynczSplit(raw, [0], [], view)
+            return None if view.resources else SynczSplit(raw, [0], [], [], view)
         layouts = memo.layouts(found)
         if layouts is None:
             return None
@@ -469,7 +493,6 @@ def syncz_split(raw: bytes, memo: SynczMemo) -> SynczSplit | None:
         if starts[0] < 0 or starts[-1] > len(raw) or not all(map(raw.startswith, headers, starts)):
             return None
         node_starts = list(map(add, starts, node_offsets))
-        nodes = list(map(raw.__getitem__, map(slice, node_starts, map(add, node_starts, node_lengths))))
         # Around the resources: envelope fields only, each complete on its side.
         prefix, suffix = raw[: starts[0]], raw[starts[-1]:]
         if view_response(prefix).resources or view_response(suffix).resources:
@@ -477,7 +500,7 @@ def syncz_split(raw: bytes, memo: SynczMemo) -> SynczSplit | None:
         envelope = view_response(prefix + suffix)
     except WireError:
         return None
-    return SynczSplit(raw, starts, nodes, envelope)
+    return SynczSplit(raw, starts, node_starts, node_lengths, envelope)
 
 
 def _node_facts(node: bytes) -> tuple[str, str] | None:
