@@ -235,3 +235,17 @@ def test_one_node_follows_protobuf_for_groups_and_wire_types() -> None:
     assert not wire.one_node(two_nodes)
     # The node the readers take must be the one protobuf decodes: not when a varint field 1 comes first.
     assert not wire.one_node(varint_first)
+
+
+def test_split_client_configs_decode_as_client_config_does() -> None:
+    configs = [csds_pb2.ClientConfig(node=base_pb2.Node(id=f"p{i}.ns-1")) for i in range(3)]
+    fields = [_cc_resource(c.SerializeToString())[0] for c in configs]
+    decoded = wire.split_client_configs(fields)
+    assert decoded is not None
+    assert [c.SerializeToString() for c in decoded] == \
+        [wire.client_config(_cc_resource(c.SerializeToString())[1]).SerializeToString() for c in configs]
+    # One that does not decode (a string field running past its value): None, the caller reads each on its own.
+    bad, bad_any = _cc_resource(b"\x22\x05ab")
+    with pytest.raises(WireError):
+        wire.client_config(bad_any)
+    assert wire.split_client_configs([*fields, bad]) is None

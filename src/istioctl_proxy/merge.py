@@ -20,6 +20,7 @@ from operator import and_, eq, itemgetter, ne
 from typing import TypeVar
 
 from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.status.v3 import csds_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
@@ -225,16 +226,21 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
         # A proxy on two replicas (or twice on one): the newest copy, the first of equals (as merge_syncz).
         ends = list(accumulate(s.count for s in splits))  # resource g is in splits[bisect_right(ends, g)]
 
-        def stamp(g: int) -> float:
+        def located(g: int) -> tuple[wire.SynczSplit, int]:
             at = bisect_right(ends, g)
-            return _last_updated(splits[at].resource_any(g - (ends[at - 1] if at else 0)))
+            return splits[at], g - (ends[at - 1] if at else 0)
 
         dup = set(compress(ids, map(ne, map(last.__getitem__, ids), range(len(ids)))))  # seen again later
         owners: dict[Hashable, list[int]] = {}
         for g in compress(range(len(ids)), map(dup.__contains__, ids)):
             owners.setdefault(ids[g], []).append(g)
+        copies = [g for locs in owners.values() for g in locs]
+        # Every copy's ClientConfig in one parse: what _last_updated decodes of each (else each on its own).
+        configs = wire.split_client_configs([s.resource_field(i) for s, i in map(located, copies)])
+        stamps = dict(zip(copies, map(_stamp, configs) if configs is not None else
+                          (_last_updated(s.resource_any(i)) for s, i in map(located, copies)), strict=True))
         for locs in owners.values():
-            newest = max(locs, key=stamp)
+            newest = max(locs, key=stamps.__getitem__)
             for g in locs:
                 keep[g] = g == newest
     if ctx.scope:
@@ -346,6 +352,10 @@ def _last_updated(any_bytes: bytes) -> float:
         cfg = wire.client_config(any_bytes)
     except wire.WireError:
         return 0.0  # undecodable: never preferred over a readable copy
+    return _stamp(cfg)
+
+
+def _stamp(cfg: csds_pb2.ClientConfig) -> float:
     stamps = [c.last_updated.ToNanoseconds() for c in cfg.generic_xds_configs if c.HasField("last_updated")]
     return max(stamps, default=0) / 1e9
 

@@ -38,12 +38,14 @@ class _Lite:
     Nodes1 is a ClientConfig seen only as its node fields (field 1, kept as bytes); Any1 an Any seen only as
     its values (field 2). ResourcesMerged is a DiscoveryResponse whose resources (field 2) and their values are
     *singular*: parsing concatenated resources merges them, so `resources.value.node` lists every node field
-    of every resource. NodeList is any number of envoy Nodes, decoded in one call.
+    of every resource. NodeList is any number of envoy Nodes, decoded in one call; ClientConfigs resource fields
+    whose Any values are decoded as ClientConfigs (the type URL as any string: checked by the caller).
     """
 
     any_values: type[Message]
     resources_merged: type[Message]
     node_list: type[Message]
+    client_configs: type[Message]
 
 
 def _lite() -> _Lite:
@@ -53,7 +55,7 @@ def _lite() -> _Lite:
         file = pool.FindFileByName(name)
     except KeyError:
         proto = descriptor_pb2.FileDescriptorProto(name=name, package=package, syntax="proto3",
-                                                   dependency=[base_pb2.DESCRIPTOR.name])
+                                                   dependency=[base_pb2.DESCRIPTOR.name, csds_pb2.DESCRIPTOR.name])
         f = descriptor_pb2.FieldDescriptorProto
         for message, field_name, number, label, type_name in (
             ("Nodes1", "node", 1, f.LABEL_REPEATED, ""),
@@ -61,6 +63,8 @@ def _lite() -> _Lite:
             ("AnyMerged", "value", 2, f.LABEL_OPTIONAL, f".{package}.Nodes1"),
             ("ResourcesMerged", "resources", 2, f.LABEL_OPTIONAL, f".{package}.AnyMerged"),
             ("NodeList", "nodes", 1, f.LABEL_REPEATED, ".envoy.config.core.v3.Node"),
+            ("ClientConfigAny", "value", 2, f.LABEL_OPTIONAL, ".envoy.service.status.v3.ClientConfig"),
+            ("ClientConfigs", "resources", 2, f.LABEL_REPEATED, f".{package}.ClientConfigAny"),
         ):
             one = proto.message_type.add(name=message).field.add(name=field_name, number=number, label=label)
             one.type = f.TYPE_MESSAGE if type_name else f.TYPE_BYTES
@@ -69,7 +73,7 @@ def _lite() -> _Lite:
         pool.Add(proto)
         file = pool.FindFileByName(name)
     classes = {n: message_factory.GetMessageClass(d) for n, d in file.message_types_by_name.items()}
-    return _Lite(classes["Any1"], classes["ResourcesMerged"], classes["NodeList"])
+    return _Lite(classes["Any1"], classes["ResourcesMerged"], classes["NodeList"], classes["ClientConfigs"])
 
 
 _LITE = _lite()
@@ -409,6 +413,10 @@ class SynczSplit:
         _, start = _varint(self.raw, self.starts[i] + 1)
         return self.raw[start : self.starts[i + 1]]
 
+    def resource_field(self, i: int) -> bytes:
+        """Resource i as sent: the field's tag, length and Any."""
+        return self.raw[self.starts[i] : self.starts[i + 1]]
+
     def ids_of(self, index: SynczIndex) -> list[bytes] | None:
         """The fast index's node keys of this same answer as this split's node ids, or None if one is not.
 
@@ -452,18 +460,19 @@ class SynczMemo:
         found = list(map(memo.get, keys))
         if None in found:
             missing = [i for i, f in enumerate(found) if f is None]
+            new = list(dict.fromkeys([keys[i] for i in missing]))  # each distinct key read once
+            read = dict(zip(new, fn(new), strict=True))
             size = self._key_bytes.get(id(memo), 0)
-            added = sum(len(keys[i]) for i in missing)
-            if len(memo) + len(missing) > self.max_entries or size + added > self.max_bytes:
+            added = sum(map(len, new))
+            if len(memo) + len(new) > self.max_entries or size + added > self.max_bytes:
                 memo.clear()
                 size = 0
-            fits = added <= self.max_bytes and len(missing) <= self.max_entries  # else: read, not remembered
-            for i, value in zip(missing, fn([keys[i] for i in missing]), strict=True):
-                found[i] = value
-                if fits and keys[i] not in memo:
-                    memo[keys[i]] = value
-                    size += len(keys[i])
+            if added <= self.max_bytes and len(new) <= self.max_entries:  # else: read, not remembered
+                size += sum(len(k) for k in new if k not in memo)
+                memo.update(read)
             self._key_bytes[id(memo)] = size
+            for i in missing:
+                found[i] = read[keys[i]]
             if None in found:
                 return None
         return found
@@ -524,23 +533,19 @@ def _nodes_facts(nodes: list[bytes]) -> list[tuple[str, str] | None]:
             b"\n" + _varint_bytes(len(n)) + n for n in nodes))
     except DecodeError:
         return list(map(_node_facts, nodes))
-    out: list[tuple[str, str] | None] = []
-    for node, decoded in zip(nodes, listed.nodes, strict=True):
-        # Node{1: id, ...} with a one-byte length: the first field is the id the exact reader takes.
-        if node[:1] == b"\n" and node[1] < 0x80 and 2 + node[1] <= len(node):
-            node_id = node[2 : 2 + node[1]]
-        else:
-            facts = _node_facts(node)
-            out.append(facts)
-            continue
-        try:
-            text = node_id.decode()
-        except UnicodeDecodeError:
-            out.append(None)
-            continue
-        ns = decoded.metadata.fields.get("NAMESPACE")
-        out.append((text, str(ns.string_value) if ns is not None else ""))
-    return out
+    values = [d.metadata.fields.get("NAMESPACE") for d in listed.nodes]
+    return [_first_id_facts(node, value) for node, value in zip(nodes, values, strict=True)]
+
+
+def _first_id_facts(node: bytes, namespace: Any) -> tuple[str, str] | None:
+    # Node{1: id, ...} with a one-byte length: the first field is the id the exact reader takes.
+    if node[:1] != b"\n" or node[1] >= 0x80 or 2 + node[1] > len(node):
+        return _node_facts(node)
+    try:
+        node_id = node[2 : 2 + node[1]].decode()
+    except UnicodeDecodeError:
+        return None
+    return node_id, str(namespace.string_value) if namespace is not None else ""
 
 
 def join_kept(splits: Sequence[SynczSplit], keep: Sequence[bool]) -> list[bytes | memoryview]:
@@ -562,6 +567,16 @@ def join_kept(splits: Sequence[SynczSplit], keep: Sequence[bool]) -> list[bytes 
         view = memoryview(s.raw)
         out += map(view.__getitem__, map(slice, map(s.starts.__getitem__, begins), map(s.starts.__getitem__, ends)))
     return out
+
+
+def split_client_configs(resource_fields: Sequence[bytes]) -> list[csds_pb2.ClientConfig] | None:
+    """The ClientConfig of each resource field cut by syncz_split (its Any exactly {ClientConfig URL, value}), in
+    one upb parse: what client_config decodes of each, or None if one of them does not decode."""
+    try:
+        parsed: Any = _LITE.client_configs.FromString(b"".join(resource_fields))
+    except DecodeError:
+        return None
+    return [r.value for r in parsed.resources]
 
 
 def kept_one_node(body: bytes, count: int) -> bool:
@@ -594,6 +609,7 @@ __all__ = [
     "kept_one_node",
     "node_namespace",
     "one_node",
+    "split_client_configs",
     "syncz_fast_index",
     "syncz_namespace",
     "syncz_node_id",
