@@ -519,10 +519,10 @@ MERGE_PATHS = {
 }
 # --merge-gc: the garbage collector's share, on the split paths, in a process holding a proxy's own objects.
 GC_VARIANTS = {
-    "gc-paused": "merge.gc_paused around the merge (the default)",
-    "gc-on": "the collector left on during the merge",
-    "gc-on+frozen": "the collector on, the start-up heap frozen (gc.freeze)",
-    "gc-paused+frozen": "both",
+    "gc-on": "the collector on, as the proxy runs",
+    "gc-off": "the collector disabled around the merge (as a context manager would)",
+    "gc-on+frozen": "the collector on, the heap frozen before (gc.freeze after start-up)",
+    "gc-off+frozen": "both",
 }
 
 
@@ -611,8 +611,9 @@ def merge_microbench(k: int = 5, p: int = 30_000, rounds: int = 7, baseline: str
                 undo.enter_context(_patched(m, "merge_syncz_fast", no_fast))
             if path.startswith("exact"):
                 undo.enter_context(_patched(m, "merge_syncz_split", no_fast))
-            if "gc-on" in variant:
-                undo.enter_context(_patched(m, "gc_paused", contextlib.nullcontext))
+            if "gc-off" in variant and gc.isenabled():
+                gc.disable()
+                undo.callback(gc.enable)
             if "frozen" in variant:
                 gc.freeze()
                 undo.callback(gc.unfreeze)

@@ -6,14 +6,12 @@ Each rule takes the successful answers and returns the merged bytes plus the ans
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import json
 import uuid
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, compress, repeat
 from operator import and_, eq, itemgetter, ne
@@ -268,27 +266,9 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
     return Merged(body, count, [])
 
 
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector off while a big answer is merged, as it was after.
-
-    A syncz merge allocates tens of thousands of short-lived objects; each 700 of them started a collection
-    that walked every young object still alive (see docs/benchmarks.md, "The split path"). What the merge
-    frees, reference counting frees; the collector runs again on the allocations after it.
-    """
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
 def merge_syncz(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged:
     """syncz: every replica's ClientConfigs, each proxy once (the latest update wins), scoped if asked."""
-    with gc_paused():
-        return _merge_syncz(plan, answers, dataclasses.replace(ctx, indexes={}))
+    return _merge_syncz(plan, answers, dataclasses.replace(ctx, indexes={}))
 
 
 def _merge_syncz(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged:
