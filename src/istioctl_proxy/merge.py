@@ -218,9 +218,9 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
             return None
         ids = list(map(itemgetter(0), facts))
     keep = [True] * len(ids)
-    last = dict(zip(ids, range(len(ids)), strict=True))  # each id's last position
-    duplicates = len(last) != len(ids)
+    duplicates = len(set(ids)) != len(ids)
     if duplicates:
+        last = dict(zip(ids, range(len(ids)), strict=True))  # each id's last position
         # A proxy on two replicas (or twice on one): the newest copy, the first of equals (as merge_syncz).
         ends = list(accumulate(s.count for s in splits))  # resource g is in splits[bisect_right(ends, g)]
 
@@ -243,7 +243,8 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
                 keep[g] = g == newest
     if ctx.scope:
         assert facts is not None  # scoped: read above
-        keep = list(map(and_, keep, map(eq, map(itemgetter(1), facts), repeat(ctx.scope))))
+        in_scope = map(eq, map(itemgetter(1), facts), repeat(ctx.scope))
+        keep = list(map(and_, keep, in_scope)) if duplicates else list(in_scope)
     # As merge_syncz: with nothing to drop, the replicas' bytes pass through untouched.
     parts: list[bytes | memoryview] = wire.join_kept(splits, keep) if ctx.scope or duplicates else \
         [a.body for a in answers if a.body is not None]
