@@ -129,8 +129,8 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             )
     m = results.get("merge")
     for name, path in (m or {}).get("paths", {}).items():
-        if name.startswith("exact"):
-            continue  # the reference the others are proven against, not a path callers take
+        if name.startswith("exact") or "@" in name or "/" in name:
+            continue  # the reference the others are proven against, an older revision, a GC variant: not targets
         v = path["mb_s_median"]
         rows.append(
             (
