@@ -537,23 +537,23 @@ def _merge_at(rev: str) -> Any:
     name = "istioctl_proxy_at_" + "".join(c if c.isalnum() else "_" for c in rev)
     if name + ".merge" in sys.modules:
         return sys.modules[name + ".merge"]
-    where = tempfile.mkdtemp(prefix="istioctl-proxy-merge-at-")
     package = types.ModuleType(name)
-    package.__path__ = [where]
     sys.modules[name] = package
     for alias, module in (("errors", errors), ("model", model), ("policy", policy)):
         sys.modules[f"{name}.{alias}"] = module
     loaded = None
-    for module_name in ("wire", "merge"):
-        path = os.path.join(where, module_name + ".py")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(subprocess.run(["git", "-C", ROOT, "show", f"{rev}:src/istioctl_proxy/{module_name}.py"],
-                                   check=True, capture_output=True, text=True).stdout)
-        spec = importlib.util.spec_from_file_location(f"{name}.{module_name}", path)
-        assert spec is not None and spec.loader is not None
-        loaded = importlib.util.module_from_spec(spec)
-        sys.modules[f"{name}.{module_name}"] = loaded
-        spec.loader.exec_module(loaded)
+    with tempfile.TemporaryDirectory(prefix="istioctl-proxy-merge-at-") as where:  # only while importing
+        package.__path__ = [where]
+        for module_name in ("wire", "merge"):
+            path = os.path.join(where, module_name + ".py")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(subprocess.run(["git", "-C", ROOT, "show", f"{rev}:src/istioctl_proxy/{module_name}.py"],
+                                       check=True, capture_output=True, text=True).stdout)
+            spec = importlib.util.spec_from_file_location(f"{name}.{module_name}", path)
+            assert spec is not None and spec.loader is not None
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules[f"{name}.{module_name}"] = loaded
+            spec.loader.exec_module(loaded)
     return loaded
 
 
