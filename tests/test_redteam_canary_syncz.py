@@ -96,34 +96,33 @@ def test_a_scoped_caller_sees_only_its_namespace_as_it_decodes_it(
     assert merge.merge(PLAN, answers, merge.MergeContext()).resources == 3
 
 
-@pytest.mark.xfail(strict=True, reason="open: the send budget has no per-caller share; one caller's queued "
-                   "answers (up to --max-streams-per-connection of them) all go before another caller's")
 async def test_one_caller_with_many_unread_streams_does_not_starve_another() -> None:
     import asyncio
 
-    from istioctl_proxy.errors import ResourceExhausted
     from istioctl_proxy.server import SendBudget
 
     # One caller: 30 streams that never read (each answer is cut after slow_reader_seconds, and the stream
     # asks again at once), every answer as large as the budget (a big mesh's syncz against 48 MiB).
-    budget = SendBudget(10, slow_reader_seconds=0.05)
+    cuts: list[str] = []
+    budget = SendBudget(10, slow_reader_seconds=0.05, on_cut=cuts.append)
 
     async def never_reads() -> None:
         while True:
-            async with budget.hold(10, 600.0) as evicted:
+            async with budget.hold("hog", 10, 600.0) as evicted:
                 await evicted
 
     hogs = [asyncio.create_task(never_reads()) for _ in range(30)]
     try:
-        while len(budget._waiters) < 29:  # every hog but the holder queued
+        while budget.waiting("hog") < 29:  # every hog but the holder queued
             await asyncio.sleep(0)
-        # Another caller's one answer: with a share per caller it would go after at most a few cuts; it waits
-        # behind them, and is pushed back each time it wakes: refused (measured: still refused after 3 s).
-        try:
-            async with budget.hold(10, 0.5):
-                pass
-        except ResourceExhausted as err:
-            pytest.fail(f"starved by another caller's unread answers: {err}")
+        # Another caller's one answer. It used to wait behind them and be pushed back each time it woke (still
+        # refused after 3 s, and after --send-timeout). Now it is the very next grant: the hog's answer is
+        # cut for it (counted as a share cut), and the room goes to the caller not served yet.
+        before, cut_before = budget.grants, len(cuts)
+        async with budget.hold("other", 10, 600.0):
+            assert budget.grants == before + 1
+            assert budget.held("hog") == 0
+        assert cuts[cut_before:] == ["send_budget_caller_share"]
     finally:
         pending = set(hogs)
         while pending:  # Python 3.11's wait_for can swallow a cancel that races its wake-up: cancel again

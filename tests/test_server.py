@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import os
 import tempfile
+import types
 
 import grpc
 import pytest
@@ -16,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from istioctl_proxy import client
 from istioctl_proxy.app import Proxy
+from istioctl_proxy.auth import Caller
 from istioctl_proxy.errors import ResourceExhausted
 from istioctl_proxy.policy import CONFIG_DUMP, SYNCZ
 from istioctl_proxy.server import SendBudget
@@ -215,6 +217,42 @@ async def test_slow_readers_are_cut_and_others_are_unaffected() -> None:
             await until(lambda: _metric(s, "istioctl_proxy_send_queued_bytes") == 0, "the send queue to empty")
 
 
+async def test_a_caller_with_many_unread_streams_does_not_starve_another_caller() -> None:
+    """Red team finding 3, through the server: caller A's 30 streams never read their 6 MiB answers (the whole
+    budget); caller B (another token) still gets its answer after one of A's is cut, not after A's queue."""
+    mesh = make_mesh(2, 8, tokens=TOKENS)
+    mesh[0].proxies.append(SimProxy("big", "ns-9", states={"LDS": "ERROR"}, error="e" * (6 << 20)))
+    async with stack(mesh=mesh, send_budget_mib=6, slow_reader_seconds=1.0, send_timeout=60.0) as s:
+        budget = s.proxy.service.budget
+        hog, other = Caller("a", token=ADMIN_TOKEN).key, Caller("b", token="ns-1-token").key
+        async with grpc.aio.insecure_channel(s.address, options=NOT_READING) as slow_ch, \
+                grpc.aio.insecure_channel(s.address) as ch:
+            slow = []
+            for _ in range(30):
+                call = slow_ch.stream_stream(SOTW)(metadata=bearer(ADMIN_TOKEN), timeout=120)
+                await call.write(_syncz().SerializeToString())
+                slow.append(call)
+            # A holds the whole budget and has answers waiting (the others may wait inside a shared fan-out that
+            # waits for room itself: coalesced callers wait as one).
+            await until(lambda: budget.held(hog) == 6 << 20 and budget.waiting(hog) >= 3, "A's answers queued")
+            asking = asyncio.create_task(ads_call(ch, [_syncz("ns-1")], metadata=bearer("ns-1-token"), timeout=60))
+            await until(lambda: budget.waiting(other) == 1 or asking.done(), "B's answer waiting for room")
+            cuts_before, a_waiting = _cuts(s), budget.waiting(hog)
+            out = await asking
+            assert out.code == grpc.StatusCode.OK and out.responses, out
+            # One of A's answers was cut for B (as a share cut), not A's whole queue.
+            assert a_waiting >= 1 and _cuts(s) - cuts_before <= 1
+            assert _metric(s, "istioctl_proxy_streams_cut_total", reason="send_budget_caller_share") >= 1
+            for call in slow:
+                call.cancel()
+        await until(lambda: _metric(s, "istioctl_proxy_send_queued_bytes") == 0, "the send queue to empty")
+
+
+def _cuts(s: Stack) -> float:
+    return sum(_metric(s, "istioctl_proxy_streams_cut_total", reason=r)
+               for r in ("slow_reader", "send_budget_caller_share", "send_budget", "send_timeout"))
+
+
 async def test_an_answer_not_read_within_the_send_timeout_is_cut() -> None:
     mesh = make_mesh(1, 2, tokens=TOKENS)
     mesh[0].proxies.append(SimProxy("big", "ns-9", states={"LDS": "ERROR"}, error="e" * (6 << 20)))
@@ -232,30 +270,107 @@ async def test_an_answer_not_read_within_the_send_timeout_is_cut() -> None:
 
 
 async def test_send_budget_waits_cuts_the_oldest_stalled_answer_and_refuses_when_nothing_can_be_cut() -> None:
-    cuts: list[int] = []
-    full: list[int] = []
-    budget = SendBudget(10, slow_reader_seconds=0.05, on_evict=lambda: cuts.append(1), on_full=lambda: full.append(1))
-    async with budget.hold(8, 1.0) as evicted:
+    cuts: list[str] = []
+    budget = SendBudget(10, slow_reader_seconds=0.05, on_cut=cuts.append)
+    async with budget.hold("a", 8, 1.0) as evicted:
 
         async def second() -> int:
-            async with budget.hold(8, 30.0):
+            async with budget.hold("a", 8, 30.0):
                 return budget.used
 
         waiting = asyncio.create_task(second())
-        await evicted  # the stalled first answer is cut for the waiting one
-        assert cuts == [1] and budget.used == 8
+        assert await evicted == "slow_reader"  # the stalled first answer is cut for the waiting one
+        assert cuts == ["slow_reader"] and budget.used == 8
     assert await waiting == 8
     assert budget.used == 0
     # An answer larger than the whole budget takes all of it, alone.
-    async with budget.hold(100, 1.0):
+    async with budget.hold("a", 100, 1.0):
         assert budget.used == 10
     # Nothing stalled long enough to cut: the waiter is refused after its wait, and counted.
-    patient = SendBudget(10, slow_reader_seconds=600.0, on_full=lambda: full.append(1))
-    async with patient.hold(10, 1.0):
+    patient = SendBudget(10, slow_reader_seconds=600.0, on_cut=cuts.append)
+    async with patient.hold("a", 10, 1.0):
         with pytest.raises(ResourceExhausted, match="--send-budget-mib"):
-            async with patient.hold(1, 0.1):
+            async with patient.hold("a", 1, 0.1):
                 pass
-    assert full == [1] and patient.used == 0
+    assert cuts == ["slow_reader", "send_budget"] and patient.used == 0 and patient.waiting() == 0
+
+
+async def _granted(
+    budget: SendBudget, name: str, size: int, order: list[str], release: asyncio.Event,
+    cut: dict[str, str] | None = None,
+) -> None:
+    async with budget.hold(name[0], size, 600.0) as evicted:  # the caller is the name's first letter
+        order.append(name)
+        await asyncio.wait({evicted, asyncio.ensure_future(release.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if evicted.done() and cut is not None:
+            cut[name] = evicted.result()
+        await release.wait()
+
+
+async def test_send_budget_serves_waiting_callers_round_robin_and_each_caller_in_order() -> None:
+    # Red team finding 3: room that frees went to whichever waiter woke first, and a caller that woke late was
+    # queued again at the back. Now: the least recently served caller first, FIFO within a caller.
+    budget = SendBudget(10, slow_reader_seconds=600.0)
+    order: list[str] = []
+    names = ("a0", "a1", "a2", "a3", "b1", "c1", "b2")
+    gates = {name: asyncio.Event() for name in names}
+    tasks = []
+    for name in names:
+        tasks.append(asyncio.create_task(_granted(budget, name, 10, order, gates[name])))
+        await until(lambda: budget.grants + budget.waiting() == len(tasks), f"{name} holding or queued")
+    for n in range(len(names)):
+        await until(lambda n=n: len(order) == n + 1, "the next grant")  # type: ignore[misc]
+        gates[order[-1]].set()
+    await asyncio.gather(*tasks)
+    # a0 was served first: b and c (not served yet) go before a's next answer, then callers alternate.
+    assert order == ["a0", "b1", "c1", "a1", "b2", "a2", "a3"]
+    assert budget.used == 0 and budget.waiting() == 0
+
+
+async def test_a_caller_over_its_share_gets_no_more_room_while_another_caller_waits() -> None:
+    budget = SendBudget(100, slow_reader_seconds=600.0)
+    order: list[str] = []
+    gates = {name: asyncio.Event() for name in ("a1", "a2", "a3", "b1", "c1")}
+    tasks = {name: asyncio.create_task(_granted(budget, name, 30, order, gates[name])) for name in ("a1", "a2")}
+    # Alone, a caller may use more than its share (half the budget): nobody else wants room.
+    await until(lambda: budget.held("a") == 60, "a's two answers")
+    tasks["c1"] = asyncio.create_task(_granted(budget, "c1", 50, order, gates["c1"]))  # 40 free: c waits
+    await until(lambda: budget.waiting("c") == 1, "c queued")
+    tasks["a3"] = asyncio.create_task(_granted(budget, "a3", 10, order, gates["a3"]))
+    await until(lambda: budget.waiting("a") == 1, "a's third answer queued")
+    # 40 bytes are free, but a holds 60 > 50 while c waits: a's answer waits (and nobody overtakes c).
+    assert order == ["a1", "a2"] and budget.used == 60
+    tasks["b1"] = asyncio.create_task(_granted(budget, "b1", 10, order, gates["b1"]))
+    await until(lambda: budget.waiting("b") == 1, "b queued")
+    gates["a1"].set()  # 70 free: c (first in line), then b (not served yet), then a (30 held: within its share)
+    await until(lambda: len(order) == 5, "every answer granted")
+    assert order == ["a1", "a2", "c1", "b1", "a3"] and budget.used == 100
+    for gate in gates.values():
+        gate.set()
+    await asyncio.gather(*tasks.values())
+    assert budget.used == 0
+
+
+async def test_stalled_answers_of_the_biggest_holder_are_cut_first_and_counted_as_share_cuts() -> None:
+    cuts: list[str] = []
+    budget = SendBudget(100, slow_reader_seconds=0.05, on_cut=cuts.append)
+    order: list[str] = []
+    cut: dict[str, str] = {}
+    gates = {name: asyncio.Event() for name in ("b1", "a1", "a2", "c1")}
+    tasks = [asyncio.create_task(_granted(budget, name, 30, order, gates[name], cut)) for name in ("b1", "a1", "a2")]
+    await until(lambda: budget.used == 90, "three answers held")
+    tasks.append(asyncio.create_task(_granted(budget, "c1", 20, order, gates["c1"], cut)))
+    # c needs 10 more bytes: the stalled answer cut is a's oldest (a holds the most, 60 > its share of 50),
+    # not b's, although b's is older.
+    await until(lambda: "a1" in cut, "a's first answer cut")
+    assert cut == {"a1": "send_budget_caller_share"} and cuts == ["send_budget_caller_share"]
+    gates["a1"].set()  # the cut stream ends, its hold goes: c gets the room
+    await until(lambda: order[-1:] == ["c1"], "c's answer")
+    assert cut == {"a1": "send_budget_caller_share"}
+    for gate in gates.values():
+        gate.set()
+    await asyncio.gather(*tasks)
+    assert budget.used == 0
 
 
 async def test_an_answer_is_encoded_for_its_stream_only_once_the_send_budget_has_room() -> None:
@@ -264,7 +379,7 @@ async def test_an_answer_is_encoded_for_its_stream_only_once_the_send_budget_has
     from istioctl_proxy.model import Merge, Plan, Result
     from istioctl_proxy.server import AdsService
 
-    service = AdsService(None, None)  # type: ignore[arg-type]  # _send needs neither
+    service = AdsService(types.SimpleNamespace(), None)  # type: ignore[arg-type]  # _send needs neither
     service.budget = SendBudget(100, slow_reader_seconds=600.0)
     encoded: list[int] = []
     written: list[bytes] = []
@@ -282,8 +397,8 @@ async def test_an_answer_is_encoded_for_its_stream_only_once_the_send_budget_has
             written.append(body)
 
     result = Result(b"x" * 60, Plan(SYNCZ, Merge.SYNCZ, ()), 1, [])
-    async with service.budget.hold(60, 1.0):
-        sending = asyncio.create_task(service._send(Context(), Protocol(), result))  # type: ignore[arg-type]
+    async with service.budget.hold("a", 60, 1.0):
+        sending = asyncio.create_task(service._send(Context(), Protocol(), result, "a"))  # type: ignore[arg-type]
         for _ in range(5):
             await asyncio.sleep(0)  # let it run as far as it can: to the budget, not past it
         assert encoded == [] and written == []

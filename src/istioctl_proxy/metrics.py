@@ -119,7 +119,8 @@ class Metrics:
         self.streams_cut = Counter("istioctl_proxy_streams_cut",
                                    "Streams the proxy ended or refused to protect itself, by reason "
                                    "(first_message_timeout, idle_timeout, max_age, max_streams, "
-                                   "max_streams_per_connection, send_budget, slow_reader, send_timeout).",
+                                   "max_streams_per_connection, send_budget, slow_reader, send_timeout, "
+                                   "send_budget_caller_share, send_budget_fanout).",
                                    ["reason"], registry=r)
         self.send_queued_bytes = Gauge("istioctl_proxy_send_queued_bytes",
                                        "Bytes of answers handed to gRPC and not yet taken by their callers "

@@ -104,76 +104,196 @@ class _Delta:
 
 @dataclass
 class _Hold:
+    caller: str
     size: int
     since: float
-    evicted: asyncio.Future[None]
+    evicted: asyncio.Future[str]  # set to the cut's reason
+    evictable: bool = True  # an answer handed to gRPC; a fan-out's reservation is never cut
+
+
+@dataclass
+class _Waiter:
+    caller: str
+    size: int
+    seq: int  # arrival order: FIFO within a caller
+    granted: asyncio.Future[_Hold]
+    fan_out: bool = False
+
+
+# Cut reasons (istioctl_proxy_streams_cut_total{reason}) of the budget's refusals and evictions.
+SLOW_READER, SEND_BUDGET, CALLER_SHARE, FANOUT_BUDGET = (
+    "slow_reader", "send_budget", "send_budget_caller_share", "send_budget_fanout")
 
 
 @dataclass
 class SendBudget:
-    """Bytes of answers handed to gRPC and not yet taken by their callers, over all streams.
+    """Bytes of answers handed to gRPC and not yet taken by their callers, and of fan-outs in flight.
 
-    Each stream has at most one answer in flight (the next write waits for the previous one), so one
-    stream holds at most one answer. When the budget is full, a new answer waits for room; streams whose
-    answer has sat unread for `slow_reader_seconds` are cut first, so slow readers cannot starve others.
+    Each stream has at most one answer in flight (the next write waits for the previous one). Holds and
+    waiters are kept per caller (`auth.Caller.key`): room that frees goes to the callers waiting in
+    round-robin order (least recently served first; FIFO within one caller), and while other callers wait,
+    a caller holding more than its share (`share`, half the budget) gets no more. Answers that sat unread
+    for `slow_reader_seconds` while someone waits for room are cut, the biggest holder's first: one caller's
+    many unread streams cannot starve another caller.
     """
 
     total: int
     slow_reader_seconds: float
     on_change: Callable[[int], None] = lambda used: None
-    on_evict: Callable[[], None] = lambda: None
-    on_full: Callable[[], None] = lambda: None
+    on_cut: Callable[[str], None] = lambda reason: None  # a refusal or an eviction, by reason
     used: int = 0
-    _holds: list[_Hold] = field(default_factory=list)
-    _waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    grants: int = 0  # holds granted so far (tests wait on it)
+    _holds: dict[str, list[_Hold]] = field(default_factory=dict)  # per caller, oldest first
+    _held: collections.Counter[str] = field(default_factory=collections.Counter)  # bytes per caller
+    _waiting: dict[str, collections.deque[_Waiter]] = field(default_factory=dict)  # per caller, FIFO
+    _served: dict[str, int] = field(default_factory=dict)  # caller → `grants` at its last grant
+    _seq: int = 0
+
+    @property
+    def share(self) -> int:
+        """Bytes one caller may hold while others wait for room (it always may hold one answer)."""
+        return self.total // 2
+
+    def waiting(self, caller: str | None = None) -> int:
+        """Holds waiting for room (of `caller`, or of everyone)."""
+        if caller is not None:
+            return len(self._waiting.get(caller, ()))
+        return sum(len(q) for q in self._waiting.values())
+
+    def held(self, caller: str) -> int:
+        """Bytes `caller` holds now."""
+        return self._held[caller]
 
     @contextlib.asynccontextmanager
-    async def hold(self, size: int, wait: float) -> AsyncIterator[asyncio.Future[None]]:
-        """Room for `size` bytes (waiting up to `wait` s); yields a future set if this hold is cut."""
-        size = min(size, self.total)  # an answer larger than the whole budget takes all of it, alone
-        deadline = time.monotonic() + wait
+    async def hold(
+        self, caller: str, size: int, wait: float, *, fan_out: bool = False
+    ) -> AsyncIterator[asyncio.Future[str]]:
+        """Room for `size` bytes of `caller` (waiting up to `wait` s); yields a future set (to the reason) if
+        this hold is cut.
+
+        `fan_out`: a reservation for answers still to come (never cut as a slow reader; refused with its
+        own reason and message).
+        """
+        size = min(size, self.total)  # larger than the whole budget: it takes all of it, alone
         loop = asyncio.get_running_loop()
-        while self.used + size > self.total:
-            self._evict_slow(self.used + size - self.total)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.on_full()
-                raise ResourceExhausted(
-                    f"the proxy's send budget ({self.total // MiB} MiB, --send-budget-mib) stayed full for "
-                    f"{wait:.0f}s: too many answers are waiting for their callers to read them"
-                )
-            waiter = loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                await asyncio.wait_for(waiter, min(left, self.slow_reader_seconds))
-            except TimeoutError:
-                pass
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-        held = _Hold(size, time.monotonic(), loop.create_future())
-        self._holds.append(held)
-        self.used += size
-        self.on_change(self.used)
+        self._seq += 1
+        waiter = _Waiter(caller, size, self._seq, loop.create_future(), fan_out)
+        self._waiting.setdefault(caller, collections.deque()).append(waiter)
+        self._dispatch()
+        deadline = time.monotonic() + wait
+        try:
+            while not waiter.granted.done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._refusal(waiter, wait, fan_out)
+                # Wake up at least every slow_reader_seconds: by then a held answer may be old enough to cut.
+                await asyncio.wait({waiter.granted}, timeout=min(left, self.slow_reader_seconds))
+                if not waiter.granted.done():
+                    self._dispatch()
+        except BaseException:
+            if waiter.granted.done():  # granted as we were cancelled: give it back
+                self._release(waiter.granted.result())
+            else:
+                self._forget(waiter)
+                self._dispatch()  # it may have blocked the line
+            raise
+        held = waiter.granted.result()
         try:
             yield held.evicted
         finally:
-            self._holds.remove(held)
-            self.used -= size
+            self._release(held)
+
+    def _refusal(self, waiter: _Waiter, wait: float, fan_out: bool) -> ResourceExhausted:
+        over_share = self._over_share(waiter) and not fan_out
+        reason = FANOUT_BUDGET if fan_out else CALLER_SHARE if over_share else SEND_BUDGET
+        self.on_cut(reason)
+        mib = self.total // MiB
+        if fan_out:
+            return ResourceExhausted(
+                f"the proxy's send budget ({mib} MiB, --send-budget-mib) had no room for this request's fan-out "
+                f"(about {waiter.size / MiB:.1f} MiB of replica answers) within its deadline: too many answers "
+                "are being fetched or sent; try again later")
+        if over_share:
+            return ResourceExhausted(
+                f"this caller's answers waiting to be read hold {self._held[waiter.caller] // MiB} MiB, more than "
+                f"its share ({self.share // MiB} MiB, half of --send-budget-mib) while others wait, for {wait:.0f}s: "
+                "read answers as they come")
+        return ResourceExhausted(
+            f"the proxy's send budget ({mib} MiB, --send-budget-mib) stayed full for "
+            f"{wait:.0f}s: too many answers are waiting for their callers to read them")
+
+    def _over_share(self, waiter: _Waiter) -> bool:
+        held = self._held[waiter.caller]
+        others = len(self._waiting) > (waiter.caller in self._waiting)  # only non-empty queues are kept
+        return held > 0 and held + waiter.size > self.share and others
+
+    def _dispatch(self) -> None:
+        """Grant room to waiters, round-robin by caller, until the next in line does not fit."""
+        while True:
+            heads = [q[0] for q in self._waiting.values() if q]
+            eligible = [w for w in heads if not self._over_share(w)]
+            if not eligible:
+                return
+            nxt = min(eligible, key=lambda w: (self._served.get(w.caller, -1), w.seq))
+            if self.used + nxt.size > self.total:
+                # The next in line waits (nobody overtakes it, so large answers are not starved either);
+                # stalled answers make room, the biggest holder's first.
+                self._evict_slow(self.used + nxt.size - self.total)
+                return
+            self._forget(nxt)
+            held = _Hold(nxt.caller, nxt.size, time.monotonic(), asyncio.get_running_loop().create_future(),
+                         evictable=not nxt.fan_out)
+            self._holds.setdefault(nxt.caller, []).append(held)
+            self._held[nxt.caller] += nxt.size
+            self.used += nxt.size
+            self.grants += 1
+            self._served[nxt.caller] = self.grants
+            nxt.granted.set_result(held)
             self.on_change(self.used)
-            for w in self._waiters:
-                if not w.done():
-                    w.set_result(None)
+
+    def _forget(self, waiter: _Waiter) -> None:
+        queue = self._waiting.get(waiter.caller)
+        if queue is not None:
+            with contextlib.suppress(ValueError):
+                queue.remove(waiter)
+            if not queue:
+                del self._waiting[waiter.caller]
+        self._tidy(waiter.caller)
+
+    def _release(self, held: _Hold) -> None:
+        holds = self._holds.get(held.caller, [])
+        if held not in holds:
+            return
+        holds.remove(held)
+        if not holds:
+            del self._holds[held.caller]
+        self._held[held.caller] -= held.size
+        if self._held[held.caller] <= 0:
+            del self._held[held.caller]
+        self.used -= held.size
+        self._tidy(held.caller)
+        self.on_change(self.used)
+        self._dispatch()
+
+    def _tidy(self, caller: str) -> None:
+        # A caller with nothing held or waiting is forgotten: what is kept is bounded by the streams open.
+        if caller not in self._holds and caller not in self._waiting:
+            self._served.pop(caller, None)
 
     def _evict_slow(self, needed: int) -> None:
         now = time.monotonic()
-        for held in sorted(self._holds, key=lambda h: h.since):
-            if needed <= 0 or now - held.since < self.slow_reader_seconds:
+        needed -= sum(h.size for hs in self._holds.values() for h in hs if h.evicted.done())  # already cut
+        waiting = {c for c, q in self._waiting.items() if q}
+        stalled = [h for hs in self._holds.values() for h in hs
+                   if h.evictable and not h.evicted.done() and now - h.since >= self.slow_reader_seconds]
+        for held in sorted(stalled, key=lambda h: (-self._held[h.caller], h.since)):
+            if needed <= 0:
                 return
-            if not held.evicted.done():
-                held.evicted.set_result(None)
-                self.on_evict()
-                needed -= held.size
+            over = self._held[held.caller] > self.share and bool(waiting - {held.caller})
+            reason = CALLER_SHARE if over else SLOW_READER
+            held.evicted.set_result(reason)
+            self.on_cut(reason)
+            needed -= held.size
 
 
 @dataclass
@@ -217,9 +337,9 @@ class AdsService:
         self.streams = StreamTable(self.limits)
         self.budget = SendBudget(
             self.limits.send_budget_bytes, self.limits.slow_reader_seconds,
-            on_change=self.observer.queued, on_evict=lambda: self.observer.cut("slow_reader"),
-            on_full=lambda: self.observer.cut("send_budget"),
+            on_change=self.observer.queued, on_cut=self.observer.cut,
         )
+        aggregator.budget = self.budget  # fan-outs reserve room for the answers they will hold, in the same budget
 
     async def stream(self, requests: object, context: Context) -> None:
         """StreamAggregatedResources (SotW)."""
@@ -291,7 +411,7 @@ class AdsService:
             result = await self._answer(context, caller, type_url, names, node)
             # Per request, not cumulative: the trailer describes the latest answer.
             context.set_trailing_metadata(failed_replicas_trailer(result.failures))
-            await self._send(context, protocol, result)
+            await self._send(context, protocol, result, caller.key)
             del result
             age_left = limits.max_age - (time.monotonic() - started)
             if age_left <= 0:
@@ -346,14 +466,14 @@ class AdsService:
         self.observer.call(type_url, caller, "OK", time.monotonic() - started, result)
         return result
 
-    async def _send(self, context: Context, protocol: _Protocol, result: Result) -> None:
+    async def _send(self, context: Context, protocol: _Protocol, result: Result, caller: str) -> None:
         """Write one answer within the send budget; a caller that does not read it in time is cut.
 
         Room is reserved before the answer is encoded for this stream (Delta builds a new message) and handed
         to gRPC (which copies it): a shared merged body is held once, its per-stream copies only within budget.
         """
         limits = self.limits
-        async with self.budget.hold(len(result.body), limits.send_timeout) as evicted:
+        async with self.budget.hold(caller, len(result.body), limits.send_timeout) as evicted:
             write = asyncio.ensure_future(context.write(protocol.encode(result)))
             try:
                 done, _ = await asyncio.wait({write, evicted}, timeout=limits.send_timeout,
@@ -365,6 +485,12 @@ class AdsService:
             if write in done:
                 write.result()
                 return
+        if evicted.done() and evicted.result() == CALLER_SHARE:
+            raise ResourceExhausted(
+                f"the answer was not read for {limits.slow_reader_seconds:g}s (--slow-reader-seconds) while other "
+                "callers waited for the proxy's send budget and this caller's unread answers held more than its "
+                "share (half of --send-budget-mib): read answers as they come"
+            )
         if evicted.done():
             raise ResourceExhausted(
                 f"the answer was not read for {limits.slow_reader_seconds:g}s while the proxy's send budget "
