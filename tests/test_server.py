@@ -248,6 +248,37 @@ async def test_a_caller_with_many_unread_streams_does_not_starve_another_caller(
         await until(lambda: _metric(s, "istioctl_proxy_send_queued_bytes") == 0, "the send queue to empty")
 
 
+async def test_fan_outs_in_flight_reserve_room_in_the_budget_and_wait_for_it_within_their_deadline() -> None:
+    """Issue 14 item 2: with --no-coalesce each caller's fan-out holds the replicas' answers and a merge before
+    any send; N callers held N of them. Now a fan-out reserves what the last one of its kind held."""
+    mesh = make_mesh(1, 4, tokens=TOKENS)
+    mesh[0].proxies.append(SimProxy("big", "ns-9", states={"LDS": "ERROR"}, error="e" * (1 << 20)))
+    async with stack(mesh=mesh, coalesce=False, send_budget_mib=5) as s, \
+            grpc.aio.insecure_channel(s.address) as ch:
+        budget, replica = s.proxy.service.budget, s.replicas[0]
+        key = Caller("a", token=ADMIN_TOKEN).key
+        first = await ads_call(ch, [_syncz()], metadata=bearer(ADMIN_TOKEN), timeout=30)
+        assert first.code == grpc.StatusCode.OK, first
+        (estimate,) = s.proxy.service.aggregator.fan_out_sizes.values()  # the answer and its merge: ~2 MiB
+        assert 2 << 20 <= estimate < 5 << 19
+        allowed = (5 << 20) // estimate
+        replica.faults.latency = 60.0  # the fan-outs in flight stay in flight
+        base = replica.requests
+        calls = [asyncio.create_task(ads_call(ch, [_syncz()], metadata=bearer(ADMIN_TOKEN), timeout=60))
+                 for _ in range(6)]
+        await until(lambda: replica.requests - base + budget.waiting(key) == 6, "every call asking or waiting")
+        # Only what the budget holds went upstream; the others wait for room (they used to go all at once).
+        assert replica.requests - base == allowed == 2 and budget.used == allowed * estimate
+        # A caller whose deadline passes while it waits for room is refused, naming the flag.
+        late = await ads_call(ch, [_syncz()], metadata=bearer(ADMIN_TOKEN), timeout=3)
+        assert late.code == grpc.StatusCode.RESOURCE_EXHAUSTED, late
+        assert "--send-budget-mib" in late.details and "fan-out" in late.details
+        assert _metric(s, "istioctl_proxy_streams_cut_total", reason="send_budget_fanout") == 1
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+
+
 def _cuts(s: Stack) -> float:
     return sum(_metric(s, "istioctl_proxy_streams_cut_total", reason=r)
                for r in ("slow_reader", "send_budget_caller_share", "send_budget", "send_timeout"))

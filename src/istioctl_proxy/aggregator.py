@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -41,6 +45,20 @@ class Settings:
     cache_ttl: float = Config.cache_ttl  # seconds a complete answer is reused for the same caller key; 0 = off
     cache_max_bytes: int = 64 * 1024 * 1024  # bound on cached bodies (entries are also capped in number)
     istiod_column: str = Config.istiod_column  # or "revision": the ISTIOD value names the revisions holding the proxies
+
+
+class Budget(Protocol):
+    """Room for bytes held on a caller's behalf (server.SendBudget): fan-outs reserve in it."""
+
+    def hold(
+        self, caller: str, size: int, wait: float, *, fan_out: bool = False
+    ) -> AbstractAsyncContextManager[object]:
+        """Room for `size` bytes of `caller`, waited for up to `wait` s (else ResourceExhausted)."""
+        ...
+
+
+# Fan-out sizes remembered (per request shape) to reserve room before the next identical fan-out.
+_SIZES_KEPT = 256
 
 
 def _may_match_connection(proxy_id: str, node_id: str) -> bool:
@@ -105,6 +123,10 @@ class Aggregator:
         self.syncz_memo = wire.SynczMemo()
         # Told (type URL, "coalesced" | "cached") for each call served without its own fan-out (metrics).
         self.on_shared: Callable[[str, str], None] | None = None
+        # Where fan-outs reserve room for the answers they will hold (the server's send budget; None: unbounded).
+        self.budget: Budget | None = None
+        # Bytes the last fan-out of each request shape held (its answers + its merge): the next one's reservation.
+        self.fan_out_sizes: OrderedDict[Hashable, int] = OrderedDict()
 
     async def answer(
         self, type_url: str, names: list[str], node: base_pb2.Node, caller: Caller, remaining: float | None
@@ -157,7 +179,7 @@ class Aggregator:
         key = FlightKey(caller.key, plan.type_url, plan.resource_names, request, ctx.scope,
                         (plan.fan_out, tuple(r.address for r in replicas)))
         shared, kind = await self.coalescer.serve(
-            key, lambda: self._fan_out_and_merge(plan, replicas, request, metadata, deadline, ctx, node, caller),
+            key, lambda: self._fan_out_and_merge(plan, replicas, request, metadata, deadline, ctx, node, caller, key),
             deadline=deadline,
         )
         if kind and self.on_shared is not None:
@@ -169,7 +191,33 @@ class Aggregator:
     async def _fan_out_and_merge(
         self, plan: Plan, replicas: tuple[Replica, ...], request: bytes,
         metadata: tuple[tuple[str, str], ...], deadline: float, ctx: MergeContext,
-        node: base_pb2.Node, caller: Caller,
+        node: base_pb2.Node, caller: Caller, shape: Hashable,
+    ) -> Result:
+        """The fan-out and merge within a reservation of the budget: the replicas' answers and the merge are
+        held before any send, so N callers' own fan-outs (no coalescing) would otherwise hold N × that.
+
+        The reservation is what the last fan-out of the same `shape` (the coalescing key: same caller, request
+        and replicas) held, nothing the first time (then the size is learnt); a caller waits for room within its
+        deadline, in turn with everyone else's sends.
+        """
+        estimate = self.fan_out_sizes.get(shape, 0)
+        reserve: AbstractAsyncContextManager[object] = contextlib.nullcontext()
+        if self.budget is not None and estimate:
+            reserve = self.budget.hold(caller.key, estimate, _left(deadline), fan_out=True)
+        held: list[int] = []
+        async with reserve:
+            result = await self._fan_out_and_merge_now(plan, replicas, request, metadata, deadline, ctx, node, caller,
+                                                       held)
+        self.fan_out_sizes[shape] = sum(held)
+        self.fan_out_sizes.move_to_end(shape)
+        while len(self.fan_out_sizes) > _SIZES_KEPT:
+            self.fan_out_sizes.popitem(last=False)
+        return result
+
+    async def _fan_out_and_merge_now(
+        self, plan: Plan, replicas: tuple[Replica, ...], request: bytes,
+        metadata: tuple[tuple[str, str], ...], deadline: float, ctx: MergeContext,
+        node: base_pb2.Node, caller: Caller, held: list[int],
     ) -> Result:
         if plan.fan_out:
             ctx = dataclasses.replace(ctx, early={})  # this fan-out's own early readings
@@ -185,6 +233,7 @@ class Aggregator:
             holders = await self._exact_holders(plan.proxy_id, "", node, replicas, deadline, caller)
             ctx = dataclasses.replace(ctx, holders=holders)
         merged = merge(plan, answers, ctx)
+        held.append(sum(len(a.body) for a in answers if a.body) + len(merged.body))
         for answer, reason in merged.rejected:
             failures.append((answer.replica.label, reason))
         if merged.rejected and (self.settings.require_all or len(merged.rejected) == sum(a.ok for a in answers)):
@@ -267,4 +316,4 @@ class Aggregator:
         return debug_response(plan, [], NOT_CONNECTED + b". It may be connected to another instance.\n")
 
 
-__all__ = ["Aggregator", "Settings"]
+__all__ = ["Aggregator", "Budget", "Settings"]
