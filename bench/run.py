@@ -456,15 +456,21 @@ async def run_concurrency(
     seconds: float,
     variant: str,
     latency: float,
+    old_src: str = "",
 ) -> dict[str, Any]:
     """`callers` identical syncz callers (same token) in a closed loop for `seconds`; every answer checked.
 
     Memory is read on two fresh proxies of the same settings (VmHWM only grows): one serves a single
-    caller for a third of the time (its idle RSS is read first), the other the many callers.
+    caller for a third of the time (its idle RSS is read first), the other the many callers. A variant
+    ending in "@old" runs the proxy of `old_src` (another checkout's src/, e.g. main before a change).
     """
-    extra = {"no-coalesce": ["--no-coalesce"], "coalesce": [], "cache-1s": ["--cache-ttl", "1"]}[variant]
+    base, _, old = variant.partition("@")
+    extra = {"no-coalesce": ["--no-coalesce"], "coalesce": [], "cache-1s": ["--cache-ttl", "1"]}[base]
+    env = {"PYTHONPATH": old_src} if old else None
+    if old and not old_src:
+        raise SystemExit(f"variant {variant} needs --old-src")
     replicas.command(f"latency {latency}")
-    single = ProxyProcess(replicas.addresses, pki, extra)
+    single = ProxyProcess(replicas.addresses, pki, extra, env=env)
     try:
         idle_rss = await single.idle_rss()
         async with clients(single, replicas, pki, k) as c:
@@ -473,7 +479,7 @@ async def run_concurrency(
         single_peak = single.peak_rss()
     finally:
         single.close()
-    proxy = ProxyProcess(replicas.addresses, pki, extra)
+    proxy = ProxyProcess(replicas.addresses, pki, extra, env=env)
     try:
         async with clients(proxy, replicas, pki, k) as c:
             await wait_ready(c)
@@ -796,16 +802,19 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
             k, p = ns.concurrency_replicas, ns.concurrency_proxies
             reps = ReplicaProcess(k, p, None)
             try:
-                for variant in ns.concurrency_variants:
+                # Rounds alternate the variants (each on fresh proxies), so the machine's mood is shared.
+                for variant in [v for _ in range(ns.concurrency_rounds) for v in ns.concurrency_variants]:
                     res = await run_concurrency(
-                        reps, None, k, p, ns.callers, ns.concurrency_seconds, variant, ns.concurrency_latency
+                        reps, None, k, p, ns.callers, ns.concurrency_seconds, variant, ns.concurrency_latency,
+                        ns.old_src,
                     )
+                    res["load_average"] = os.getloadavg()
                     results["concurrency"].append(res)
                     print(
-                        f"concurrency {variant:12s} {res['calls_per_s']:6.1f} calls/s p50 {res['p50_ms']:.0f} ms "
+                        f"concurrency {variant:16s} {res['calls_per_s']:6.1f} calls/s p50 {res['p50_ms']:.0f} ms "
                         f"upstream/replica/s {max(res['upstream_per_replica_per_s']):.2f} wrong {res['wrong']} "
                         f"rss idle {res['idle_rss'] / MiB:.0f} single {res['single_peak_rss'] / MiB:.0f} "
-                        f"{res['callers']} callers {res['peak_rss'] / MiB:.0f} MiB",
+                        f"{res['callers']} callers {res['peak_rss'] / MiB:.0f} MiB load {res['load_average'][0]:.1f}",
                         flush=True,
                     )
             finally:
@@ -840,7 +849,13 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency-replicas", type=int, default=5)
     p.add_argument("--concurrency-proxies", type=int, default=30_000)
     p.add_argument("--concurrency-latency", type=float, default=0.05)
-    p.add_argument("--concurrency-variants", default="no-coalesce,coalesce,cache-1s")
+    p.add_argument(
+        "--concurrency-variants",
+        default="no-coalesce,coalesce,cache-1s",
+        help="no-coalesce, coalesce, cache-1s; with @old (e.g. coalesce@old): the proxy of --old-src",
+    )
+    p.add_argument("--concurrency-rounds", type=int, default=1, help="alternation rounds of the variants")
+    p.add_argument("--old-src", default="", help="another checkout's src/ for the @old variants (PYTHONPATH)")
     p.add_argument("--no-merge-bench", dest="merge_bench", action="store_false")
     p.add_argument("--merge-only", action="store_true", help="only the in-process merge paths (~1 minute)")
     p.add_argument("--merge-baseline", default="", metavar="REV",
