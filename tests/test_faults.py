@@ -440,8 +440,6 @@ GRACE = 90  # far above the 4 s the in-flight calls take: exiting after it means
 async def test_sigterm_drains_in_flight_calls_and_refuses_new_ones() -> None:
     """`istioctl-proxy serve` as a process: SIGTERM while calls are in flight against a slow istiod."""
     mesh = make_mesh(2, 6, tokens=TOKENS)
-    for r in mesh:
-        r.faults.latency = 4.0  # long enough that the calls are still in flight when the drain begins
     servers = []
     addresses = []
     for r in mesh:
@@ -461,9 +459,13 @@ async def test_sigterm_drains_in_flight_calls_and_refuses_new_ones() -> None:
         while (line := await asyncio.to_thread(proc.stderr.readline)) and "serving ADS" not in line:
             pass
         address = f"127.0.0.1:{port}"
+        # One call first: until the proxy knows how large a syncz is, one fan-out learns it and the others wait.
+        assert (await ads_call(address, [_req(SYNCZ)], metadata=bearer(ADMIN_TOKEN), timeout=30)).ok
+        for r in mesh:
+            r.faults.latency = 4.0  # long enough that the calls are still in flight when the drain begins
         pending = [asyncio.ensure_future(ads_call(address, [_req(SYNCZ)], metadata=bearer(ADMIN_TOKEN), timeout=60))
                    for _ in range(5)]
-        await until(lambda: sum(r.requests for r in mesh) == 10, "five calls in the proxy, asking both replicas")
+        await until(lambda: sum(r.requests for r in mesh) == 12, "five calls in the proxy, asking both replicas")
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         draining = False

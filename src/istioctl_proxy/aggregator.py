@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -127,6 +128,8 @@ class Aggregator:
         self.budget: Budget | None = None
         # Bytes the last fan-out of each request shape held (its answers + its merge): the next one's reservation.
         self.fan_out_sizes: OrderedDict[Hashable, int] = OrderedDict()
+        # Per (type URL, replicas) whose size is not known yet: the one fan-out learning it (the others wait).
+        self._learning: dict[Hashable, asyncio.Future[None]] = {}
 
     async def answer(
         self, type_url: str, names: list[str], node: base_pb2.Node, caller: Caller, remaining: float | None
@@ -152,6 +155,9 @@ class Aggregator:
             raise NoReplicas("no istiod replica is known yet: check --istiod / --istiod-dns / --istiod-k8s")
         # One absolute deadline for the whole call: the scope check and the fan-out share it.
         deadline = started + upstream_timeout(remaining, self.settings.upstream_timeout)
+        # Waiting for room in the budget may use the caller's whole deadline (less the same margin); the
+        # upstream timeout then counts from when the fan-out starts.
+        patience = deadline if remaining is None else started + upstream_timeout(remaining, remaining)
         request, metadata = self._upstream_request(plan, node, caller)
         scope = caller.scope_for(plan.type_url)
         ctx = MergeContext(
@@ -179,7 +185,8 @@ class Aggregator:
         key = FlightKey(caller.key, plan.type_url, plan.resource_names, request, ctx.scope,
                         (plan.fan_out, tuple(r.address for r in replicas)))
         shared, kind = await self.coalescer.serve(
-            key, lambda: self._fan_out_and_merge(plan, replicas, request, metadata, deadline, ctx, node, caller, key),
+            key, lambda: self._fan_out_and_merge(plan, replicas, request, metadata, deadline, ctx, node, caller, key,
+                                                 patience),
             deadline=deadline,
         )
         if kind and self.on_shared is not None:
@@ -191,27 +198,44 @@ class Aggregator:
     async def _fan_out_and_merge(
         self, plan: Plan, replicas: tuple[Replica, ...], request: bytes,
         metadata: tuple[tuple[str, str], ...], deadline: float, ctx: MergeContext,
-        node: base_pb2.Node, caller: Caller, shape: Hashable,
+        node: base_pb2.Node, caller: Caller, shape: Hashable, patience: float,
     ) -> Result:
         """The fan-out and merge within a reservation of the budget: the replicas' answers and the merge are
         held before any send, so N callers' own fan-outs (no coalescing) would otherwise hold N × that.
 
         The reservation is what the last fan-out of the same `shape` (the coalescing key: same caller, request
-        and replicas) held, nothing the first time (then the size is learnt); a caller waits for room within its
-        deadline, in turn with everyone else's sends.
+        and replicas) held, else the last of the same type URL and replicas (another caller, other names). While
+        neither is known, one fan-out of that type runs to learn it and the others wait for it (so a burst of
+        callers right after start cannot all fan out unbounded). A caller waits for room until `patience` (its
+        own deadline, less a margin), in turn with everyone else's sends; the upstream timeout counts from then.
         """
-        estimate = self.fan_out_sizes.get(shape, 0)
+        kind = (plan.type_url, tuple(r.address for r in replicas))
+        learner: asyncio.Future[None] | None = None
+        if self.budget is not None and shape not in self.fan_out_sizes and kind not in self.fan_out_sizes:
+            learning = self._learning.get(kind)
+            if learning is None:
+                learner = self._learning[kind] = asyncio.get_running_loop().create_future()
+            else:
+                await asyncio.wait({learning}, timeout=_left(patience))
+        estimate = self.fan_out_sizes.get(shape, self.fan_out_sizes.get(kind, 0))
         reserve: AbstractAsyncContextManager[object] = contextlib.nullcontext()
         if self.budget is not None and estimate:
-            reserve = self.budget.hold(caller.key, estimate, _left(deadline), fan_out=True)
+            reserve = self.budget.hold(caller.key, estimate, _left(patience), fan_out=True)
         held: list[int] = []
-        async with reserve:
-            result = await self._fan_out_and_merge_now(plan, replicas, request, metadata, deadline, ctx, node, caller,
-                                                       held)
-        self.fan_out_sizes[shape] = sum(held)
-        self.fan_out_sizes.move_to_end(shape)
-        while len(self.fan_out_sizes) > _SIZES_KEPT:
-            self.fan_out_sizes.popitem(last=False)
+        try:
+            async with reserve:
+                deadline = max(deadline, min(patience, time.monotonic() + self.settings.upstream_timeout))
+                result = await self._fan_out_and_merge_now(plan, replicas, request, metadata, deadline, ctx, node,
+                                                           caller, held)
+            for key in (shape, kind):
+                self.fan_out_sizes[key] = sum(held)
+                self.fan_out_sizes.move_to_end(key)
+            while len(self.fan_out_sizes) > _SIZES_KEPT:
+                self.fan_out_sizes.popitem(last=False)
+        finally:
+            if learner is not None:
+                del self._learning[kind]
+                learner.set_result(None)
         return result
 
     async def _fan_out_and_merge_now(

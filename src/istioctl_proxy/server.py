@@ -131,7 +131,8 @@ class SendBudget:
 
     Each stream has at most one answer in flight (the next write waits for the previous one). Holds and
     waiters are kept per caller (`auth.Caller.key`): room that frees goes to the callers waiting in
-    round-robin order (least recently served first; FIFO within one caller), and while other callers wait,
+    round-robin order (least recently served first; FIFO within one caller, its answers before its fan-outs'
+    reservations), and while other callers wait,
     a caller holding more than its share (`share`, half the budget) gets no more. Answers that sat unread
     for `slow_reader_seconds` while someone waits for room are cut, the biggest holder's first: one caller's
     many unread streams cannot starve another caller.
@@ -178,7 +179,11 @@ class SendBudget:
         loop = asyncio.get_running_loop()
         self._seq += 1
         waiter = _Waiter(caller, size, self._seq, loop.create_future(), fan_out)
-        self._waiting.setdefault(caller, collections.deque()).append(waiter)
+        queue = self._waiting.setdefault(caller, collections.deque())
+        # A caller's answers go before its fan-outs: an answer waiting to be sent is memory held already, a
+        # fan-out makes more (and its answer would wait behind the fan-outs queued before it).
+        first_fan_out = next((i for i, w in enumerate(queue) if w.fan_out), len(queue)) if not fan_out else len(queue)
+        queue.insert(first_fan_out, waiter)
         self._dispatch()
         deadline = time.monotonic() + wait
         try:

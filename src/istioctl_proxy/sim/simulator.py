@@ -160,6 +160,7 @@ class Faults:
     latency: float = 0.0  # seconds before each answer
     fail_code: grpc.StatusCode | None = None
     hang: bool = False
+    gate: asyncio.Event | None = None  # answers wait until it is set (tests: hold requests in flight)
     # Malformed answers: given (type_url, the correct answer bytes), return what to send instead.
     garbage: Callable[[str, bytes], bytes] | None = None
 
@@ -374,6 +375,8 @@ class SimulatorService:
                     await asyncio.Event().wait()
                 if r.faults.latency:
                     await asyncio.sleep(r.faults.latency)
+                if r.faults.gate is not None:
+                    await r.faults.gate.wait()
                 if r.faults.fail_code is not None:
                     raise _Abort(r.faults.fail_code, "simulated failure")
                 # istio.io/debug always wanted an identity; syncz/config_dump only from 1.27.8/1.28.5/1.29.1.
