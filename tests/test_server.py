@@ -410,6 +410,28 @@ async def test_stalled_answers_of_the_biggest_holder_are_cut_first_and_counted_a
     assert budget.used == 0
 
 
+async def test_a_callers_answers_waiting_to_be_sent_go_before_its_fan_outs() -> None:
+    # An answer waiting for room is memory held already; a fan-out makes more. FIFO put a merged answer behind
+    # the fan-outs its caller queued before it, so with --no-coalesce answers piled up (~14 MiB per call).
+    budget = SendBudget(10, slow_reader_seconds=600.0)
+    order: list[str] = []
+
+    async def take(name: str, size: int, fan_out: bool) -> None:
+        async with budget.hold("a", size, 600.0, fan_out=fan_out):
+            order.append(name)
+
+    gate = asyncio.Event()
+    first = asyncio.create_task(_granted(budget, "a0", 10, order, gate))
+    await until(lambda: budget.used == 10, "the budget full")
+    tasks = [asyncio.create_task(take("fan-out 1", 6, True)), asyncio.create_task(take("fan-out 2", 6, True))]
+    await until(lambda: budget.waiting("a") == 2, "two fan-outs queued")
+    tasks.append(asyncio.create_task(take("answer", 4, False)))
+    await until(lambda: budget.waiting("a") == 3, "an answer queued after them")
+    gate.set()
+    await asyncio.gather(first, *tasks)
+    assert order == ["a0", "answer", "fan-out 1", "fan-out 2"]
+
+
 async def test_an_answer_is_encoded_for_its_stream_only_once_the_send_budget_has_room() -> None:
     # Issue 14: Delta encodes a new message per stream (a copy of the merged answer); it used to be built before
     # waiting for room, so 50 waiting streams held 50 copies outside the budget.
