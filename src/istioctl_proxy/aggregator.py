@@ -155,9 +155,9 @@ class Aggregator:
             raise NoReplicas("no istiod replica is known yet: check --istiod / --istiod-dns / --istiod-k8s")
         # One absolute deadline for the whole call: the scope check and the fan-out share it.
         deadline = started + upstream_timeout(remaining, self.settings.upstream_timeout)
-        # Waiting for room in the budget may use the caller's whole deadline (less the same margin); the
-        # upstream timeout then counts from when the fan-out starts.
-        patience = deadline if remaining is None else started + upstream_timeout(remaining, remaining)
+        # Waiting for room in the budget may use the caller's whole deadline (less the same margin; without
+        # one, the upstream timeout); the upstream timeout then counts from when the fan-out starts.
+        caller_end = float("inf") if remaining is None else started + upstream_timeout(remaining, remaining)
         request, metadata = self._upstream_request(plan, node, caller)
         scope = caller.scope_for(plan.type_url)
         ctx = MergeContext(
@@ -186,7 +186,7 @@ class Aggregator:
                         (plan.fan_out, tuple(r.address for r in replicas)))
         shared, kind = await self.coalescer.serve(
             key, lambda: self._fan_out_and_merge(plan, replicas, request, metadata, deadline, ctx, node, caller, key,
-                                                 patience),
+                                                 caller_end),
             deadline=deadline,
         )
         if kind and self.on_shared is not None:
@@ -198,7 +198,7 @@ class Aggregator:
     async def _fan_out_and_merge(
         self, plan: Plan, replicas: tuple[Replica, ...], request: bytes,
         metadata: tuple[tuple[str, str], ...], deadline: float, ctx: MergeContext,
-        node: base_pb2.Node, caller: Caller, shape: Hashable, patience: float,
+        node: base_pb2.Node, caller: Caller, shape: Hashable, caller_end: float,
     ) -> Result:
         """The fan-out and merge within a reservation of the budget: the replicas' answers and the merge are
         held before any send, so N callers' own fan-outs (no coalescing) would otherwise hold N × that.
@@ -206,9 +206,12 @@ class Aggregator:
         The reservation is what the last fan-out of the same `shape` (the coalescing key: same caller, request
         and replicas) held, else the last of the same type URL and replicas (another caller, other names). While
         neither is known, one fan-out of that type runs to learn it and the others wait for it (so a burst of
-        callers right after start cannot all fan out unbounded). A caller waits for room until `patience` (its
-        own deadline, less a margin), in turn with everyone else's sends; the upstream timeout counts from then.
+        callers right after start cannot all fan out unbounded). A caller waits for room until `caller_end` (its
+        own deadline, less a margin; without one, `deadline`), in turn with everyone else's sends; the upstream
+        timeout counts from then.
         """
+        patience = deadline if caller_end == float("inf") else caller_end
+        asked = time.monotonic()
         kind = (plan.type_url, tuple(r.address for r in replicas))
         learner: asyncio.Future[None] | None = None
         if self.budget is not None and shape not in self.fan_out_sizes and kind not in self.fan_out_sizes:
@@ -224,7 +227,9 @@ class Aggregator:
         held: list[int] = []
         try:
             async with reserve:
-                deadline = max(deadline, min(patience, time.monotonic() + self.settings.upstream_timeout))
+                # Time spent waiting for room is given back (within the caller's deadline): the scope check
+                # and the fan-out still share one deadline otherwise.
+                deadline = max(deadline, min(caller_end, deadline + time.monotonic() - asked))
                 result = await self._fan_out_and_merge_now(plan, replicas, request, metadata, deadline, ctx, node,
                                                            caller, held)
             for key in (shape, kind):
