@@ -455,6 +455,9 @@ async def test_an_answer_is_encoded_for_its_stream_only_once_the_send_budget_has
         async def write(self, body: bytes) -> None:
             written.append(body)
 
+        def time_remaining(self) -> None:  # no deadline
+            return None
+
     result = Result(b"x" * 60, Plan(SYNCZ, Merge.SYNCZ, ()), 1, [])
     async with service.budget.hold("a", 60, 1.0):
         sending = asyncio.create_task(service._send(Context(), Protocol(), result, "a"))  # type: ignore[arg-type]

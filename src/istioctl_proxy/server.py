@@ -35,6 +35,7 @@ from .errors import (
     StreamTooOld,
     status_of,
 )
+from .fanout import upstream_timeout
 from .metrics import Metrics
 from .model import Merge, Result
 from .tls import CertificateReloader
@@ -478,7 +479,10 @@ class AdsService:
         to gRPC (which copies it): a shared merged body is held once, its per-stream copies only within budget.
         """
         limits = self.limits
-        async with self.budget.hold(caller, len(result.body), limits.send_timeout) as evicted:
+        # Room is waited for within the caller's deadline (less a margin to say why): past it, the caller would
+        # only see its own client's bare DEADLINE_EXCEEDED.
+        wait = upstream_timeout(_remaining(context), limits.send_timeout)
+        async with self.budget.hold(caller, len(result.body), wait) as evicted:
             write = asyncio.ensure_future(context.write(protocol.encode(result)))
             try:
                 done, _ = await asyncio.wait({write, evicted}, timeout=limits.send_timeout,
