@@ -19,6 +19,7 @@ from istioctl_proxy.errors import ResourceExhausted
 from istioctl_proxy.policy import DEBUG, SYNCZ
 from istioctl_proxy.server import SendBudget
 from istioctl_proxy.sim.simulator import SimProxy, SimReplica, make_mesh
+from istioctl_proxy.wire import SynczMemo
 
 from .ads_client import SOTW, ads_call, bearer
 from .helpers import ADMIN_TOKEN, TOKENS, stack
@@ -150,3 +151,142 @@ async def test_holds_and_waiters_cancelled_at_any_point_leave_nothing_behind() -
         await asyncio.gather(*tasks, return_exceptions=True)
         assert budget.used == 0 and budget.waiting() == 0
         assert not budget._holds and not budget._held and not budget._waiting and not budget._served
+
+
+# -- Item 3: the split path after h-split (one upb parse for kept nodes, node facts, ids from the fast index) ---
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    from istioctl_proxy import wire
+
+    return bytes([number << 3 | 2]) + wire._varint_bytes(len(payload)) + payload
+
+
+def _varint_field(number: int, value: int) -> bytes:
+    return bytes([number << 3]) + bytes([value])
+
+
+def _ns_metadata(namespace: str) -> bytes:
+    value = _field(3, namespace.encode())  # Value.string_value
+    return _field(1, _field(1, b"NAMESPACE") + _field(2, value))  # Struct.fields entry
+
+
+# Hostile spellings of one resource: (name, bytes of the Any). Every one of them claims ns-1 somewhere.
+def _hostile_resources() -> list[tuple[str, bytes]]:
+    from istioctl_proxy import wire
+
+    url = _field(1, wire.CLIENT_CONFIG_URL)
+
+    def node(pod: str, *metas: bytes, ids: tuple[str, ...] = ()) -> bytes:
+        id_fields = b"".join(_field(1, i.encode()) for i in (ids or (f"{pod}.ns-1",)))
+        return id_fields + b"".join(_field(3, m) for m in metas)
+
+    def any_of(*ccs: bytes) -> bytes:
+        return url + b"".join(_field(2, cc) for cc in ccs)
+
+    def cc(*nodes: bytes, extra: bytes = b"") -> bytes:
+        return b"".join(_field(1, n) for n in nodes) + extra
+
+    ns1, ns2 = _ns_metadata("ns-1"), _ns_metadata("ns-2")
+    number = _field(1, _field(1, b"NAMESPACE") + _field(2, b"\x11" + b"\x00" * 8))  # Value.number_value
+    both = _field(1, _field(1, b"NAMESPACE") + _field(2, _field(3, b"ns-1"))) + \
+        _field(1, _field(1, b"NAMESPACE") + _field(2, _field(3, b"ns-2")))
+    return [
+        ("honest", any_of(cc(node("h", ns1)))),
+        ("metadata twice, ns-2 last", any_of(cc(node("m", ns1, ns2)))),
+        ("NAMESPACE entry twice in one Struct, ns-2 last", any_of(cc(node("e", both)))),
+        ("NAMESPACE then a number", any_of(cc(node("n", ns1, number)))),
+        ("id twice", any_of(cc(node("i", ns1, ids=("i.ns-1", "secret.ns-2"))))),
+        ("node twice, second without metadata", any_of(cc(node("t", ns1), _field(1, b"secret.ns-2")))),
+        ("node field 1 as a varint first", any_of(_varint_field(1, 7) + cc(node("v", ns1)))),
+        ("node as a varint, real node later", any_of(cc(node("w", ns1)) + _varint_field(1, 1))),
+        ("Any type URL after the value", _field(2, cc(node("u", ns1))) + url),
+        ("Any type URL twice, other type last", any_of(cc(node("x", ns1))) + _field(1, b"type.googleapis.com/x")),
+        ("value as a varint then a value", url + _varint_field(2, 1) + _field(2, cc(node("y", ns1)))),
+        ("value twice, node only in the first", any_of(cc(node("z", ns1)), cc(extra=_field(2, b"")))),
+        ("value twice, ns-2 metadata in the second", any_of(cc(node("q", ns1)), cc(node("q", ns2)))),
+    ]
+
+
+def _shown(body: bytes) -> list[tuple[str, str]]:
+    from envoy.service.status.v3 import csds_pb2
+
+    out = []
+    for res in discovery_pb2.DiscoveryResponse.FromString(body).resources:
+        cc = csds_pb2.ClientConfig()
+        if res.type_url != "type.googleapis.com/envoy.service.status.v3.ClientConfig" or not res.Unpack(cc):
+            out.append(("<not a ClientConfig>", res.type_url))
+            continue
+        ns = cc.node.metadata.fields.get("NAMESPACE")
+        out.append((cc.node.id, ns.string_value if ns is not None and ns.WhichOneof("kind") == "string_value"
+                    else "<none>"))
+    return out
+
+
+@pytest.mark.parametrize("path", ["default", "split", "exact"])
+@pytest.mark.parametrize("seed", range(6))
+def test_a_scoped_caller_is_shown_only_its_namespace_whatever_the_resources_spell(
+    path: str, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random mixes of hostile spellings across 3 replicas (with duplicates across replicas), merged for ns-1
+    by each path: what the caller decodes (protobuf, as istioctl) is only ns-1 proxies, and an honest replica's
+    ns-1 proxies are all shown."""
+    from istioctl_proxy import merge
+    from istioctl_proxy.discovery import Replica
+    from istioctl_proxy.model import Answer
+    from istioctl_proxy.policy import plan_request
+
+    if path == "exact":
+        monkeypatch.setattr(merge, "merge_syncz_fast", lambda *_a: None)
+        monkeypatch.setattr(merge, "merge_syncz_split", lambda *_a: None)
+    rng = random.Random(seed)
+    pool = _hostile_resources()
+    envelope = discovery_pb2.DiscoveryResponse(type_url=SYNCZ, version_info="v").SerializeToString()
+    answers = []
+    for r in range(3):
+        picked = [pool[0][1]] + [rng.choice(pool)[1] for _ in range(rng.randrange(1, 6))]
+        if r == 2:
+            picked = [pool[0][1]]  # honest: its proxy must be shown
+        body = envelope + b"".join(_field(2, a) for a in picked)
+        answers.append(Answer(Replica(f"10.0.0.{r}:15012"), body))
+    memo = wire_memo()
+    plan = plan_request(SYNCZ, [])
+    for _ in range(2):  # cold and warm memo
+        ctx = merge.MergeContext(scope="ns-1", memo=memo)
+        if path == "split":
+            got = merge.merge_syncz_split(plan, answers, ctx)
+            if got is None:
+                continue  # stepped aside: the exact reader decides (the "exact" case)
+        else:
+            got = merge.merge(plan, answers, ctx)
+        shown = _shown(got.body)
+        assert all(ns == "ns-1" for _, ns in shown), shown
+        assert ("h.ns-1", "ns-1") in shown, shown
+
+
+def wire_memo() -> SynczMemo:
+    return SynczMemo()
+
+
+@pytest.mark.parametrize("path", ["default", "exact"])
+def test_an_any_whose_last_type_url_is_not_a_client_config_is_not_shown_to_a_scoped_caller(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exact reader took an Any's first type URL; protobuf (istioctl) keeps the last. A replica could show a
+    scoped caller an ns-1-scoped value that the caller decodes as another type. Now the replica is rejected."""
+    from istioctl_proxy import merge
+    from istioctl_proxy.discovery import Replica
+    from istioctl_proxy.model import Answer
+    from istioctl_proxy.policy import plan_request
+
+    if path == "exact":
+        monkeypatch.setattr(merge, "merge_syncz_fast", lambda *_a: None)
+        monkeypatch.setattr(merge, "merge_syncz_split", lambda *_a: None)
+    resources = dict(_hostile_resources())
+    envelope = discovery_pb2.DiscoveryResponse(type_url=SYNCZ, version_info="v").SerializeToString()
+    hostile = envelope + _field(2, resources["Any type URL twice, other type last"])
+    honest = envelope + _field(2, resources["honest"])
+    answers = [Answer(Replica("10.0.0.1:15012"), hostile), Answer(Replica("10.0.0.2:15012"), honest)]
+    got = merge.merge(plan_request(SYNCZ, []), answers, merge.MergeContext(scope="ns-1", memo=wire_memo()))
+    assert _shown(got.body) == [("h.ns-1", "ns-1")]
+    assert [a.replica.address for a, _ in got.rejected] == ["10.0.0.1:15012"]

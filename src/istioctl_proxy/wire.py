@@ -203,11 +203,16 @@ def client_config(any_bytes: bytes) -> csds_pb2.ClientConfig:
 
 
 def any_type_url(any_bytes: bytes) -> bytes:
-    """The type URL of a serialized Any (field 1), read without decoding its value."""
-    for number, _wire_type, _start, value_start, end in iter_fields(any_bytes):
-        if number == 1:
-            return bytes(any_bytes[value_start:end])
-    return b""
+    """The type URL of a serialized Any (field 1), read without decoding its value.
+
+    As protobuf (istioctl) decodes it: the last occurrence wins, and one of another wire type is an unknown
+    field (the first occurrence let a replica show a scoped caller a resource it decodes as another type).
+    """
+    url = b""
+    for number, wire_type, _start, value_start, end in iter_fields(any_bytes):
+        if number == 1 and wire_type == _LEN:
+            url = bytes(any_bytes[value_start:end])
+    return url
 
 
 def _first_field(mv: memoryview, path: Sequence[int]) -> memoryview | None:
