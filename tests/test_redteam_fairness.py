@@ -92,14 +92,17 @@ async def test_a_whole_budget_fan_out_does_not_freeze_every_other_callers_answer
         first = await ads_call(ch, [_syncz()], metadata=bearer(ADMIN_TOKEN), timeout=30)
         assert first.code == grpc.StatusCode.OK, first
         replica.faults.latency = 60.0
+        base = replica.requests
         slow = asyncio.create_task(ads_call(ch, [_syncz()], metadata=bearer(ADMIN_TOKEN), timeout=90))
         try:
-            await until(lambda: budget.held(hog) == 6 << 20, "the hog's fan-out holding the whole budget")
+            # Its fan-out in flight, holding its reservation (observed: all 6 MiB of the budget).
+            await until(lambda: replica.requests == base + 1 and budget.held(hog) > 0, "the hog's fan-out in flight")
             unknown = discovery_pb2.DiscoveryRequest(type_url=DEBUG, resource_names=["no-such-path"],
                                                      node=client.istioctl_node("ns-1"))
             out = await ads_call(ch, [unknown], metadata=bearer("ns-1-token"), timeout=5)
-            # Observed: its whole 5 s deadline waiting for room (DEADLINE_EXCEEDED), although its answer is a few
-            # bytes and needs no replica.
+            # Observed: its whole 5 s deadline waiting for room, then RESOURCE_EXHAUSTED "the proxy's send budget
+            # stayed full" (before the deadline fix: a bare DEADLINE_EXCEEDED), although its answer is a few bytes
+            # and needs no replica.
             assert out.code == grpc.StatusCode.OK and out.responses, out
         finally:
             slow.cancel()
