@@ -58,7 +58,7 @@ async def test_fan_outs_of_new_tokens_or_nodes_reserve_room_too(vary: str) -> No
         budget, replica = s.proxy.service.budget, s.replicas[0]
         first = await ads_call(ch, [_syncz()], metadata=bearer(ADMIN_TOKEN), timeout=30)
         assert first.code == grpc.StatusCode.OK, first
-        (estimate,) = s.proxy.service.aggregator.fan_out_sizes.values()  # the ~1 MiB answer and its merge
+        estimate = max(s.proxy.service.aggregator.fan_out_sizes.values())  # the ~1 MiB answer and its merge
         allowed = (5 << 20) // estimate
         assert allowed == 2
         replica.faults.latency = 60.0  # the fan-outs in flight stay in flight
@@ -71,7 +71,7 @@ async def test_fan_outs_of_new_tokens_or_nodes_reserve_room_too(vary: str) -> No
         try:
             await until(lambda: replica.requests - base + budget.waiting() == 6, "every call asking or waiting")
             # Observed: all 6 went upstream at once (~12 MiB of answers and merges against a 5 MiB budget).
-            assert replica.requests - base == allowed
+            assert replica.requests - base <= allowed
         finally:
             for call in calls:
                 call.cancel()
@@ -293,3 +293,89 @@ def test_an_any_whose_last_type_url_is_not_a_client_config_is_not_shown_to_a_sco
     got = merge.merge(plan_request(SYNCZ, []), answers, merge.MergeContext(scope="ns-1", memo=wire_memo()))
     assert _shown(got.body) == [("h.ns-1", "ns-1")]
     assert [a.replica.address for a, _ in got.rejected] == ["10.0.0.1:15012"]
+
+
+async def _throttled_relay(target: str, bytes_per_second: int) -> tuple[asyncio.Server, str]:
+    """A TCP relay to `target` whose server-to-client direction carries at most `bytes_per_second`: a caller
+    that reads as fast as its link allows, on a slow link (a port-forward, a WAN)."""
+    host, port = target.rsplit(":", 1)
+    chunk = bytes_per_second // 16
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, throttled: bool) -> None:
+        try:
+            while data := await reader.read(chunk if throttled else 1 << 16):
+                writer.write(data)
+                await writer.drain()
+                if throttled:
+                    await asyncio.sleep(1 / 16)  # the link's rate, not a wait for an event
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(pump(client_r, server_w, False), pump(server_r, client_w, True))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+@pytest.mark.xfail(strict=True, reason="open (red team stop 20, F4): a hold's age counts from its grant, not from "
+                   "the caller's last progress: a big answer read at full speed on a slow link is cut as a slow "
+                   "reader as soon as anyone else waits for room")
+async def test_a_caller_reading_a_big_answer_at_its_links_speed_is_not_cut_when_another_caller_asks() -> None:
+    async with stack(mesh=_big_mesh(6 << 20), send_budget_mib=6, slow_reader_seconds=1.0, send_timeout=60.0) as s:
+        budget = s.proxy.service.budget
+        reader = Caller("a", token=ADMIN_TOKEN).key
+        relay, address = await _throttled_relay(s.address, 1 << 20)  # 6 MiB at 1 MiB/s: ~6 s of reading
+        try:
+            async with grpc.aio.insecure_channel(address, options=NOT_READING[:1]) as slow_link, \
+                    grpc.aio.insecure_channel(s.address) as ch:
+                big = asyncio.create_task(ads_call(slow_link, [_syncz()], metadata=bearer(ADMIN_TOKEN), timeout=60))
+                await until(lambda: budget.held(reader) > 0, "the big answer being sent")
+                other = await ads_call(ch, [_syncz("ns-1")], metadata=bearer("ns-1-token"), timeout=30)
+                assert other.code == grpc.StatusCode.OK, other
+                out = await big
+                # Observed: RESOURCE_EXHAUSTED "the answer was not read for 1s while the proxy's send budget was
+                # full (--slow-reader-seconds)", although the caller read every byte its link carried.
+                assert out.code == grpc.StatusCode.OK and out.responses, out
+        finally:
+            relay.close()
+
+
+def _rss_mib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.xfail(strict=True, reason="open (red team stop 20, F5): a cut answer leaves the budget but not gRPC's "
+                   "buffers (gRPC Python cannot reset one stream): each cut never-reading stream pins its answer "
+                   "until its connection ages out (--max-stream-age, 30 min)")
+async def test_cut_answers_of_never_reading_streams_do_not_pile_up_beyond_the_budget() -> None:
+    """One caller, 30 streams that never read a 6 MiB answer, against a 6 MiB budget: every stream but one is cut
+    (the budget says 6 MiB used), yet each cut answer stays queued in gRPC behind the caller's closed HTTP/2 window.
+    Measured with the callers in another process (so only the proxy's memory): +17 MiB for 2 streams, +198 MiB
+    for 30. Here the callers share the process; their receive windows are 64 KiB each (no BDP probing)."""
+    async with stack(mesh=_big_mesh(6 << 20), send_budget_mib=6, slow_reader_seconds=0.2, send_timeout=60.0) as s:
+        cuts = s.proxy.metrics.registry.get_sample_value
+        async with grpc.aio.insecure_channel(s.address, options=NOT_READING) as warm:  # the merge's own memory
+            first = await ads_call(warm, [_syncz()], metadata=bearer(ADMIN_TOKEN), timeout=30)
+            assert first.code == grpc.StatusCode.OK, first
+        base = _rss_mib()
+        channels = [grpc.aio.insecure_channel(s.address, options=NOT_READING) for _ in range(30)]
+        try:
+            for ch in channels:
+                call = ch.stream_stream(SOTW)(metadata=bearer(ADMIN_TOKEN), timeout=300)
+                await call.write(_syncz().SerializeToString())
+            await until(lambda: (cuts("istioctl_proxy_streams_cut_total", {"reason": "slow_reader"}) or 0) >= 29,
+                        "every stream but one cut")
+            assert s.proxy.service.budget.used <= 6 << 20
+            # Observed: ~+190 MiB (29 cut answers of 6 MiB still queued in gRPC).
+            assert _rss_mib() - base < 64, f"+{_rss_mib() - base} MiB against a 6 MiB budget"
+        finally:
+            for ch in channels:
+                await ch.close()
