@@ -22,7 +22,7 @@ from istioctl_proxy.sim.simulator import SimProxy, SimReplica, make_mesh
 from istioctl_proxy.wire import SynczMemo
 
 from .ads_client import SOTW, ads_call, bearer
-from .helpers import ADMIN_TOKEN, TOKENS, stack
+from .helpers import ADMIN_TOKEN, TOKENS, in_flight, stack
 from .waits import until
 
 # A client that does not read (see tests/test_server.py): a 6 MiB answer stays in the proxy's send budget.
@@ -403,3 +403,32 @@ async def test_callers_waiting_for_a_hung_size_learning_fan_out_get_a_status_bef
         finally:
             learner.cancel()
             await asyncio.gather(learner, return_exceptions=True)
+
+
+async def test_a_size_learning_fan_out_that_ends_without_a_size_hands_learning_on() -> None:
+    """While no size is known one fan-out learns it and the others wait (h-fair 7ff67f4). If the learner ends
+    without a size (here its caller hangs up; also: all its replicas failed), nothing is learnt, and every caller
+    waiting went upstream at once with no reservation: any caller can undo the burst bound by asking and hanging
+    up, right after start or once 256 other request shapes pushed the size out of the LRU."""
+    async with stack(mesh=_big_mesh(1 << 20), coalesce=False, send_budget_mib=5) as s, \
+            grpc.aio.insecure_channel(s.address, options=NOT_READING[:1]) as ch:
+        aggregator, replica, gate = s.proxy.service.aggregator, s.replicas[0], asyncio.Event()
+        replica.faults.gate = gate
+        learner = asyncio.create_task(ads_call(ch, [_syncz()], metadata=bearer(ADMIN_TOKEN), timeout=60))
+        await until(lambda: replica.requests == 1 and aggregator._learning, "a fan-out learning the size")
+        calls = [asyncio.create_task(ads_call(ch, [_syncz()], metadata=bearer(t), timeout=60)) for t in FRESH]
+        try:
+            await until(lambda: in_flight(s.proxy, SYNCZ) == 7, "6 callers waiting for the size")
+            assert replica.requests == 1
+            replica.faults.latency = 60.0  # from now on, fan-outs stay in flight
+            learner.cancel()  # the learner's caller hangs up
+            await asyncio.gather(learner, return_exceptions=True)
+            await until(lambda: replica.requests > 1, "the next fan-out")
+            await until(lambda: in_flight(s.proxy, SYNCZ) == 6, "the learner's call gone")
+            # Before the fix: 7 (all 6 waiting callers upstream at once, unreserved). Now one learns, 5 wait.
+            assert replica.requests == 2, replica.requests
+        finally:
+            gate.set()
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)

@@ -214,12 +214,16 @@ class Aggregator:
         asked = time.monotonic()
         kind = (plan.type_url, tuple(r.address for r in replicas))
         learner: asyncio.Future[None] | None = None
-        if self.budget is not None and shape not in self.fan_out_sizes and kind not in self.fan_out_sizes:
+        # A learner that ends without a size (its caller hung up, its replicas failed) hands learning on to one
+        # of the callers waiting: else they would all fan out at once, unreserved.
+        while self.budget is not None and shape not in self.fan_out_sizes and kind not in self.fan_out_sizes:
             learning = self._learning.get(kind)
             if learning is None:
                 learner = self._learning[kind] = asyncio.get_running_loop().create_future()
-            else:
-                await asyncio.wait({learning}, timeout=_left(patience))
+                break
+            if patience <= time.monotonic():
+                break
+            await asyncio.wait({learning}, timeout=_left(patience))
         estimate = self.fan_out_sizes.get(shape, self.fan_out_sizes.get(kind, 0))
         reserve: AbstractAsyncContextManager[object] = contextlib.nullcontext()
         if self.budget is not None and estimate:
