@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 
 import grpc
 import pytest
@@ -313,7 +314,12 @@ async def _throttled_relay(target: str, bytes_per_second: int) -> tuple[asyncio.
             writer.close()
 
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection(host, int(port))
+        # A small fixed receive buffer (no autotuning): the kernel cannot absorb the answer ahead of the link.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+        server_r, server_w = await asyncio.open_connection(sock=sock)
         await asyncio.gather(pump(client_r, server_w, False), pump(server_r, client_w, True))
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
@@ -324,10 +330,11 @@ async def _throttled_relay(target: str, bytes_per_second: int) -> tuple[asyncio.
                    "the caller's last progress: a big answer read at full speed on a slow link is cut as a slow "
                    "reader as soon as anyone else waits for room")
 async def test_a_caller_reading_a_big_answer_at_its_links_speed_is_not_cut_when_another_caller_asks() -> None:
-    async with stack(mesh=_big_mesh(6 << 20), send_budget_mib=6, slow_reader_seconds=1.0, send_timeout=60.0) as s:
+    # 12 MiB at 2 MiB/s: ~6 s of reading; the proxy's socket buffer (at most 4 MiB here) cannot take it sooner.
+    async with stack(mesh=_big_mesh(12 << 20), send_budget_mib=12, slow_reader_seconds=1.0, send_timeout=60.0) as s:
         budget = s.proxy.service.budget
         reader = Caller("a", token=ADMIN_TOKEN).key
-        relay, address = await _throttled_relay(s.address, 1 << 20)  # 6 MiB at 1 MiB/s: ~6 s of reading
+        relay, address = await _throttled_relay(s.address, 2 << 20)
         try:
             async with grpc.aio.insecure_channel(address, options=NOT_READING[:1]) as slow_link, \
                     grpc.aio.insecure_channel(s.address) as ch:
