@@ -154,6 +154,7 @@ def view_response(raw: bytes) -> ResponseView:
     """Index a serialized DiscoveryResponse; raises WireError if it is not one."""
     view = ResponseView(raw)
     mv = memoryview(raw)
+    others: list[memoryview] = []
     try:
         for number, wire_type, start, value_start, end in iter_fields(mv):
             if number in _ENVELOPE and wire_type != _LEN:
@@ -162,7 +163,9 @@ def view_response(raw: bytes) -> ResponseView:
             if number == _RESOURCES:
                 view.resources.append((start, end))
                 view.resource_values.append((value_start, end))
-            elif number == _TYPE_URL:
+                continue
+            others.append(mv[start:end])
+            if number == _TYPE_URL:
                 view.type_url = bytes(mv[value_start:end]).decode()
             elif number == _VERSION_INFO:
                 view.version_info = bytes(mv[value_start:end]).decode()
@@ -175,6 +178,12 @@ def view_response(raw: bytes) -> ResponseView:
         raise WireError(f"invalid UTF-8 in envelope: {err}") from err
     except DecodeError as err:
         raise WireError(f"malformed control_plane: {err}") from err
+    try:
+        # The other fields pass through to the caller, whose decoder reads every known one (resource_errors, a
+        # field number out of protobuf's range...): what it would refuse is this replica's fault, not the answer's.
+        discovery_pb2.DiscoveryResponse.FromString(b"".join(others))
+    except DecodeError as err:
+        raise WireError(f"envelope fields the caller could not decode: {err}") from err
     return view
 
 
