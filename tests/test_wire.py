@@ -249,3 +249,11 @@ def test_split_client_configs_decode_as_client_config_does() -> None:
     with pytest.raises(WireError):
         wire.client_config(bad_any)
     assert wire.split_client_configs([*fields, bad]) is None
+
+
+def test_view_response_rejects_envelope_fields_the_caller_could_not_decode() -> None:
+    # resource_errors (7) that is not a message: iter_fields frames it, the caller's decoder refuses the answer.
+    raw = response(["a.ns-1"]) + b"\x3a\x03\x08\x05\xff"
+    with pytest.raises(WireError, match="could not decode"):
+        wire.view_response(raw)
+    assert wire.syncz_fast_index(raw) is None and wire.syncz_split(raw, wire.SynczMemo()) is None

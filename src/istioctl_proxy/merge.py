@@ -63,7 +63,7 @@ def index_early(plan: Plan, ctx: MergeContext, answer: Answer) -> None:
     if ctx.scope:
         ctx.early[answer.replica.address] = wire.syncz_split(answer.body, ctx.memo or wire.SynczMemo())
     else:
-        ctx.early[answer.replica.address] = wire.syncz_fast_index(answer.body)
+        ctx.early[answer.replica.address] = wire.syncz_fast_index(answer.body, ctx.memo)
 
 
 @dataclass
@@ -163,7 +163,8 @@ def merge_syncz_fast(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -
     for answer in answers:
         assert answer.body is not None
         early = ctx.early.get(answer.replica.address, False)
-        index = early if early is None or isinstance(early, wire.SynczIndex) else wire.syncz_fast_index(answer.body)
+        index = early if early is None or isinstance(early, wire.SynczIndex) else \
+            wire.syncz_fast_index(answer.body, ctx.memo)
         if index is None or index.type_url not in ("", plan.type_url):
             return None
         if ctx.indexes is not None:

@@ -154,6 +154,7 @@ def view_response(raw: bytes) -> ResponseView:
     """Index a serialized DiscoveryResponse; raises WireError if it is not one."""
     view = ResponseView(raw)
     mv = memoryview(raw)
+    others: list[memoryview] = []
     try:
         for number, wire_type, start, value_start, end in iter_fields(mv):
             if number in _ENVELOPE and wire_type != _LEN:
@@ -162,7 +163,9 @@ def view_response(raw: bytes) -> ResponseView:
             if number == _RESOURCES:
                 view.resources.append((start, end))
                 view.resource_values.append((value_start, end))
-            elif number == _TYPE_URL:
+                continue
+            others.append(mv[start:end])
+            if number == _TYPE_URL:
                 view.type_url = bytes(mv[value_start:end]).decode()
             elif number == _VERSION_INFO:
                 view.version_info = bytes(mv[value_start:end]).decode()
@@ -175,6 +178,12 @@ def view_response(raw: bytes) -> ResponseView:
         raise WireError(f"invalid UTF-8 in envelope: {err}") from err
     except DecodeError as err:
         raise WireError(f"malformed control_plane: {err}") from err
+    try:
+        # The other fields pass through to the caller, whose decoder reads every known one (resource_errors, a
+        # field number out of protobuf's range...): what it would refuse is this replica's fault, not the answer's.
+        discovery_pb2.DiscoveryResponse.FromString(b"".join(others))
+    except DecodeError as err:
+        raise WireError(f"envelope fields the caller could not decode: {err}") from err
     return view
 
 
@@ -293,66 +302,13 @@ def syncz_namespace(any_bytes: bytes) -> str:
 
 # -- The syncz fast path ---------------------------------------------------------------------------------
 # Reading node ids field by field in Python costs ~10 µs per resource (≈300 ms for 30k proxies). The fast
-# path below does the same work at C speed: upb checks the response's wire format and envelope strings and
-# counts resources, and one regex pass captures every node id. It only ever *answers* when it can prove its
-# reading is the exact one (see syncz_fast_index); otherwise it returns None and the field-by-field reader
-# decides.
+# path does the same work at C speed: one regex pass captures every resource's header (its value's and node's
+# length prefixes) and node id, and the split path's chain proves that each capture is a resource's own header
+# (syncz_fast_index, after the split path's helpers it reuses). It answers only with the exact reader's reading;
+# otherwise it returns None and the field-by-field reader decides.
 
 CLIENT_CONFIG_URL = b"type.googleapis.com/envoy.service.status.v3.ClientConfig"
 _VARINT = rb"[\x80-\xff]{0,9}[\x00-\x7f]"
-# Any{1: type_url=ClientConfig, 2: ClientConfig{1: Node{1: id}}}: the id's one-byte length selects exactly
-# that many bytes (one alternative per length, so the capture is length-prefix + id, never more).
-_NODE_ID = re.compile(
-    b"\n" + bytes([len(CLIENT_CONFIG_URL)]) + re.escape(CLIENT_CONFIG_URL) + b"\x12" + _VARINT + b"\n" + _VARINT
-    + b"\n(" + b"|".join(re.escape(bytes([n])) + b".{%d}" % n for n in range(1, 128)) + b")",
-    re.DOTALL,
-)
-
-
-@dataclass(frozen=True)
-class SynczIndex:
-    """What the syncz merge needs from one replica's answer, read without touching Python per resource."""
-
-    count: int
-    type_url: str
-    version_info: str
-    control_plane: bytes | None
-    node_keys: list[bytes]  # one per resource: length byte + UTF-8 id (equal keys ⇔ equal ids)
-    ident: str | None = None  # the control plane identifier, decoded by syncz_fast_index
-
-    def identifier(self) -> str | None:
-        """control_plane.identifier, None if absent."""
-        return self.ident
-
-
-def syncz_fast_index(raw: bytes) -> SynczIndex | None:
-    """Index a syncz answer at C speed, or None when only the exact reader can be trusted with it.
-
-    The regex could in principle also match bytes inside a resource (an error detail that quotes a
-    ClientConfig). It is trusted only if the ClientConfig type URL occurs exactly once per resource —
-    then every occurrence is a resource's own Any header — and every resource produced one match.
-    """
-    try:
-        # upb, eagerly: the framing and every envelope string (type URLs, version, nonce, control plane) are
-        # checked — exactly what the caller's own parse of the merged answer will need — while each Any's
-        # value stays opaque bytes. Anything it refuses goes to the exact reader, which rejects the replica.
-        env = discovery_pb2.DiscoveryResponse.FromString(raw)
-    except DecodeError:
-        return None
-    count = len(env.resources)
-    if raw.count(CLIENT_CONFIG_URL) != count:
-        return None
-    keys = _NODE_ID.findall(raw)
-    if len(keys) != count:
-        return None
-    try:
-        b"".join(keys).decode()  # the exact reader rejects non-UTF-8 ids: leave those to it
-    except UnicodeDecodeError:
-        return None
-    has_cp = env.HasField("control_plane")
-    return SynczIndex(count, str(env.type_url), str(env.version_info),
-                      env.control_plane.SerializeToString() if has_cp else None, keys,
-                      str(env.control_plane.identifier) if has_cp else None)
 
 
 # -- The syncz split path ----------------------------------------------------------------------------------
@@ -515,6 +471,74 @@ def syncz_split(raw: bytes, memo: SynczMemo) -> SynczSplit | None:
     except WireError:
         return None
     return SynczSplit(raw, starts, node_starts, node_lengths, envelope)
+
+
+# Any{1: ClientConfig URL, 2: ClientConfig{1: Node{1: id}}} up to the id: two groups, the split path's layout key
+# (the value's length prefix, the node's tag and length prefix) and the node key (the id's one-byte length + the
+# id: one alternative per length, so the capture is never more than the id).
+_FAST_HEAD = re.compile(
+    re.escape(_URL_HEADER) + b"\\x12(" + _VARINT + b"\\n" + _VARINT + b")\\n("
+    + b"|".join(re.escape(bytes([n])) + b".{%d}" % n for n in range(1, 128)) + b")",
+    re.DOTALL,
+)
+
+
+@dataclass(frozen=True)
+class SynczIndex:
+    """What the syncz merge needs from one replica's answer, read without touching Python per resource."""
+
+    count: int
+    type_url: str
+    version_info: str
+    control_plane: bytes | None
+    node_keys: list[bytes]  # one per resource: length byte + UTF-8 id (equal keys ⇔ equal ids)
+    ident: str | None = None  # the control plane identifier, as the exact reader decodes it
+
+    def identifier(self) -> str | None:
+        """control_plane.identifier, None if absent."""
+        return self.ident
+
+
+def syncz_fast_index(raw: bytes, memo: SynczMemo | None = None) -> SynczIndex | None:
+    """Index a syncz answer at C speed, or None when only the exact reader can be trusted with it.
+
+    Nothing is taken on the regex's word. It is trusted only when (as in syncz_split) every resource field's tag
+    and length sit exactly where the previous field ended, from the envelope before the first resource to the
+    envelope after the last, each Any is exactly {ClientConfig URL, value}, the URL header occurs nowhere else
+    (so capture i is resource i's header), each node lies inside its value and each id field inside its node:
+    then the exact reader reads the same resources, the same ids and the same envelope, and rejects nothing.
+    A node shorter than its id field, or a resource that swallows the next one's header, breaks the proof.
+    """
+    found = _FAST_HEAD.findall(raw)
+    if len(found) != raw.count(_URL_HEADER):
+        return None  # a URL header whose id is not where (or as short as) the fast reading needs
+    try:
+        if not found:
+            view = view_response(raw)
+            if view.resources:
+                return None
+        else:
+            keys = list(map(itemgetter(1), found))
+            layouts = (memo or SynczMemo()).layouts(list(map(itemgetter(0), found)))
+            if layouts is None:
+                return None  # a node that overflows its value
+            headers, sizes, node_lengths = (list(map(itemgetter(i), layouts)) for i in (0, 1, 3))
+            first = raw.find(_URL_HEADER) - (len(headers[0]) - len(_URL_HEADER))
+            starts = list(accumulate(sizes, initial=first))
+            if first < 0 or starts[-1] > len(raw) or not all(map(raw.startswith, headers, starts)):
+                return None
+            # The id field (tag + key) inside its node: else the exact reader finds it truncated.
+            if not all(map(lt, map(len, keys), node_lengths)):
+                return None
+            prefix, suffix = raw[:first], raw[starts[-1]:]
+            if view_response(prefix).resources or view_response(suffix).resources:
+                return None
+            view = view_response(prefix + suffix)
+            b"".join(keys).decode()  # the exact reader rejects non-UTF-8 ids: leave those to it
+    except (WireError, UnicodeDecodeError):
+        return None
+    return SynczIndex(len(found), view.type_url, view.version_info, view.control_plane,
+                      keys if found else [], view.identifier())
 
 
 def _node_facts(node: bytes) -> tuple[str, str] | None:
