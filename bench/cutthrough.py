@@ -49,6 +49,8 @@ from google.protobuf.message import DecodeError
 from istioctl_proxy import merge, wire
 from istioctl_proxy.policy import SYNCZ
 
+from .child import Child
+
 ADS_PATH = b"/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 MiB = 1 << 20
 TRAILER = 1024  # bytes reserved for our envelope at the end of every answer
@@ -816,7 +818,7 @@ async def serve(ns: argparse.Namespace) -> None:
 MODES = ("floor", "proxy", "cutthrough", "cutthrough-upb", "floor-via-envoy")
 
 
-class CutThroughProcess:
+class CutThroughProcess(Child):
     """`python -m bench.cutthrough serve` in a child process, observed with psutil."""
 
     def __init__(self, addresses: Sequence[str], upstream_token: str = "", check: str = "stream") -> None:
@@ -836,19 +838,8 @@ class CutThroughProcess:
         self.port = int(json.loads(line)["port"])
         self.ps = psutil.Process(self.proc.pid)
 
-    def cpu(self) -> float:
-        t = self.ps.cpu_times()
-        return float(t.user + t.system)
 
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-class EnvoyHop:
+class EnvoyHop(Child):
     """Real Envoy (.peers/bin/envoy, one worker) as a plain HTTP/2 router in front of each replica, one listener
     per replica: the floor through a native hop. What a native cut-through forwarder would cost at least (it
     forwards the same bytes the same way, and would add only the trailer), measured instead of guessed."""
@@ -898,17 +889,6 @@ class EnvoyHop:
             [os.path.join(ROOT, ".peers", "bin", "envoy"), "-c", config, "--concurrency", "1", "--log-level", "error",
              "--base-id", str(os.getpid() % 60000)], cwd=directory)
         self.ps = psutil.Process(self.proc.pid)
-
-    def cpu(self) -> float:
-        t = self.ps.cpu_times()
-        return float(t.user + t.system)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def compare(proxy_body: bytes, cut_body: bytes, proxies: int) -> dict[str, Any]:

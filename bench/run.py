@@ -42,6 +42,7 @@ from istioctl_proxy.app import free_port
 from istioctl_proxy.policy import SYNCZ
 from istioctl_proxy.sim.pki import TestCA, write_file
 
+from .child import Child
 from .replicas import TOKEN
 
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
@@ -146,7 +147,7 @@ class ReplicaProcess:
             self.proc.kill()
 
 
-class ProxyProcess:
+class ProxyProcess(Child):
     """`istioctl-proxy serve` in a child process, observed with psutil."""
 
     def __init__(
@@ -178,10 +179,6 @@ class ProxyProcess:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **DEPLOYED_ENV, **(env or {})})
         self.ps = psutil.Process(self.proc.pid)
 
-    def cpu(self) -> float:
-        t = self.ps.cpu_times()
-        return float(t.user + t.system)
-
     def rss(self) -> int:
         return int(self.ps.memory_info().rss)
 
@@ -203,13 +200,6 @@ class ProxyProcess:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
         return self.rss()
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 # -- the client side ---------------------------------------------------------------------------------------
