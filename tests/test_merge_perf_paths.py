@@ -25,6 +25,20 @@ PLAN = plan_request(SYNCZ, [])
 CTX = merge.MergeContext()
 
 
+def _edited_byte(body: bytes, rng: random.Random) -> bytes:
+    """One random edit at a random place: a byte flipped, 1-4 bytes cut, or 1-4 random bytes inserted."""
+    edited = bytearray(body)
+    at = rng.randrange(len(edited))
+    op = rng.random()
+    if op < 0.5:
+        edited[at] = rng.randrange(256)
+    elif op < 0.75:
+        del edited[at : at + rng.randint(1, 4)]
+    else:
+        edited[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 4)))
+    return bytes(edited)
+
+
 def answers_of(replicas: list[SimReplica], scope: str = "") -> list[Answer]:
     return [Answer(Replica(f"10.0.0.{i}:15012"), r.syncz(scope)) for i, r in enumerate(replicas)]
 
@@ -252,17 +266,10 @@ def test_mangled_answers_agree_with_the_exact_reader(monkeypatch: pytest.MonkeyP
         mesh = make_mesh(2, rng.randint(1, 12), seed=rng.randrange(10**6))
         mesh[1].proxies.append(mesh[0].proxies[0])
         answers = answers_of(mesh)
-        body = bytearray(answers[0].body or b"")
+        body = answers[0].body or b""
         for _ in range(rng.randint(1, 3)):
-            at = rng.randrange(len(body))
-            op = rng.random()
-            if op < 0.5:
-                body[at] = rng.randrange(256)
-            elif op < 0.75:
-                del body[at : at + rng.randint(1, 4)]
-            else:
-                body[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 4)))
-        answers[0] = Answer(answers[0].replica, bytes(body))
+            body = _edited_byte(body, rng)
+        answers[0] = Answer(answers[0].replica, body)
         ctx = merge.MergeContext(scope=rng.choice(["", "ns-1"]))
         slow = exact(answers, ctx, monkeypatch)
         split = split_only(answers, ctx)
@@ -518,16 +525,7 @@ def _mangled(body: bytes, rng: random.Random) -> bytes:
                 continue
             except (IndexError, ValueError, wire.WireError):
                 pass  # an earlier edit left this resource irregular: a random edit instead
-        edited = bytearray(body)
-        at = rng.randrange(len(edited))
-        op = rng.random()
-        if op < 0.5:
-            edited[at] = rng.randrange(256)
-        elif op < 0.75:
-            del edited[at : at + rng.randint(1, 4)]
-        else:
-            edited[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 4)))
-        body = bytes(edited)
+        body = _edited_byte(body, rng)
     return body
 
 
