@@ -228,16 +228,15 @@ class Aggregator:
         reserve: AbstractAsyncContextManager[object] = contextlib.nullcontext()
         if self.budget is not None and estimate:
             reserve = self.budget.hold(caller.key, estimate, _left(patience), fan_out=True)
-        held: list[int] = []
         try:
             async with reserve:
                 # Time spent waiting for room is given back (within the caller's deadline): the scope check
                 # and the fan-out still share one deadline otherwise.
                 deadline = max(deadline, min(caller_end, deadline + time.monotonic() - asked))
                 result = await self._fan_out_and_merge_now(plan, replicas, request, metadata, deadline, ctx, node,
-                                                           caller, held)
+                                                           caller)
             for key in (shape, kind):
-                self.fan_out_sizes[key] = sum(held)
+                self.fan_out_sizes[key] = result.held
                 self.fan_out_sizes.move_to_end(key)
             while len(self.fan_out_sizes) > _SIZES_KEPT:
                 self.fan_out_sizes.popitem(last=False)
@@ -250,7 +249,7 @@ class Aggregator:
     async def _fan_out_and_merge_now(
         self, plan: Plan, replicas: tuple[Replica, ...], request: bytes,
         metadata: tuple[tuple[str, str], ...], deadline: float, ctx: MergeContext,
-        node: base_pb2.Node, caller: Caller, held: list[int],
+        node: base_pb2.Node, caller: Caller,
     ) -> Result:
         if plan.fan_out:
             ctx = dataclasses.replace(ctx, early={})  # this fan-out's own early readings
@@ -266,7 +265,6 @@ class Aggregator:
             holders = await self._exact_holders(plan.proxy_id, "", node, replicas, deadline, caller)
             ctx = dataclasses.replace(ctx, holders=holders)
         merged = merge(plan, answers, ctx)
-        held.append(sum(len(a.body) for a in answers if a.body) + len(merged.body))
         for answer, reason in merged.rejected:
             failures.append((answer.replica.label, reason))
         if merged.rejected and (self.settings.require_all or len(merged.rejected) == sum(a.ok for a in answers)):
@@ -277,8 +275,9 @@ class Aggregator:
             log.warning("partial answer for %s: %s", plan.type_url, "; ".join(f"{r}: {w}" for r, w in failures))
         # The replicas' bodies are merged now: drop them (keeping ok-ness) so that they are not held while
         # the merged answer is sent, shared or cached — for 30k proxies that is the size of the answer again.
+        held = sum(len(a.body) for a in answers if a.body) + len(merged.body)
         answers = [dataclasses.replace(a, body=b"") if a.body else a for a in answers]
-        return Result(merged.body, plan, merged.resources, answers, failures)
+        return Result(merged.body, plan, merged.resources, answers, failures, held=held)
 
     def _upstream_request(
         self, plan: Plan, node: base_pb2.Node, caller: Caller

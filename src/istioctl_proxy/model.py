@@ -77,6 +77,7 @@ class Result:
     answers: list[Answer]
     failures: list[tuple[str, str]] = field(default_factory=list)  # (replica label, reason)
     shared: str = ""  # "" (own fan-out), "coalesced" or "cached": see coalesce.py
+    held: int = 0  # bytes its own fan-out held at the peak (answers + merge): the next one's reservation
 
 
 @dataclass(frozen=True)
