@@ -133,8 +133,8 @@ class SendBudget:
     Each stream has at most one answer in flight (the next write waits for the previous one). Holds and
     waiters are kept per caller (`auth.Caller.key`): room that frees goes to the callers waiting in
     round-robin order (least recently served first; FIFO within one caller, its answers before its fan-outs'
-    reservations), and while other callers wait,
-    a caller holding more than its share (`share`, half the budget) gets no more. Answers that sat unread
+    reservations), and while other callers wait, a caller holding more than its share (`share`, half the
+    budget) gets no more. Answers that sat unread
     for `slow_reader_seconds` while someone waits for room are cut, the biggest holder's first: one caller's
     many unread streams cannot starve another caller.
     """
