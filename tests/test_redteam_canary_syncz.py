@@ -99,7 +99,7 @@ def test_a_scoped_caller_sees_only_its_namespace_as_it_decodes_it(
 async def test_one_caller_with_many_unread_streams_does_not_starve_another() -> None:
     import asyncio
 
-    from istioctl_proxy.server import SendBudget
+    from istioctl_proxy.budget import SendBudget
 
     # One caller: 30 streams that never read (each answer is cut after slow_reader_seconds, and the stream
     # asks again at once), every answer as large as the budget (a big mesh's syncz against 48 MiB).

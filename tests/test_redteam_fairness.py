@@ -16,9 +16,9 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from istioctl_proxy import client
 from istioctl_proxy.auth import Caller
+from istioctl_proxy.budget import SendBudget
 from istioctl_proxy.errors import ResourceExhausted
 from istioctl_proxy.policy import DEBUG, SYNCZ
-from istioctl_proxy.server import SendBudget
 from istioctl_proxy.sim.simulator import SimProxy, SimReplica, make_mesh
 from istioctl_proxy.wire import SynczMemo
 

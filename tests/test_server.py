@@ -18,9 +18,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from istioctl_proxy import client
 from istioctl_proxy.app import Proxy
 from istioctl_proxy.auth import Caller
+from istioctl_proxy.budget import SendBudget
 from istioctl_proxy.errors import ResourceExhausted
 from istioctl_proxy.policy import CONFIG_DUMP, SYNCZ
-from istioctl_proxy.server import SendBudget
 from istioctl_proxy.sim.pki import TestCA, write_file
 from istioctl_proxy.sim.simulate import SimulatedMesh
 from istioctl_proxy.sim.simulator import SimProxy, make_mesh

@@ -49,7 +49,7 @@ class Settings:
 
 
 class Budget(Protocol):
-    """Room for bytes held on a caller's behalf (server.SendBudget): fan-outs reserve in it."""
+    """Room for bytes held on a caller's behalf (budget.SendBudget): fan-outs reserve in it."""
 
     def hold(
         self, caller: str, size: int, wait: float, *, fan_out: bool = False

@@ -1,0 +1,216 @@
+"""The send budget: bytes of answers handed to gRPC and not yet taken, and of fan-outs in flight, per caller."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from .errors import ResourceExhausted
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class _Hold:
+    caller: str
+    size: int
+    since: float
+    evicted: asyncio.Future[str]  # set to the cut's reason
+    evictable: bool = True  # an answer handed to gRPC; a fan-out's reservation is never cut
+
+
+@dataclass
+class _Waiter:
+    caller: str
+    size: int
+    seq: int  # arrival order: FIFO within a caller
+    granted: asyncio.Future[_Hold]
+    fan_out: bool = False
+
+
+# Cut reasons (istioctl_proxy_streams_cut_total{reason}) of the budget's refusals and evictions.
+SLOW_READER, SEND_BUDGET, CALLER_SHARE, FANOUT_BUDGET = (
+    "slow_reader", "send_budget", "send_budget_caller_share", "send_budget_fanout")
+
+
+@dataclass
+class SendBudget:
+    """Bytes of answers handed to gRPC and not yet taken by their callers, and of fan-outs in flight.
+
+    Each stream has at most one answer in flight (the next write waits for the previous one). Holds and
+    waiters are kept per caller (`auth.Caller.key`): room that frees goes to the callers waiting in
+    round-robin order (least recently served first; FIFO within one caller, its answers before its fan-outs'
+    reservations), and while other callers wait, a caller holding more than its share (`share`, half the
+    budget) gets no more. Answers that sat unread
+    for `slow_reader_seconds` while someone waits for room are cut, the biggest holder's first: one caller's
+    many unread streams cannot starve another caller.
+    """
+
+    total: int
+    slow_reader_seconds: float
+    on_change: Callable[[int], None] = lambda used: None
+    on_cut: Callable[[str], None] = lambda reason: None  # a refusal or an eviction, by reason
+    used: int = 0
+    grants: int = 0  # holds granted so far (tests wait on it)
+    _holds: dict[str, list[_Hold]] = field(default_factory=dict)  # per caller, oldest first
+    _held: collections.Counter[str] = field(default_factory=collections.Counter)  # bytes per caller
+    _waiting: dict[str, collections.deque[_Waiter]] = field(default_factory=dict)  # per caller, FIFO
+    _served: dict[str, int] = field(default_factory=dict)  # caller → `grants` at its last grant
+    _seq: int = 0
+
+    @property
+    def share(self) -> int:
+        """Bytes one caller may hold while others wait for room (it always may hold one answer)."""
+        return self.total // 2
+
+    def waiting(self, caller: str | None = None) -> int:
+        """Holds waiting for room (of `caller`, or of everyone)."""
+        if caller is not None:
+            return len(self._waiting.get(caller, ()))
+        return sum(len(q) for q in self._waiting.values())
+
+    def held(self, caller: str) -> int:
+        """Bytes `caller` holds now."""
+        return self._held[caller]
+
+    @contextlib.asynccontextmanager
+    async def hold(
+        self, caller: str, size: int, wait: float, *, fan_out: bool = False
+    ) -> AsyncIterator[asyncio.Future[str]]:
+        """Room for `size` bytes of `caller` (waiting up to `wait` s); yields a future set (to the reason) if
+        this hold is cut.
+
+        `fan_out`: a reservation for answers still to come (never cut as a slow reader; refused with its
+        own reason and message).
+        """
+        size = min(size, self.total)  # larger than the whole budget: it takes all of it, alone
+        loop = asyncio.get_running_loop()
+        self._seq += 1
+        waiter = _Waiter(caller, size, self._seq, loop.create_future(), fan_out)
+        queue = self._waiting.setdefault(caller, collections.deque())
+        # A caller's answers go before its fan-outs: an answer waiting to be sent is memory held already, a
+        # fan-out makes more (and its answer would wait behind the fan-outs queued before it).
+        first_fan_out = next((i for i, w in enumerate(queue) if w.fan_out), len(queue)) if not fan_out else len(queue)
+        queue.insert(first_fan_out, waiter)
+        self._dispatch()
+        deadline = time.monotonic() + wait
+        try:
+            while not waiter.granted.done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._refusal(waiter, wait, fan_out)
+                # Wake up at least every slow_reader_seconds: by then a held answer may be old enough to cut.
+                await asyncio.wait({waiter.granted}, timeout=min(left, self.slow_reader_seconds))
+                if not waiter.granted.done():
+                    self._dispatch()
+        except BaseException:
+            if waiter.granted.done():  # granted as we were cancelled: give it back
+                self._release(waiter.granted.result())
+            else:
+                self._forget(waiter)
+                self._dispatch()  # it may have blocked the line
+            raise
+        held = waiter.granted.result()
+        try:
+            yield held.evicted
+        finally:
+            self._release(held)
+
+    def _refusal(self, waiter: _Waiter, wait: float, fan_out: bool) -> ResourceExhausted:
+        over_share = self._over_share(waiter) and not fan_out
+        reason = FANOUT_BUDGET if fan_out else CALLER_SHARE if over_share else SEND_BUDGET
+        self.on_cut(reason)
+        mib = self.total // MiB
+        if fan_out:
+            return ResourceExhausted(
+                f"the proxy's send budget ({mib} MiB, --send-budget-mib) had no room for this request's fan-out "
+                f"(about {waiter.size / MiB:.1f} MiB of replica answers) within its deadline: too many answers "
+                "are being fetched or sent; try again later")
+        if over_share:
+            return ResourceExhausted(
+                f"this caller's answers waiting to be read hold {self._held[waiter.caller] // MiB} MiB, more than "
+                f"its share ({self.share // MiB} MiB, half of --send-budget-mib) while others wait, for {wait:.0f}s: "
+                "read answers as they come")
+        return ResourceExhausted(
+            f"the proxy's send budget ({mib} MiB, --send-budget-mib) stayed full for "
+            f"{wait:.0f}s: too many answers are waiting for their callers to read them")
+
+    def _over_share(self, waiter: _Waiter) -> bool:
+        held = self._held[waiter.caller]
+        others = len(self._waiting) > (waiter.caller in self._waiting)  # only non-empty queues are kept
+        return held > 0 and held + waiter.size > self.share and others
+
+    def _dispatch(self) -> None:
+        """Grant room to waiters, round-robin by caller, until the next in line does not fit."""
+        while True:
+            heads = [q[0] for q in self._waiting.values() if q]
+            eligible = [w for w in heads if not self._over_share(w)]
+            if not eligible:
+                return
+            nxt = min(eligible, key=lambda w: (self._served.get(w.caller, -1), w.seq))
+            if self.used + nxt.size > self.total:
+                # The next in line waits (nobody overtakes it, so large answers are not starved either);
+                # stalled answers make room, the biggest holder's first.
+                self._evict_slow(self.used + nxt.size - self.total)
+                return
+            self._forget(nxt)
+            held = _Hold(nxt.caller, nxt.size, time.monotonic(), asyncio.get_running_loop().create_future(),
+                         evictable=not nxt.fan_out)
+            self._holds.setdefault(nxt.caller, []).append(held)
+            self._held[nxt.caller] += nxt.size
+            self.used += nxt.size
+            self.grants += 1
+            self._served[nxt.caller] = self.grants
+            nxt.granted.set_result(held)
+            self.on_change(self.used)
+
+    def _forget(self, waiter: _Waiter) -> None:
+        queue = self._waiting.get(waiter.caller)
+        if queue is not None:
+            with contextlib.suppress(ValueError):
+                queue.remove(waiter)
+            if not queue:
+                del self._waiting[waiter.caller]
+        self._tidy(waiter.caller)
+
+    def _release(self, held: _Hold) -> None:
+        holds = self._holds.get(held.caller, [])
+        if held not in holds:
+            return
+        holds.remove(held)
+        if not holds:
+            del self._holds[held.caller]
+        self._held[held.caller] -= held.size
+        if self._held[held.caller] <= 0:
+            del self._held[held.caller]
+        self.used -= held.size
+        self._tidy(held.caller)
+        self.on_change(self.used)
+        self._dispatch()
+
+    def _tidy(self, caller: str) -> None:
+        # A caller with nothing held or waiting is forgotten: what is kept is bounded by the streams open.
+        if caller not in self._holds and caller not in self._waiting:
+            self._served.pop(caller, None)
+
+    def _evict_slow(self, needed: int) -> None:
+        now = time.monotonic()
+        needed -= sum(h.size for hs in self._holds.values() for h in hs if h.evicted.done())  # already cut
+        waiting = {c for c, q in self._waiting.items() if q}
+        stalled = [h for hs in self._holds.values() for h in hs
+                   if h.evictable and not h.evicted.done() and now - h.since >= self.slow_reader_seconds]
+        for held in sorted(stalled, key=lambda h: (-self._held[h.caller], h.since)):
+            if needed <= 0:
+                return
+            over = self._held[held.caller] > self.share and bool(waiting - {held.caller})
+            reason = CALLER_SHARE if over else SLOW_READER
+            held.evicted.set_result(reason)
+            self.on_cut(reason)
+            needed -= held.size
+
+
+__all__ = ["CALLER_SHARE", "FANOUT_BUDGET", "SEND_BUDGET", "SLOW_READER", "SendBudget"]
