@@ -249,6 +249,7 @@ LEGIT = frozenset({"syncz_scoped", "config_dump", "config_dump_unknown", "debug_
 RSS_BOUND_MIB = 1200
 # The flags a slow reader's cut names: it ends RESOURCE_EXHAUSTED for not reading, never refused.
 CUT_FLAGS = ("--slow-reader-seconds", "--send-budget-mib", "--send-timeout")
+SLOW_TOKEN = "slow-reader-token"
 
 
 async def test_legitimate_calls_are_served_beside_idle_streams_and_slow_readers() -> None:
@@ -260,11 +261,12 @@ async def test_legitimate_calls_are_served_beside_idle_streams_and_slow_readers(
 
     from .helpers import TOKENS
 
-    sim = make_mesh(REPLICAS, PROXIES, tokens=TOKENS)
+    # The slow readers are their own caller (one token is one caller): their cut answers stay charged to it.
+    sim = make_mesh(REPLICAS, PROXIES, tokens={**TOKENS, SLOW_TOKEN: TOKENS[ADMIN_TOKEN]})
     mesh = Mesh.of(sim)
     sim[0].proxies.append(SimProxy("big", "ns-big", states={"LDS": "ERROR"}, error="e" * BIG_ANSWER))
     limits = {"first_message_timeout": 600.0, "max_streams": IDLE_STREAMS + ADV_STREAMS + SLOW_READERS + 100,
-              "send_budget_mib": 64, "slow_reader_seconds": 1.0}
+              "send_budget_mib": 64, "slow_reader_seconds": 1.0, "slow_reader_min_kib_per_second": 1 << 20}
     async with stack(mesh=sim, **limits) as s:  # type: ignore[arg-type]
         metrics = s.proxy.metrics.registry
 
@@ -306,7 +308,7 @@ async def test_legitimate_calls_are_served_beside_idle_streams_and_slow_readers(
                 big = _req(SYNCZ).SerializeToString()  # the whole mesh, with the 4 MiB proxy
                 slow: list[grpc.aio.StreamStreamCall] = []  # type: ignore[type-arg]
                 for _ in range(SLOW_READERS):
-                    call = slow_conn.stream_stream(SOTW)(metadata=bearer(ADMIN_TOKEN))
+                    call = slow_conn.stream_stream(SOTW)(metadata=bearer(SLOW_TOKEN))
                     try:
                         await call.write(big)  # and never read
                     except grpc.aio.AioRpcError:

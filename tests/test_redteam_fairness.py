@@ -78,13 +78,12 @@ async def test_fan_outs_of_new_tokens_or_nodes_reserve_room_too(vary: str) -> No
             await asyncio.gather(*calls, return_exceptions=True)
 
 
-@pytest.mark.xfail(strict=True, reason="open (red team stop 20, F3): a fan-out reservation is never cut and may "
-                   "take the whole budget (min(estimate, total)): while it runs nobody else can send anything")
 async def test_a_whole_budget_fan_out_does_not_freeze_every_other_callers_answers() -> None:
     """A replica that answered one caller with more than the budget (a hostile istiod, or just a 30k-proxy mesh
     against the default 48 MiB) makes that caller's next fan-out reserve the whole budget, unevictable, for as
     long as the replicas take (up to --upstream-timeout). Meanwhile another caller's 0-byte-upstream answer
-    (an unknown debug path, answered by the proxy itself) cannot get a byte of room."""
+    (an unknown debug path, answered by the proxy itself) cannot get a byte of room. Now fan-outs together
+    reserve at most half the budget."""
     async with stack(mesh=_big_mesh(6 << 20), coalesce=False, send_budget_mib=6, slow_reader_seconds=0.5,
                      upstream_timeout=60.0) as s, grpc.aio.insecure_channel(s.address, options=NOT_READING) as ch:
         budget, replica = s.proxy.service.budget, s.replicas[0]
@@ -326,10 +325,10 @@ async def _throttled_relay(target: str, bytes_per_second: int) -> tuple[asyncio.
     return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
-@pytest.mark.xfail(strict=True, reason="open (red team stop 20, F4): a hold's age counts from its grant, not from "
-                   "the caller's last progress: a big answer read at full speed on a slow link is cut as a slow "
-                   "reader as soon as anyone else waits for room")
 async def test_a_caller_reading_a_big_answer_at_its_links_speed_is_not_cut_when_another_caller_asks() -> None:
+    """A hold's age counted from its grant, not from the caller's progress: a big answer read at full speed on a
+    slow link was cut as a slow reader as soon as anyone else waited. Now a hold is stalled only after
+    --slow-reader-seconds plus its size at --slow-reader-min-kib-per-second (default 1 MiB/s)."""
     # 12 MiB at 2 MiB/s: ~6 s of reading; the proxy's socket buffer (at most 4 MiB here) cannot take it sooner.
     async with stack(mesh=_big_mesh(12 << 20), send_budget_mib=12, slow_reader_seconds=1.0, send_timeout=60.0) as s:
         budget = s.proxy.service.budget
@@ -358,28 +357,41 @@ def _rss_mib() -> int:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
-@pytest.mark.xfail(strict=True, reason="open (red team stop 20, F5): a cut answer leaves the budget but not gRPC's "
-                   "buffers (gRPC Python cannot reset one stream): each cut never-reading stream pins its answer "
-                   "until its connection ages out (--max-stream-age, 30 min)")
 async def test_cut_answers_of_never_reading_streams_do_not_pile_up_beyond_the_budget() -> None:
     """One caller, 30 streams that never read a 6 MiB answer, against a 6 MiB budget: every stream but one is cut
     (the budget says 6 MiB used), yet each cut answer stays queued in gRPC behind the caller's closed HTTP/2 window.
     Measured with the callers in another process (so only the proxy's memory): +17 MiB for 2 streams, +198 MiB
-    for 30. Here the callers share the process; their receive windows are 64 KiB each (no BDP probing)."""
-    async with stack(mesh=_big_mesh(6 << 20), send_budget_mib=6, slow_reader_seconds=0.2, send_timeout=60.0) as s:
+    for 30. Here the callers share the process; their receive windows are 64 KiB each (no BDP probing).
+    Now a cut answer stays charged to its caller (pinned) until its connection's life ends: once the pinned bytes
+    reach the caller's share, its next answers are refused at once."""
+    async with stack(mesh=_big_mesh(6 << 20), send_budget_mib=6, slow_reader_seconds=0.2, send_timeout=60.0,
+                     slow_reader_min_kib_per_second=1 << 20) as s:
         cuts = s.proxy.metrics.registry.get_sample_value
         async with grpc.aio.insecure_channel(s.address, options=NOT_READING) as warm:  # the merge's own memory
             first = await ads_call(warm, [_syncz()], metadata=bearer(ADMIN_TOKEN), timeout=30)
             assert first.code == grpc.StatusCode.OK, first
         base = _rss_mib()
         channels = [grpc.aio.insecure_channel(s.address, options=NOT_READING) for _ in range(30)]
+        calls = []
         try:
             for ch in channels:
                 call = ch.stream_stream(SOTW)(metadata=bearer(ADMIN_TOKEN), timeout=300)
                 await call.write(_syncz().SerializeToString())
-            await until(lambda: (cuts("istioctl_proxy_streams_cut_total", {"reason": "slow_reader"}) or 0) >= 29,
-                        "every stream but one cut")
+                calls.append(call)
+
+            def ended(reason: str) -> float:
+                return cuts("istioctl_proxy_streams_cut_total", {"reason": reason}) or 0.0
+
+            # Before the fix: 29 slow_reader cuts, each freeing room for the next 6 MiB answer. Now the first cut
+            # answer stays charged to its caller, who is refused from then on (calls joined to a refused
+            # fan-out share its one refusal).
+            await until(lambda: sum(c.done() for c in calls) >= 29, lambda: f"every stream but one ended "
+                        f"{sum(c.done() for c in calls)} {[ended(r) for r in ('slow_reader', 'send_budget_unread')]}")
+            assert ended("slow_reader") <= 2 and ended("send_budget_unread") >= 1
+            codes = {await c.code() for c in calls if c.done()}
+            assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
             assert s.proxy.service.budget.used <= 6 << 20
+            assert cuts("istioctl_proxy_send_pinned_bytes") == s.proxy.service.budget.pinned >= 6 << 20
             # Observed: ~+190 MiB (29 cut answers of 6 MiB still queued in gRPC).
             assert _rss_mib() - base < 64, f"+{_rss_mib() - base} MiB against a 6 MiB budget"
         finally:

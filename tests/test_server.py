@@ -186,9 +186,11 @@ NOT_READING = [("grpc.max_receive_message_length", 64 << 20), ("grpc.http2.bdp_p
 async def test_slow_readers_are_cut_and_others_are_unaffected() -> None:
     """Answers nobody reads hold the send budget; past it, the slow streams are cut (RESOURCE_EXHAUSTED)
     and a caller who reads gets its answer at once."""
-    mesh = make_mesh(2, 4, tokens=TOKENS)
+    # The readers are another caller (one token is one caller: the slow reader's cut answers stay charged to it).
+    mesh = make_mesh(2, 4, tokens={**TOKENS, "admin-token-2": TOKENS[ADMIN_TOKEN]})
     mesh[0].proxies.append(SimProxy("big", "ns-9", states={"LDS": "ERROR"}, error="e" * (6 << 20)))
-    async with stack(mesh=mesh, send_budget_mib=6, slow_reader_seconds=0.2, send_timeout=30.0) as s:
+    async with stack(mesh=mesh, send_budget_mib=6, slow_reader_seconds=0.2, send_timeout=30.0,
+                     slow_reader_min_kib_per_second=1 << 20) as s:
         async with grpc.aio.insecure_channel(s.address, options=NOT_READING) as slow_ch, \
                 grpc.aio.insecure_channel(s.address) as ch:
             slow = []
@@ -203,9 +205,14 @@ async def test_slow_readers_are_cut_and_others_are_unaffected() -> None:
             for _ in range(3):
                 out = await ads_call(ch, [discovery_pb2.DiscoveryRequest(
                     type_url=CONFIG_DUMP, resource_names=[small], node=client.istioctl_node("istio-system"))],
-                    metadata=bearer(ADMIN_TOKEN), timeout=30)
+                    metadata=bearer("admin-token-2"), timeout=30)
                 assert out.code == grpc.StatusCode.OK and out.responses, out
-            assert _metric(s, "istioctl_proxy_streams_cut_total", reason="slow_reader") >= 1
+            # The stalled answer is cut (for the slow caller's next answer, or as a share cut for the reader's); it
+            # stays charged to the slow caller (it may sit in gRPC's buffer), whose other answers are refused.
+            assert _metric(s, "istioctl_proxy_streams_cut_total", reason="slow_reader") + _metric(
+                s, "istioctl_proxy_streams_cut_total", reason="send_budget_caller_share") >= 1
+            assert _metric(s, "istioctl_proxy_streams_cut_total", reason="send_budget_unread") == 2
+            assert _metric(s, "istioctl_proxy_send_pinned_bytes") == 6 << 20
             assert _metric(s, "istioctl_proxy_send_queued_bytes") <= 6 << 20
             codes = []
             for call in slow:
@@ -222,7 +229,8 @@ async def test_a_caller_with_many_unread_streams_does_not_starve_another_caller(
     budget); caller B (another token) still gets its answer after one of A's is cut, not after A's queue."""
     mesh = make_mesh(2, 8, tokens=TOKENS)
     mesh[0].proxies.append(SimProxy("big", "ns-9", states={"LDS": "ERROR"}, error="e" * (6 << 20)))
-    async with stack(mesh=mesh, send_budget_mib=6, slow_reader_seconds=1.0, send_timeout=60.0) as s:
+    async with stack(mesh=mesh, send_budget_mib=6, slow_reader_seconds=1.0, send_timeout=60.0,
+                     slow_reader_min_kib_per_second=1 << 20) as s:
         budget = s.proxy.service.budget
         hog, other = Caller("a", token=ADMIN_TOKEN).key, Caller("b", token="ns-1-token").key
         async with grpc.aio.insecure_channel(s.address, options=NOT_READING) as slow_ch, \
@@ -274,7 +282,8 @@ async def test_fan_outs_in_flight_reserve_room_in_the_budget_and_wait_for_it_wit
                  for _ in range(6)]
         await until(lambda: replica.requests - base + budget.waiting(key) == 6, "every call asking or waiting")
         # Only what the budget holds went upstream; the others wait for room (they used to go all at once).
-        assert replica.requests - base == allowed == 2 and budget.used == allowed * estimate
+        # Fan-outs together reserve at most half the budget (red team stop 20, F3): one of ~2 MiB in 5 MiB.
+        assert allowed == 2 and replica.requests - base == 1 and budget.used == budget.fan_out_used == estimate
         # A caller whose deadline passes while it waits for room is refused, naming the flag.
         late = await ads_call(ch, [_syncz()], metadata=bearer(ADMIN_TOKEN), timeout=5)
         assert late.code == grpc.StatusCode.RESOURCE_EXHAUSTED, late
@@ -466,3 +475,32 @@ async def test_an_answer_is_encoded_for_its_stream_only_once_the_send_budget_has
         assert encoded == [] and written == []
     await sending
     assert encoded == [60] and written == [b"x" * 60 + b"!"] and service.budget.used == 0
+
+
+async def test_a_cut_answer_stays_charged_to_its_caller_until_its_connection_can_have_closed() -> None:
+    # Red team stop 20, F5: a cut answer may stay in gRPC's buffer (gRPC Python cannot reset one stream), yet the
+    # cut freed its room at once: a never-reading caller turned the budget into a conveyor. Now it is pinned.
+    cuts: list[str] = []
+    pinned: list[int] = []
+    budget = SendBudget(10, slow_reader_seconds=0.01, on_cut=cuts.append, pin_seconds=600.0,
+                        on_pinned=pinned.append)
+    async with budget.hold("a", 8, 1.0) as evicted:
+        waiting = asyncio.create_task(budget.hold("a", 8, 30.0).__aenter__())
+        assert await evicted == "slow_reader"
+        budget.pin(evicted, 8)
+    # Its room is free for others, but the caller's pinned bytes reached its share: refused at once, not served.
+    with pytest.raises(ResourceExhausted, match="cut unread"):
+        await waiting
+    with pytest.raises(ResourceExhausted, match="cut unread"):
+        async with budget.hold("a", 1, 30.0):
+            pass
+    assert cuts == ["slow_reader", "send_budget_unread", "send_budget_unread"]
+    assert budget.used == 0 and budget.pinned == budget.pinned_by("a") == 8 and pinned == [8]
+    async with budget.hold("b", 10, 1.0):  # another caller has the whole budget
+        assert budget.used == 10
+    # Past its connection's life the pin goes, and the caller is served again.
+    budget._pins[0].until = 0.0  # its connection's life is over (its timer is what calls this)
+    budget._expire()
+    assert budget.pinned == 0 and pinned == [8, 0] and budget.waiting() == 0
+    async with budget.hold("a", 8, 1.0):
+        assert budget.used == 8

@@ -199,6 +199,7 @@ def stream_limits(cfg: Config) -> StreamLimits:
         max_streams_per_connection=cfg.max_streams_per_connection,
         send_budget_bytes=cfg.send_budget_mib * 1024 * 1024, send_timeout=cfg.send_timeout,
         slow_reader_seconds=cfg.slow_reader_seconds,
+        slow_reader_min_bytes_per_second=cfg.slow_reader_min_kib_per_second * 1024,
     )
 
 

@@ -21,6 +21,15 @@ class _Hold:
     since: float
     evicted: asyncio.Future[str]  # set to the cut's reason
     evictable: bool = True  # an answer handed to gRPC; a fan-out's reservation is never cut
+    pinned: bool = False  # its sender pinned it (`SendBudget.pin`) when it was cut
+
+
+@dataclass
+class _Pin:
+    caller: str
+    size: int
+    until: float  # monotonic: no later than its connection's end
+    in_pool: bool  # in the pinned pool, else still counted in `used` (the pool was full)
 
 
 @dataclass
@@ -33,8 +42,8 @@ class _Waiter:
 
 
 # Cut reasons (istioctl_proxy_streams_cut_total{reason}) of the budget's refusals and evictions.
-SLOW_READER, SEND_BUDGET, CALLER_SHARE, FANOUT_BUDGET = (
-    "slow_reader", "send_budget", "send_budget_caller_share", "send_budget_fanout")
+SLOW_READER, SEND_BUDGET, CALLER_SHARE, FANOUT_BUDGET, UNREAD = (
+    "slow_reader", "send_budget", "send_budget_caller_share", "send_budget_fanout", "send_budget_unread")
 
 
 @dataclass
@@ -47,20 +56,37 @@ class SendBudget:
     reservations), and while other callers wait, a caller holding more than its share (`share`, half the
     budget) gets no more. Answers that sat unread
     for `slow_reader_seconds` while someone waits for room are cut, the biggest holder's first: one caller's
-    many unread streams cannot starve another caller.
+    many unread streams cannot starve another caller. A hold is stalled only once it is older than
+    `slow_reader_seconds` plus its size at `min_bytes_per_second` (a big answer on a slow link takes a while).
+
+    Fan-out reservations together hold at most the share: answers always have the other half.
+
+    A cut answer is not freed: gRPC Python cannot reset one stream, so its bytes may stay in gRPC's buffer until
+    the connection goes. Its sender `pin`s it: for `pin_seconds` (an upper bound of its connection's life) it is
+    charged to its caller, in a pinned pool as large as the budget (answers' memory: at most twice the budget).
+    A caller whose pinned bytes reach its share is refused at once; while the pool is full, stalled answers are
+    not cut (memory before availability) and answers pinned anyway (send timeouts) keep their room in `used`.
     """
 
     total: int
     slow_reader_seconds: float
     on_change: Callable[[int], None] = lambda used: None
     on_cut: Callable[[str], None] = lambda reason: None  # a refusal or an eviction, by reason
+    min_bytes_per_second: float = 1024 * 1024
+    pin_seconds: float = 3600.0
+    on_pinned: Callable[[int], None] = lambda pinned: None  # bytes in the pinned pool
     used: int = 0
+    pinned: int = 0  # bytes in the pinned pool
+    fan_out_used: int = 0  # bytes of fan-out reservations (within `used`)
     grants: int = 0  # holds granted so far (tests wait on it)
     _holds: dict[str, list[_Hold]] = field(default_factory=dict)  # per caller, oldest first
     _held: collections.Counter[str] = field(default_factory=collections.Counter)  # bytes per caller
     _waiting: dict[str, collections.deque[_Waiter]] = field(default_factory=dict)  # per caller, FIFO
     _served: dict[str, int] = field(default_factory=dict)  # caller → `grants` at its last grant
     _seq: int = 0
+    _pins: collections.deque[_Pin] = field(default_factory=collections.deque)  # oldest first
+    _pinned_by: collections.Counter[str] = field(default_factory=collections.Counter)  # pinned bytes per caller
+    _expiry: asyncio.TimerHandle | None = None
 
     @property
     def share(self) -> int:
@@ -77,6 +103,57 @@ class SendBudget:
         """Bytes `caller` holds now."""
         return self._held[caller]
 
+    def pinned_by(self, caller: str) -> int:
+        """Bytes of `caller`'s cut answers that may still be in gRPC's buffers."""
+        return self._pinned_by[caller]
+
+    def pin(self, held: asyncio.Future[str], size: int) -> None:
+        """The answer of the hold whose cut future is `held` was cut but may stay in gRPC's buffer: keep it
+        charged to its caller for `pin_seconds` (call before the hold ends)."""
+        hold = next((h for hs in self._holds.values() for h in hs if h.evicted is held), None)
+        if hold is None or hold.pinned:
+            return
+        hold.pinned = True
+        size = min(size, hold.size)
+        in_pool = self.pinned + size <= self.total
+        self._pins.append(_Pin(hold.caller, size, time.monotonic() + self.pin_seconds, in_pool))
+        self._pinned_by[hold.caller] += size
+        if in_pool:
+            self.pinned += size
+            self.on_pinned(self.pinned)
+        else:
+            self.used += size  # the pool is full: its room stays taken
+            self.on_change(self.used)
+        if self._expiry is None:
+            self._expiry = asyncio.get_running_loop().call_later(self.pin_seconds, self._expire)
+
+    def _expire(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        now = time.monotonic()
+        changed = False
+        while self._pins and self._pins[0].until <= now:
+            pin = self._pins.popleft()
+            self._pinned_by[pin.caller] -= pin.size
+            if self._pinned_by[pin.caller] <= 0:
+                del self._pinned_by[pin.caller]
+            if pin.in_pool:
+                self.pinned -= pin.size
+                self.on_pinned(self.pinned)
+            else:
+                self.used -= pin.size
+                changed = True
+        if changed:
+            self.on_change(self.used)
+        if self._pins:
+            delay = max(0.0, self._pins[0].until - now)
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._expire)
+        self._dispatch()
+
+    def _unread(self, caller: str) -> bool:
+        return self._pinned_by[caller] >= max(self.share, 1)
+
     @contextlib.asynccontextmanager
     async def hold(
         self, caller: str, size: int, wait: float, *, fan_out: bool = False
@@ -87,10 +164,13 @@ class SendBudget:
         `fan_out`: a reservation for answers still to come (never cut as a slow reader; refused with its
         own reason and message).
         """
-        size = min(size, self.total)  # larger than the whole budget: it takes all of it, alone
+        # Larger than the whole budget: it takes all of it, alone (a fan-out: all the fan-outs' half).
+        size = min(size, self.share if fan_out else self.total)
         loop = asyncio.get_running_loop()
         self._seq += 1
         waiter = _Waiter(caller, size, self._seq, loop.create_future(), fan_out)
+        if self._unread(caller):
+            raise self._unread_refusal(waiter)
         queue = self._waiting.setdefault(caller, collections.deque())
         # A caller's answers go before its fan-outs: an answer waiting to be sent is memory held already, a
         # fan-out makes more (and its answer would wait behind the fan-outs queued before it).
@@ -108,17 +188,25 @@ class SendBudget:
                 if not waiter.granted.done():
                     self._dispatch()
         except BaseException:
-            if waiter.granted.done():  # granted as we were cancelled: give it back
+            if waiter.granted.done() and waiter.granted.exception() is None:  # granted as we were cancelled
                 self._release(waiter.granted.result())
-            else:
+            elif not waiter.granted.done():
                 self._forget(waiter)
                 self._dispatch()  # it may have blocked the line
             raise
-        held = waiter.granted.result()
+        held = waiter.granted.result()  # raises the refusal of a caller whose pinned bytes reached its share
         try:
             yield held.evicted
         finally:
             self._release(held)
+
+    def _unread_refusal(self, waiter: _Waiter) -> ResourceExhausted:
+        self.on_cut(UNREAD)
+        return ResourceExhausted(
+            f"this caller's earlier answers were cut unread and may still wait in the proxy's buffers "
+            f"({self._pinned_by[waiter.caller] / MiB:.1f} MiB, at least its share of {self.share / MiB:.1f} MiB, "
+            f"half of --send-budget-mib) until their connections close: read answers as they come, and try "
+            f"again later")
 
     def _refusal(self, waiter: _Waiter, wait: float, fan_out: bool) -> ResourceExhausted:
         over_share = self._over_share(waiter) and not fan_out
@@ -140,15 +228,22 @@ class SendBudget:
             f"{wait:.0f}s: too many answers are waiting for their callers to read them")
 
     def _over_share(self, waiter: _Waiter) -> bool:
-        held = self._held[waiter.caller]
+        held = self._held[waiter.caller] + self._pinned_by[waiter.caller]
         others = len(self._waiting) > (waiter.caller in self._waiting)  # only non-empty queues are kept
         return held > 0 and held + waiter.size > self.share and others
 
     def _dispatch(self) -> None:
         """Grant room to waiters, round-robin by caller, until the next in line does not fit."""
+        for caller in [c for c in self._waiting if self._unread(c)]:
+            for w in list(self._waiting[caller]):
+                self._forget(w)
+                w.granted.set_exception(self._unread_refusal(w))
         while True:
             heads = [q[0] for q in self._waiting.values() if q]
-            eligible = [w for w in heads if not self._over_share(w)]
+            # A fan-out that would take the fan-outs past their half is skipped, not waited for: answers
+            # always have the other half, whose stalled holders can be cut.
+            eligible = [w for w in heads if not self._over_share(w)
+                        and not (w.fan_out and self.fan_out_used + w.size > self.share)]
             if not eligible:
                 return
             nxt = min(eligible, key=lambda w: (self._served.get(w.caller, -1), w.seq))
@@ -163,6 +258,8 @@ class SendBudget:
             self._holds.setdefault(nxt.caller, []).append(held)
             self._held[nxt.caller] += nxt.size
             self.used += nxt.size
+            if nxt.fan_out:
+                self.fan_out_used += nxt.size
             self.grants += 1
             self._served[nxt.caller] = self.grants
             nxt.granted.set_result(held)
@@ -188,24 +285,33 @@ class SendBudget:
         if self._held[held.caller] <= 0:
             del self._held[held.caller]
         self.used -= held.size
+        if not held.evictable:
+            self.fan_out_used -= held.size
         self._tidy(held.caller)
         self.on_change(self.used)
         self._dispatch()
 
     def _tidy(self, caller: str) -> None:
         # A caller with nothing held or waiting is forgotten: what is kept is bounded by the streams open.
-        if caller not in self._holds and caller not in self._waiting:
+        if caller not in self._holds and caller not in self._waiting and caller not in self._pinned_by:
             self._served.pop(caller, None)
 
     def _evict_slow(self, needed: int) -> None:
         now = time.monotonic()
-        needed -= sum(h.size for hs in self._holds.values() for h in hs if h.evicted.done())  # already cut
+        cut = [h for hs in self._holds.values() for h in hs if h.evicted.done()]
+        needed -= sum(h.size for h in cut)  # already cut
+        # A cut answer will be pinned: cut only what the pinned pool can take (else its room would stay taken).
+        pool = self.total - self.pinned - sum(h.size for h in cut if not h.pinned)
         waiting = {c for c, q in self._waiting.items() if q}
         stalled = [h for hs in self._holds.values() for h in hs
-                   if h.evictable and not h.evicted.done() and now - h.since >= self.slow_reader_seconds]
+                   if h.evictable and not h.evicted.done()
+                   and now - h.since >= self.slow_reader_seconds + h.size / self.min_bytes_per_second]
         for held in sorted(stalled, key=lambda h: (-self._held[h.caller], h.since)):
             if needed <= 0:
                 return
+            if held.size > pool:
+                continue
+            pool -= held.size
             over = self._held[held.caller] > self.share and bool(waiting - {held.caller})
             reason = CALLER_SHARE if over else SLOW_READER
             held.evicted.set_result(reason)
@@ -213,4 +319,4 @@ class SendBudget:
             needed -= held.size
 
 
-__all__ = ["CALLER_SHARE", "FANOUT_BUDGET", "SEND_BUDGET", "SLOW_READER", "SendBudget"]
+__all__ = ["CALLER_SHARE", "FANOUT_BUDGET", "SEND_BUDGET", "SLOW_READER", "UNREAD", "SendBudget"]

@@ -69,12 +69,15 @@ class Config:
     max_request_kib: int = 1024
     first_message_timeout: float = 10.0
     stream_idle_timeout: float = 300.0
-    max_stream_age: float = 1800.0
+    # istioctl makes one short connection per run; a cut answer stays charged to its caller for up to its
+    # connection's life (server.connection_life), so callers' connections live minutes, not istiod's 30.
+    max_stream_age: float = 300.0
     max_streams: int = 10000
     max_streams_per_connection: int = 1000
     send_budget_mib: int = 48
     send_timeout: float = 60.0
     slow_reader_seconds: float = 5.0
+    slow_reader_min_kib_per_second: int = 1024
     admin_listen: str = "127.0.0.1:15090"
     admin_status_page: bool = False
     admin_status_page_remote: bool = False
@@ -203,13 +206,17 @@ def add_serve_flags(p: argparse.ArgumentParser, env: Mapping[str, str] | None = 
     flag("max-request-kib", "largest request accepted from a caller, in KiB (istioctl's are tiny)")
     flag("first-message-timeout", "seconds a new stream may take to send its first request")
     flag("stream-idle-timeout", "seconds a stream may wait between answers and its next request")
-    flag("max-stream-age", "seconds after which a stream is ended (UNAVAILABLE) when it next waits")
+    flag("max-stream-age", "seconds after which a stream is ended (UNAVAILABLE) when it next waits, and a "
+         "connection is closed (GOAWAY; --send-timeout later at most): short, as istioctl's runs, because an "
+         "answer cut unread stays charged to its caller until its connection closes")
     flag("max-streams", "ADS streams open at once, over all connections")
     flag("max-streams-per-connection", "ADS streams open at once on one client connection (gRPC "
          "clients in one process share one)")
     flag("send-budget-mib", "MiB of answers waiting for their callers to read them, over all streams")
     flag("send-timeout", "seconds a caller may take to read one answer before its stream is cut")
     flag("slow-reader-seconds", "an answer unread this long is cut when other streams need the send budget")
+    flag("slow-reader-min-kib-per-second", "slowest link a reader may have: an answer is cut as unread only "
+         "after --slow-reader-seconds plus its size at this rate, in KiB/s")
     flag("istiod", "static istiod replicas, HOST:PORT[@REVISION][=SAN][,...] (revision and SAN their "
          "certificate is verified against)")
     flag("istiod-dns", "DNS name(s) NAME:PORT[@REVISION][=SAN] whose A/AAAA records are the replicas "
@@ -377,6 +384,8 @@ def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) 
         send_budget_mib=int(_number("send-budget-mib", ns.send_budget_mib, int)),
         send_timeout=_number("send-timeout", ns.send_timeout, float),
         slow_reader_seconds=_number("slow-reader-seconds", ns.slow_reader_seconds, float),
+        slow_reader_min_kib_per_second=int(_number("slow-reader-min-kib-per-second",
+                                                   ns.slow_reader_min_kib_per_second, int)),
         admin_listen=ns.admin_listen,
         admin_status_page=_switch(ns, "admin-status-page"),
         admin_status_page_remote=_switch(ns, "admin-status-page-remote"),

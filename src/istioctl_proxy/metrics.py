@@ -120,11 +120,15 @@ class Metrics:
                                    "Streams the proxy ended or refused to protect itself, by reason "
                                    "(first_message_timeout, idle_timeout, max_age, max_streams, "
                                    "max_streams_per_connection, send_budget, slow_reader, send_timeout, "
-                                   "send_budget_caller_share, send_budget_fanout).",
+                                   "send_budget_caller_share, send_budget_fanout, send_budget_unread).",
                                    ["reason"], registry=r)
         self.send_queued_bytes = Gauge("istioctl_proxy_send_queued_bytes",
                                        "Bytes of answers handed to gRPC and not yet taken by their callers "
                                        "(bounded by --send-budget-mib).", registry=r)
+        self.send_pinned_bytes = Gauge("istioctl_proxy_send_pinned_bytes",
+                                       "Bytes of cut answers that may still wait in gRPC's buffers until their "
+                                       "connections close, charged to their callers (at most --send-budget-mib).",
+                                       registry=r)
         self.internal_errors = Counter("istioctl_proxy_internal_errors",
                                        "Unexpected exceptions at the gRPC boundary (answered INTERNAL, logged "
                                        "with a traceback): each one is a bug.", registry=r)

@@ -68,6 +68,7 @@ class StreamLimits:
     send_budget_bytes: int = Config.send_budget_mib * MiB  # gRPC copies each answer it sends: this bounds those copies
     send_timeout: float = Config.send_timeout
     slow_reader_seconds: float = Config.slow_reader_seconds
+    slow_reader_min_bytes_per_second: int = Config.slow_reader_min_kib_per_second * 1024
 
 
 class _Protocol(Protocol):
@@ -145,6 +146,8 @@ class AdsService:
         self.budget = SendBudget(
             self.limits.send_budget_bytes, self.limits.slow_reader_seconds,
             on_change=self.observer.queued, on_cut=self.observer.cut,
+            min_bytes_per_second=self.limits.slow_reader_min_bytes_per_second,
+            pin_seconds=connection_life(self.limits), on_pinned=self.observer.pinned,
         )
         aggregator.budget = self.budget  # fan-outs reserve room for the answers they will hold, in the same budget
 
@@ -295,6 +298,9 @@ class AdsService:
             if write in done:
                 write.result()
                 return
+            # Cut: gRPC Python cannot reset this one stream, so the answer may stay in its buffer until the
+            # connection goes. It stays charged to this caller until then.
+            self.budget.pin(evicted, len(result.body))
         if evicted.done() and evicted.result() == CALLER_SHARE:
             raise ResourceExhausted(
                 f"the answer was not read for {limits.slow_reader_seconds:g}s (--slow-reader-seconds) while other "
@@ -308,6 +314,12 @@ class AdsService:
             )
         self.observer.cut("send_timeout")
         raise ResourceExhausted(f"the answer was not read within {limits.send_timeout:g}s (--send-timeout)")
+
+
+def connection_life(limits: StreamLimits) -> float:
+    """Seconds a caller's connection lives at most (from any moment of its life): gRPC core's max connection
+    age, with its up to +10% jitter, then the grace build_server gives (the send timeout)."""
+    return limits.max_age * 1.1 + limits.send_timeout
 
 
 def _consume(task: asyncio.Future[None]) -> None:
@@ -391,6 +403,11 @@ class CallObserver:
         if self.metrics is not None:
             self.metrics.streams_cut.labels(reason).inc()
         log.info("stream cut reason=%s", reason, extra={"fields": {"outcome": "CUT", "reason": reason}})
+
+    def pinned(self, pinned: int) -> None:
+        """Bytes of cut answers that may still be in gRPC's buffers (SendBudget.pin)."""
+        if self.metrics is not None:
+            self.metrics.send_pinned_bytes.set(pinned)
 
     def queued(self, used: int) -> None:
         """Bytes of answers now waiting in the send budget."""
@@ -481,4 +498,4 @@ async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool)
 
 
 __all__ = ["FAILED_REPLICAS_KEY", "SERVICE", "AdsService", "CallObserver", "StreamLimits", "StreamTable",
-           "build_server", "failed_replicas_trailer", "printable", "set_serving", "to_delta"]
+           "build_server", "connection_life", "failed_replicas_trailer", "printable", "set_serving", "to_delta"]
