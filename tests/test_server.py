@@ -501,6 +501,6 @@ async def test_a_cut_answer_stays_charged_to_its_caller_until_its_connection_can
     # Past its connection's life the pin goes, and the caller is served again.
     budget._pins[0].until = 0.0  # its connection's life is over (its timer is what calls this)
     budget._expire()
-    assert budget.pinned == 0 and pinned == [8, 0] and budget.waiting() == 0
+    assert budget.pinned == 0 and pinned == [8, 0] and budget.waiting() == 0 and not budget._served
     async with budget.hold("a", 8, 1.0):
         assert budget.used == 8

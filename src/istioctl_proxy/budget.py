@@ -138,6 +138,7 @@ class SendBudget:
             self._pinned_by[pin.caller] -= pin.size
             if self._pinned_by[pin.caller] <= 0:
                 del self._pinned_by[pin.caller]
+                self._tidy(pin.caller)
             if pin.in_pool:
                 self.pinned -= pin.size
                 self.on_pinned(self.pinned)
