@@ -270,10 +270,13 @@ class Proxy:
         """
         # First: without a usable upstream root there is nothing to serve, and nothing is bound yet.
         await self._watch_ca_configmap()
-        self.server, self.health, self.port = build_server(
-            self.service, listen=self.cfg.listen, max_message_bytes=self.cfg.max_message_bytes, tls=self.reloader,
-            max_request_bytes=self.cfg.max_request_bytes,
-        )
+        try:
+            self.server, self.health, self.port = build_server(
+                self.service, listen=self.cfg.listen, max_message_bytes=self.cfg.max_message_bytes,
+                tls=self.reloader, max_request_bytes=self.cfg.max_request_bytes,
+            )
+        except RuntimeError as err:  # grpcio ≥ 1.50 raises "Failed to bind to address" instead of returning 0
+            raise OSError(str(err)) from None
         started = False
         try:
             if self.cfg.cert_listen:
@@ -281,7 +284,10 @@ class Proxy:
                 # or "request and require"), so certificate callers get their own port on the same server.
                 cert_tls = CertificateReloader(ServingTLS(self.cfg.tls_cert, self.cfg.tls_key, self.cfg.client_ca,
                                                           require_client_cert=True))
-                self.cert_port = self.server.add_secure_port(self.cfg.cert_listen, cert_tls.credentials())
+                try:
+                    self.cert_port = self.server.add_secure_port(self.cfg.cert_listen, cert_tls.credentials())
+                except RuntimeError:  # as above: grpcio raises rather than returning 0
+                    self.cert_port = 0
                 if self.cert_port == 0:
                     raise OSError(f"cannot listen on --cert-listen {self.cfg.cert_listen}")
             await self.replicas.start()
