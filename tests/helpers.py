@@ -133,12 +133,15 @@ async def stack(
             await sim.start(tls=(pki.istiod.cert_pem, pki.istiod.key_pem, pki.ca.cert_pem))
             cfg = pki.identity_config(())
         cfg = dataclasses.replace(cfg, istiod=tuple(sim.addresses), **config)  # type: ignore[arg-type]
-        proxy = Proxy(cfg)
-        await proxy.start()
         try:
-            yield Stack(sim, proxy, pki)
+            proxy = Proxy(cfg)
+            await proxy.start()
+            try:
+                yield Stack(sim, proxy, pki)
+            finally:
+                await proxy.stop(0)
         finally:
-            await proxy.stop(0)
+            # Also when the proxy fails to start (a busy port): running replicas would outlive the event loop.
             await sim.stop()
 
 

@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from istioctl_proxy import client
+from istioctl_proxy.app import free_port
 from istioctl_proxy.config import Config, validate
 from istioctl_proxy.discovery import Replica
 from istioctl_proxy.errors import ConfigError
@@ -143,14 +144,21 @@ async def test_status_page_needs_identity_mode_and_an_admin_port() -> None:
         validate(dataclasses.replace(cfg, admin_status_page=True, admin_listen=""))
 
 
-async def test_admin_port_in_use_is_a_config_error() -> None:
+async def test_admin_port_in_use_is_a_config_error_and_frees_what_the_start_took() -> None:
+    ads = free_port()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = f"127.0.0.1:{taken.getsockname()[1]}"
         with pytest.raises(ConfigError, match="--admin-listen"):
-            async with stack(1, 1, admin_listen=busy):
+            async with stack(1, 1, admin_listen=busy, listen=f"127.0.0.1:{ads}"):
                 pass
+    # The ADS port bound before the admin port failed is free again (before: bound for the life of the
+    # process, the gRPC server never started nor stopped), so a retry in the same process can serve.
+    async with stack(1, 1, admin_listen="", listen=f"127.0.0.1:{ads}") as s:
+        assert s.proxy.port == ads
+        resp, _ = await ads_client.request(s.target(), client.SYNCZ)
+        assert len(resp.resources) == 1
 
 
 async def test_one_log_line_per_call_without_the_token(caplog: pytest.LogCaptureFixture) -> None:

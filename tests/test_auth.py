@@ -200,3 +200,99 @@ def test_jwt_expiry_reads_only_a_numeric_exp_of_a_three_part_token() -> None:
     assert jwt_expiry(token([1700000000])) is None
     assert jwt_expiry("a.!!!.c") is None
     assert jwt_expiry("") is None
+
+
+def _jwt_spellings() -> tuple[str, list[str]]:
+    """A token shaped as an RS256 JWT (not signed: the proxy verifies nothing) and spellings of it that Go's
+    non-strict base64url decoding reads as the same bytes: each part's last character varied in its spare
+    bits (istiod 1.30 accepts them all: tests/e2e/test_redteam_fairness.py), and padding."""
+    import base64
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    header = b64(json.dumps({"alg": "RS256", "kid": "k1", "typ": "JWT"}).encode())
+    payload = b64(json.dumps({"iss": "https://test.local", "sub": "system:serviceaccount:istio-system:default",
+                              "exp": 2000000000, "p": "xx"}).encode())
+    sig = b64(bytes(range(256)))  # 2048 bits in 342 characters: 4 spare bits
+    assert len(header) % 4 and len(payload) % 4 and len(sig) % 4  # every part has spare bits
+
+    def flip(part: str) -> str:  # the lowest bit of the last character: never a data bit
+        return part[:-1] + alphabet[alphabet.index(part[-1]) ^ 1]
+
+    token = f"{header}.{payload}.{sig}"
+    return token, [f"{flip(header)}.{payload}.{sig}", f"{header}.{flip(payload)}.{sig}",
+                   f"{header}.{payload}.{flip(sig)}", f"{flip(header)}.{flip(payload)}.{flip(sig)}",
+                   f"{header}.{payload}.{sig}=="]
+
+
+class _Metadata:
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),)
+
+
+async def test_one_jwt_however_spelled_is_one_caller_to_the_send_budget_but_not_to_the_cache() -> None:
+    from istioctl_proxy.auth import Authenticator, AuthMode, Caller, canonical_jwt
+
+    token, spellings = _jwt_spellings()
+    auth = Authenticator(AuthMode.FORWARD)
+    callers = [await auth.authenticate(_Metadata(t)) for t in [token, *spellings]]  # type: ignore[arg-type]
+    # Red team stop 20, F1: before, each spelling was its own caller (its own share, turn and queue).
+    assert {c.budget_key for c in callers} == {callers[0].principal}
+    assert {c.principal for c in callers} == {callers[0].principal}
+    # The coalescing/cache key stays the exact credential: whose view is shared is not widened.
+    assert len({c.key for c in callers}) == len(callers)
+    assert all(canonical_jwt(t) == token for t in spellings)
+    # Another token, or a token that is not base64url in three parts, keeps its own bytes' fingerprint.
+    other = await auth.authenticate(_Metadata(token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]))  # type: ignore[arg-type]
+    assert other.budget_key != callers[0].budget_key
+    for odd in ("opaque-token", "a.b", "a.b.c.d", f"{token[:-1]}+", f"{token[:-1]}/", "e30.e30.A", "e30.e=30.AA"):
+        assert canonical_jwt(odd) == odd
+    assert Caller("bearer:x", token="opaque-token").budget_key == Caller("bearer:y", token="opaque-token").budget_key
+    assert "opaque-token" not in Caller("bearer:x", token="opaque-token").budget_key  # no secret in the key
+
+
+async def test_the_send_budget_sees_one_caller_for_two_spellings_of_one_token() -> None:
+    """Sends and fan-out reservations are held under `Caller.budget_key`; the cache still tells them apart."""
+    from istioctl_proxy.sim.simulator import make_mesh
+
+    token, spellings = _jwt_spellings()
+    respelled = spellings[3]
+    tokens = {t: ("istio-system", "default") for t in (token, respelled)}
+    async with stack(mesh=make_mesh(3, 12, tokens=tokens), cache_ttl=60.0) as s:
+        budget = s.proxy.service.budget
+        held: list[tuple[str, bool]] = []
+        original = budget.hold
+
+        def spy(caller: str, size: int, wait: float, *, fan_out: bool = False):  # type: ignore[no-untyped-def]
+            held.append((caller, fan_out))
+            return original(caller, size, wait, fan_out=fan_out)
+
+        budget.hold = spy  # type: ignore[method-assign]
+        asked: list[str] = []
+        for r in s.replicas:
+            identify = r.identify
+
+            def count(context, node, identify=identify):  # type: ignore[no-untyped-def]
+                asked.append(dict(context.invocation_metadata())["authorization"])
+                return identify(context, node)
+
+            r.identify = count  # type: ignore[method-assign]
+        for t in (token, respelled, token):
+            resp, _ = await ads_client.request(s.target(t), client.SYNCZ)
+            assert len(resp.resources) == 12
+        # Each spelling fetched its own answer (the third call was the first spelling's cached one).
+        assert sorted(asked) == sorted([f"Bearer {token}"] * 3 + [f"Bearer {respelled}"] * 3)
+        # Three sends and the second call's fan-out reservation (the first learnt the size): one caller.
+        assert sorted(f for _, f in held) == [False, False, False, True]
+        assert {c for c, _ in held} == {"bearer:" + _sha(token)}
+
+
+def _sha(token: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(token.encode()).hexdigest()[:24]

@@ -82,3 +82,21 @@ def test_cert_listen_needs_token_review() -> None:
     with pytest.raises(ConfigError, match="--cert-listen is the certificate port beside a --token-review port"):
         from_args(cli.parser().parse_args(["serve", "--plaintext", "--istiod", "127.0.0.1:1", "--istiod-plaintext",
                                            "--cert-listen", "0.0.0.0:9091"]), {})
+
+
+@pytest.mark.usefixtures("fake_reviewer")
+async def test_a_busy_cert_port_is_an_os_error_naming_the_flag_and_frees_the_ads_port() -> None:
+    """grpcio raises RuntimeError for a busy port (it no longer returns 0): the start now fails with the
+    OSError that `serve` turns into one line, and gives back the ADS port it had bound."""
+    import socket
+
+    ads = app.free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(OSError, match=f"cannot listen on --cert-listen {busy}"):
+            async with stack(1, 1, identity=True, token_review=True, cert_listen=busy, listen=f"127.0.0.1:{ads}"):
+                pass
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", ads))  # raises if the failed start kept it

@@ -136,6 +136,26 @@ def test_cli_prints_one_line_not_a_traceback() -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_a_busy_listen_port_is_one_line_not_a_traceback() -> None:
+    """grpcio raises RuntimeError("Failed to bind ...") for a busy port (it no longer returns 0): before, `serve`
+    only knew OSError, and the caller got a traceback instead of the one-line "cannot listen"."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "istioctl_proxy", "serve", "--istiod", "127.0.0.1:1", "--plaintext",
+             "--istiod-plaintext", "--admin-listen", "", "--listen", busy],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": "/nonexistent"},
+        )
+    assert proc.returncode == 2, proc.stderr
+    # gRPC's core logs its own line first ("E... add_port.cc ... Address already in use"); ours is the last.
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"istioctl-proxy: cannot listen on {busy}")
+
+
 def test_sigterm_drains_and_exits() -> None:
     proc = subprocess.Popen(
         [

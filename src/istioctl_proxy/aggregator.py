@@ -227,7 +227,7 @@ class Aggregator:
         estimate = self.fan_out_sizes.get(shape, self.fan_out_sizes.get(kind, 0))
         reserve: AbstractAsyncContextManager[object] = contextlib.nullcontext()
         if self.budget is not None and estimate:
-            reserve = self.budget.hold(caller.key, estimate, _left(patience), fan_out=True)
+            reserve = self.budget.hold(caller.budget_key, estimate, _left(patience), fan_out=True)
         try:
             async with reserve:
                 # Time spent waiting for room is given back (within the caller's deadline): the scope check

@@ -271,22 +271,34 @@ class Proxy:
         """
         # First: without a usable upstream root there is nothing to serve, and nothing is bound yet.
         await self._watch_ca_configmap()
-        self.server, self.health, self.port = build_server(
-            self.service, listen=self.cfg.listen, max_message_bytes=self.cfg.max_message_bytes, tls=self.reloader,
-            max_request_bytes=self.cfg.max_request_bytes,
-        )
-        if self.cfg.cert_listen:
-            # gRPC Python cannot ask for a client certificate optionally (the flag maps to "do not request"
-            # or "request and require"), so certificate callers get their own port on the same server.
-            cert_tls = CertificateReloader(ServingTLS(self.cfg.tls_cert, self.cfg.tls_key, self.cfg.client_ca,
-                                                      require_client_cert=True))
-            self.cert_port = self.server.add_secure_port(self.cfg.cert_listen, cert_tls.credentials())
-            if self.cert_port == 0:
-                raise OSError(f"cannot listen on --cert-listen {self.cfg.cert_listen}")
-        await self.replicas.start()
-        # gRPC health follows readiness (a replica known and connected), as /readyz does.
-        await self.admin.start(lambda ready: set_serving(self.health, ready))
-        await self.server.start()
+        try:
+            self.server, self.health, self.port = build_server(
+                self.service, listen=self.cfg.listen, max_message_bytes=self.cfg.max_message_bytes,
+                tls=self.reloader, max_request_bytes=self.cfg.max_request_bytes,
+            )
+        except RuntimeError as err:  # grpcio ≥ 1.50 raises "Failed to bind to address" instead of returning 0
+            raise OSError(str(err)) from None
+        started = False
+        try:
+            if self.cfg.cert_listen:
+                # gRPC Python cannot ask for a client certificate optionally (the flag maps to "do not request"
+                # or "request and require"), so certificate callers get their own port on the same server.
+                cert_tls = CertificateReloader(ServingTLS(self.cfg.tls_cert, self.cfg.tls_key, self.cfg.client_ca,
+                                                          require_client_cert=True))
+                try:
+                    self.cert_port = self.server.add_secure_port(self.cfg.cert_listen, cert_tls.credentials())
+                except RuntimeError:  # as above: grpcio raises rather than returning 0
+                    self.cert_port = 0
+                if self.cert_port == 0:
+                    raise OSError(f"cannot listen on --cert-listen {self.cfg.cert_listen}")
+            await self.replicas.start()
+            # gRPC health follows readiness (a replica known and connected), as /readyz does.
+            await self.admin.start(lambda ready: set_serving(self.health, ready))
+            await self.server.start()
+            started = True
+        finally:
+            if not started:
+                await self._abandon_start()
         log.info("serving ADS on %s (%s), %s mode", self.cfg.listen.rpartition(":")[0] + f":{self.port}",
                  "plaintext" if self.cfg.plaintext else "TLS",
                  "identity" if self.cfg.upstream_identity else "forward")
@@ -303,6 +315,25 @@ class Proxy:
             log.warning("plaintext ADS listener on %s is reachable beyond this host: callers' tokens travel "
                         "unencrypted; use --tls-cert/--tls-key, or listen on 127.0.0.1 behind a port-forward",
                         self.cfg.listen)
+
+    async def _abandon_start(self) -> None:
+        """Undo a start that failed after the ADS port was bound (a busy admin or certificate port)."""
+        await self.admin.stop()
+        await self.replicas.stop()
+        if self._ca_task is not None:
+            self._ca_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ca_task
+            self._ca_task = None
+        # gRPC Python frees a bound port only when a started server stops (stop() before start() keeps it
+        # bound for the life of the process, and the server object then warns "__dealloc__ called on
+        # running server"): start it and stop it at once, refusing whatever connected in between.
+        with contextlib.suppress(Exception):
+            await self.server.start()
+        await self.server.stop(0)
+        await self.pool.close()
+        if self.reviewer is not None:
+            await self.reviewer.close()
 
     async def _watch_ca_configmap(self) -> None:
         """--istiod-ca-configmap: trust the istio-ca-root-cert ConfigMap, and follow its rotation."""

@@ -27,6 +27,7 @@ from .errors import PermissionDenied, Unauthenticated
 from .model import Plan
 from .policy import CONFIG_DUMP, DEBUG, NAMESPACE_DEBUG_PATHS, SYNCZ
 
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _SPIFFE = re.compile(r"^spiffe://(?P<td>[^/]+)/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
 
 
@@ -55,7 +56,7 @@ class AuthMode(enum.Enum):
 class Caller:
     """An authenticated caller. `token` is a secret: never log it (repr hides it)."""
 
-    principal: str  # for logs: a SPIFFE id, or "bearer:<fingerprint>"
+    principal: str  # for logs: a SPIFFE id, or "bearer:<fingerprint of canonical_jwt>" (= budget_key)
     namespace: str = ""  # known in identity mode
     scope: str = ""  # namespace the proxy restricts the caller to; "" = unrestricted or istiod decides
     token: str = ""
@@ -72,12 +73,50 @@ class Caller:
 
     @property
     def key(self) -> str:
-        """What distinguishes this caller's view, for coalescing and caching; contains no secret."""
+        """What distinguishes this caller's view, for coalescing and caching; contains no secret.
+
+        The exact credential: a cached answer is shared only with the bytes that fetched it."""
         return self.principal if not self.token else "bearer:" + _fingerprint(self.token)
+
+    @functools.cached_property
+    def budget_key(self) -> str:
+        """Who this caller is to the send budget (share, round-robin turn, queue); contains no secret.
+
+        One credential however it is spelled: in forward mode istiod accepts several spellings of one JWT."""
+        return self.principal if not self.token else "bearer:" + _fingerprint(canonical_jwt(self.token))
 
 
 def _fingerprint(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:24]
+
+
+def canonical_jwt(token: str) -> str:
+    """`token` with each of its three base64url parts decoded and re-encoded canonically (no padding, spare
+    bits zero); a token that is not three such parts is returned unchanged. Nothing is verified.
+
+    Go's decoders (go-oidc and go-jose: istiod's JWT_RULE; go-jose in kube-apiserver) ignore the bits of a
+    part's last character that no byte uses, and go-jose checks the signature over its re-encoding of the
+    decoded header and payload: an RS256 token has 16 spellings from its signature alone, up to 16 times 16
+    more from its header and payload, all one credential to istiod 1.30 (verified, tests/e2e). Padding,
+    which istiod refuses, is dropped too: only the token's holder can spell it, so merging it is harmless.
+    """
+    parts = token.split(".")
+    if len(parts) != 3:
+        return token
+    try:
+        raw = [base64.urlsafe_b64decode(_b64url_padded(p)) for p in parts]
+    except (ValueError, binascii.Error):
+        return token
+    return ".".join(base64.urlsafe_b64encode(r).rstrip(b"=").decode() for r in raw)
+
+
+def _b64url_padded(part: str) -> str:
+    # Strict alphabet (Python's decoder would otherwise skip foreign bytes, which Go rejects): "-" and "_", no
+    # "+" or "/"; trailing "=" dropped, then re-padded for Python.
+    part = part.rstrip("=")
+    if not _B64URL.fullmatch(part) or len(part) % 4 == 1:
+        raise ValueError("not base64url")
+    return part + "=" * (-len(part) % 4)
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
@@ -136,7 +175,8 @@ class Authenticator:
                     "what it may see; call with 'authorization: Bearer <token>' (istioctl does this without "
                     "--plaintext/--cert-dir), or run the proxy with --upstream-identity for certificate callers"
                 )
-            return Caller("bearer:" + _fingerprint(token), token=token)
+            # Logged as the credential, not its spelling (as the send budget sees it); Caller.key stays exact.
+            return Caller("bearer:" + _fingerprint(canonical_jwt(token)), token=token)
         pems = context.auth_context().get("x509_pem_cert") or []
         if pems:
             return self._from_certificate(pems[0])
@@ -189,6 +229,7 @@ __all__ = [
     "TokenReviewer",
     "authorize",
     "bearer_token",
+    "canonical_jwt",
     "jwt_expiry",
     "parse_spiffe",
     "spiffe_ids_of_pem",

@@ -51,7 +51,7 @@ class SendBudget:
     """Bytes of answers handed to gRPC and not yet taken by their callers, and of fan-outs in flight.
 
     Each stream has at most one answer in flight (the next write waits for the previous one). Holds and
-    waiters are kept per caller (`auth.Caller.key`): room that frees goes to the callers waiting in
+    waiters are kept per caller (`auth.Caller.budget_key`): room that frees goes to the callers waiting in
     round-robin order (least recently served first; FIFO within one caller, its answers before its fan-outs'
     reservations), and while other callers wait, a caller holding more than its share (`share`, half the
     budget) gets no more. Answers that sat unread

@@ -221,7 +221,7 @@ class AdsService:
             result = await self._answer(context, caller, type_url, names, node)
             # Per request, not cumulative: the trailer describes the latest answer.
             context.set_trailing_metadata(failed_replicas_trailer(result.failures))
-            await self._send(context, protocol, result, caller.key)
+            await self._send(context, protocol, result, caller.budget_key)
             del result
             age_left = limits.max_age - (time.monotonic() - started)
             if age_left <= 0:
