@@ -227,12 +227,37 @@ def _jwt_spellings() -> tuple[str, list[str]]:
                    f"{header}.{payload}.{sig}=="]
 
 
+async def test_token_review_callers_of_one_service_account_are_one_view_but_each_token_its_own_budget_caller() -> None:
+    """Red team stop 21 F3: istioctl mints every user's token for the istio namespace's default service account,
+    so keying the send budget by `k8s:<ns>/<sa>` made every istioctl user one caller (one user's unread answers
+    refused all). The budget keys the token (however spelled); the view (coalescing, cache) stays the identity."""
+    from istioctl_proxy.auth import Authenticator, AuthMode
+
+    token, spellings = _jwt_spellings()
+    other = token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]
+
+    async def reviewer(t: str, peer: str) -> tuple[str, str] | None:
+        return ("istio-system", "default")
+
+    auth = Authenticator(AuthMode.IDENTITY, token_reviewer=reviewer)
+    first, respelled, second = [await auth.authenticate(_Metadata(t)) for t in (token, spellings[0], other)]  # type: ignore[arg-type]
+    assert first.key == second.key == "k8s:istio-system/default"  # one view
+    assert first.budget_key == respelled.budget_key != second.budget_key
+    assert token not in first.budget_key and first.token == ""  # no secret kept or keyed; istiod gets ours
+
+
 class _Metadata:
     def __init__(self, token: str) -> None:
         self.token = token
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),)
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}  # no client certificate
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
 
 
 async def test_one_jwt_however_spelled_is_one_caller_to_the_send_budget_but_not_to_the_cache() -> None:

@@ -63,6 +63,9 @@ class Caller:
     # istio.io/debug only: istiod's DebugGen exempts the system namespace alone (the allowed-namespaces list
     # is not consulted there), so an allowed namespace is scoped for it like any other.
     debug_scope: str = ""
+    # Identity mode, TokenReview: the token's credential, not its identity. istioctl mints every user's token for
+    # one service account (the istio namespace's default), so the identity would make all users one caller.
+    credential: str = ""
 
     def scope_for(self, type_url: str) -> str:
         """The namespace this caller is restricted to for a request of type_url ("" = none)."""
@@ -82,7 +85,10 @@ class Caller:
     def budget_key(self) -> str:
         """Who this caller is to the send budget (share, round-robin turn, queue); contains no secret.
 
-        One credential however it is spelled: in forward mode istiod accepts several spellings of one JWT."""
+        One credential however it is spelled: in forward mode istiod accepts several spellings of one JWT. A
+        TokenReview caller is its token too, not its service account (see `credential`)."""
+        if self.credential:
+            return self.credential
         return self.principal if not self.token else "bearer:" + _fingerprint(canonical_jwt(self.token))
 
 
@@ -185,7 +191,7 @@ class Authenticator:
             if reviewed is None:
                 raise Unauthenticated("the bearer token was not accepted by the Kubernetes TokenReview")
             ns, sa = reviewed
-            return self._caller(f"k8s:{ns}/{sa}", ns)
+            return self._caller(f"k8s:{ns}/{sa}", ns, credential="bearer:" + _fingerprint(canonical_jwt(token)))
         raise Unauthenticated(
             "identity mode needs a TLS client certificate with a SPIFFE id verified against --client-ca"
             + (" or a Kubernetes service-account token" if self.token_reviewer else "")
@@ -202,11 +208,11 @@ class Authenticator:
         td, ns, sa = ids[0]
         return self._caller(f"spiffe://{td}/ns/{ns}/sa/{sa}", ns)
 
-    def _caller(self, principal: str, namespace: str) -> Caller:
+    def _caller(self, principal: str, namespace: str, credential: str = "") -> Caller:
         system = namespace == self.istio_namespace
         unrestricted = system or namespace in self.allowed_namespaces
         return Caller(principal, namespace=namespace, scope="" if unrestricted else namespace,
-                      debug_scope="" if system else namespace)
+                      debug_scope="" if system else namespace, credential=credential)
 
 
 def authorize(plan: Plan, caller: Caller) -> None:
