@@ -74,8 +74,7 @@ def test_node_keys_are_the_node_ids() -> None:
     replica = make_mesh(1, 40, seed=9)[0]
     index = wire.syncz_fast_index(replica.syncz(""))
     assert index is not None and index.count == 40
-    assert [k[1:].decode() for k in index.node_keys] == [p.id for p in replica.proxies]
-    assert all(k[0] == len(k) - 1 for k in index.node_keys)
+    assert index.node_keys == [p.id for p in replica.proxies]
 
 
 def _mesh_with(extra: dict[int, list[SimProxy]], seed: int = 11) -> list[SimReplica]:
@@ -650,3 +649,67 @@ def test_early_readings_are_used_and_change_nothing(scope: str, monkeypatch: pyt
             m.setattr(wire, "syncz_split", lambda *_a: pytest.fail("cut again after the fan-out"))
         early = merge.merge(PLAN, answers, ctx)
     assert early.body == merge.merge(PLAN, answers, merge.MergeContext(scope=scope)).body
+
+
+def _client_config_answer(*copies: tuple[str, int, int]) -> bytes:
+    """A syncz answer whose resources are ClientConfigs of these (node id, last_updated seconds, nanos)."""
+    resp = discovery_pb2.DiscoveryResponse(type_url=SYNCZ, version_info="v1")
+    for node_id, seconds, nanos in copies:
+        cfg = csds_pb2.ClientConfig()
+        cfg.node.id = node_id
+        cfg.generic_xds_configs.add(type_url="CDS").last_updated.FromNanoseconds(0)
+        cfg.generic_xds_configs[0].last_updated.seconds = seconds
+        cfg.generic_xds_configs[0].last_updated.nanos = nanos  # protobuf lets any int32 through, as Go does
+        any_msg = any_pb2.Any()
+        any_msg.Pack(cfg)
+        resp.resources.append(any_msg)
+    return resp.SerializeToString()
+
+
+@pytest.mark.usefixtures("fixed_nonce")
+def test_a_duplicate_with_a_stamp_out_of_timestamp_range_does_not_fail_the_merge(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A copy whose last_updated has nanos ≥ 1e9 (or seconds past year 9999) made ToNanoseconds raise ValueError:
+    # the whole merge failed for every caller. Stamps are now compared as the numbers on the wire, on every path.
+    for bad in ((1, 2_000_000_000), (10**12, 0), (-(10**12), -5)):
+        answers = [Answer(Replica("10.0.0.1:15012"), _client_config_answer(("a.ns-1", 5, 0), ("b.ns-1", 1, 0))),
+                   Answer(Replica("10.0.0.2:15012"), _client_config_answer(("a.ns-1", *bad)))]
+        slow = exact(answers, CTX, monkeypatch)
+        got = merge.merge(PLAN, answers, CTX)
+        assert got.body == slow.body and got.resources == slow.resources == 2 and not got.rejected
+        kept = [wire.syncz_node_id(r.SerializeToString())
+                for r in discovery_pb2.DiscoveryResponse.FromString(got.body).resources]
+        assert sorted(kept) == ["a.ns-1", "b.ns-1"]
+        newest = bad[0] * 10**9 + bad[1] > 5 * 10**9
+        copy = discovery_pb2.DiscoveryResponse.FromString(got.body).resources[-1 if newest else 0]
+        assert wire.client_config(copy.SerializeToString()).generic_xds_configs[0].last_updated.seconds == \
+            (bad[0] if newest else 5)
+
+
+def test_the_fast_index_counts_one_id_per_resource(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fast index takes its ids from one upb parse that collects every id field of every node of every value:
+    # as many as resources only if each resource has just the one its layout shows. A second id field (protobuf
+    # keeps the last, the exact reader the first), a second node or a second value must make it step aside.
+    def resource(node: bytes, after_node: bytes = b"", after_value: bytes = b"") -> bytes:
+        value = b"\n" + wire._varint_bytes(len(node)) + node + after_node
+        body = wire._URL_HEADER + b"\x12" + wire._varint_bytes(len(value)) + value + after_value
+        return b"\x12" + wire._varint_bytes(len(body)) + body
+
+    def answer(*resources: bytes) -> bytes:
+        return b"".join(resources) + discovery_pb2.DiscoveryResponse(type_url=SYNCZ).SerializeToString()
+
+    plain = resource(b"\n\x05a.ns1")
+    index = wire.syncz_fast_index(answer(plain, resource(b"\n\x05b.ns1")))
+    assert index is not None and index.node_keys == ["a.ns1", "b.ns1"]
+    for hostile in (resource(b"\n\x05b.ns1\n\x05c.ns1"),  # a second id field in the node
+                    resource(b"\n\x05b.ns1", after_node=b"\n\x07\n\x05c.ns1"),  # a second node
+                    resource(b"\n\x05b.ns1", after_value=b"\x12\x07\n\x05\n\x03c.x"),  # a second value
+                    resource(b"\n\x05b.ns\xff")):  # an id that is not UTF-8
+        raw = answer(plain, hostile)
+        assert wire.syncz_fast_index(raw) is None, hostile
+        answers = [Answer(Replica("10.0.0.1:15012"), raw), Answer(Replica("10.0.0.2:15012"), answer(plain))]
+        slow = exact(answers, CTX, monkeypatch)
+        got = merge.merge(PLAN, answers, CTX)
+        assert (canonical(got.body), got.resources, [w for _, w in got.rejected]) == \
+            (canonical(slow.body), slow.resources, [w for _, w in slow.rejected])

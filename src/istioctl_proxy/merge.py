@@ -183,12 +183,11 @@ def merge_syncz_fast(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -
     return Merged(b"".join(parts), total, [])
 
 
-def _indexed_ids(answers: Sequence[Answer], splits: Sequence[wire.SynczSplit], ctx: MergeContext) -> list[bytes] | None:
-    """Every resource's node key (length byte + id) from the fast indexes of this merge, or None if one is missing."""
-    ids: list[bytes] = []
-    for answer, split in zip(answers, splits, strict=True):
-        read = ctx.indexes.get(id(answer.body)) if ctx.indexes is not None else None
-        keys = split.ids_of(read[1]) if read is not None and read[0] is answer.body else None
+def _indexed_ids(splits: Sequence[wire.SynczSplit], indexes: Sequence[wire.SynczIndex | None]) -> list[str] | None:
+    """Every resource's node id from the fast indexes of these answers, or None if one is missing."""
+    ids: list[str] = []
+    for split, index in zip(splits, indexes, strict=True):
+        keys = split.ids_of(index) if index is not None else None
         if keys is None:
             return None
         ids += keys
@@ -203,16 +202,25 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
     """
     memo = ctx.memo or wire.SynczMemo()
     splits: list[wire.SynczSplit] = []
+    indexed: list[wire.SynczIndex | None] = []
     for answer in answers:
         assert answer.body is not None
         early = ctx.early.get(answer.replica.address, False)
-        split = early if isinstance(early, wire.SynczSplit) else wire.syncz_split(answer.body, memo)
+        read = ctx.indexes.get(id(answer.body)) if ctx.indexes is not None else None
+        index = early if isinstance(early, wire.SynczIndex) else \
+            read[1] if read is not None and read[0] is answer.body else None
+        if index is None and early is False and not ctx.scope:
+            # Unscoped, only ids matter: the fast index reads them (and the cuts) in C, no node bytes needed.
+            index = wire.syncz_fast_index(answer.body, memo)
+        # The fast index's chain when it read this answer (it steps aside for duplicates): the same cuts.
+        split = early if isinstance(early, wire.SynczSplit) else \
+            index.split if index is not None and index.split is not None else wire.syncz_split(answer.body, memo)
         if split is None or split.envelope.type_url not in ("", plan.type_url):
             return None
         splits.append(split)
-    # Unscoped, only ids matter: those the fast index read (it steps aside for duplicates) if it read them all.
+        indexed.append(index)
     facts: list[tuple[str, str]] | None = None
-    ids: Sequence[Hashable] | None = None if ctx.scope else _indexed_ids(answers, splits, ctx)
+    ids: Sequence[Hashable] | None = None if ctx.scope else _indexed_ids(splits, indexed)
     if ids is None:
         facts = memo.facts([n for s in splits for n in s.nodes])
         if facts is None:
@@ -338,7 +346,10 @@ def _last_updated(any_bytes: bytes) -> float:
 
 
 def _stamp(cfg: csds_pb2.ClientConfig) -> float:
-    stamps = [c.last_updated.ToNanoseconds() for c in cfg.generic_xds_configs if c.HasField("last_updated")]
+    # Read as the numbers on the wire: ToNanoseconds raised on a stamp out of Timestamp's range (a replica's
+    # nanos of 2e9 failed the whole merge), and its checks were most of the dedup's time.
+    stamps = [t.seconds * 1_000_000_000 + t.nanos
+              for t in (c.last_updated for c in cfg.generic_xds_configs if c.HasField("last_updated"))]
     return max(stamps, default=0) / 1e9
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import accumulate, compress
-from operator import add, gt, itemgetter, lt
+from operator import add, gt, itemgetter
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -46,10 +46,12 @@ class _Lite:
     resources_merged: type[Message]
     node_list: type[Message]
     client_configs: type[Message]
+    ids_merged: type[Message]
 
 
 def _lite() -> _Lite:
-    name, package = "istioctl_proxy/wire_lite.proto", "istioctl_proxy.wire_lite"
+    # Versioned: the bench imports an older wire.py beside this one (--merge-baseline), into the same pool.
+    name, package = "istioctl_proxy/wire_lite_2.proto", "istioctl_proxy.wire_lite_2"
     pool = descriptor_pool.Default()
     try:
         file = pool.FindFileByName(name)
@@ -65,15 +67,23 @@ def _lite() -> _Lite:
             ("NodeList", "nodes", 1, f.LABEL_REPEATED, ".envoy.config.core.v3.Node"),
             ("ClientConfigAny", "value", 2, f.LABEL_OPTIONAL, ".envoy.service.status.v3.ClientConfig"),
             ("ClientConfigs", "resources", 2, f.LABEL_REPEATED, f".{package}.ClientConfigAny"),
+            # IdsMerged: a DiscoveryResponse whose resources, values and nodes merge; its repeated `id` collects
+            # every id field (field 1; a proto3 string: upb refuses one that is not UTF-8) of every node field of
+            # every value, in order.
+            ("NodeIds", "id", 1, f.LABEL_REPEATED, "string"),
+            ("ClientConfigIds", "node", 1, f.LABEL_OPTIONAL, f".{package}.NodeIds"),
+            ("AnyIds", "value", 2, f.LABEL_OPTIONAL, f".{package}.ClientConfigIds"),
+            ("IdsMerged", "resources", 2, f.LABEL_OPTIONAL, f".{package}.AnyIds"),
         ):
             one = proto.message_type.add(name=message).field.add(name=field_name, number=number, label=label)
-            one.type = f.TYPE_MESSAGE if type_name else f.TYPE_BYTES
-            if type_name:
+            one.type = f.TYPE_STRING if type_name == "string" else f.TYPE_MESSAGE if type_name else f.TYPE_BYTES
+            if type_name.startswith("."):
                 one.type_name = type_name
         pool.Add(proto)
         file = pool.FindFileByName(name)
     classes = {n: message_factory.GetMessageClass(d) for n, d in file.message_types_by_name.items()}
-    return _Lite(classes["Any1"], classes["ResourcesMerged"], classes["NodeList"], classes["ClientConfigs"])
+    return _Lite(classes["Any1"], classes["ResourcesMerged"], classes["NodeList"], classes["ClientConfigs"],
+                 classes["IdsMerged"])
 
 
 _LITE = _lite()
@@ -378,17 +388,13 @@ class SynczSplit:
         """Resource i as sent: the field's tag, length and Any."""
         return self.raw[self.starts[i] : self.starts[i + 1]]
 
-    def ids_of(self, index: SynczIndex) -> list[bytes] | None:
-        """The fast index's node keys of this same answer as this split's node ids, or None if one is not.
+    def ids_of(self, index: SynczIndex) -> list[str] | None:
+        """The fast index's node ids of this same answer as this split's node ids, or None if they are not.
 
         Both readings enumerate the ClientConfig URL's occurrences in order (each proves one per resource), so
-        key i is read at resource i's header: the first field of its node, field 1 with a one-byte length. It
-        is the id the exact reader takes if that field lies inside the node (a key is length byte + id: the
-        field is one byte longer than the key).
+        id i is read at resource i's header; the fast index proved it is the exact reader's id of that node.
         """
-        if index.count != self.count or not all(map(lt, map(len, index.node_keys), self.node_lengths)):
-            return None
-        return index.node_keys
+        return index.node_keys if index.count == self.count else None
 
 
 @dataclass
@@ -406,6 +412,7 @@ class SynczMemo:
     max_bytes: int = 64 * 1024 * 1024
     _facts: dict[bytes, tuple[str, str] | None] = field(default_factory=dict)
     _layouts: dict[bytes, _Layout | None] = field(default_factory=dict)
+    _fast_layouts: dict[bytes, _Layout | None] = field(default_factory=dict)
     _key_bytes: dict[int, int] = field(default_factory=dict)  # id(memo dict) → bytes of its keys
 
     def facts(self, nodes: Sequence[bytes]) -> list[tuple[str, str]] | None:
@@ -415,11 +422,14 @@ class SynczMemo:
     def layouts(self, keys: Sequence[bytes]) -> list[_Layout] | None:
         return self._remember(self._layouts, lambda missing: list(map(_resource_layout, missing)), keys)
 
+    def fast_layouts(self, keys: Sequence[bytes]) -> list[_Layout] | None:
+        return self._remember(self._fast_layouts, lambda missing: list(map(_fast_layout, missing)), keys)
+
     def _remember(
         self, memo: dict[bytes, Any], fn: Callable[[list[bytes]], list[Any]], keys: Sequence[bytes]
     ) -> list[Any] | None:
         found = list(map(memo.get, keys))
-        if None in found:
+        if not all(found):  # a missing key (None); what fn returns is a non-empty tuple or None
             missing = [i for i, f in enumerate(found) if f is None]
             new = list(dict.fromkeys([keys[i] for i in missing]))  # each distinct key read once
             read = dict(zip(new, fn(new), strict=True))
@@ -434,7 +444,7 @@ class SynczMemo:
             self._key_bytes[id(memo)] = size
             for i in missing:
                 found[i] = read[keys[i]]
-            if None in found:
+            if not all(found):
                 return None
         return found
 
@@ -473,14 +483,18 @@ def syncz_split(raw: bytes, memo: SynczMemo) -> SynczSplit | None:
     return SynczSplit(raw, starts, node_starts, node_lengths, envelope)
 
 
-# Any{1: ClientConfig URL, 2: ClientConfig{1: Node{1: id}}} up to the id: two groups, the split path's layout key
-# (the value's length prefix, the node's tag and length prefix) and the node key (the id's one-byte length + the
-# id: one alternative per length, so the capture is never more than the id).
-_FAST_HEAD = re.compile(
-    re.escape(_URL_HEADER) + b"\\x12(" + _VARINT + b"\\n" + _VARINT + b")\\n("
-    + b"|".join(re.escape(bytes([n])) + b".{%d}" % n for n in range(1, 128)) + b")",
-    re.DOTALL,
-)
+# Any{1: ClientConfig URL, 2: ClientConfig{1: Node{1: id, ...}}} up to the id's one-byte length: one group, the
+# fast layout key (the value's length prefix, the node's tag and length prefix, the id's tag and length). The id
+# itself is not captured: one alternative per id length made sre try ~60 of them per resource (a third of the
+# fast path's time); upb collects the ids instead (_LITE.ids_merged), and the layouts prove they are these.
+_FAST_HEAD = re.compile(re.escape(_URL_HEADER) + b"\\x12(" + _VARINT + b"\\n" + _VARINT + b"\\n[\\x00-\\x7f])")
+
+
+def _fast_layout(key: bytes) -> _Layout | None:
+    """_resource_layout of a fast key (its split key, then the id's tag and one-byte length), None unless the
+    id field lies inside its node."""
+    layout = _resource_layout(key[:-2])
+    return layout if layout is not None and key[-1] + 2 <= layout[3] else None
 
 
 @dataclass(frozen=True)
@@ -491,12 +505,23 @@ class SynczIndex:
     type_url: str
     version_info: str
     control_plane: bytes | None
-    node_keys: list[bytes]  # one per resource: length byte + UTF-8 id (equal keys ⇔ equal ids)
+    node_keys: list[str]  # one per resource: its node id (as the exact reader reads it)
     ident: str | None = None  # the control plane identifier, as the exact reader decodes it
+    # The chain the index proved (raw, resource starts, layouts, envelope), for `split`.
+    cut: tuple[bytes, list[int], list[_Layout], ResponseView] | None = field(default=None, compare=False, repr=False)
 
     def identifier(self) -> str | None:
         """control_plane.identifier, None if absent."""
         return self.ident
+
+    @cached_property
+    def split(self) -> SynczSplit | None:
+        """The same answer cut at its resources: what syncz_split returns for it (made when first asked)."""
+        if self.cut is None:
+            return None
+        raw, starts, layouts, view = self.cut
+        node_offsets, node_lengths = (list(map(itemgetter(i), layouts)) for i in (2, 3))
+        return SynczSplit(raw, starts, list(map(add, starts, node_offsets)), node_lengths, view)
 
 
 def syncz_fast_index(raw: bytes, memo: SynczMemo | None = None) -> SynczIndex | None:
@@ -505,40 +530,47 @@ def syncz_fast_index(raw: bytes, memo: SynczMemo | None = None) -> SynczIndex | 
     Nothing is taken on the regex's word. It is trusted only when (as in syncz_split) every resource field's tag
     and length sit exactly where the previous field ended, from the envelope before the first resource to the
     envelope after the last, each Any is exactly {ClientConfig URL, value}, the URL header occurs nowhere else
-    (so capture i is resource i's header), each node lies inside its value and each id field inside its node:
-    then the exact reader reads the same resources, the same ids and the same envelope, and rejects nothing.
-    A node shorter than its id field, or a resource that swallows the next one's header, breaks the proof.
+    (so capture i is resource i's header), each node lies inside its value and each node's first field, the id
+    with a one-byte length, inside its node: then the exact reader reads the same resources, the same ids and
+    the same envelope, and rejects nothing. A node shorter than its id field, or a resource that swallows the
+    next one's header, breaks the proof.
+
+    The ids are upb's: parsed as the private IdsMerged, every id field (field 1) of every node field of every
+    resource's value, in order. Each resource has one where the layout says (its node's first field), so there
+    are as many as resources exactly when that is each one's only one, and then id i is resource i's.
     """
     found = _FAST_HEAD.findall(raw)
     if len(found) != raw.count(_URL_HEADER):
         return None  # a URL header whose id is not where (or as short as) the fast reading needs
+    cut = None
     try:
         if not found:
             view = view_response(raw)
             if view.resources:
                 return None
+            ids: list[str] = []
         else:
-            keys = list(map(itemgetter(1), found))
-            layouts = (memo or SynczMemo()).layouts(list(map(itemgetter(0), found)))
+            layouts = (memo or SynczMemo()).fast_layouts(found)
             if layouts is None:
-                return None  # a node that overflows its value
-            headers, sizes, node_lengths = (list(map(itemgetter(i), layouts)) for i in (0, 1, 3))
+                return None  # a node that overflows its value, or an id field its node
+            headers, sizes = list(map(itemgetter(0), layouts)), map(itemgetter(1), layouts)
             first = raw.find(_URL_HEADER) - (len(headers[0]) - len(_URL_HEADER))
             starts = list(accumulate(sizes, initial=first))
             if first < 0 or starts[-1] > len(raw) or not all(map(raw.startswith, headers, starts)):
-                return None
-            # The id field (tag + key) inside its node: else the exact reader finds it truncated.
-            if not all(map(lt, map(len, keys), node_lengths)):
                 return None
             prefix, suffix = raw[:first], raw[starts[-1]:]
             if view_response(prefix).resources or view_response(suffix).resources:
                 return None
             view = view_response(prefix + suffix)
-            b"".join(keys).decode()  # the exact reader rejects non-UTF-8 ids: leave those to it
-    except (WireError, UnicodeDecodeError):
+            merged: Any = _LITE.ids_merged.FromString(raw)  # DecodeError: an id that is not UTF-8, ...
+            ids = list(merged.resources.value.node.id)
+            if len(ids) != len(found):
+                return None  # a second id field, or a second node or value, in some resource
+            cut = (raw, starts, layouts, view)
+    except (WireError, DecodeError):
         return None
-    return SynczIndex(len(found), view.type_url, view.version_info, view.control_plane,
-                      keys if found else [], view.identifier())
+    return SynczIndex(len(found), view.type_url, view.version_info, view.control_plane, ids,
+                      view.identifier(), cut)
 
 
 def _node_facts(node: bytes) -> tuple[str, str] | None:
@@ -587,14 +619,13 @@ def join_kept(splits: Sequence[SynczSplit], keep: Sequence[bool]) -> list[bytes 
     at = 0
     for s in splits:
         n = len(s.starts) - 1
-        flags = list(keep[at : at + n])
+        flags = keep[at : at + n]
         at += n
-        # A run begins at a kept resource after a dropped one (or first), ends at one before a dropped one.
-        after = [False, *flags]
-        begins = compress(range(n), map(gt, flags, after))
-        ends = compress(range(1, n + 1), map(gt, flags, [*flags[1:], False]))
-        view = memoryview(s.raw)
-        out += map(view.__getitem__, map(slice, map(s.starts.__getitem__, begins), map(s.starts.__getitem__, ends)))
+        # A run begins at a kept resource after a dropped one (or first), ends at one before a dropped one: its
+        # bytes are raw[start of its first resource : start of the resource after its last].
+        begins = compress(s.starts, map(gt, flags, [False, *flags]))
+        ends = compress(s.starts[1:], map(gt, flags, [*flags[1:], False]))
+        out += map(memoryview(s.raw).__getitem__, map(slice, begins, ends))
     return out
 
 
