@@ -127,8 +127,10 @@ def test_fast_index_declines_what_it_cannot_prove() -> None:
     assert wire.syncz_fast_index(b"\x0b") is None  # not a response
     long_id = "x" * 200  # ids of 128+ bytes have a two-byte length: the exact reader's job
     assert wire.syncz_fast_index(response([long_id])) is None
-    # A resource quoting the ClientConfig type URL inside an id: one URL too many, so no fast answer.
-    assert wire.syncz_fast_index(response([wire.CLIENT_CONFIG_URL.decode()])) is None
+    # A resource quoting the ClientConfig type URL inside its id: the chain reads each layout from its own
+    # resource's header, so the quote is only an id (the count of URL headers used to make it decline).
+    quoted = wire.syncz_fast_index(response([wire.CLIENT_CONFIG_URL.decode(), "b"]))
+    assert quoted is not None and quoted.node_keys == [wire.CLIENT_CONFIG_URL.decode(), "b"]
     index = wire.syncz_fast_index(response(["a.ns-1", "b.ns-2"]))
     assert index is not None
     assert (index.count, index.type_url, index.version_info, index.identifier()) == (2, SYNCZ, "v1", "istiod-0")

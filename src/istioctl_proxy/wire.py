@@ -348,15 +348,16 @@ _Layout = tuple[bytes, int, int, int]
 
 def _resource_layout(key: bytes) -> _Layout | None:
     """For a resource whose Any is exactly {URL, value} and whose header ends in `key` (value length prefix,
-    node tag, node length prefix): the field's bytes up to the end of the URL (tag, length, URL field), the
-    field's size, the node's offset in the field and the node's length. None if the node overflows the value."""
+    node tag, node length prefix): the field's bytes up to the end of the key (tag, length, URL field, value tag,
+    key), the field's size, the node's offset in the field and the node's length. None if the node overflows
+    the value."""
     value, at = _varint(key, 0)
     node_length, end = _varint(key, at + 1)
     if end - at + node_length > value:
         return None
     any_length = len(_URL_HEADER) + 1 + at + value
     header = b"\x12" + _varint_bytes(any_length) + _URL_HEADER
-    return header, len(header) - len(_URL_HEADER) + any_length, len(header) + 1 + end, node_length
+    return header + b"\x12" + key, len(header) - len(_URL_HEADER) + any_length, len(header) + 1 + end, node_length
 
 
 @dataclass(frozen=True)
@@ -453,13 +454,12 @@ def syncz_split(raw: bytes, memo: SynczMemo) -> SynczSplit | None:
     """Cut a syncz answer at its resources, or None when the exact reader must decide (see merge.py).
 
     Only Anys that are exactly {type URL, ClientConfig} are cut (what istiod sends). The regex proposes the
-    cuts; they are then proven: every resource field's own tag and length must sit where the previous one
-    ended, from the envelope before the first resource to the envelope after the last, and the URL must occur
-    nowhere else. A header quoted inside a resource breaks that chain, and the exact reader decides.
+    cuts; they are then proven: every resource field's own header, up to the end of the key its layout was read
+    from, must sit where the previous field ended, from the envelope before the first resource to the envelope
+    after the last. So each layout is read from its own resource's bytes, whichever capture proposed it (a header
+    quoted inside a resource proposes one too many: the chain then ends inside the envelope and breaks).
     """
     found = _RESOURCE_HEAD.findall(raw)
-    if len(found) != raw.count(_URL_HEADER):
-        return None
     try:
         if not found:
             view = view_response(raw)
@@ -469,7 +469,7 @@ def syncz_split(raw: bytes, memo: SynczMemo) -> SynczSplit | None:
             return None
         # Field by field (zip(*layouts) would make an iterator per resource).
         headers, sizes, node_offsets, node_lengths = (list(map(itemgetter(i), layouts)) for i in range(4))
-        starts = list(accumulate(sizes, initial=raw.find(_URL_HEADER) - (len(headers[0]) - len(_URL_HEADER))))
+        starts = list(accumulate(sizes, initial=raw.find(_URL_HEADER) - headers[0].find(_URL_HEADER)))
         if starts[0] < 0 or starts[-1] > len(raw) or not all(map(raw.startswith, headers, starts)):
             return None
         node_starts = list(map(add, starts, node_offsets))
@@ -494,7 +494,9 @@ def _fast_layout(key: bytes) -> _Layout | None:
     """_resource_layout of a fast key (its split key, then the id's tag and one-byte length), None unless the
     id field lies inside its node."""
     layout = _resource_layout(key[:-2])
-    return layout if layout is not None and key[-1] + 2 <= layout[3] else None
+    if layout is None or key[-1] + 2 > layout[3]:
+        return None
+    return layout[0] + key[-2:], *layout[1:]
 
 
 @dataclass(frozen=True)
@@ -527,21 +529,19 @@ class SynczIndex:
 def syncz_fast_index(raw: bytes, memo: SynczMemo | None = None) -> SynczIndex | None:
     """Index a syncz answer at C speed, or None when only the exact reader can be trusted with it.
 
-    Nothing is taken on the regex's word. It is trusted only when (as in syncz_split) every resource field's tag
-    and length sit exactly where the previous field ended, from the envelope before the first resource to the
-    envelope after the last, each Any is exactly {ClientConfig URL, value}, the URL header occurs nowhere else
-    (so capture i is resource i's header), each node lies inside its value and each node's first field, the id
-    with a one-byte length, inside its node: then the exact reader reads the same resources, the same ids and
-    the same envelope, and rejects nothing. A node shorter than its id field, or a resource that swallows the
-    next one's header, breaks the proof.
+    Nothing is taken on the regex's word. It is trusted only when (as in syncz_split) every resource field's
+    header, up to its id's tag and length, is where the previous field ended and is the bytes its layout was read
+    from (so the layout is that resource's own, whichever capture proposed it), from the envelope before the
+    first resource to the envelope after the last, each Any is exactly {ClientConfig URL, value}, each node lies
+    inside its value and each node's first field, the id with a one-byte length, inside its node: then the exact
+    reader reads the same resources, the same ids and the same envelope, and rejects nothing. A node shorter
+    than its id field, or a resource that swallows the next one's header, breaks the proof.
 
     The ids are upb's: parsed as the private IdsMerged, every id field (field 1) of every node field of every
     resource's value, in order. Each resource has one where the layout says (its node's first field), so there
     are as many as resources exactly when that is each one's only one, and then id i is resource i's.
     """
     found = _FAST_HEAD.findall(raw)
-    if len(found) != raw.count(_URL_HEADER):
-        return None  # a URL header whose id is not where (or as short as) the fast reading needs
     cut = None
     try:
         if not found:
@@ -554,7 +554,7 @@ def syncz_fast_index(raw: bytes, memo: SynczMemo | None = None) -> SynczIndex | 
             if layouts is None:
                 return None  # a node that overflows its value, or an id field its node
             headers, sizes = list(map(itemgetter(0), layouts)), map(itemgetter(1), layouts)
-            first = raw.find(_URL_HEADER) - (len(headers[0]) - len(_URL_HEADER))
+            first = raw.find(_URL_HEADER) - headers[0].find(_URL_HEADER)
             starts = list(accumulate(sizes, initial=first))
             if first < 0 or starts[-1] > len(raw) or not all(map(raw.startswith, headers, starts)):
                 return None
