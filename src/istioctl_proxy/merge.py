@@ -13,8 +13,8 @@ from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate, compress, repeat
-from operator import and_, eq, itemgetter, ne
+from itertools import accumulate, chain, repeat
+from operator import and_, eq, itemgetter
 from typing import TypeVar
 
 from envoy.service.discovery.v3 import discovery_pb2
@@ -222,14 +222,14 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
     facts: list[tuple[str, str]] | None = None
     ids: Sequence[Hashable] | None = None if ctx.scope else _indexed_ids(splits, indexed)
     if ids is None:
-        facts = memo.facts([n for s in splits for n in s.nodes])
+        facts = memo.facts(list(chain.from_iterable(s.nodes for s in splits)))
         if facts is None:
             return None
         ids = list(map(itemgetter(0), facts))
     keep = [True] * len(ids)
-    duplicates = len(set(ids)) != len(ids)
+    last = dict(zip(ids, range(len(ids)), strict=True))  # each id's last position
+    duplicates = len(last) != len(ids)
     if duplicates:
-        last = dict(zip(ids, range(len(ids)), strict=True))  # each id's last position
         # A proxy on two replicas (or twice on one): the newest copy, the first of equals (as merge_syncz).
         ends = list(accumulate(s.count for s in splits))  # resource g is in splits[bisect_right(ends, g)]
 
@@ -237,10 +237,13 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
             at = bisect_right(ends, g)
             return splits[at], g - (ends[at - 1] if at else 0)
 
-        dup = set(compress(ids, map(ne, map(last.__getitem__, ids), range(len(ids)))))  # seen again later
+        # The copies seen again later, by set difference (C loops, no per-resource look-up), then each id's last.
+        earlier = sorted(set(range(len(ids))).difference(last.values()))
         owners: dict[Hashable, list[int]] = {}
-        for g in compress(range(len(ids)), map(dup.__contains__, ids)):
+        for g in earlier:
             owners.setdefault(ids[g], []).append(g)
+        for key, locs in owners.items():
+            locs.append(last[key])
         copies = [g for locs in owners.values() for g in locs]
         # Every copy's ClientConfig in one parse: what _last_updated decodes of each (else each on its own).
         configs = wire.split_client_configs([s.resource_field(i) for s, i in map(located, copies)])
@@ -271,7 +274,7 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
     body, count = b"".join(parts), sum(keep)
     # What a scoped caller is shown must be the node the scope read (see wire.one_node): else the exact reader
     # decides (it rejects that replica).
-    if ctx.scope and not wire.kept_one_node(body, count):
+    if ctx.scope and not (all(s.one_node_each for s in splits) or wire.kept_one_node(body, count)):
         return None
     return Merged(body, count, [])
 

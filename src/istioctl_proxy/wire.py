@@ -59,7 +59,7 @@ def _lite() -> _Lite:
         proto = descriptor_pb2.FileDescriptorProto(name=name, package=package, syntax="proto3",
                                                    dependency=[base_pb2.DESCRIPTOR.name, csds_pb2.DESCRIPTOR.name])
         f = descriptor_pb2.FieldDescriptorProto
-        for message, field_name, number, label, type_name in (
+        rows: list[tuple[str, str, int, int, str]] = [
             ("Nodes1", "node", 1, f.LABEL_REPEATED, ""),
             ("Any1", "value", 2, f.LABEL_REPEATED, f".{package}.Nodes1"),
             ("AnyMerged", "value", 2, f.LABEL_OPTIONAL, f".{package}.Nodes1"),
@@ -74,8 +74,18 @@ def _lite() -> _Lite:
             ("ClientConfigIds", "node", 1, f.LABEL_OPTIONAL, f".{package}.NodeIds"),
             ("AnyIds", "value", 2, f.LABEL_OPTIONAL, f".{package}.ClientConfigIds"),
             ("IdsMerged", "resources", 2, f.LABEL_OPTIONAL, f".{package}.AnyIds"),
-        ):
-            one = proto.message_type.add(name=message).field.add(name=field_name, number=number, label=label)
+        ]
+        # The other fields of the merged messages as known repeated bytes: upb keeps each as a span, where as
+        # unknown fields it appended them to one buffer per merged message, growing to megabytes (~2-3 × slower
+        # and erratic). A field of another wire type is still unknown; the counts above are unchanged.
+        for message, numbers in (("Nodes1", range(2, 6)), ("AnyMerged", (1,)), ("NodeIds", range(2, 16)),
+                                 ("ClientConfigIds", range(2, 6)), ("AnyIds", (1,))):
+            rows += [(message, f"other{n}", n, f.LABEL_REPEATED, "") for n in numbers]
+        messages: dict[str, descriptor_pb2.DescriptorProto] = {}
+        for message, field_name, number, label, type_name in rows:
+            if message not in messages:
+                messages[message] = proto.message_type.add(name=message)
+            one = messages[message].field.add(name=field_name, number=number, label=label)
             one.type = f.TYPE_STRING if type_name == "string" else f.TYPE_MESSAGE if type_name else f.TYPE_BYTES
             if type_name.startswith("."):
                 one.type_name = type_name
@@ -374,11 +384,31 @@ class SynczSplit:
     def count(self) -> int:
         return len(self.starts) - 1
 
-    @cached_property
+    @property
     def nodes(self) -> list[bytes]:
-        """The serialized Node of each resource (sliced when first asked: unscoped callers may not need them)."""
+        """The serialized Node of each resource (read when first asked: unscoped callers may not need them)."""
+        return self._nodes[0]
+
+    @property
+    def one_node_each(self) -> bool:
+        """Does every resource carry one node, as protobuf decodes it (see one_node)? Each has one value: the
+        chain proves each Any is exactly {URL, value}."""
+        return self._nodes[1]
+
+    @cached_property
+    def _nodes(self) -> tuple[list[bytes], bool]:
+        # One upb parse (as kept_one_node's) lists every node field of every resource's value, in order: each
+        # resource has one where its layout says (its value's first field), so there are as many as resources
+        # exactly when that is each one's only one, and then node i is resource i's. Else sliced one by one.
+        try:
+            merged: Any = _LITE.resources_merged.FromString(self.raw)
+            nodes = list(merged.resources.value.node)
+            if len(nodes) == self.count:
+                return nodes, True
+        except DecodeError:
+            pass
         ends = map(add, self.node_starts, self.node_lengths)
-        return list(map(self.raw.__getitem__, map(slice, self.node_starts, ends)))
+        return list(map(self.raw.__getitem__, map(slice, self.node_starts, ends))), False
 
     def resource_any(self, i: int) -> bytes:
         """The Any of resource i (without the resource field's tag and length)."""
