@@ -259,3 +259,17 @@ def test_view_response_rejects_envelope_fields_the_caller_could_not_decode() -> 
     with pytest.raises(WireError, match="could not decode"):
         wire.view_response(raw)
     assert wire.syncz_fast_index(raw) is None and wire.syncz_split(raw, wire.SynczMemo()) is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(sizes=st.lists(st.integers(min_value=0, max_value=6), min_size=1, max_size=4), data=st.data())
+def test_join_dropping_is_join_kept_with_those_flags_cleared(sizes: list[int], data: st.DataObject) -> None:
+    memo = wire.SynczMemo()
+    splits = [wire.syncz_split(response([f"p{i}-{j}.ns" for j in range(n)]), memo) for i, n in enumerate(sizes)]
+    assert all(s is not None for s in splits)
+    cut = [s for s in splits if s is not None]
+    total = sum(sizes)
+    dropped = sorted(data.draw(st.sets(st.integers(min_value=0, max_value=max(total - 1, 0)))) if total else [])
+    keep = [g not in dropped for g in range(total)]
+    assert b"".join(wire.join_dropping(cut, dropped)) == b"".join(wire.join_kept(cut, keep))
+    assert b"".join(wire.join_dropping(cut, [])) == b"".join(wire.join_kept(cut, [True] * total))

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, chain, repeat
-from operator import and_, eq, itemgetter
+from operator import eq, itemgetter
 from typing import TypeVar
 
 from envoy.service.discovery.v3 import discovery_pb2
@@ -226,10 +226,9 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
         if facts is None:
             return None
         ids = list(map(itemgetter(0), facts))
-    keep = [True] * len(ids)
     last = dict(zip(ids, range(len(ids)), strict=True))  # each id's last position
-    duplicates = len(last) != len(ids)
-    if duplicates:
+    dropped: list[int] = []  # positions of the copies that lose, ascending
+    if len(last) != len(ids):
         # A proxy on two replicas (or twice on one): the newest copy, the first of equals (as merge_syncz).
         ends = list(accumulate(s.count for s in splits))  # resource g is in splits[bisect_right(ends, g)]
 
@@ -251,27 +250,31 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
                           (_last_updated(s.resource_any(i)) for s, i in map(located, copies)), strict=True))
         for locs in owners.values():
             newest = max(locs, key=stamps.__getitem__)
-            for g in locs:
-                keep[g] = g == newest
+            dropped += [g for g in locs if g != newest]
+        dropped.sort()
+    counts = [s.count for s in splits]
     if ctx.scope:
         assert facts is not None  # scoped: read above
-        in_scope = map(eq, map(itemgetter(1), facts), repeat(ctx.scope))
-        keep = list(map(and_, keep, in_scope)) if duplicates else list(in_scope)
-    # As merge_syncz: with nothing to drop, the replicas' bytes pass through untouched.
-    parts: list[bytes | memoryview] = wire.join_kept(splits, keep) if ctx.scope or duplicates else \
-        [a.body for a in answers if a.body is not None]
+        keep = list(map(eq, map(itemgetter(1), facts), repeat(ctx.scope)))
+        for g in dropped:
+            keep[g] = False
+        parts = wire.join_kept(splits, keep)
+        kept = [sum(keep[at - n : at]) for at, n in zip(accumulate(counts), counts, strict=True)]
+    elif dropped:
+        parts = wire.join_dropping(splits, dropped)
+        kept = [n - (bisect_right(dropped, at - 1) - bisect_right(dropped, at - n - 1))
+                for at, n in zip(accumulate(counts), counts, strict=True)]
+    else:  # As merge_syncz: with nothing to drop, the replicas' bytes pass through untouched.
+        parts = [a.body for a in answers if a.body is not None]
+        kept = counts
     views = [s.envelope for s in splits]
-    held: list[tuple[Answer, int]] = []
-    if ctx.istiod_column == "revision":  # kept proxies per replica: only the revision column needs them
-        offset = 0
-        for answer, split in zip(answers, splits, strict=True):
-            held.append((answer, sum(keep[offset:offset + split.count])))
-            offset += split.count
+    # Kept proxies per replica: only the revision column needs them.
+    held = list(zip(answers, kept, strict=True)) if ctx.istiod_column == "revision" else []
     ident = external_identifier([v.identifier() for v in views], shown_id(ctx, held))
     version = _version(views)
     parts.append(wire.envelope(type_url=plan.type_url, version_info=version, nonce=_nonce(version),
                                control_plane_identifier=ident))
-    body, count = b"".join(parts), sum(keep)
+    body, count = b"".join(parts), sum(kept)
     # What a scoped caller is shown must be the node the scope read (see wire.one_node): else the exact reader
     # decides (it rejects that replica).
     if ctx.scope and not (all(s.one_node_each for s in splits) or wire.kept_one_node(body, count)):

@@ -659,6 +659,27 @@ def join_kept(splits: Sequence[SynczSplit], keep: Sequence[bool]) -> list[bytes 
     return out
 
 
+def join_dropping(splits: Sequence[SynczSplit], dropped: Sequence[int]) -> list[bytes | memoryview]:
+    """join_kept with every flag set but at the `dropped` positions (ascending, over all splits in order).
+
+    For a few drops (the older copies of proxies seen twice): the runs are found from the drops themselves, not
+    from a flag per resource.
+    """
+    out: list[bytes | memoryview] = []
+    at = d = 0  # the global position of this split's first resource; the next drop
+    for s in splits:
+        n, view, begin = len(s.starts) - 1, memoryview(s.raw), 0
+        while d < len(dropped) and dropped[d] < at + n:
+            i = dropped[d] - at
+            if i > begin:
+                out.append(view[s.starts[begin] : s.starts[i]])
+            begin, d = i + 1, d + 1
+        if n > begin:
+            out.append(view[s.starts[begin] : s.starts[n]])
+        at += n
+    return out
+
+
 def split_client_configs(resource_fields: Sequence[bytes]) -> list[csds_pb2.ClientConfig] | None:
     """The ClientConfig of each resource field cut by syncz_split (its Any exactly {ClientConfig URL, value}), in
     one upb parse: what client_config decodes of each, or None if one of them does not decode."""
@@ -695,6 +716,7 @@ __all__ = [
     "client_config",
     "envelope",
     "iter_fields",
+    "join_dropping",
     "join_kept",
     "kept_one_node",
     "node_namespace",
