@@ -376,8 +376,7 @@ class SynczSplit:
 
     raw: bytes
     starts: list[int]  # resource i is raw[starts[i]:starts[i + 1]] (tag, length, Any), byte for byte as sent
-    node_starts: list[int]  # resource i's node (its ClientConfig's first field): raw[node_starts[i]:][:node_lengths[i]]
-    node_lengths: list[int]
+    layouts: list[_Layout]  # resource i's layout: its node (its ClientConfig's first field) is at node_spans[i]
     envelope: ResponseView  # everything else: version, type URL, nonce, control plane
 
     @property
@@ -407,8 +406,13 @@ class SynczSplit:
                 return nodes, True
         except DecodeError:
             pass
-        ends = map(add, self.node_starts, self.node_lengths)
-        return list(map(self.raw.__getitem__, map(slice, self.node_starts, ends))), False
+        return list(map(self.raw.__getitem__, self.node_spans)), False
+
+    @property
+    def node_spans(self) -> list[slice]:
+        """raw[node_spans[i]] is resource i's node."""
+        node_starts = list(map(add, self.starts, map(itemgetter(2), self.layouts)))
+        return list(map(slice, node_starts, map(add, node_starts, map(itemgetter(3), self.layouts))))
 
     def resource_any(self, i: int) -> bytes:
         """The Any of resource i (without the resource field's tag and length)."""
@@ -493,16 +497,15 @@ def syncz_split(raw: bytes, memo: SynczMemo) -> SynczSplit | None:
     try:
         if not found:
             view = view_response(raw)
-            return None if view.resources else SynczSplit(raw, [0], [], [], view)
+            return None if view.resources else SynczSplit(raw, [0], [], view)
         layouts = memo.layouts(found)
         if layouts is None:
             return None
         # Field by field (zip(*layouts) would make an iterator per resource).
-        headers, sizes, node_offsets, node_lengths = (list(map(itemgetter(i), layouts)) for i in range(4))
+        headers, sizes = list(map(itemgetter(0), layouts)), map(itemgetter(1), layouts)
         starts = list(accumulate(sizes, initial=raw.find(_URL_HEADER) - headers[0].find(_URL_HEADER)))
         if starts[0] < 0 or starts[-1] > len(raw) or not all(map(raw.startswith, headers, starts)):
             return None
-        node_starts = list(map(add, starts, node_offsets))
         # Around the resources: envelope fields only, each complete on its side.
         prefix, suffix = raw[: starts[0]], raw[starts[-1]:]
         if view_response(prefix).resources or view_response(suffix).resources:
@@ -510,7 +513,7 @@ def syncz_split(raw: bytes, memo: SynczMemo) -> SynczSplit | None:
         envelope = view_response(prefix + suffix)
     except WireError:
         return None
-    return SynczSplit(raw, starts, node_starts, node_lengths, envelope)
+    return SynczSplit(raw, starts, layouts, envelope)
 
 
 # Any{1: ClientConfig URL, 2: ClientConfig{1: Node{1: id, ...}}} up to the id's one-byte length: one group, the
@@ -552,8 +555,7 @@ class SynczIndex:
         if self.cut is None:
             return None
         raw, starts, layouts, view = self.cut
-        node_offsets, node_lengths = (list(map(itemgetter(i), layouts)) for i in (2, 3))
-        return SynczSplit(raw, starts, list(map(add, starts, node_offsets)), node_lengths, view)
+        return SynczSplit(raw, starts, layouts, view)
 
 
 def syncz_fast_index(raw: bytes, memo: SynczMemo | None = None) -> SynczIndex | None:
