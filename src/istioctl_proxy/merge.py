@@ -13,7 +13,7 @@ from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate, chain, repeat
+from itertools import accumulate, chain, compress, repeat
 from operator import eq, itemgetter
 from typing import TypeVar
 
@@ -194,6 +194,22 @@ def _indexed_ids(splits: Sequence[wire.SynczSplit], indexes: Sequence[wire.Syncz
     return ids
 
 
+def _copies(ids: Sequence[Hashable], counts: Sequence[int]) -> dict[Hashable, list[int]]:
+    """Each id listed more than once → its positions, ascending (`counts`: how many ids each answer gave)."""
+    at, sets = 0, []
+    for n in counts:
+        sets.append(set(ids[at : at + n]))
+        at += n
+    if sum(map(len, sets)) == len(ids):  # none twice within one answer: those on two answers, by set operations
+        twice = set().union(*(a & b for i, a in enumerate(sets) for b in sets[i + 1 :]))
+    else:
+        twice = {k for k, n in Counter(ids).items() if n > 1}
+    owners: dict[Hashable, list[int]] = {}
+    for g in compress(range(len(ids)), map(twice.__contains__, ids)):
+        owners.setdefault(ids[g], []).append(g)
+    return owners
+
+
 def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged | None:
     """Duplicates and scoped callers at C speed: the exact path's rules on resources cut by wire.syncz_split.
 
@@ -226,23 +242,17 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
         if facts is None:
             return None
         ids = list(map(itemgetter(0), facts))
-    last = dict(zip(ids, range(len(ids)), strict=True))  # each id's last position
     dropped: list[int] = []  # positions of the copies that lose, ascending
-    if len(last) != len(ids):
+    counts = [s.count for s in splits]
+    if len(set(ids)) != len(ids):
         # A proxy on two replicas (or twice on one): the newest copy, the first of equals (as merge_syncz).
-        ends = list(accumulate(s.count for s in splits))  # resource g is in splits[bisect_right(ends, g)]
+        ends = list(accumulate(counts))  # resource g is in splits[bisect_right(ends, g)]
 
         def located(g: int) -> tuple[wire.SynczSplit, int]:
             at = bisect_right(ends, g)
             return splits[at], g - (ends[at - 1] if at else 0)
 
-        # The copies seen again later, by set difference (C loops, no per-resource look-up), then each id's last.
-        earlier = sorted(set(range(len(ids))).difference(last.values()))
-        owners: dict[Hashable, list[int]] = {}
-        for g in earlier:
-            owners.setdefault(ids[g], []).append(g)
-        for key, locs in owners.items():
-            locs.append(last[key])
+        owners = _copies(ids, counts)
         copies = [g for locs in owners.values() for g in locs]
         # Every copy's ClientConfig in one parse: what _last_updated decodes of each (else each on its own).
         configs = wire.split_client_configs([s.resource_field(i) for s, i in map(located, copies)])
@@ -252,7 +262,6 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
             newest = max(locs, key=stamps.__getitem__)
             dropped += [g for g in locs if g != newest]
         dropped.sort()
-    counts = [s.count for s in splits]
     if ctx.scope:
         assert facts is not None  # scoped: read above
         keep = list(map(eq, map(itemgetter(1), facts), repeat(ctx.scope)))
