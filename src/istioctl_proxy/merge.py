@@ -61,7 +61,10 @@ def index_early(plan: Plan, ctx: MergeContext, answer: Answer) -> None:
     if plan.merge is not Merge.SYNCZ or answer.body is None:
         return
     if ctx.scope:
-        ctx.early[answer.replica.address] = wire.syncz_split(answer.body, ctx.memo or wire.SynczMemo())
+        split = wire.syncz_split(answer.body, ctx.memo or wire.SynczMemo())
+        if split is not None and ctx.memo is not None:
+            ctx.memo.facts(split.nodes)  # its nodes listed and their facts remembered now, not after the last answer
+        ctx.early[answer.replica.address] = split
     else:
         ctx.early[answer.replica.address] = wire.syncz_fast_index(answer.body, ctx.memo)
 

@@ -653,14 +653,16 @@ def join_kept(splits: Sequence[SynczSplit], keep: Sequence[bool]) -> list[bytes 
         n = len(s.starts) - 1
         flags = keep[at : at + n]
         at += n
-        if sum(flags) * 2 < n:  # a scoped caller's few: one view each (finding runs costs more than they save)
-            begins, ends = compress(s.starts, flags), compress(s.starts[1:], flags)
+        if sum(flags) * 2 < n:
+            # A scoped caller's few: one slice each (finding runs costs more than they save). Bytes, not views:
+            # the collector tracks every view, and thousands of them cost more in collections than the copy.
+            out += map(s.raw.__getitem__, map(slice, compress(s.starts, flags), compress(s.starts[1:], flags)))
         else:
             # A run begins at a kept resource after a dropped one (or first), ends at one before a dropped one: its
             # bytes are raw[start of its first resource : start of the resource after its last].
             begins = compress(s.starts, map(gt, flags, [False, *flags]))
             ends = compress(s.starts[1:], map(gt, flags, [*flags[1:], False]))
-        out += map(memoryview(s.raw).__getitem__, map(slice, begins, ends))
+            out += map(memoryview(s.raw).__getitem__, map(slice, begins, ends))
     return out
 
 
