@@ -655,7 +655,7 @@ def join_kept(splits: Sequence[SynczSplit], keep: Sequence[bool]) -> list[bytes 
         at += n
         if sum(flags) * 2 < n:
             # A scoped caller's few: one slice each (finding runs costs more than they save). Bytes, not views:
-            # the collector tracks every view, and thousands of them cost more in collections than the copy.
+            # making a view costs about what copying a resource (~500 bytes) does, and the join reads bytes faster.
             out += map(s.raw.__getitem__, map(slice, compress(s.starts, flags), compress(s.starts[1:], flags)))
         else:
             # A run begins at a kept resource after a dropped one (or first), ends at one before a dropped one: its
