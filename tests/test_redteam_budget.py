@@ -1,0 +1,99 @@
+"""Red team (stop 21): the send budget's pinned cut answers, the fan-out half, the slow-link floor rate, and the
+forward-mode budget key (h-budget df24087, h-callerkey 82186e2).
+
+Simulated replicas behind the real server (the budget is the proxy's own; istiod is only the source of answers);
+SendBudget alone where the race is the budget's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+
+import grpc
+import pytest
+from envoy.service.discovery.v3 import discovery_pb2
+
+from istioctl_proxy import client
+from istioctl_proxy.auth import Caller, canonical_jwt
+from istioctl_proxy.budget import SendBudget
+from istioctl_proxy.policy import DEBUG, SYNCZ
+from istioctl_proxy.sim.simulator import SimProxy, SimReplica, make_mesh
+
+from .ads_client import SOTW, ads_call, bearer
+from .helpers import ADMIN_TOKEN, TOKENS, stack
+from .waits import until
+
+# A client that does not read: its answer stays queued in the proxy (HTTP/2 window of 64 KiB, no BDP growth).
+NOT_READING = [("grpc.max_receive_message_length", 64 << 20), ("grpc.http2.bdp_probe", 0)]
+# Tokens of one service account, as istioctl mints one per run; to the send budget each is its own caller.
+RUNS = tuple(f"admin-token-run-{i}" for i in range(40))
+ADMIN_TOKENS = {**TOKENS, **dict.fromkeys(RUNS, ("istio-system", "default"))}
+
+
+def _syncz(ns: str = "istio-system") -> discovery_pb2.DiscoveryRequest:
+    return discovery_pb2.DiscoveryRequest(type_url=SYNCZ, node=client.istioctl_node(ns))
+
+
+def _unknown_path(ns: str = "ns-1") -> discovery_pb2.DiscoveryRequest:
+    # Answered by the proxy itself (istiod's "404 page not found"): a few bytes, no fan-out.
+    return discovery_pb2.DiscoveryRequest(type_url=DEBUG, resource_names=["no-such-path"],
+                                          node=client.istioctl_node(ns))
+
+
+def _big_mesh(error_bytes: int) -> list[SimReplica]:
+    mesh = make_mesh(1, 4, tokens=ADMIN_TOKENS)
+    mesh[0].proxies.append(SimProxy("big", "ns-9", states={"LDS": "ERROR"}, error="e" * error_bytes))
+    return mesh
+
+
+def _key(token: str) -> str:
+    return Caller("x", token=token).budget_key
+
+
+# -- 1. Pinned answers -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="F1 open: once the pinned pool is full, a cut answer keeps its room in the "
+                   "live budget until its connection can have closed; two never-reading tokens freeze every answer")
+async def test_two_never_reading_tokens_do_not_freeze_every_other_callers_answers() -> None:
+    """Caller A (one token) asks for a whole-budget answer and never reads: --send-timeout cuts it and pins it, and
+    the pinned pool (as large as the budget) is full. Caller B (a second token: in forward mode a second istioctl
+    run) does the same: its answer cannot go to the pool, so it keeps its room in the live budget for the pin's
+    life (--max-stream-age x 1.1 + --send-timeout: 390 s with the defaults). Every other caller, even one whose
+    answer is a few bytes made by the proxy itself, is refused "send budget stayed full" all that time."""
+    async with stack(mesh=_big_mesh(6 << 20), send_budget_mib=6, slow_reader_seconds=0.2, send_timeout=2.0) as s:
+        budget = s.proxy.service.budget
+        channels = [grpc.aio.insecure_channel(s.address, options=NOT_READING) for _ in range(2)]
+        calls = []
+        try:
+            for ch, token in zip(channels, RUNS[:2], strict=True):
+                call = ch.stream_stream(SOTW)(metadata=bearer(token), timeout=600)
+                await call.write(_syncz().SerializeToString())
+                calls.append(call)
+                # Each is cut by --send-timeout (nobody waits, so not as a slow reader) and pinned.
+                await until(lambda t=token: budget.pinned_by(_key(t)) == 6 << 20, f"{token}'s answer pinned")
+            assert budget.pinned == 6 << 20 and budget.used == 6 << 20  # the pool full; B's room kept
+            async with grpc.aio.insecure_channel(s.address) as ch:
+                out = await ads_call(ch, [_unknown_path()], metadata=bearer("ns-1-token"), timeout=5)
+            # Observed: RESOURCE_EXHAUSTED "the proxy's send budget (6 MiB, --send-budget-mib) stayed full for 4s",
+            # and so for every caller until B's pin expires (332 s here).
+            assert out.code == grpc.StatusCode.OK and out.responses, out
+        finally:
+            for ch in channels:
+                await ch.close()
+
+
+async def test_pins_that_expire_leave_no_per_caller_state_behind() -> None:
+    """A pinned caller's round-robin turn (`_served`) was kept while it had pinned bytes, and nothing forgot it
+    when the pin expired: in forward mode every istioctl run is a new key, so the table grew for ever."""
+    budget = SendBudget(100, slow_reader_seconds=0.01, pin_seconds=0.05)
+    for caller in "abc":
+        async with budget.hold(caller, 40, 1.0) as evicted:
+            budget.pin(evicted, 40)
+    assert budget.pinned == 80 and budget.used == 40  # a and b in the pool, c's pin keeps its room
+    await until(lambda: budget.pinned == 0 and budget.used == 0, "the pins to expire")
+    assert not budget._pinned_by and not budget._pins
+    # Observed: {'a': 1, 'b': 2, 'c': 3}.
+    assert not budget._served, budget._served
