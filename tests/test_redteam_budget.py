@@ -8,21 +8,19 @@ SendBudget alone where the race is the budget's.
 from __future__ import annotations
 
 import asyncio
-import base64
-import random
 
 import grpc
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
 from istioctl_proxy import client
-from istioctl_proxy.auth import Caller, canonical_jwt
+from istioctl_proxy.auth import Caller
 from istioctl_proxy.budget import SendBudget
 from istioctl_proxy.policy import DEBUG, SYNCZ
 from istioctl_proxy.sim.simulator import SimProxy, SimReplica, make_mesh
 
 from .ads_client import SOTW, ads_call, bearer
-from .helpers import ADMIN_TOKEN, TOKENS, stack
+from .helpers import TOKENS, stack
 from .waits import until
 
 # A client that does not read: its answer stays queued in the proxy (HTTP/2 window of 64 KiB, no BDP growth).
@@ -97,3 +95,49 @@ async def test_pins_that_expire_leave_no_per_caller_state_behind() -> None:
     assert not budget._pinned_by and not budget._pins
     # Observed: {'a': 1, 'b': 2, 'c': 3}.
     assert not budget._served, budget._served
+
+
+# -- 2. Fan-out share ----------------------------------------------------------------------------------------------
+
+
+async def test_merged_answers_waiting_for_send_room_stay_within_the_budget() -> None:
+    """A fan-out's reservation ends when its merge is done; its answer then asks for send room as a new waiter,
+    ranked by its caller's last grant (that of its fan-out). Callers never served before (every istioctl run is a
+    new token) rank first: while only a fan-out fits, each finished fan-out hands its room to the next newcomer's
+    fan-out and its own merged answer waits, held in memory outside the budget. One never-reading caller holding
+    all but one fan-out's room, and 20 istioctl runs at once: 20 merged answers of 1 MiB held against a 6 MiB
+    budget (scales as callers x answer size)."""
+    async with stack(mesh=_big_mesh(1 << 20), send_budget_mib=6, slow_reader_seconds=600.0, send_timeout=120.0) as s:
+        budget = s.proxy.service.budget
+        first = await ads_call(s.address, [_syncz()], metadata=bearer(RUNS[0]), timeout=30)
+        assert first.code == grpc.StatusCode.OK, first
+        size = len(first.responses[0])
+        estimate = max(s.proxy.service.aggregator.fan_out_sizes.values())
+        assert size < estimate < 3 * size and 2 * estimate > budget.share  # one fan-out at a time
+        hog = RUNS[1]
+        channels = [grpc.aio.insecure_channel(s.address, options=NOT_READING) for _ in range(3)]
+        peak = 0
+        dispatch = budget._dispatch
+
+        def watched() -> None:
+            nonlocal peak
+            dispatch()
+            waiting = sum(w.size for q in budget._waiting.values() for w in q if not w.fan_out)
+            peak = max(peak, waiting)
+
+        budget._dispatch = watched  # type: ignore[method-assign]
+        try:
+            for ch in channels:  # 3 unread answers: room for one fan-out, not for it and an answer
+                call = ch.stream_stream(SOTW)(metadata=bearer(hog), timeout=600)
+                await call.write(_syncz().SerializeToString())
+            await until(lambda: budget.held(_key(hog)) == 3 * size, "the hog's 3 answers held")
+            assert budget.total - budget.used >= estimate > budget.total - budget.used - size
+            outs = await asyncio.gather(*(ads_call(s.address, [_syncz()], metadata=bearer(t), timeout=60)
+                                          for t in RUNS[2:22]))
+            assert all(o.code == grpc.StatusCode.OK for o in outs), [o for o in outs if not o.ok][:1]
+            # Observed: 20 MiB (every merged answer waited for room while the next newcomer's fan-out ran).
+            assert peak <= budget.total, f"{peak / size:.0f} merged answers of {size >> 10} KiB waited at once"
+        finally:
+            budget._dispatch = dispatch  # type: ignore[method-assign]
+            for ch in channels:
+                await ch.close()

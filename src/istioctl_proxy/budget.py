@@ -52,7 +52,7 @@ class SendBudget:
 
     Each stream has at most one answer in flight (the next write waits for the previous one). Holds and
     waiters are kept per caller (`auth.Caller.budget_key`): room that frees goes to the callers waiting in
-    round-robin order (least recently served first; FIFO within one caller, its answers before its fan-outs'
+    round-robin order (least recently served first; FIFO within one caller; answers before fan-outs'
     reservations), and while other callers wait, a caller holding more than its share (`share`, half the
     budget) gets no more. Answers that sat unread
     for `slow_reader_seconds` while someone waits for room are cut, the biggest holder's first: one caller's
@@ -247,7 +247,10 @@ class SendBudget:
                         and not (w.fan_out and self.fan_out_used + w.size > self.share)]
             if not eligible:
                 return
-            nxt = min(eligible, key=lambda w: (self._served.get(w.caller, -1), w.seq))
+            # Answers before fan-outs, whoever's: an answer is memory held already (its fan-out's reservation
+            # has ended), a fan-out makes more; ranked by turn, a finished fan-out's answer would wait behind
+            # every newer caller's fan-out, all their merged answers held outside the budget meanwhile.
+            nxt = min(eligible, key=lambda w: (w.fan_out, self._served.get(w.caller, -1), w.seq))
             if self.used + nxt.size > self.total:
                 # The next in line waits (nobody overtakes it, so large answers are not starved either);
                 # stalled answers make room, the biggest holder's first.
