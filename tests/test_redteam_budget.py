@@ -8,6 +8,8 @@ SendBudget alone where the race is the budget's.
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
 import grpc
 import pytest
@@ -95,6 +97,42 @@ async def test_pins_that_expire_leave_no_per_caller_state_behind() -> None:
     assert not budget._pinned_by and not budget._pins
     # Observed: {'a': 1, 'b': 2, 'c': 3}.
     assert not budget._served, budget._served
+
+
+@pytest.mark.xfail(strict=True, reason="F3 open: in identity mode every TokenReview caller of one service account is "
+                   "one budget caller, and istioctl mints every user's token for istio-system/default")
+async def test_one_istioctl_user_cut_unread_does_not_lock_out_every_other_istioctl_user(tmp_path: Path) -> None:
+    """Identity mode with --token-review keys the send budget by `k8s:<ns>/<sa>`, and istioctl (without
+    --cert-dir) mints every user's token for SA `default` of the istio namespace: all istioctl users are one
+    caller. Once one user's answers are cut unread (a never-reading client, a suspended istioctl, a slow link)
+    and pinned up to half the budget, every other istioctl user is refused "earlier answers were cut unread" for
+    the pins' life (--max-stream-age x 1.1 + --send-timeout: 390 s with the defaults)."""
+    kubeconfig = tmp_path / "kubeconfig.json"  # never used: the test replaces the reviewer
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "x",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "unused"}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+    }))  # fmt: skip
+
+    async def reviewer(token: str, peer: str) -> tuple[str, str] | None:
+        return ("istio-system", "default") if token in ("run-a", "run-b") else None  # two istioctl runs
+
+    async with stack(mesh=_big_mesh(6 << 20), identity=True, token_review=True, token_review_kubeconfig=str(kubeconfig),
+                     send_budget_mib=6, send_timeout=2.0) as s:
+        assert s.pki is not None
+        s.proxy.service.authenticator.token_reviewer = reviewer
+        budget = s.proxy.service.budget
+        creds = grpc.ssl_channel_credentials(root_certificates=s.pki.ca.cert_pem)
+        options = [*NOT_READING, ("grpc.ssl_target_name_override", "localhost")]
+        async with grpc.aio.secure_channel(s.address, creds, options=options) as ch:
+            call = ch.stream_stream(SOTW)(metadata=bearer("run-a"), timeout=600)
+            await call.write(_syncz().SerializeToString())
+            await until(lambda: budget.pinned_by("k8s:istio-system/default") >= budget.share, "run-a's answer pinned")
+            out = await ads_call(s.target("run-b"), [_syncz("ns-1")], metadata=bearer("run-b"), timeout=10)
+        # Observed: RESOURCE_EXHAUSTED "this caller's earlier answers were cut unread ..." for run-b, which never
+        # left anything unread.
+        assert out.code == grpc.StatusCode.OK, out
 
 
 # -- 2. Fan-out share ----------------------------------------------------------------------------------------------
