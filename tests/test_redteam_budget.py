@@ -246,3 +246,35 @@ async def test_merged_answers_waiting_for_send_room_stay_within_the_budget() -> 
             budget._dispatch = dispatch  # type: ignore[method-assign]
             for ch in channels:
                 await ch.close()
+
+
+async def test_a_fan_out_as_large_as_the_fan_out_half_is_not_starved_by_smaller_ones() -> None:
+    """Fan-outs together reserve at most half the budget, and a fan-out waiter that would pass it is skipped (not
+    head of line) so that answers keep flowing. But smaller fan-outs are not held back for it either: while others'
+    small fan-outs (one proxy's config_dump; tokens istiod refuses reserve too) overlap, a fan-out whose estimate
+    is the whole half (a big mesh's syncz: min(estimate, share)) never fits and is refused at its deadline."""
+    budget = SendBudget(100, slow_reader_seconds=60.0)
+    stop = asyncio.Event()
+    small_grants = 0
+
+    async def small(caller: str) -> None:
+        nonlocal small_grants
+        while not stop.is_set():
+            async with budget.hold(caller, 10, 5.0, fan_out=True):
+                small_grants += 1
+                await asyncio.sleep(0.01)  # the replicas' answer time
+
+    async def big() -> int:
+        async with budget.hold("big-mesh-syncz", 50, 2.0, fan_out=True):
+            return budget.fan_out_used
+
+    async with budget.hold("seed", 10, 1.0, fan_out=True):  # one small fan-out in flight as the big one asks
+        attackers = [asyncio.create_task(small(f"random-{i}")) for i in range(3)]
+        asking = asyncio.create_task(big())
+        await until(lambda: small_grants >= 3, "the small fan-outs under way")
+    try:
+        # Observed: ResourceExhausted "had no room for this request's fan-out" after 2 s, small ones granted meanwhile.
+        assert await asking == 50
+    finally:
+        stop.set()
+        await asyncio.gather(*attackers, return_exceptions=True)

@@ -240,17 +240,20 @@ class SendBudget:
                 self._forget(w)
                 w.granted.set_exception(self._unread_refusal(w))
         while True:
-            heads = [q[0] for q in self._waiting.values() if q]
-            # A fan-out that would take the fan-outs past their half is skipped, not waited for: answers
-            # always have the other half, whose stalled holders can be cut.
-            eligible = [w for w in heads if not self._over_share(w)
-                        and not (w.fan_out and self.fan_out_used + w.size > self.share)]
+            heads = [w for w in (q[0] for q in self._waiting.values() if q) if not self._over_share(w)]
+            eligible = [w for w in heads if not w.fan_out]
+            # A fan-out that would take the fan-outs past their half is skipped by answers, not waited for: they
+            # always have the other half, whose stalled holders can be cut. Fan-outs wait for it in turn (else
+            # a stream of small fan-outs would starve one as large as the half).
+            fan_out = min((w for w in heads if w.fan_out), key=self._turn, default=None)
+            if fan_out is not None and self.fan_out_used + fan_out.size <= self.share:
+                eligible.append(fan_out)
             if not eligible:
                 return
             # Answers before fan-outs, whoever's: an answer is memory held already (its fan-out's reservation
             # has ended), a fan-out makes more; ranked by turn, a finished fan-out's answer would wait behind
             # every newer caller's fan-out, all their merged answers held outside the budget meanwhile.
-            nxt = min(eligible, key=lambda w: (w.fan_out, self._served.get(w.caller, -1), w.seq))
+            nxt = min(eligible, key=lambda w: (w.fan_out, *self._turn(w)))
             if self.used + nxt.size > self.total:
                 # The next in line waits (nobody overtakes it, so large answers are not starved either);
                 # stalled answers make room, the biggest holder's first.
@@ -268,6 +271,9 @@ class SendBudget:
             self._served[nxt.caller] = self.grants
             nxt.granted.set_result(held)
             self.on_change(self.used)
+
+    def _turn(self, waiter: _Waiter) -> tuple[int, int]:
+        return self._served.get(waiter.caller, -1), waiter.seq  # least recently served first, then FIFO
 
     def _forget(self, waiter: _Waiter) -> None:
         queue = self._waiting.get(waiter.caller)
