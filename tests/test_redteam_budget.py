@@ -278,3 +278,40 @@ async def test_a_fan_out_as_large_as_the_fan_out_half_is_not_starved_by_smaller_
     finally:
         stop.set()
         await asyncio.gather(*attackers, return_exceptions=True)
+
+
+async def test_a_caller_holding_room_is_not_starved_by_a_stream_of_new_keys() -> None:
+    """Turns go to the least recently served caller, and a key with nothing held or waiting is forgotten, so it
+    counts as served before everyone. In forward mode a key is a token's fingerprint, which nothing checks before
+    the fan-out: a client with no valid credential (random tokens, each refused by istiod after its fan-out) is a
+    new caller on every call. A caller that holds room meanwhile (an answer being read on one stream, a fan-out
+    waiting on another: a dashboard, an identity-mode SPIFFE id) waited behind every one of them."""
+    budget = SendBudget(100, slow_reader_seconds=60.0)
+    stop = asyncio.Event()
+    grants = 0
+
+    async def attacker(i: int) -> None:
+        nonlocal grants
+        n = 0
+        while not stop.is_set():
+            n += 1
+            async with budget.hold(f"random-{i}-{n}", 40, 5.0, fan_out=True):  # a new key per call
+                grants += 1
+                await asyncio.sleep(0.01)  # istiod's answer time (its refusal)
+
+    async def fan_out() -> int:
+        async with budget.hold("dashboard", 40, 2.0, fan_out=True):
+            return grants
+
+    async with budget.hold("dashboard", 10, 1.0):  # its answer on another stream, being read
+        attackers = [asyncio.create_task(attacker(i)) for i in range(3)]
+        try:
+            await until(lambda: grants >= 3, "the attackers' fan-outs under way")
+            asking = asyncio.create_task(fan_out())
+            started = grants
+            # Observed: ResourceExhausted "had no room for this request's fan-out" after 2 s, every turn taken by
+            # a new key.
+            assert await asking <= started + 3  # at most one turn of each key already waiting
+        finally:
+            stop.set()
+            await asyncio.gather(*attackers, return_exceptions=True)

@@ -39,6 +39,7 @@ class _Waiter:
     seq: int  # arrival order: FIFO within a caller
     granted: asyncio.Future[_Hold]
     fan_out: bool = False
+    arrived: int = 0  # `SendBudget.grants` when it came: a new caller's turn
 
 
 # Cut reasons (istioctl_proxy_streams_cut_total{reason}) of the budget's refusals and evictions.
@@ -169,7 +170,7 @@ class SendBudget:
         size = min(size, self.share if fan_out else self.total)
         loop = asyncio.get_running_loop()
         self._seq += 1
-        waiter = _Waiter(caller, size, self._seq, loop.create_future(), fan_out)
+        waiter = _Waiter(caller, size, self._seq, loop.create_future(), fan_out, self.grants)
         if self._unread(caller):
             raise self._unread_refusal(waiter)
         queue = self._waiting.setdefault(caller, collections.deque())
@@ -273,7 +274,11 @@ class SendBudget:
             self.on_change(self.used)
 
     def _turn(self, waiter: _Waiter) -> tuple[int, int]:
-        return self._served.get(waiter.caller, -1), waiter.seq  # least recently served first, then FIFO
+        # Least recently served first, then FIFO. A caller with nothing held or waiting is forgotten: it comes
+        # in as served just before it arrived, not before everyone (keys are free in forward mode: a new token
+        # per call would otherwise go before every caller holding room).
+        served = self._served.get(waiter.caller)
+        return (2 * served if served is not None else 2 * waiter.arrived - 1), waiter.seq
 
     def _forget(self, waiter: _Waiter) -> None:
         queue = self._waiting.get(waiter.caller)
