@@ -8,7 +8,9 @@ SendBudget alone where the race is the budget's.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
 from istioctl_proxy import client
-from istioctl_proxy.auth import Caller
+from istioctl_proxy.auth import Caller, canonical_jwt
 from istioctl_proxy.budget import SendBudget
 from istioctl_proxy.policy import DEBUG, SYNCZ
 from istioctl_proxy.sim.simulator import SimProxy, SimReplica, make_mesh
@@ -200,6 +202,53 @@ async def test_one_istioctl_user_cut_unread_does_not_lock_out_every_other_istioc
         # Observed: RESOURCE_EXHAUSTED "this caller's earlier answers were cut unread ..." for run-b, which never
         # left anything unread.
         assert out.code == grpc.StatusCode.OK, out
+
+
+# -- 4. The forward-mode budget key -----------------------------------------------------------------------------
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def test_claims_never_make_two_tokens_one_caller_and_one_token_is_one_caller_however_spelled() -> None:
+    """h-callerkey keys the budget by the token's canonical spelling, not by its claims (stop 20 suggested iss+sub):
+    forged or oddly parsed claims (duplicate keys, unicode escapes, a non-string or huge sub) cannot make a token
+    another caller's, and the cache key stays the exact bytes. Random tokens and random spellings of them (the
+    spare bits of each part's last character, which Go's decoders ignore; padding): one key per decoded token."""
+    victim_claims = b'{"iss":"kubernetes/serviceaccount","sub":"system:serviceaccount:istio-system:default"}'
+    forged = [victim_claims,  # the same claims, another signature
+              b'{"sub":"x","sub":"system:serviceaccount:istio-system:default","iss":"kubernetes/serviceaccount"}',
+              b'{"iss":"kubernetes/serviceaccount","sub":"system:serviceaccount:istio\\u002dsystem:default"}',
+              b'{"iss":"kubernetes/serviceaccount","sub":["system:serviceaccount:istio-system:default"]}',
+              b'{"iss":"kubernetes/serviceaccount","sub":"' + b"s" * 100_000 + b'"}']
+    header = _b64(b'{"alg":"RS256","kid":"k"}')
+    victim = f"{header}.{_b64(victim_claims)}.{_b64(b'victim-signature')}"
+    attackers = [f"{header}.{_b64(c)}.{_b64(b'attacker-signature-%d' % i)}" for i, c in enumerate(forged)]
+    keys = {_key(t) for t in attackers}
+    assert _key(victim) not in keys and len(keys) == len(attackers)
+    assert Caller("x", token=victim).key not in {Caller("x", token=t).key for t in attackers}
+    rng = random.Random(21)
+    seen: dict[str, bytes] = {}
+    for _ in range(300):
+        parts = [rng.randbytes(rng.randrange(1, 40)) for _ in range(3)]
+        canonical = ".".join(_b64(p) for p in parts)
+        spelled = []
+        for p in parts:
+            text = _b64(p)
+            spare = {1: 15, 2: 3}.get(len(p) % 3, 0)  # unused low bits of the last character
+            if spare:
+                alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+                last = alphabet.index(text[-1]) | rng.randint(0, spare)
+                text = text[:-1] + alphabet[last]
+            spelled.append(text + "=" * rng.randrange(3))
+        respelled = ".".join(spelled)
+        assert canonical_jwt(respelled) == canonical == canonical_jwt(canonical)
+        assert _key(respelled) == _key(canonical)
+        # The cache and coalescing key stays the exact bytes: one spelling never gets another's fetched answer.
+        assert (Caller("x", token=respelled).key == Caller("x", token=canonical).key) == (respelled == canonical)
+        joined = b"\0".join(parts)
+        assert seen.setdefault(_key(canonical), joined) == joined  # no two decoded tokens share a key
 
 
 # -- 2. Fan-out share ----------------------------------------------------------------------------------------------
