@@ -65,8 +65,11 @@ class SendBudget:
     A cut answer is not freed: gRPC Python cannot reset one stream, so its bytes may stay in gRPC's buffer until
     the connection goes. Its sender `pin`s it: for `pin_seconds` (an upper bound of its connection's life) it is
     charged to its caller, in a pinned pool as large as the budget (answers' memory: at most twice the budget).
-    A caller whose pinned bytes reach its share is refused at once; while the pool is full, stalled answers are
-    not cut (memory before availability) and answers pinned anyway (send timeouts) keep their room in `used`.
+    A caller whose pinned bytes reach its share is refused at once. Pins past the pool keep their room in `used`
+    (the overflow), and only up to the share can be cut there: so an answer is granted only while every answer
+    in flight could still be pinned (`pin_room`), and answers that could not wait (a big one while never-reading
+    callers fill the pool) instead of freezing every other caller behind a full live budget. With enough
+    identities the room still runs out (memory before availability); it comes back as the pins expire.
     """
 
     total: int
@@ -79,6 +82,8 @@ class SendBudget:
     used: int = 0
     pinned: int = 0  # bytes in the pinned pool
     fan_out_used: int = 0  # bytes of fan-out reservations (within `used`)
+    overflow: int = 0  # bytes of pins past the pool (within `used`)
+    answers_used: int = 0  # bytes of answers in flight, not yet pinned (within `used`)
     grants: int = 0  # holds granted so far (tests wait on it)
     _holds: dict[str, list[_Hold]] = field(default_factory=dict)  # per caller, oldest first
     _held: collections.Counter[str] = field(default_factory=collections.Counter)  # bytes per caller
@@ -115,6 +120,7 @@ class SendBudget:
         if hold is None or hold.pinned:
             return
         hold.pinned = True
+        self.answers_used -= hold.size
         size = min(size, hold.size)
         in_pool = self.pinned + size <= self.total
         self._pins.append(_Pin(hold.caller, size, time.monotonic() + self.pin_seconds, in_pool))
@@ -124,6 +130,7 @@ class SendBudget:
             self.on_pinned(self.pinned)
         else:
             self.used += size  # the pool is full: its room stays taken
+            self.overflow += size
             self.on_change(self.used)
         if self._expiry is None:
             self._expiry = asyncio.get_running_loop().call_later(self.pin_seconds, self._expire)
@@ -145,6 +152,7 @@ class SendBudget:
                 self.on_pinned(self.pinned)
             else:
                 self.used -= pin.size
+                self.overflow -= pin.size
                 changed = True
         if changed:
             self.on_change(self.used)
@@ -152,6 +160,14 @@ class SendBudget:
             delay = max(0.0, self._pins[0].until - now)
             self._expiry = asyncio.get_running_loop().call_later(delay, self._expire)
         self._dispatch()
+
+    @property
+    def pin_room(self) -> int:
+        """Bytes of answers that could still be pinned if cut: the pool's room and the overflow's (the share)."""
+        return self.total - self.pinned + max(0, self.share - self.overflow)
+
+    def _pinnable(self, waiter: _Waiter) -> bool:
+        return not (self.pinned or self.overflow) or self.answers_used + waiter.size <= self.pin_room
 
     def _unread(self, caller: str) -> bool:
         return self._pinned_by[caller] >= max(self.share, 1)
@@ -225,6 +241,11 @@ class SendBudget:
                 f"this caller's answers waiting to be read hold {self._held[waiter.caller] // MiB} MiB, more than "
                 f"its share ({self.share // MiB} MiB, half of --send-budget-mib) while others wait, for {wait:.0f}s: "
                 "read answers as they come")
+        if not self._pinnable(waiter):
+            return ResourceExhausted(
+                f"answers that other callers left unread hold {(self.pinned + self.overflow) / MiB:.1f} MiB of the "
+                f"proxy's memory until their connections close; this {waiter.size / MiB:.1f} MiB answer could not be "
+                f"sent within {wait:.0f}s (--send-budget-mib {mib}): try again later")
         return ResourceExhausted(
             f"the proxy's send budget ({mib} MiB, --send-budget-mib) stayed full for "
             f"{wait:.0f}s: too many answers are waiting for their callers to read them")
@@ -242,7 +263,10 @@ class SendBudget:
                 w.granted.set_exception(self._unread_refusal(w))
         while True:
             heads = [w for w in (q[0] for q in self._waiting.values() if q) if not self._over_share(w)]
-            eligible = [w for w in heads if not w.fan_out]
+            # An answer that could not be pinned if its caller never read it waits (others pass it): else a cut
+            # it could not take would keep its room in the live budget until it expires, freezing every caller.
+            # (Only pins shrink that room: without them it is half as large again as the live budget.)
+            eligible = [w for w in heads if not w.fan_out and self._pinnable(w)]
             # A fan-out that would take the fan-outs past their half is skipped by answers, not waited for: they
             # always have the other half, whose stalled holders can be cut. Fan-outs wait for it in turn (else
             # a stream of small fan-outs would starve one as large as the half).
@@ -268,6 +292,8 @@ class SendBudget:
             self.used += nxt.size
             if nxt.fan_out:
                 self.fan_out_used += nxt.size
+            else:
+                self.answers_used += nxt.size
             self.grants += 1
             self._served[nxt.caller] = self.grants
             nxt.granted.set_result(held)
@@ -302,6 +328,8 @@ class SendBudget:
         self.used -= held.size
         if not held.evictable:
             self.fan_out_used -= held.size
+        elif not held.pinned:
+            self.answers_used -= held.size
         self._tidy(held.caller)
         self.on_change(self.used)
         self._dispatch()
@@ -315,8 +343,9 @@ class SendBudget:
         now = time.monotonic()
         cut = [h for hs in self._holds.values() for h in hs if h.evicted.done()]
         needed -= sum(h.size for h in cut)  # already cut
-        # A cut answer will be pinned: cut only what the pinned pool can take (else its room would stay taken).
-        pool = self.total - self.pinned - sum(h.size for h in cut if not h.pinned)
+        # A cut answer will be pinned: cut only what the pool and the overflow can take (else its room would stay
+        # taken in the live budget for the pin's life).
+        pool = self.pin_room - sum(h.size for h in cut if not h.pinned)
         waiting = {c for c, q in self._waiting.items() if q}
         stalled = [h for hs in self._holds.values() for h in hs
                    if h.evictable and not h.evicted.done()
