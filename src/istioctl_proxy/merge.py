@@ -355,20 +355,25 @@ def _merge_syncz(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Me
     return Merged(b"".join(parts), count, bad)
 
 
-def _last_updated(any_bytes: bytes) -> float:
+# Below every stamp a ClientConfig can carry (int64 seconds, int32 nanos, none at all = 0).
+_UNREADABLE = -(2**63) * 1_000_000_000 - 2**31 - 1
+
+
+def _last_updated(any_bytes: bytes) -> int:
     try:
         cfg = wire.client_config(any_bytes)
     except wire.WireError:
-        return 0.0  # undecodable: never preferred over a readable copy
+        return _UNREADABLE  # undecodable: never preferred over a readable copy, even one stamped before 1970
     return _stamp(cfg)
 
 
-def _stamp(cfg: csds_pb2.ClientConfig) -> float:
+def _stamp(cfg: csds_pb2.ClientConfig) -> int:
     # Read as the numbers on the wire: ToNanoseconds raised on a stamp out of Timestamp's range (a replica's
-    # nanos of 2e9 failed the whole merge), and its checks were most of the dedup's time.
+    # nanos of 2e9 failed the whole merge), and its checks were most of the dedup's time. Kept as integers: as
+    # float seconds, today's stamps less than ~256 ns apart were equal and the older copy (the first) won.
     stamps = [t.seconds * 1_000_000_000 + t.nanos
               for t in (c.last_updated for c in cfg.generic_xds_configs if c.HasField("last_updated"))]
-    return max(stamps, default=0) / 1e9
+    return max(stamps, default=0)
 
 
 def _namespace(any_bytes: bytes) -> str:
