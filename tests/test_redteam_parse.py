@@ -232,14 +232,12 @@ def test_an_undecodable_copy_never_wins_over_a_readable_one(monkeypatch: pytest.
             discovery_pb2.DiscoveryResponse.FromString(got.body).resources[0].Unpack(csds_pb2.ClientConfig())
 
 
-@pytest.mark.xfail(strict=True, reason="open (low): dedup reads a node's first id, istioctl its last; fix in "
-                   "docs/security.md, red team stop 21")
 def test_a_copy_with_two_ids_cannot_hide_the_proxy_it_dedups_against(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A hostile replica lists a newer copy of an honest replica's proxy whose node carries the id twice: the
-    # victim's id first, a decoy last. Every path dedups by the first id (the exact reader's), so the honest copy
-    # is dropped; real istioctl 1.30 decodes the last id (verified: `x ps` shows the decoy), so the victim's row
-    # disappears from `proxy-status`. Expected: the copy whose id protobuf decodes differently is not trusted
-    # (its replica rejected as malformed, like a repeated node for a scoped caller), and the victim stays listed.
+    # Found: a hostile replica lists a newer copy of an honest replica's proxy whose node carries the id twice:
+    # the victim's id first, a decoy last. Every path deduplicated by the first id (the exact reader's) and
+    # dropped the honest copy; real istioctl 1.30 decodes the last id (tests/e2e/test_redteam_parse.py: `x ps`
+    # shows the decoy), so the victim's row disappeared from `proxy-status`, for every caller. Now a copy of a
+    # duplicate that the caller decodes under another id makes its replica malformed, on every path.
     honest = _answer(("victim.ns-1", _stamped(1_780_000_000, 0, b"\x01")))
     node = ld(1, b"victim.ns-1") + ld(1, b"decoy.ns-1") + ld(3, struct_namespace("ns-1"))
     two_ids = ld(1, node) + _stamped(1_780_000_001, 0, b"\x01")
@@ -247,10 +245,14 @@ def test_a_copy_with_two_ids_cannot_hide_the_proxy_it_dedups_against(monkeypatch
     hostile += discovery_pb2.DiscoveryResponse(type_url=SYNCZ, version_info="v1").SerializeToString()
     answers = [Answer(Replica("10.0.0.1:15012"), honest), Answer(Replica("10.0.0.2:15012"), hostile)]
     for ctx in (merge.MergeContext(), merge.MergeContext(scope="ns-1")):
+        assert merge.merge_syncz_split(PLAN, answers, ctx) is None, "the exact reader decides"
         got = merge.merge(PLAN, answers, ctx)
+        assert outcome(got) == outcome(exact(answers, ctx, monkeypatch))
+        assert [(a.replica.address, why) for a, why in got.rejected] == \
+            [("10.0.0.2:15012", "malformed syncz resource: a node id given twice")]
         shown = []
         for res in discovery_pb2.DiscoveryResponse.FromString(got.body).resources:
             cc = csds_pb2.ClientConfig()
             assert res.Unpack(cc)
             shown.append(cc.node.id)  # as istioctl decodes it: the last id
-        assert "victim.ns-1" in shown, (ctx.scope, shown)
+        assert shown == ["victim.ns-1"], (ctx.scope, shown)
