@@ -257,10 +257,14 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
 
         owners = _copies(ids, counts)
         copies = [g for locs in owners.values() for g in locs]
-        # Every copy's ClientConfig in one parse: what _last_updated decodes of each (else each on its own).
-        configs = wire.split_client_configs([s.resource_field(i) for s, i in map(located, copies)])
-        stamps = dict(zip(copies, map(_stamp, configs) if configs is not None else
-                          (_last_updated(s.resource_any(i)) for s, i in map(located, copies)), strict=True))
+        # Every copy's ClientConfig in one parse: what _copy_config decodes of each (else each on its own).
+        configs: Sequence[csds_pb2.ClientConfig | None] | None = wire.split_client_configs(
+            [s.resource_field(i) for s, i in map(located, copies)])
+        if configs is None:
+            configs = [_copy_config(s.resource_any(i)) for s, i in map(located, copies)]
+        if any(c is not None and c.node.id != ids[g] for g, c in zip(copies, configs, strict=True)):
+            return None  # a copy the caller decodes under another id: the exact reader rejects its replica
+        stamps = dict(zip(copies, map(_copy_stamp, configs), strict=True))
         for locs in owners.values():
             newest = max(locs, key=stamps.__getitem__)
             dropped += [g for g in locs if g != newest]
@@ -328,22 +332,26 @@ def _merge_syncz(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Me
         count = sum(len(v.resources) for v in views)
         held = [(a, len(v.resources)) for a, v in good]
     else:
+        # Each copy of a proxy listed twice, as the caller decodes it (None: it does not decode).
+        configs = {loc: _copy_config(views[loc[0]].resource_any(loc[1])) for locs in dup.values() for loc in locs}
+        renamed = sorted({loc[0] for node_id, locs in dup.items() for loc in locs
+                          if (cfg := configs[loc]) is not None and cfg.node.id != node_id})
+        if renamed:
+            # A copy deduplicated under the id read here (the first) that the caller decodes under another (the
+            # last id field): it would drop another proxy's real copy. Its replica is malformed.
+            return _without(plan, renamed, "malformed syncz resource: a node id given twice", good, bad, ctx)
         keep: set[tuple[int, int]] = {locs[0] for locs in owners.values()}
         for locs in dup.values():
             keep.discard(locs[0])
-            keep.add(max(locs, key=lambda loc: _last_updated(views[loc[0]].resource_any(loc[1]))))
+            keep.add(max(locs, key=lambda loc: _copy_stamp(configs[loc])))
         if ctx.scope:
             keep = {loc for loc in keep if _namespace(views[loc[0]].resource_any(loc[1])) == ctx.scope}
             two_faced = sorted({vi for vi, i in keep if not wire.one_node(views[vi].resource_any(i))})
             if two_faced:
                 # A kept resource whose scope reading is not what the caller decodes: its replica is malformed,
                 # and the merge runs again without it (another replica's copy of a proxy may then win).
-                for vi in two_faced:
-                    bad.append((good[vi][0], "malformed syncz resource: a repeated Any value or ClientConfig node"))
-                rejected = {id(a) for a, _ in bad}
-                rest = [a for vi, (a, _) in enumerate(good) if vi not in two_faced and id(a) not in rejected]
-                again = merge_syncz(plan, rest, ctx)
-                return Merged(again.body, again.resources, bad + again.rejected)
+                return _without(plan, two_faced, "malformed syncz resource: a repeated Any value or ClientConfig node",
+                                good, bad, ctx)
         parts = [views[vi].resource_bytes(i) for vi, i in sorted(keep)]
         count = len(parts)
         per_replica = Counter(vi for vi, _ in keep) if ctx.istiod_column == "revision" else Counter[int]()
@@ -355,20 +363,39 @@ def _merge_syncz(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Me
     return Merged(b"".join(parts), count, bad)
 
 
-def _last_updated(any_bytes: bytes) -> float:
+# Below every stamp a ClientConfig can carry (int64 seconds, int32 nanos, none at all = 0).
+_UNREADABLE = -(2**63) * 1_000_000_000 - 2**31 - 1
+
+
+def _without(plan: Plan, malformed: Sequence[int], why: str, good: Sequence[tuple[Answer, wire.ResponseView]],
+             bad: Rejected, ctx: MergeContext) -> Merged:
+    """The merge again without the replicas good[i] for i in `malformed` (rejected with `why`) nor those in `bad`."""
+    bad = bad + [(good[vi][0], why) for vi in malformed]
+    rejected = {id(a) for a, _ in bad}
+    rest = [a for a, _ in good if id(a) not in rejected]
+    again = merge_syncz(plan, rest, ctx)
+    return Merged(again.body, again.resources, bad + again.rejected)
+
+
+def _copy_config(any_bytes: bytes) -> csds_pb2.ClientConfig | None:
     try:
-        cfg = wire.client_config(any_bytes)
+        return wire.client_config(any_bytes)
     except wire.WireError:
-        return 0.0  # undecodable: never preferred over a readable copy
-    return _stamp(cfg)
+        return None
 
 
-def _stamp(cfg: csds_pb2.ClientConfig) -> float:
+def _copy_stamp(cfg: csds_pb2.ClientConfig | None) -> int:
+    # Undecodable: never preferred over a readable copy, even one stamped before 1970.
+    return _UNREADABLE if cfg is None else _stamp(cfg)
+
+
+def _stamp(cfg: csds_pb2.ClientConfig) -> int:
     # Read as the numbers on the wire: ToNanoseconds raised on a stamp out of Timestamp's range (a replica's
-    # nanos of 2e9 failed the whole merge), and its checks were most of the dedup's time.
+    # nanos of 2e9 failed the whole merge), and its checks were most of the dedup's time. Kept as integers: as
+    # float seconds, today's stamps less than ~256 ns apart were equal and the older copy (the first) won.
     stamps = [t.seconds * 1_000_000_000 + t.nanos
               for t in (c.last_updated for c in cfg.generic_xds_configs if c.HasField("last_updated"))]
-    return max(stamps, default=0) / 1e9
+    return max(stamps, default=0)
 
 
 def _namespace(any_bytes: bytes) -> str:
