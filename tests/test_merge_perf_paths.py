@@ -10,6 +10,8 @@ import asyncio
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.status.v3 import csds_pb2
 from google.protobuf import any_pb2
@@ -713,3 +715,27 @@ def test_the_fast_index_counts_one_id_per_resource(monkeypatch: pytest.MonkeyPat
         got = merge.merge(PLAN, answers, CTX)
         assert (canonical(got.body), got.resources, [w for _, w in got.rejected]) == \
             (canonical(slow.body), slow.resources, [w for _, w in slow.rejected])
+
+
+# -- The duplicates' positions (merge._copies), against a plain count -----------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 12), max_size=40))
+def test_copies_lists_every_id_seen_twice_with_its_positions_ascending(ids: list[int]) -> None:
+    names = [f"app-{i}.ns" for i in ids]
+    expected = {k: [g for g, n in enumerate(names) if n == k] for k in dict.fromkeys(names)}
+    assert merge._copies(names) == {k: v for k, v in expected.items() if len(v) > 1}
+
+
+def test_copies_of_a_mesh_with_duplicates_within_and_across_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The merge agrees with the exact reader when one id is twice on one replica and thrice across replicas.
+    mesh = make_mesh(3, 30, seed=11)
+    mesh[0].proxies.append(mesh[0].proxies[0])
+    mesh[1].proxies.append(mesh[0].proxies[0])
+    mesh[2].proxies.append(mesh[1].proxies[3])
+    answers = answers_of(mesh)
+    slow = exact(answers, CTX, monkeypatch)
+    split = merge.merge_syncz_split(PLAN, answers, CTX)
+    assert split is not None and canonical(split.body) == canonical(slow.body)
+    assert split.resources == slow.resources == 30

@@ -172,6 +172,10 @@ _HOSTILE_NODE_EDITS = st.sampled_from([
     lambda n: n + b"\x3a\x05\n\x03\n\x01N",  # a second metadata Struct, merged by protobuf
     lambda n: n + b"\x0b",  # an unterminated group
     lambda n: b"\x08\x05" + n,  # field 1 as a varint first
+    # No id field at all: beside a node with two, the id fields still number one per node (the first byte tells).
+    lambda n: n[2 + n[1]:] if n[:1] == b"\n" and n[1] < 0x80 else n,
+    lambda n: n + b"\x3a\x00" * 8300,  # 16 KiB and more (framed one by one): empty Structs, merged
+    lambda n: n + b"\x0a\x00",  # a second, empty id: protobuf's id is ""
 ])
 
 
