@@ -739,3 +739,14 @@ def test_copies_of_a_mesh_with_duplicates_within_and_across_answers(monkeypatch:
     split = merge.merge_syncz_split(PLAN, answers, CTX)
     assert split is not None and canonical(split.body) == canonical(slow.body)
     assert split.resources == slow.resources == 30
+
+
+def test_node_facts_too_many_to_remember_are_read_and_not_kept() -> None:
+    replica = make_mesh(1, 20, seed=5)[0]
+    memo = wire.SynczMemo(max_entries=5)
+    split = wire.syncz_split(replica.syncz(""), memo)
+    assert split is not None
+    memo.facts(split.nodes[:3])  # remembered
+    assert memo.facts(split.nodes) == [(p.id, p.namespace) for p in replica.proxies]  # 17 new: read, not kept
+    assert len(memo._facts) == 0  # the bound cleared it; the 17 were over it
+    assert memo.facts(split.nodes[:3]) == [(p.id, p.namespace) for p in replica.proxies[:3]]

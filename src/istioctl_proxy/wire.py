@@ -471,17 +471,20 @@ class SynczMemo:
         if not all(found):  # a missing key (None); what fn returns is a non-empty tuple or None
             # Each distinct missing key read once (C-level passes: on a first call every key is missing).
             new = list(dict.fromkeys(compress(keys, map(not_, found))))
-            read = dict(zip(new, fn(new), strict=True))
+            values = fn(new)
             size = self._key_bytes.get(id(memo), 0)
             added = sum(map(len, new))  # none of them is in memo: they were missing, and a clear adds none
             if len(memo) + len(new) > self.max_entries or size + added > self.max_bytes:
                 memo.clear()
                 size = 0
-            if added <= self.max_bytes and len(new) <= self.max_entries:  # else: read, not remembered
+            read = memo
+            if added <= self.max_bytes and len(new) <= self.max_entries:
                 size += added
-                memo.update(read)
+                memo.update(zip(new, values, strict=True))
+            else:  # read, not remembered
+                read = dict(zip(new, values, strict=True))
             self._key_bytes[id(memo)] = size
-            found = list(map(read.get, keys, found))  # a key read now, else what memo had
+            found = list(map(read.get, keys, found))  # a key read now, else what it was found as before
             if not all(found):
                 return None
         return found
