@@ -200,9 +200,9 @@ def _indexed_ids(splits: Sequence[wire.SynczSplit], indexes: Sequence[wire.Syncz
 def _copies(ids: Sequence[Hashable]) -> dict[Hashable, list[int]]:
     """Each id listed more than once → its positions, ascending; {} when none is (C-level passes but one loop over
     the earlier copies)."""
-    last = dict(zip(ids, range(len(ids)), strict=True))  # each id → its last position
-    if len(last) == len(ids):
+    if len(set(ids)) == len(ids):  # the common case, and a set is cheaper to build than the dict
         return {}
+    last = dict(zip(ids, range(len(ids)), strict=True))  # each id → its last position
     owners: dict[Hashable, list[int]] = {}
     # An earlier copy: a position that is not its id's last one.
     for g in compress(range(len(ids)), map(ne, map(last.__getitem__, ids), range(len(ids)))):
