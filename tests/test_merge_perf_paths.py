@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from itertools import pairwise
 
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
@@ -721,11 +722,14 @@ def test_the_fast_index_counts_one_id_per_resource(monkeypatch: pytest.MonkeyPat
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(0, 12), max_size=40))
-def test_copies_lists_every_id_seen_twice_with_its_positions_ascending(ids: list[int]) -> None:
+@given(st.lists(st.integers(0, 12), max_size=40), st.lists(st.integers(0, 40), max_size=4))
+def test_copies_lists_every_id_seen_twice_with_its_positions_ascending(ids: list[int], cuts: list[int]) -> None:
+    # Any number of answers (cut at `cuts`), an id twice within one of them or across them.
     names = [f"app-{i}.ns" for i in ids]
+    bounds = [0, *sorted(min(c, len(names)) for c in cuts), len(names)]
+    counts = [b - a for a, b in pairwise(bounds)]
     expected = {k: [g for g, n in enumerate(names) if n == k] for k in dict.fromkeys(names)}
-    assert merge._copies(names) == {k: v for k, v in expected.items() if len(v) > 1}
+    assert merge._copies(names, counts) == {k: v for k, v in expected.items() if len(v) > 1}
 
 
 def test_copies_of_a_mesh_with_duplicates_within_and_across_answers(monkeypatch: pytest.MonkeyPatch) -> None:

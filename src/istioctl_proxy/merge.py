@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, chain, compress, repeat
-from operator import eq, itemgetter, ne
+from operator import eq, itemgetter
 from typing import TypeVar
 
 from envoy.service.discovery.v3 import discovery_pb2
@@ -197,18 +197,19 @@ def _indexed_ids(splits: Sequence[wire.SynczSplit], indexes: Sequence[wire.Syncz
     return ids
 
 
-def _copies(ids: Sequence[Hashable]) -> dict[Hashable, list[int]]:
-    """Each id listed more than once → its positions, ascending; {} when none is (C-level passes but one loop over
-    the earlier copies)."""
-    if len(set(ids)) == len(ids):  # the common case, and a set is cheaper to build than the dict
-        return {}
-    last = dict(zip(ids, range(len(ids)), strict=True))  # each id → its last position
+def _copies(ids: Sequence[Hashable], counts: Sequence[int]) -> dict[Hashable, list[int]]:
+    """Each id listed more than once → its positions, ascending (`counts`: how many ids each answer gave)."""
+    at, sets = 0, []
+    for n in counts:
+        sets.append(set(ids[at : at + n]))
+        at += n
+    if sum(map(len, sets)) == len(ids):  # none twice within one answer: those on two answers, by set operations
+        twice = set().union(*(a & b for i, a in enumerate(sets) for b in sets[i + 1 :]))
+    else:
+        twice = {k for k, n in Counter(ids).items() if n > 1}
     owners: dict[Hashable, list[int]] = {}
-    # An earlier copy: a position that is not its id's last one.
-    for g in compress(range(len(ids)), map(ne, map(last.__getitem__, ids), range(len(ids)))):
+    for g in compress(range(len(ids)), map(twice.__contains__, ids)):
         owners.setdefault(ids[g], []).append(g)
-    for key, locs in owners.items():
-        locs.append(last[key])
     return owners
 
 
@@ -246,8 +247,7 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
         ids = list(map(itemgetter(0), facts))
     dropped: list[int] = []  # positions of the copies that lose, ascending
     counts = [s.count for s in splits]
-    owners = _copies(ids)
-    if owners:
+    if len(set(ids)) != len(ids):
         # A proxy on two replicas (or twice on one): the newest copy, the first of equals (as merge_syncz).
         ends = list(accumulate(counts))  # resource g is in splits[bisect_right(ends, g)]
 
@@ -255,6 +255,7 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
             at = bisect_right(ends, g)
             return splits[at], g - (ends[at - 1] if at else 0)
 
+        owners = _copies(ids, counts)
         copies = [g for locs in owners.values() for g in locs]
         # Every copy's ClientConfig in one parse: what _last_updated decodes of each (else each on its own).
         configs = wire.split_client_configs([s.resource_field(i) for s, i in map(located, copies)])
