@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+from itertools import pairwise
 
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.status.v3 import csds_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from istioctl_proxy import merge, wire
 from istioctl_proxy.discovery import Replica
@@ -713,3 +716,41 @@ def test_the_fast_index_counts_one_id_per_resource(monkeypatch: pytest.MonkeyPat
         got = merge.merge(PLAN, answers, CTX)
         assert (canonical(got.body), got.resources, [w for _, w in got.rejected]) == \
             (canonical(slow.body), slow.resources, [w for _, w in slow.rejected])
+
+
+# -- The duplicates' positions (merge._copies), against a plain count -----------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 12), max_size=40), st.lists(st.integers(0, 40), max_size=4))
+def test_copies_lists_every_id_seen_twice_with_its_positions_ascending(ids: list[int], cuts: list[int]) -> None:
+    # Any number of answers (cut at `cuts`), an id twice within one of them or across them.
+    names = [f"app-{i}.ns" for i in ids]
+    bounds = [0, *sorted(min(c, len(names)) for c in cuts), len(names)]
+    counts = [b - a for a, b in pairwise(bounds)]
+    expected = {k: [g for g, n in enumerate(names) if n == k] for k in dict.fromkeys(names)}
+    assert merge._copies(names, counts) == {k: v for k, v in expected.items() if len(v) > 1}
+
+
+def test_copies_of_a_mesh_with_duplicates_within_and_across_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The merge agrees with the exact reader when one id is twice on one replica and thrice across replicas.
+    mesh = make_mesh(3, 30, seed=11)
+    mesh[0].proxies.append(mesh[0].proxies[0])
+    mesh[1].proxies.append(mesh[0].proxies[0])
+    mesh[2].proxies.append(mesh[1].proxies[3])
+    answers = answers_of(mesh)
+    slow = exact(answers, CTX, monkeypatch)
+    split = merge.merge_syncz_split(PLAN, answers, CTX)
+    assert split is not None and canonical(split.body) == canonical(slow.body)
+    assert split.resources == slow.resources == 30
+
+
+def test_node_facts_too_many_to_remember_are_read_and_not_kept() -> None:
+    replica = make_mesh(1, 20, seed=5)[0]
+    memo = wire.SynczMemo(max_entries=5)
+    split = wire.syncz_split(replica.syncz(""), memo)
+    assert split is not None
+    memo.facts(split.nodes[:3])  # remembered
+    assert memo.facts(split.nodes) == [(p.id, p.namespace) for p in replica.proxies]  # 17 new: read, not kept
+    assert len(memo._facts) == 0  # the bound cleared it; the 17 were over it
+    assert memo.facts(split.nodes[:3]) == [(p.id, p.namespace) for p in replica.proxies[:3]]

@@ -6,7 +6,7 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.status.v3 import csds_pb2
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, struct_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -172,6 +172,15 @@ _HOSTILE_NODE_EDITS = st.sampled_from([
     lambda n: n + b"\x3a\x05\n\x03\n\x01N",  # a second metadata Struct, merged by protobuf
     lambda n: n + b"\x0b",  # an unterminated group
     lambda n: b"\x08\x05" + n,  # field 1 as a varint first
+    # No id field at all: beside a node with two, the id fields still number one per node (the first byte tells).
+    lambda n: n[2 + n[1]:] if n[:1] == b"\n" and n[1] < 0x80 else n,
+    lambda n: n + b"\x1a\x00" * 8300,  # 16 KiB and more (framed one by one): empty metadata Structs, merged
+    lambda n: n + b"\x0a\x00",  # a second, empty id: protobuf's id is ""
+    # A second metadata Struct (field 3), merged by protobuf: its NAMESPACE is the last entry for the key.
+    lambda n: n + bytes(base_pb2.Node(metadata=struct_pb2.Struct(
+        fields={"NAMESPACE": struct_pb2.Value(string_value="ns-2")})).SerializeToString()),
+    lambda n: n + bytes(base_pb2.Node(metadata=struct_pb2.Struct(
+        fields={"NAMESPACE": struct_pb2.Value(number_value=1)})).SerializeToString()),  # not a string: ""
 ])
 
 
