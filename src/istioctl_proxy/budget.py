@@ -266,7 +266,13 @@ class SendBudget:
             # An answer that could not be pinned if its caller never read it waits (others pass it): else a cut
             # it could not take would keep its room in the live budget until it expires, freezing every caller.
             # (Only pins shrink that room: without them it is half as large again as the live budget.)
-            eligible = [w for w in heads if not w.fan_out and self._pinnable(w)]
+            answers = [w for w in heads if not w.fan_out]
+            first = min(answers, key=self._turn, default=None)
+            if first is not None and not self._pinnable(first) and first.size <= self.pin_room:
+                # It will be pinnable once the answers in flight end (they are read or cut within the send
+                # timeout): nobody overtakes it, else a stream of small answers would starve it.
+                return
+            eligible = [w for w in answers if self._pinnable(w)]
             # A fan-out that would take the fan-outs past their half is skipped by answers, not waited for: they
             # always have the other half, whose stalled holders can be cut. Fan-outs wait for it in turn (else
             # a stream of small fan-outs would starve one as large as the half).
