@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import tempfile
 from collections.abc import AsyncIterator, Mapping
@@ -61,6 +62,28 @@ class Pki:
         leaf = self.client("istio-system")
         return client.Target(address, ca_pem=self.ca.cert_pem, cert_pem=leaf.cert_pem, key_pem=leaf.key_pem,
                              authority="localhost")
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of a process (this one by default), from /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
+
+
+def unused_kubeconfig(directory: str) -> str:
+    """A kubeconfig for --token-review that nothing dials (tests replace the reviewer); its path."""
+    path = os.path.join(directory, "kubeconfig.json")
+    with open(path, "w") as f:
+        json.dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "x",
+            "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+            "users": [{"name": "u", "user": {"token": "unused"}}],
+            "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        }, f)  # fmt: skip
+    return path
 
 
 def make_pki(directory: str) -> Pki:

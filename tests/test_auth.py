@@ -12,7 +12,7 @@ from istioctl_proxy import client
 from istioctl_proxy.sim.simulator import SimProxy
 
 from . import ads_client
-from .helpers import stack
+from .helpers import stack, unused_kubeconfig
 from .waits import EVENT_TIMEOUT
 
 
@@ -135,20 +135,14 @@ def test_token_review_limits_per_peer_address() -> None:
 
 
 async def test_token_reviewer_gets_the_callers_peer_address(tmp_path: Path) -> None:
-    kubeconfig = tmp_path / "kubeconfig.json"  # never used: the test replaces the reviewer
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "x",
-        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
-        "users": [{"name": "u", "user": {"token": "unused"}}],
-        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-    }))  # fmt: skip
+    kubeconfig = unused_kubeconfig(str(tmp_path))
     peers: list[str] = []
 
     async def reviewer(token: str, peer: str) -> tuple[str, str] | None:
         peers.append(peer)
         return ("istio-system", "default") if token == "good" else None
 
-    async with stack(2, 4, identity=True, token_review=True, token_review_kubeconfig=str(kubeconfig)) as s:
+    async with stack(2, 4, identity=True, token_review=True, token_review_kubeconfig=kubeconfig) as s:
         s.proxy.service.authenticator.token_reviewer = reviewer
         resp, _ = await ads_client.request(s.target("good"), client.SYNCZ)
         assert len(resp.resources) == 4

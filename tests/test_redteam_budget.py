@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import random
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from istioctl_proxy.policy import DEBUG, SYNCZ
 from istioctl_proxy.sim.simulator import SimProxy, SimReplica, make_mesh
 
 from .ads_client import SOTW, ads_call, bearer
-from .helpers import TOKENS, stack
+from .helpers import TOKENS, rss_bytes, stack, unused_kubeconfig
 from .waits import until
 
 # A client that does not read: its answer stays queued in the proxy (HTTP/2 window of 64 KiB, no BDP growth).
@@ -118,14 +117,6 @@ async def test_pins_that_expire_leave_no_per_caller_state_behind() -> None:
     assert not budget._served, budget._served
 
 
-def _rss_mib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) // 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
 # Never-reading callers in another process, so that only the proxy's (and the simulated replicas') memory is ours.
 _NEVER_READING = """
 import asyncio, sys
@@ -160,7 +151,7 @@ async def test_many_tokens_of_never_reading_streams_pin_at_most_the_pool() -> No
         budget = s.proxy.service.budget
         first = await ads_call(s.address, [_syncz()], metadata=bearer(RUNS[0]), timeout=30)  # the merge's memory
         assert first.code == grpc.StatusCode.OK, first
-        base = _rss_mib()
+        base = rss_bytes() >> 20
         callers = await asyncio.create_subprocess_exec(
             sys.executable, "-c", _NEVER_READING, s.address, "48", *RUNS[1:9],
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
@@ -173,7 +164,7 @@ async def test_many_tokens_of_never_reading_streams_pin_at_most_the_pool() -> No
                         lambda: f"no answer left to cut ({budget.waiting()} waiting, {budget.used >> 10} KiB used, "
                         f"{budget.pinned >> 10} KiB pinned)", timeout=120)
             assert budget.pinned <= budget.total and budget.used <= budget.total
-            grown = _rss_mib() - base
+            grown = (rss_bytes() >> 20) - base
             # Observed: +24 to +27 MiB, of which 10 MiB are the 10 cut answers the budget counts (5 pinned, 5 keeping
             # their room), the rest the merges' freed memory glibc keeps; 96 streams of 16 tokens: +28 MiB. 48 MiB
             # of answers were asked for: before stop 20 F5's fix each cut freed room for the next.
@@ -191,18 +182,12 @@ async def test_one_istioctl_user_cut_unread_does_not_lock_out_every_other_istioc
     and pinned up to half the budget, every other istioctl user is refused "earlier answers were cut unread" for
     the pins' life (--max-stream-age x 1.1 + --send-timeout: 390 s with the defaults). Fixed on main by c85a7d7:
     a TokenReview caller is its token to the send budget."""
-    kubeconfig = tmp_path / "kubeconfig.json"  # never used: the test replaces the reviewer
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "x",
-        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
-        "users": [{"name": "u", "user": {"token": "unused"}}],
-        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-    }))  # fmt: skip
+    kubeconfig = unused_kubeconfig(str(tmp_path))
 
     async def reviewer(token: str, peer: str) -> tuple[str, str] | None:
         return ("istio-system", "default") if token in ("run-a", "run-b") else None  # two istioctl runs
 
-    async with stack(mesh=_big_mesh(6 << 20), identity=True, token_review=True, token_review_kubeconfig=str(kubeconfig),
+    async with stack(mesh=_big_mesh(6 << 20), identity=True, token_review=True, token_review_kubeconfig=kubeconfig,
                      send_budget_mib=12, send_timeout=2.0) as s:  # run-a pins its share: run-b's answer fits the rest
         assert s.pki is not None
         s.proxy.service.authenticator.token_reviewer = reviewer

@@ -23,7 +23,7 @@ from istioctl_proxy.sim.simulator import SimProxy, SimReplica, make_mesh
 from istioctl_proxy.wire import SynczMemo
 
 from .ads_client import SOTW, ads_call, bearer
-from .helpers import ADMIN_TOKEN, TOKENS, in_flight, stack
+from .helpers import ADMIN_TOKEN, TOKENS, in_flight, rss_bytes, stack
 from .waits import until
 
 # A client that does not read (see tests/test_server.py): a 6 MiB answer stays in the proxy's send budget.
@@ -349,14 +349,6 @@ async def test_a_caller_reading_a_big_answer_at_its_links_speed_is_not_cut_when_
             relay.close()
 
 
-def _rss_mib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) // 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
 async def test_cut_answers_of_never_reading_streams_do_not_pile_up_beyond_the_budget() -> None:
     """One caller, 30 streams that never read a 6 MiB answer, against a 6 MiB budget: every stream but one is cut
     (the budget says 6 MiB used), yet each cut answer stays queued in gRPC behind the caller's closed HTTP/2 window.
@@ -370,7 +362,7 @@ async def test_cut_answers_of_never_reading_streams_do_not_pile_up_beyond_the_bu
         async with grpc.aio.insecure_channel(s.address, options=NOT_READING) as warm:  # the merge's own memory
             first = await ads_call(warm, [_syncz()], metadata=bearer(ADMIN_TOKEN), timeout=30)
             assert first.code == grpc.StatusCode.OK, first
-        base = _rss_mib()
+        base = rss_bytes() >> 20
         channels = [grpc.aio.insecure_channel(s.address, options=NOT_READING) for _ in range(30)]
         calls = []
         try:
@@ -393,7 +385,7 @@ async def test_cut_answers_of_never_reading_streams_do_not_pile_up_beyond_the_bu
             assert s.proxy.service.budget.used <= 6 << 20
             assert cuts("istioctl_proxy_send_pinned_bytes") == s.proxy.service.budget.pinned >= 6 << 20
             # Observed: ~+190 MiB (29 cut answers of 6 MiB still queued in gRPC).
-            assert _rss_mib() - base < 64, f"+{_rss_mib() - base} MiB against a 6 MiB budget"
+            assert (rss_bytes() >> 20) - base < 64, f"+{(rss_bytes() >> 20) - base} MiB against a 6 MiB budget"
         finally:
             for ch in channels:
                 await ch.close()

@@ -43,7 +43,7 @@ from istioctl_proxy.tls import CertificateReloader, ServingTLS
 
 from . import ads_client
 from .ads_client import DELTA, SOTW, ads_call, bearer
-from .helpers import ADMIN_TOKEN, TOKENS, Stack, stack
+from .helpers import ADMIN_TOKEN, TOKENS, Stack, rss_bytes, stack
 from .reliability import record_figures
 from .waits import EVENT_TIMEOUT, until
 
@@ -344,14 +344,6 @@ async def test_upstream_certificates_are_verified(tls_istiod: tuple[TestCA, str,
 # -- Memory before authentication (issue 10 item 3) ----------------------------------------------------------
 
 
-def _proc_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 async def _serve_subprocess(port: int) -> asyncio.subprocess.Process:
     """`istioctl-proxy serve` in its own process (so its RSS is its own), once it listens."""
     proc = await asyncio.create_subprocess_exec(
@@ -370,7 +362,7 @@ async def test_a_huge_request_is_refused_at_the_request_limit_before_memory_grow
     port = free_port()
     proc = await _serve_subprocess(port)
     try:
-        before = _proc_rss(proc.pid)
+        before = rss_bytes(proc.pid)
         name = "x" * (250 * 2**20)
         req = discovery_pb2.DiscoveryRequest(type_url=SYNCZ, resource_names=[name],
                                              node=client.istioctl_node("istio-system")).SerializeToString()
@@ -378,7 +370,7 @@ async def test_a_huge_request_is_refused_at_the_request_limit_before_memory_grow
         peaks = [before]
         for md in ((), bearer(ADMIN_TOKEN)):  # refused caller, then an authenticated one
             out = await ads_call(f"127.0.0.1:{port}", [req], metadata=md, timeout=60)
-            peaks.append(_proc_rss(proc.pid))
+            peaks.append(rss_bytes(proc.pid))
             assert out.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED), out
             if md:
                 assert out.code == grpc.StatusCode.RESOURCE_EXHAUSTED, out
