@@ -63,8 +63,9 @@ class Caller:
     # istio.io/debug only: istiod's DebugGen exempts the system namespace alone (the allowed-namespaces list
     # is not consulted there), so an allowed namespace is scoped for it like any other.
     debug_scope: str = ""
-    # Identity mode, TokenReview: the token's credential, not its identity. istioctl mints every user's token for
-    # one service account (the istio namespace's default), so the identity would make all users one caller.
+    # The send budget's key once computed ("bearer:<fingerprint of canonical_jwt>"). In identity mode with
+    # TokenReview it is the token, not the identity: istioctl mints every user's token for one service account (the
+    # istio namespace's default), so the identity would make all users one caller.
     credential: str = ""
 
     def scope_for(self, type_url: str) -> str:
@@ -182,7 +183,8 @@ class Authenticator:
                     "--plaintext/--cert-dir), or run the proxy with --upstream-identity for certificate callers"
                 )
             # Logged as the credential, not its spelling (as the send budget sees it); Caller.key stays exact.
-            return Caller("bearer:" + _fingerprint(canonical_jwt(token)), token=token)
+            principal = "bearer:" + _fingerprint(canonical_jwt(token))
+            return Caller(principal, token=token, credential=principal)  # canonicalised once per stream
         pems = context.auth_context().get("x509_pem_cert") or []
         if pems:
             return self._from_certificate(pems[0])
