@@ -29,7 +29,7 @@ class _Pin:
     caller: str
     size: int
     until: float  # monotonic: no later than its connection's end
-    in_pool: bool  # in the pinned pool, else still counted in `used` (the pool was full)
+    pooled: int  # bytes in the pinned pool; the rest (the pool was full) still counted in `used`, the overflow
 
 
 @dataclass
@@ -64,12 +64,14 @@ class SendBudget:
 
     A cut answer is not freed: gRPC Python cannot reset one stream, so its bytes may stay in gRPC's buffer until
     the connection goes. Its sender `pin`s it: for `pin_seconds` (an upper bound of its connection's life) it is
-    charged to its caller, in a pinned pool as large as the budget (answers' memory: at most twice the budget).
-    A caller whose pinned bytes reach its share is refused at once. Pins past the pool keep their room in `used`
-    (the overflow), and only up to the share can be cut there: so an answer is granted only while every answer
-    in flight could still be pinned (`pin_room`), and answers that could not wait (a big one while never-reading
-    callers fill the pool) instead of freezing every other caller behind a full live budget. With enough
-    identities the room still runs out (memory before availability); it comes back as the pins expire.
+    charged to its caller, in a pinned pool twice as large as the budget (`pool`; answers' memory: at most three
+    times the budget). A caller whose pinned bytes reach its share is refused at once: one caller pins less than
+    its share plus one answer, so the pool keeps room for a whole answer past any one caller's pins. Pins past
+    the pool keep their room in `used` (the overflow), and only up to the share can be cut there: so an answer is
+    granted only while every answer in flight could still be pinned (`pin_room`), and answers that could not wait
+    (a big one while never-reading callers fill the pool) instead of freezing every other caller behind a full
+    live budget. With enough identities the room still runs out (two refuse answers over the share, three every
+    answer: memory before availability); it comes back as the pins expire.
     """
 
     total: int
@@ -99,6 +101,12 @@ class SendBudget:
         """Bytes one caller may hold while others wait for room (it always may hold one answer)."""
         return self.total // 2
 
+    @property
+    def pool(self) -> int:
+        """Size of the pinned pool: one caller's pins (less than its share and one answer, so at most 1.5 times
+        the budget) and, with the overflow's share, room for a whole answer past them."""
+        return 2 * self.total
+
     def waiting(self, caller: str | None = None) -> int:
         """Holds waiting for room (of `caller`, or of everyone)."""
         if caller is not None:
@@ -122,15 +130,17 @@ class SendBudget:
         hold.pinned = True
         self.answers_used -= hold.size
         size = min(size, hold.size)
-        in_pool = self.pinned + size <= self.total
-        self._pins.append(_Pin(hold.caller, size, time.monotonic() + self.pin_seconds, in_pool))
+        # What the pool cannot take keeps its room in the live budget: a pin is split, so that `pin_room`, which
+        # counts both, is exactly what can still be pinned.
+        pooled = max(0, min(size, self.pool - self.pinned))
+        self._pins.append(_Pin(hold.caller, size, time.monotonic() + self.pin_seconds, pooled))
         self._pinned_by[hold.caller] += size
-        if in_pool:
-            self.pinned += size
+        if pooled:
+            self.pinned += pooled
             self.on_pinned(self.pinned)
-        else:
-            self.used += size  # the pool is full: its room stays taken
-            self.overflow += size
+        if size > pooled:
+            self.used += size - pooled
+            self.overflow += size - pooled
             self.on_change(self.used)
         if self._expiry is None:
             self._expiry = asyncio.get_running_loop().call_later(self.pin_seconds, self._expire)
@@ -147,12 +157,12 @@ class SendBudget:
             if self._pinned_by[pin.caller] <= 0:
                 del self._pinned_by[pin.caller]
                 self._tidy(pin.caller)
-            if pin.in_pool:
-                self.pinned -= pin.size
+            if pin.pooled:
+                self.pinned -= pin.pooled
                 self.on_pinned(self.pinned)
-            else:
-                self.used -= pin.size
-                self.overflow -= pin.size
+            if pin.size > pin.pooled:
+                self.used -= pin.size - pin.pooled
+                self.overflow -= pin.size - pin.pooled
                 changed = True
         if changed:
             self.on_change(self.used)
@@ -164,7 +174,7 @@ class SendBudget:
     @property
     def pin_room(self) -> int:
         """Bytes of answers that could still be pinned if cut: the pool's room and the overflow's (the share)."""
-        return self.total - self.pinned + max(0, self.share - self.overflow)
+        return self.pool - self.pinned + max(0, self.share - self.overflow)
 
     def _pinnable(self, waiter: _Waiter) -> bool:
         return not (self.pinned or self.overflow) or self.answers_used + waiter.size <= self.pin_room
