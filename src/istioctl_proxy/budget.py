@@ -54,8 +54,8 @@ class SendBudget:
     Each stream has at most one answer in flight (the next write waits for the previous one). Holds and
     waiters are kept per caller (`auth.Caller.budget_key`): room that frees goes to the callers waiting in
     round-robin order (least recently served first; FIFO within one caller; answers before fan-outs'
-    reservations), and while other callers wait, a caller holding more than its share (`share`, half the
-    budget) gets no more. Answers that sat unread
+    reservations), and while other callers wait (who could be served), a caller holding more than its share
+    (`share`, half the budget; its pins count) gets no more. Answers that sat unread
     for `slow_reader_seconds` while someone waits for room are cut, the biggest holder's first: one caller's
     many unread streams cannot starve another caller. A hold is stalled only once it is older than
     `slow_reader_seconds` plus its size at `min_bytes_per_second` (a big answer on a slow link takes a while).
@@ -67,7 +67,8 @@ class SendBudget:
     charged to its caller, in a pinned pool twice as large as the budget (`pool`; answers' memory: at most three
     times the budget). A caller whose pinned bytes reach its share is refused at once: one caller pins less than
     its share plus one answer, so the pool keeps room for a whole answer past any one caller's pins. Pins past
-    the pool keep their room in `used` (the overflow), and only up to the share can be cut there: so an answer is
+    the pool keep their room in `used` (the overflow, taken back by the pool as it frees), and only up to the share
+    can be cut there: so an answer is
     granted only while every answer in flight could still be pinned (`pin_room`), and answers that could not wait
     (a big one while never-reading callers fill the pool) instead of freezing every other caller behind a full
     live budget. With enough identities the room still runs out (two refuse answers over the share, three every
