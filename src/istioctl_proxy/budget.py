@@ -54,8 +54,8 @@ class SendBudget:
     Each stream has at most one answer in flight (the next write waits for the previous one). Holds and
     waiters are kept per caller (`auth.Caller.budget_key`): room that frees goes to the callers waiting in
     round-robin order (least recently served first; FIFO within one caller; answers before fan-outs'
-    reservations), and while other callers wait, a caller holding more than its share (`share`, half the
-    budget) gets no more. Answers that sat unread
+    reservations), and while other callers wait (who could be served), a caller holding more than its share
+    (`share`, half the budget; its pins count) gets no more. Answers that sat unread
     for `slow_reader_seconds` while someone waits for room are cut, the biggest holder's first: one caller's
     many unread streams cannot starve another caller. A hold is stalled only once it is older than
     `slow_reader_seconds` plus its size at `min_bytes_per_second` (a big answer on a slow link takes a while).
@@ -67,7 +67,8 @@ class SendBudget:
     charged to its caller, in a pinned pool twice as large as the budget (`pool`; answers' memory: at most three
     times the budget). A caller whose pinned bytes reach its share is refused at once: one caller pins less than
     its share plus one answer, so the pool keeps room for a whole answer past any one caller's pins. Pins past
-    the pool keep their room in `used` (the overflow), and only up to the share can be cut there: so an answer is
+    the pool keep their room in `used` (the overflow, taken back by the pool as it frees), and only up to the share
+    can be cut there: so an answer is
     granted only while every answer in flight could still be pinned (`pin_room`), and answers that could not wait
     (a big one while never-reading callers fill the pool) instead of freezing every other caller behind a full
     live budget. With enough identities the room still runs out (two refuse answers over the share, three every
@@ -125,7 +126,7 @@ class SendBudget:
         """The answer of the hold whose cut future is `held` was cut but may stay in gRPC's buffer: keep it
         charged to its caller for `pin_seconds` (call before the hold ends)."""
         hold = next((h for hs in self._holds.values() for h in hs if h.evicted is held), None)
-        if hold is None or hold.pinned:
+        if hold is None or hold.pinned or not hold.evictable:  # a fan-out's reservation is no answer in gRPC's buffer
             return
         hold.pinned = True
         self.answers_used -= hold.size
@@ -164,7 +165,22 @@ class SendBudget:
                 self.used -= pin.size - pin.pooled
                 self.overflow -= pin.size - pin.pooled
                 changed = True
+        # The pool's freed room takes the overflow of the pins still alive: else it kept its room in the live budget
+        # (refusing answers over the rest) for its whole life while the pool stood empty.
+        room = self.pool - self.pinned
+        for pin in self._pins:
+            if room <= 0 or not self.overflow:
+                break
+            move = min(room, pin.size - pin.pooled)
+            if move > 0:
+                pin.pooled += move
+                self.pinned += move
+                self.used -= move
+                self.overflow -= move
+                room -= move
+                changed = True
         if changed:
+            self.on_pinned(self.pinned)
             self.on_change(self.used)
         if self._pins:
             delay = max(0.0, self._pins[0].until - now)
@@ -248,12 +264,17 @@ class SendBudget:
                 "are being fetched or sent; try again later")
         if over_share:
             return ResourceExhausted(
-                f"this caller's answers waiting to be read hold {self._held[waiter.caller] // MiB} MiB, more than "
-                f"its share ({self.share // MiB} MiB, half of --send-budget-mib) while others wait, for {wait:.0f}s: "
+                f"this caller's answers waiting to be read (or cut unread) hold "
+                f"{(self._held[waiter.caller] + self._pinned_by[waiter.caller]) / MiB:.1f} MiB: with this "
+                f"{waiter.size / MiB:.1f} MiB answer, more than its share ({self.share / MiB:.1f} MiB, half of "
+                f"--send-budget-mib) while others wait, for {wait:.0f}s: "
                 "read answers as they come")
         if not self._pinnable(waiter):
+            own = self._pinned_by[waiter.caller]  # under its share (else refused as unread): still say so
+            whose = f"answers left unread ({own / MiB:.1f} MiB of them this caller's)" if own else (
+                "answers that other callers left unread")
             return ResourceExhausted(
-                f"answers that other callers left unread hold {(self.pinned + self.overflow) / MiB:.1f} MiB of the "
+                f"{whose} hold {(self.pinned + self.overflow) / MiB:.1f} MiB of the "
                 f"proxy's memory until their connections close; this {waiter.size / MiB:.1f} MiB answer could not be "
                 f"sent within {wait:.0f}s (--send-budget-mib {mib}): try again later")
         return ResourceExhausted(
@@ -272,29 +293,17 @@ class SendBudget:
                 self._forget(w)
                 w.granted.set_exception(self._unread_refusal(w))
         while True:
-            heads = [w for w in (q[0] for q in self._waiting.values() if q) if not self._over_share(w)]
-            # An answer that could not be pinned if its caller never read it waits (others pass it): else a cut
-            # it could not take would keep its room in the live budget until it expires, freezing every caller.
-            # (Only pins shrink that room: without them it is half as large again as the live budget.)
-            answers = [w for w in heads if not w.fan_out]
-            first = min(answers, key=self._turn, default=None)
-            if first is not None and not self._pinnable(first) and first.size <= self.pin_room:
-                # It will be pinnable once the answers in flight end (they are read or cut within the send
-                # timeout): nobody overtakes it, else a stream of small answers would starve it.
+            heads = [q[0] for q in self._waiting.values() if q]
+            fair = [w for w in heads if not self._over_share(w)]
+            nxt, blocked = self._pick(fair)
+            if nxt is None and not blocked and len(fair) < len(heads):
+                # Nobody under its share can be served now (none waits, or their answers could not be pinned, or the
+                # fan-outs' half is full): the callers over it are not held back for nobody. (Pins count in the
+                # share and never leave before they expire: two callers with pins were each other's "others", and
+                # both waited out their deadlines on an empty budget.)
+                nxt, blocked = self._pick(heads)
+            if nxt is None:
                 return
-            eligible = [w for w in answers if self._pinnable(w)]
-            # A fan-out that would take the fan-outs past their half is skipped by answers, not waited for: they
-            # always have the other half, whose stalled holders can be cut. Fan-outs wait for it in turn (else
-            # a stream of small fan-outs would starve one as large as the half).
-            fan_out = min((w for w in heads if w.fan_out), key=self._turn, default=None)
-            if fan_out is not None and self.fan_out_used + fan_out.size <= self.share:
-                eligible.append(fan_out)
-            if not eligible:
-                return
-            # Answers before fan-outs, whoever's: an answer is memory held already (its fan-out's reservation
-            # has ended), a fan-out makes more; ranked by turn, a finished fan-out's answer would wait behind
-            # every newer caller's fan-out, all their merged answers held outside the budget meanwhile.
-            nxt = min(eligible, key=lambda w: (w.fan_out, *self._turn(w)))
             if self.used + nxt.size > self.total:
                 # The next in line waits (nobody overtakes it, so large answers are not starved either);
                 # stalled answers make room, the biggest holder's first.
@@ -314,6 +323,29 @@ class SendBudget:
             self._served[nxt.caller] = self.grants
             nxt.granted.set_result(held)
             self.on_change(self.used)
+
+    def _pick(self, heads: list[_Waiter]) -> tuple[_Waiter | None, bool]:
+        """The next of `heads` to grant, or None (and whether the line is blocked for the first in turn)."""
+        # An answer that could not be pinned if its caller never read it waits (others pass it): else a cut it could
+        # not take would keep its room in the live budget until it expires, freezing every caller.
+        # (Only pins shrink that room: without them it is half as large again as the live budget.)
+        answers = [w for w in heads if not w.fan_out]
+        first = min(answers, key=self._turn, default=None)
+        if first is not None and not self._pinnable(first) and first.size <= self.pin_room:
+            # It will be pinnable once the answers in flight end (they are read or cut within the send timeout):
+            # nobody overtakes it, else a stream of small answers would starve it.
+            return None, True
+        eligible = [w for w in answers if self._pinnable(w)]
+        # A fan-out that would take the fan-outs past their half is skipped by answers, not waited for: they always
+        # have the other half, whose stalled holders can be cut. Fan-outs wait for it in turn (else a stream of
+        # small fan-outs would starve one as large as the half).
+        fan_out = min((w for w in heads if w.fan_out), key=self._turn, default=None)
+        if fan_out is not None and self.fan_out_used + fan_out.size <= self.share:
+            eligible.append(fan_out)
+        # Answers before fan-outs, whoever's: an answer is memory held already (its fan-out's reservation has ended),
+        # a fan-out makes more; ranked by turn, a finished fan-out's answer would wait behind every newer caller's
+        # fan-out, all their merged answers held outside the budget meanwhile.
+        return min(eligible, key=lambda w: (w.fan_out, *self._turn(w)), default=None), False
 
     def _turn(self, waiter: _Waiter) -> tuple[int, int]:
         # Least recently served first, then FIFO. A caller with nothing held or waiting is forgotten: it comes
