@@ -66,7 +66,9 @@ async def test_never_reading_tokens_do_not_freeze_every_other_callers_answers() 
     answer is granted only while it could be pinned, and the pool is twice the budget (one token leaves room for
     a whole answer): A2, a second never-reading token, fills the pool; then B's whole-budget answer is refused,
     saying why, and small answers still go out."""
-    async with stack(mesh=_big_mesh(6 << 20), send_budget_mib=6, slow_reader_seconds=0.2, send_timeout=2.0) as s:
+    # Answers just within the budget (one larger than it is granted only while nothing is pinned: stop 22, C).
+    async with stack(mesh=_big_mesh((6 << 20) - (64 << 10)), send_budget_mib=6, slow_reader_seconds=0.2,
+                     send_timeout=2.0) as s:
         budget = s.proxy.service.budget
         async with grpc.aio.insecure_channel(s.address, options=NOT_READING) as ch:
             calls = []
@@ -75,9 +77,10 @@ async def test_never_reading_tokens_do_not_freeze_every_other_callers_answers() 
                 await call.write(_syncz().SerializeToString())
                 # Cut by --send-timeout (nobody waits, so not as a slow reader) and pinned.
                 key = _key(token)
-                await until(lambda: budget.pinned_by(key) == 6 << 20, "the answer pinned")  # noqa: B023 (awaited here)
+                await until(lambda: budget.pinned_by(key) > 5 << 20, "the answer pinned")  # noqa: B023 (awaited here)
                 calls.append(call)
-            assert budget.pinned == budget.pool == 12 << 20 and budget.used == 0
+            # The pool nearly full: less room left than a whole answer's share.
+            assert budget.pool - budget.pinned < 1 << 20 and budget.overflow == 0 and budget.used == 0
             async with grpc.aio.insecure_channel(s.address, options=NOT_READING) as ch_b:
                 b = await ads_call(ch_b, [_syncz()], metadata=bearer(RUNS[1]), timeout=5)
             # Observed before F1: B granted, cut, pinned past the pool with its room kept: budget.used == 6 MiB.

@@ -40,6 +40,7 @@ class _Waiter:
     granted: asyncio.Future[_Hold]
     fan_out: bool = False
     arrived: int = 0  # `SendBudget.grants` when it came: a new caller's turn
+    oversized: bool = False  # an answer larger than the budget (held, and pinned, as the whole budget)
 
 
 # Cut reasons (istioctl_proxy_streams_cut_total{reason}) of the budget's refusals and evictions.
@@ -65,7 +66,8 @@ class SendBudget:
     A cut answer is not freed: gRPC Python cannot reset one stream, so its bytes may stay in gRPC's buffer until
     the connection goes. Its sender `pin`s it: for `pin_seconds` (an upper bound of its connection's life) it is
     charged to its caller, in a pinned pool twice as large as the budget (`pool`; answers' memory: at most three
-    times the budget). A caller whose pinned bytes reach its share is refused at once: one caller pins less than
+    times the budget, and what one answer larger than the budget has past it: such an answer is granted only while
+    nothing is pinned). A caller whose pinned bytes reach its share is refused at once: one caller pins less than
     its share plus one answer, so the pool keeps room for a whole answer past any one caller's pins. Pins past
     the pool keep their room in `used` (the overflow, taken back by the pool as it frees), and only up to the share
     can be cut there: so an answer is
@@ -193,7 +195,11 @@ class SendBudget:
         return self.pool - self.pinned + max(0, self.share - self.overflow)
 
     def _pinnable(self, waiter: _Waiter) -> bool:
-        return not (self.pinned or self.overflow) or self.answers_used + waiter.size <= self.pin_room
+        if not (self.pinned or self.overflow):
+            return True
+        # An answer larger than the budget would be pinned as the budget while more stays in gRPC's buffer: one at a
+        # time, while nothing else is pinned, or the pool would admit answers of any size (red team stop 22, C).
+        return not waiter.oversized and self.answers_used + waiter.size <= self.pin_room
 
     def _unread(self, caller: str) -> bool:
         return self._pinned_by[caller] >= max(self.share, 1)
@@ -209,10 +215,11 @@ class SendBudget:
         own reason and message).
         """
         # Larger than the whole budget: it takes all of it, alone (a fan-out: all the fan-outs' half).
+        oversized = not fan_out and size > self.total
         size = min(size, self.share if fan_out else self.total)
         loop = asyncio.get_running_loop()
         self._seq += 1
-        waiter = _Waiter(caller, size, self._seq, loop.create_future(), fan_out, self.grants)
+        waiter = _Waiter(caller, size, self._seq, loop.create_future(), fan_out, self.grants, oversized)
         if self._unread(caller):
             raise self._unread_refusal(waiter)
         queue = self._waiting.setdefault(caller, collections.deque())
@@ -273,10 +280,12 @@ class SendBudget:
             own = self._pinned_by[waiter.caller]  # under its share (else refused as unread): still say so
             whose = f"answers left unread ({own / MiB:.1f} MiB of them this caller's)" if own else (
                 "answers that other callers left unread")
+            what = (f"this answer, larger than --send-budget-mib ({mib} MiB), is sent only while none is, and could "
+                    f"not be" if waiter.oversized else f"this {waiter.size / MiB:.1f} MiB answer could not be")
             return ResourceExhausted(
                 f"{whose} hold {(self.pinned + self.overflow) / MiB:.1f} MiB of the "
-                f"proxy's memory until their connections close; this {waiter.size / MiB:.1f} MiB answer could not be "
-                f"sent within {wait:.0f}s (--send-budget-mib {mib}): try again later")
+                f"proxy's memory until their connections close; {what} sent within {wait:.0f}s "
+                f"(--send-budget-mib {mib}): try again later")
         return ResourceExhausted(
             f"the proxy's send budget ({mib} MiB, --send-budget-mib) stayed full for "
             f"{wait:.0f}s: too many answers are waiting for their callers to read them")
@@ -331,9 +340,10 @@ class SendBudget:
         # (Only pins shrink that room: without them it is half as large again as the live budget.)
         answers = [w for w in heads if not w.fan_out]
         first = min(answers, key=self._turn, default=None)
-        if first is not None and not self._pinnable(first) and first.size <= self.pin_room:
+        if first is not None and not self._pinnable(first) and first.size <= self.pin_room and not first.oversized:
             # It will be pinnable once the answers in flight end (they are read or cut within the send timeout):
-            # nobody overtakes it, else a stream of small answers would starve it.
+            # nobody overtakes it, else a stream of small answers would starve it. (An oversized one only once
+            # every pin has expired: it does not hold the line that long.)
             return None, True
         eligible = [w for w in answers if self._pinnable(w)]
         # A fan-out that would take the fan-outs past their half is skipped by answers, not waited for: they always
