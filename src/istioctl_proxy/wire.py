@@ -436,6 +436,23 @@ class SynczSplit:
         return index.node_keys if index.count == self.count else None
 
 
+_RUNS = 2  # node runs a memo keeps: scoped callers of one Aggregator ask the same replicas (a churn window: 2)
+
+
+@dataclass
+class NodeRun:
+    """A merge's node sequence (every answer's nodes, in order) and its facts, as SynczMemo.node_run proved them.
+
+    `derived` holds what a merge computed from the facts alone (pure functions of them: ids, duplicates, keep
+    flags per scope), for the next merge of the same sequence; never mutated once stored.
+    """
+
+    lengths: list[int]
+    joined: bytes
+    facts: list[tuple[str, str]]
+    derived: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class SynczMemo:
     """What the split path reads again and again, as pure functions of bytes; bounded, shared by calls.
@@ -453,10 +470,36 @@ class SynczMemo:
     _layouts: dict[bytes, _Layout | None] = field(default_factory=dict)
     _fast_layouts: dict[bytes, _Layout | None] = field(default_factory=dict)
     _key_bytes: dict[int, int] = field(default_factory=dict)  # id(memo dict) → bytes of its keys
+    # The last merges' whole node sequences (see node_run), by (node count, bytes): at most _RUNS of them.
+    _runs: dict[tuple[int, int], NodeRun] = field(default_factory=dict)
 
     def facts(self, nodes: Sequence[bytes]) -> list[tuple[str, str]] | None:
         """(id, namespace) of every node, or None if the exact reader would reject one of their ids."""
         return self._remember(self._facts, _nodes_facts, nodes)
+
+    def node_run(self, nodes: list[bytes]) -> NodeRun | None:
+        """The facts of a merge's nodes (all answers', in order), as `facts`, and what the merge derived from them.
+
+        A scoped call after another over the same replicas lists the same nodes in the same order: proven so by
+        comparing their bytes and lengths with the last runs' (no hash trusted: equal bytes, cut at the same
+        lengths, are the same nodes), it gets that run back, with the ids, duplicates and keep flags the merge
+        derived from it; the per-node look-ups, ~7 ms of hashing at 30k nodes, are skipped. Else read by `facts`.
+        """
+        lengths = list(map(len, nodes))
+        joined = b"".join(nodes)
+        key = (len(nodes), len(joined))
+        run = self._runs.get(key)
+        if run is not None and run.joined == joined and run.lengths == lengths:
+            return run
+        facts = self.facts(nodes)
+        if facts is None:
+            return None
+        run = NodeRun(lengths, joined, facts)
+        if len(joined) <= self.max_bytes // _RUNS:  # bounded like the facts' keys: _RUNS runs of at most this
+            if len(self._runs) >= _RUNS:
+                del self._runs[next(iter(self._runs))]  # the oldest
+            self._runs[key] = run
+        return run
 
     def layouts(self, keys: Sequence[bytes]) -> list[_Layout] | None:
         return self._remember(self._layouts, lambda missing: list(map(_resource_layout, missing)), keys)
@@ -742,6 +785,7 @@ def kept_one_node(body: bytes, count: int) -> bool:
 
 __all__ = [
     "CLIENT_CONFIG_URL",
+    "NodeRun",
     "ResponseView",
     "SynczIndex",
     "SynczMemo",
