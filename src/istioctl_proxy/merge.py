@@ -264,9 +264,10 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
         indexed.append(index)
     facts: list[tuple[str, str]] | None = None
     run: wire.NodeRun | None = None
-    ids: Sequence[Hashable] | None = None if ctx.scope else _indexed_ids(splits, indexed)
+    indexed_ids = None if ctx.scope else _indexed_ids(splits, indexed)
+    ids: Sequence[Hashable]
     counts = [s.count for s in splits]
-    if ids is None:
+    if indexed_ids is None:
         # The nodes' facts, and what follows from them alone, as the last merge of the same nodes derived them.
         run = memo.node_run(list(chain.from_iterable(s.nodes for s in splits)))
         if run is None:
@@ -276,8 +277,11 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
         owners = _derived(run, "owners", lambda: _copies(ids, counts) if len(set(ids)) != len(ids) else {})
     else:
         # Unscoped, this path runs when the fast index stepped aside, for a duplicate: _copies finds them (one set
-        # per answer) without a set of all ids first.
-        owners = _copies(ids, counts)
+        # per answer) without a set of all ids first; as the last merge of the same ids found them, if it did.
+        ids, derived = indexed_ids, memo.id_run(indexed_ids)
+        if "owners" not in derived:
+            derived["owners"] = _copies(ids, counts)
+        owners = derived["owners"]
     dropped: list[int] = []  # positions of the copies that lose, ascending
     if owners:
         # A proxy on two replicas (or twice on one): the newest copy, the first of equals (as merge_syncz).

@@ -472,6 +472,7 @@ class SynczMemo:
     _key_bytes: dict[int, int] = field(default_factory=dict)  # id(memo dict) → bytes of its keys
     # The last merges' whole node sequences (see node_run), by (node count, bytes): at most _RUNS of them.
     _runs: dict[tuple[int, int], NodeRun] = field(default_factory=dict)
+    _id_runs: dict[int, tuple[list[str], dict[str, Any]]] = field(default_factory=dict)  # see id_run
 
     def facts(self, nodes: Sequence[bytes]) -> list[tuple[str, str]] | None:
         """(id, namespace) of every node, or None if the exact reader would reject one of their ids."""
@@ -500,6 +501,20 @@ class SynczMemo:
                 del self._runs[next(iter(self._runs))]  # the oldest
             self._runs[key] = run
         return run
+
+    def id_run(self, ids: list[str]) -> dict[str, Any]:
+        """What a merge derived from these node ids (all answers', in order) when it last met the same list (equal
+        string for string, no hash trusted), else a new empty record for it: the unscoped split path's duplicates.
+        """
+        seen = self._id_runs.get(len(ids))
+        if seen is not None and seen[0] == ids:
+            return seen[1]
+        derived: dict[str, Any] = {}
+        if len(ids) <= self.max_entries:  # the ids are the nodes' own: bounded like them
+            if len(self._id_runs) >= _RUNS:
+                del self._id_runs[next(iter(self._id_runs))]
+            self._id_runs[len(ids)] = (ids, derived)
+        return derived
 
     def layouts(self, keys: Sequence[bytes]) -> list[_Layout] | None:
         return self._remember(self._layouts, lambda missing: list(map(_resource_layout, missing)), keys)
