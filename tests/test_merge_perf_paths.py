@@ -871,9 +871,17 @@ def test_an_unscoped_merge_of_the_same_ids_reuses_the_last_duplicates(monkeypatc
     first = split_only(answers_of(mesh), ctx)
     assert first is not None and first.resources == 60
     monkeypatch.setattr(merge, "_copies", lambda *_a: pytest.fail("the same ids were searched for copies again"))
+    decoded: list[int] = []
+    read = wire.split_client_configs
+    monkeypatch.setattr(wire, "split_client_configs", lambda fields: decoded.append(len(fields)) or read(fields))
+    again = [Answer(a.replica, bytes(bytearray(a.body or b""))) for a in answers_of(mesh)]
+    second = split_only(again, ctx)
+    assert second is not None and (second.body, second.resources) == (exact(again, ctx, monkeypatch).body, 60)
+    assert decoded == [], "copies whose bytes did not change were decoded again"
     mesh[2].proxies[-1].updated += 1000  # the other copy wins now: the same ids, other stamps
     for r in mesh:
         r.invalidate()
     again = answers_of(mesh)
-    second = split_only(again, ctx)
-    assert second is not None and (second.body, second.resources) == (exact(again, ctx, monkeypatch).body, 60)
+    third = split_only(again, ctx)
+    assert third is not None and (third.body, third.resources) == (exact(again, ctx, monkeypatch).body, 60)
+    assert decoded == [1], "only the copy that changed is decoded"

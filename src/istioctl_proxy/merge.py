@@ -13,7 +13,7 @@ from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate, chain, compress, pairwise, repeat
+from itertools import accumulate, chain, compress, islice, pairwise, repeat
 from operator import eq, itemgetter
 from typing import TypeVar
 
@@ -292,14 +292,10 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
             return splits[at], g - (ends[at - 1] if at else 0)
 
         copies = [g for locs in owners.values() for g in locs]
-        # Every copy's ClientConfig in one parse: what _copy_config decodes of each (else each on its own).
-        configs: Sequence[csds_pb2.ClientConfig | None] | None = wire.split_client_configs(
-            [s.resource_field(i) for s, i in map(located, copies)])
-        if configs is None:
-            configs = [_copy_config(s.resource_any(i)) for s, i in map(located, copies)]
-        if any(c is not None and c.node.id != ids[g] for g, c in zip(copies, configs, strict=True)):
+        decoded = memo.copy_facts([s.resource_field(i) for s, i in map(located, copies)], _copy_facts)
+        if decoded is None or any(i is not None and i != ids[g] for g, (i, _) in zip(copies, decoded, strict=True)):
             return None  # a copy the caller decodes under another id: the exact reader rejects its replica
-        stamps = dict(zip(copies, map(_copy_stamp, configs), strict=True))
+        stamps = {g: stamp for g, (_, stamp) in zip(copies, decoded, strict=True)}
         for locs in owners.values():
             newest = max(locs, key=stamps.__getitem__)
             dropped += [g for g in locs if g != newest]
@@ -413,6 +409,16 @@ def _without(plan: Plan, malformed: Sequence[int], why: str, good: Sequence[tupl
     rest = [a for a, _ in good if id(a) not in rejected]
     again = merge_syncz(plan, rest, ctx)
     return Merged(again.body, again.resources, bad + again.rejected)
+
+
+def _copy_facts(fields: list[bytes]) -> list[tuple[str | None, int]]:
+    """(node id, stamp) of each resource field's ClientConfig as the caller decodes it ((None, below every stamp)
+    if it does not decode): every copy in one parse, else each on its own (as _copy_config decodes it)."""
+    configs: Sequence[csds_pb2.ClientConfig | None] | None = wire.split_client_configs(fields)
+    if configs is None:
+        configs = [_copy_config(f[value_start:end]) for f in fields
+                   for _n, _w, _s, value_start, end in islice(wire.iter_fields(f), 1)]
+    return [(None if c is None else c.node.id, _copy_stamp(c)) for c in configs]
 
 
 def _copy_config(any_bytes: bytes) -> csds_pb2.ClientConfig | None:

@@ -472,6 +472,7 @@ class SynczMemo:
     # The last merges' whole node sequences (see node_run), by node count: at most _RUNS of them.
     _runs: dict[int, NodeRun] = field(default_factory=dict)
     _id_runs: dict[int, tuple[list[str], dict[str, Any]]] = field(default_factory=dict)  # see id_run
+    _copy_facts: dict[bytes, tuple[str | None, int]] = field(default_factory=dict)  # see copy_facts
 
     def facts(self, nodes: Sequence[bytes]) -> list[tuple[str, str]] | None:
         """(id, namespace) of every node, or None if the exact reader would reject one of their ids."""
@@ -511,6 +512,14 @@ class SynczMemo:
                 del self._id_runs[next(iter(self._id_runs))]
             self._id_runs[len(ids)] = (ids, derived)
         return derived
+
+    def copy_facts(
+        self, fields: Sequence[bytes], read: Callable[[list[bytes]], list[tuple[str | None, int]]]
+    ) -> list[tuple[str | None, int]] | None:
+        """`read` of these resource fields (copies of proxies listed twice: the id and stamp the caller decodes),
+        remembered by the fields' bytes like the nodes' facts: a copy that did not change since the last call is
+        not decoded again."""
+        return self._remember(self._copy_facts, read, fields)
 
     def layouts(self, keys: Sequence[bytes]) -> list[_Layout] | None:
         return self._remember(self._layouts, lambda missing: list(map(_resource_layout, missing)), keys)
