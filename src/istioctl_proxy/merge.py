@@ -303,11 +303,14 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
     if ctx.scope:
         assert run is not None and facts is not None  # scoped: read above
         scope = ctx.scope
-        keep = _derived(run, "keep " + scope, lambda: list(map(eq, map(itemgetter(1), facts), repeat(scope))))
+        # One byte per flag (a list of them was 8 bytes each: 240 KiB per scope remembered at 30k).
+        keep: Sequence[int] = _derived(run, "keep " + scope,
+                                       lambda: bytes(map(eq, map(itemgetter(1), facts), repeat(scope))))
         if dropped:
-            keep = list(keep)  # the remembered flags stay those of the facts alone
+            flags = bytearray(keep)  # the remembered flags stay those of the facts alone
             for g in dropped:
-                keep[g] = False
+                flags[g] = False
+            keep = flags
         parts = wire.join_kept(splits, keep)
         kept = [sum(keep[at - n : at]) for at, n in zip(accumulate(counts), counts, strict=True)]
     elif dropped:

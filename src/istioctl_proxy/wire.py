@@ -732,7 +732,7 @@ def _first_id_facts(node: bytes, namespace: Any) -> tuple[str, str] | None:
     return node_id, str(namespace.string_value) if namespace is not None else ""
 
 
-def join_kept(splits: Sequence[SynczSplit], keep: Sequence[bool]) -> list[bytes | memoryview]:
+def join_kept(splits: Sequence[SynczSplit], keep: Sequence[int]) -> list[bytes | memoryview]:
     """The resource fields whose `keep` flag is set (flags over all splits in order), byte for byte.
 
     As views of the answers, one per run of consecutive kept resources: the caller's join is then the only
