@@ -762,7 +762,7 @@ def test_node_facts_too_many_to_remember_are_read_and_not_kept() -> None:
 @pytest.mark.usefixtures("fixed_nonce")
 def test_a_scoped_merge_of_the_same_nodes_reuses_the_last_runs_facts(monkeypatch: pytest.MonkeyPatch) -> None:
     mesh = make_mesh(3, 60, seed=21)
-    memo = wire.SynczMemo()
+    memo = wire.SynczMemo(min_run=0)
     ctx = merge.MergeContext(scope="ns-1", memo=memo)
     first = split_only(answers_of(mesh), ctx)
     assert first is not None and first.resources == 15
@@ -793,7 +793,7 @@ def _node(node_id: str, namespace: str) -> tuple[bytes, bytes]:
 def test_a_node_run_is_the_same_nodes_only_if_cut_at_the_same_lengths() -> None:
     # The same bytes, the same node count, cut elsewhere: other nodes, other facts. Equal bytes alone are not proof.
     (id1, meta1), (id2, meta2) = _node("a.ns-1", "ns-1"), _node("b.ns-2", "ns-2")
-    memo = wire.SynczMemo()
+    memo = wire.SynczMemo(min_run=0)
     run = memo.node_run([id1 + meta1, id2 + meta2])
     assert run is not None and run.facts == [("a.ns-1", "ns-1"), ("b.ns-2", "ns-2")]
     recut = memo.node_run([id1, meta1 + id2 + meta2])
@@ -808,7 +808,7 @@ def test_a_node_run_is_the_same_nodes_only_if_cut_at_the_same_lengths() -> None:
 
 def test_node_runs_are_bounded_by_the_memos_bytes() -> None:
     nodes = [b"".join(_node(f"p{i}.ns-1", "ns-1")) for i in range(40)]
-    memo = wire.SynczMemo(max_bytes=sum(map(len, nodes)))  # a run may hold at most half of it
+    memo = wire.SynczMemo(max_bytes=sum(map(len, nodes)), min_run=0)  # a run may hold at most half of it
     run = memo.node_run(nodes)
     assert run is not None and len(run.facts) == 40 and not memo._runs  # read, not remembered
     assert memo.node_run(nodes[:10]) is not None and len(memo._runs) == 1
@@ -821,7 +821,7 @@ def test_scoped_merges_through_one_memo_agree_as_the_mesh_changes(monkeypatch: p
     # come and go, and a replica sends hostile bytes. Every call agrees with the exact reader, and the flags a
     # run remembers are never those of one call's duplicates.
     rng = random.Random(5150)
-    memo = wire.SynczMemo()
+    memo = wire.SynczMemo(min_run=0)
     mesh = make_mesh(3, 24, seed=77)
     moving = next(p for p in mesh[0].proxies if p.namespace == "ns-1")
     copies = [moving, SimProxy(moving.pod, "ns-1", states={"CDS": "SYNCED"}, updated=moving.updated + 50)]
@@ -866,7 +866,7 @@ def test_scoped_merges_through_one_memo_agree_as_the_mesh_changes(monkeypatch: p
 def test_an_unscoped_merge_of_the_same_ids_reuses_the_last_duplicates(monkeypatch: pytest.MonkeyPatch) -> None:
     mesh = make_mesh(3, 60, seed=23)
     mesh[2].proxies.append(SimProxy(mesh[0].proxies[5].pod, mesh[0].proxies[5].namespace, states={"CDS": "SYNCED"}))
-    memo = wire.SynczMemo()
+    memo = wire.SynczMemo(min_run=0)
     ctx = merge.MergeContext(memo=memo)
     first = split_only(answers_of(mesh), ctx)
     assert first is not None and first.resources == 60
@@ -885,3 +885,15 @@ def test_an_unscoped_merge_of_the_same_ids_reuses_the_last_duplicates(monkeypatc
     third = split_only(again, ctx)
     assert third is not None and (third.body, third.resources) == (exact(again, ctx, monkeypatch).body, 60)
     assert decoded == [1], "only the copy that changed is decoded"
+
+
+def test_short_node_and_id_lists_are_not_kept_as_runs() -> None:
+    # `proxy-status <pod>` between two `proxy-status`: its few nodes must not push the mesh's run out.
+    memo = wire.SynczMemo(min_run=3)
+    whole = [b"".join(_node(f"p{i}.ns-1", "ns-1")) for i in range(4)]
+    assert memo.node_run(whole) is not None and memo.node_run(whole[:1]) is not None
+    assert memo.node_run(whole[:2]) is not None and list(memo._runs) == [4]
+    memo.id_run([f"p{i}.ns-1" for i in range(4)])
+    memo.id_run(["p0.ns-1"])
+    memo.id_run(["p0.ns-1", "p1.ns-1"])
+    assert list(memo._id_runs) == [4]

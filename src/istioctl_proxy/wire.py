@@ -471,6 +471,9 @@ class SynczMemo:
     _key_bytes: dict[int, int] = field(default_factory=dict)  # id(memo dict) → bytes of its keys
     # The last merges' whole node sequences (see node_run), by node count: at most _RUNS of them.
     _runs: dict[int, NodeRun] = field(default_factory=dict)
+    # Shorter node or id lists are not kept as runs: read one by one they cost little, and kept they would push a
+    # whole mesh's run out (`proxy-status <pod>` between two `proxy-status`).
+    min_run: int = 256
     _id_runs: dict[int, tuple[list[str], dict[str, Any]]] = field(default_factory=dict)  # see id_run
     _copy_facts: dict[bytes, tuple[str | None, int]] = field(default_factory=dict)  # see copy_facts
 
@@ -493,7 +496,7 @@ class SynczMemo:
         if facts is None:
             return None
         run = NodeRun(nodes, facts)
-        if len(nodes) <= self.max_entries and sum(map(len, nodes)) <= self.max_bytes // _RUNS:  # as the facts' keys
+        if self.min_run <= len(nodes) <= self.max_entries and sum(map(len, nodes)) <= self.max_bytes // _RUNS:
             if len(self._runs) >= _RUNS:
                 del self._runs[next(iter(self._runs))]  # the oldest
             self._runs[len(nodes)] = run
@@ -507,7 +510,7 @@ class SynczMemo:
         if seen is not None and seen[0] == ids:
             return seen[1]
         derived: dict[str, Any] = {}
-        if len(ids) <= self.max_entries:  # the ids are the nodes' own: bounded like them
+        if self.min_run <= len(ids) <= self.max_entries:  # the ids are the nodes' own: bounded like them
             if len(self._id_runs) >= _RUNS:
                 del self._id_runs[next(iter(self._id_runs))]
             self._id_runs[len(ids)] = (ids, derived)
