@@ -276,3 +276,22 @@ def test_a_copy_whose_last_id_is_another_proxys_is_not_shown_under_that_name() -
         assert res.Unpack(cc)
         shown.append(cc.node.id)
     assert shown == ["victim.ns-1"]
+
+
+def test_copies_remembered_across_calls_are_read_as_each_call_sends_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The split path remembers each copy's decoded id and stamp by its bytes (SynczMemo.copy_facts), across calls:
+    # a replica that turns a copy unreadable, newer, older or two-faced from one call to the next is read anew
+    # each time, and every call agrees with the exact reader.
+    memo = wire.SynczMemo()
+    unreadable = ld(3, ld(1, b"\xff\xfe"))
+    newer, older = _stamped(1_780_000_001, 0, b"\x01"), _stamped(1_780_000_000, 0, b"\x02")
+    node = ld(1, b"a.ns-1") + ld(1, b"decoy.ns-1") + ld(3, struct_namespace("ns-1"))
+    two_ids = ld(2, ld(1, wire.CLIENT_CONFIG_URL) + ld(2, ld(1, node) + newer))
+    two_ids += discovery_pb2.DiscoveryResponse(type_url=SYNCZ, version_info="v1").SerializeToString()
+    honest = _answer(("a.ns-1", older))
+    for second in (_answer(("a.ns-1", unreadable)), _answer(("a.ns-1", newer)), two_ids, _answer(("a.ns-1", newer)),
+                   _answer(("a.ns-1", older)), _answer(("a.ns-1", unreadable)), two_ids):
+        answers = [Answer(Replica("10.0.0.1:15012"), honest), Answer(Replica("10.0.0.2:15012"), second)]
+        for scope in ("", "ns-1"):
+            ctx = merge.MergeContext(scope=scope, memo=memo)
+            assert outcome(merge.merge(PLAN, answers, ctx)) == outcome(exact(answers, ctx, monkeypatch))

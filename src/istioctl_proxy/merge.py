@@ -13,7 +13,7 @@ from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate, chain, compress, repeat
+from itertools import accumulate, chain, compress, islice, pairwise, repeat
 from operator import eq, itemgetter
 from typing import TypeVar
 
@@ -198,19 +198,43 @@ def _indexed_ids(splits: Sequence[wire.SynczSplit], indexes: Sequence[wire.Syncz
 
 
 def _copies(ids: Sequence[Hashable], counts: Sequence[int]) -> dict[Hashable, list[int]]:
-    """Each id listed more than once → its positions, ascending (`counts`: how many ids each answer gave)."""
-    at, sets = 0, []
-    for n in counts:
-        sets.append(set(ids[at : at + n]))
-        at += n
-    if sum(map(len, sets)) == len(ids):  # none twice within one answer: those on two answers, by set operations
-        twice = set().union(*(a & b for i, a in enumerate(sets) for b in sets[i + 1 :]))
+    """Each id listed more than once → its positions, ascending (`counts`: how many ids each answer gave); {} if
+    none is."""
+    bounds = list(accumulate(counts, initial=0))
+    sets = [set(ids[begin:end]) for begin, end in pairwise(bounds)]
+    if sum(map(len, sets)) == len(ids):
+        # None twice within one answer: those on two answers, by set intersections, and their positions looked for
+        # only in the answers that share one (a proxy reconnecting is on two replicas, not on all of them).
+        twice: set[Hashable] = set()
+        shared: set[int] = set()
+        for i, one in enumerate(sets):
+            for j in range(i + 1, len(sets)):
+                if both := one & sets[j]:
+                    twice |= both
+                    shared.update((i, j))
+        spans = [(bounds[i], bounds[i + 1]) for i in sorted(shared)]
     else:
         twice = {k for k, n in Counter(ids).items() if n > 1}
+        spans = [(0, len(ids))]
     owners: dict[Hashable, list[int]] = {}
-    for g in compress(range(len(ids)), map(twice.__contains__, ids)):
-        owners.setdefault(ids[g], []).append(g)
+    for begin, end in spans:
+        for g in compress(range(begin, end), map(twice.__contains__, ids[begin:end])):
+            owners.setdefault(ids[g], []).append(g)
     return owners
+
+
+_DERIVED = 16  # what a NodeRun keeps: ids, duplicates and the keep flags of a few scopes (30k flags: 240 KiB each)
+
+
+def _derived(run: wire.NodeRun, name: str, compute: Callable[[], _T]) -> _T:
+    """run.derived[name], computed (and kept, within _DERIVED) if absent: a pure function of run's facts."""
+    if name in run.derived:
+        value: _T = run.derived[name]
+        return value
+    value = compute()
+    if len(run.derived) < _DERIVED:
+        run.derived[name] = value
+    return value
 
 
 def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged | None:
@@ -239,15 +263,27 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
         splits.append(split)
         indexed.append(index)
     facts: list[tuple[str, str]] | None = None
-    ids: Sequence[Hashable] | None = None if ctx.scope else _indexed_ids(splits, indexed)
-    if ids is None:
-        facts = memo.facts(list(chain.from_iterable(s.nodes for s in splits)))
-        if facts is None:
-            return None
-        ids = list(map(itemgetter(0), facts))
-    dropped: list[int] = []  # positions of the copies that lose, ascending
+    run: wire.NodeRun | None = None
+    indexed_ids = None if ctx.scope else _indexed_ids(splits, indexed)
+    ids: Sequence[Hashable]
     counts = [s.count for s in splits]
-    if len(set(ids)) != len(ids):
+    if indexed_ids is None:
+        # The nodes' facts, and what follows from them alone, as the last merge of the same nodes derived them.
+        run = memo.node_run(list(chain.from_iterable(s.nodes for s in splits)))
+        if run is None:
+            return None
+        facts = run.facts
+        ids = _derived(run, "ids", lambda: list(map(itemgetter(0), facts)))
+        owners = _derived(run, "owners", lambda: _copies(ids, counts) if len(set(ids)) != len(ids) else {})
+    else:
+        # Unscoped, this path runs when the fast index stepped aside, for a duplicate: _copies finds them (one set
+        # per answer) without a set of all ids first; as the last merge of the same ids found them, if it did.
+        ids, derived = indexed_ids, memo.id_run(indexed_ids)
+        if "owners" not in derived:
+            derived["owners"] = _copies(ids, counts)
+        owners = derived["owners"]
+    dropped: list[int] = []  # positions of the copies that lose, ascending
+    if owners:
         # A proxy on two replicas (or twice on one): the newest copy, the first of equals (as merge_syncz).
         ends = list(accumulate(counts))  # resource g is in splits[bisect_right(ends, g)]
 
@@ -255,25 +291,26 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
             at = bisect_right(ends, g)
             return splits[at], g - (ends[at - 1] if at else 0)
 
-        owners = _copies(ids, counts)
         copies = [g for locs in owners.values() for g in locs]
-        # Every copy's ClientConfig in one parse: what _copy_config decodes of each (else each on its own).
-        configs: Sequence[csds_pb2.ClientConfig | None] | None = wire.split_client_configs(
-            [s.resource_field(i) for s, i in map(located, copies)])
-        if configs is None:
-            configs = [_copy_config(s.resource_any(i)) for s, i in map(located, copies)]
-        if any(c is not None and c.node.id != ids[g] for g, c in zip(copies, configs, strict=True)):
+        decoded = memo.copy_facts([s.resource_field(i) for s, i in map(located, copies)], _copy_facts)
+        if decoded is None or any(i is not None and i != ids[g] for g, (i, _) in zip(copies, decoded, strict=True)):
             return None  # a copy the caller decodes under another id: the exact reader rejects its replica
-        stamps = dict(zip(copies, map(_copy_stamp, configs), strict=True))
+        stamps = {g: stamp for g, (_, stamp) in zip(copies, decoded, strict=True)}
         for locs in owners.values():
             newest = max(locs, key=stamps.__getitem__)
             dropped += [g for g in locs if g != newest]
         dropped.sort()
     if ctx.scope:
-        assert facts is not None  # scoped: read above
-        keep = list(map(eq, map(itemgetter(1), facts), repeat(ctx.scope)))
-        for g in dropped:
-            keep[g] = False
+        assert run is not None and facts is not None  # scoped: read above
+        scope = ctx.scope
+        # One byte per flag (a list of them was 8 bytes each: 240 KiB per scope remembered at 30k).
+        keep: Sequence[int] = _derived(run, "keep " + scope,
+                                       lambda: bytes(map(eq, map(itemgetter(1), facts), repeat(scope))))
+        if dropped:
+            flags = bytearray(keep)  # the remembered flags stay those of the facts alone
+            for g in dropped:
+                flags[g] = False
+            keep = flags
         parts = wire.join_kept(splits, keep)
         kept = [sum(keep[at - n : at]) for at, n in zip(accumulate(counts), counts, strict=True)]
     elif dropped:
@@ -377,6 +414,16 @@ def _without(plan: Plan, malformed: Sequence[int], why: str, good: Sequence[tupl
     return Merged(again.body, again.resources, bad + again.rejected)
 
 
+def _copy_facts(fields: list[bytes]) -> list[tuple[str | None, int]]:
+    """(node id, stamp) of each resource field's ClientConfig as the caller decodes it ((None, below every stamp)
+    if it does not decode): every copy in one parse, else each on its own (as _copy_config decodes it)."""
+    configs: Sequence[csds_pb2.ClientConfig | None] | None = wire.split_client_configs(fields)
+    if configs is None:
+        configs = [_copy_config(f[value_start:end]) for f in fields
+                   for _n, _w, _s, value_start, end in islice(wire.iter_fields(f), 1)]
+    return [(None if c is None else c.node.id, _copy_stamp(c)) for c in configs]
+
+
 def _copy_config(any_bytes: bytes) -> csds_pb2.ClientConfig | None:
     try:
         return wire.client_config(any_bytes)
@@ -393,9 +440,15 @@ def _stamp(cfg: csds_pb2.ClientConfig) -> int:
     # Read as the numbers on the wire: ToNanoseconds raised on a stamp out of Timestamp's range (a replica's
     # nanos of 2e9 failed the whole merge), and its checks were most of the dedup's time. Kept as integers: as
     # float seconds, today's stamps less than ~256 ns apart were equal and the older copy (the first) won.
-    stamps = [t.seconds * 1_000_000_000 + t.nanos
-              for t in (c.last_updated for c in cfg.generic_xds_configs if c.HasField("last_updated"))]
-    return max(stamps, default=0)
+    # A plain loop: the generator and list it replaces were a third of the duplicates' stamp reading.
+    newest = None
+    for c in cfg.generic_xds_configs:
+        if c.HasField("last_updated"):
+            t = c.last_updated
+            stamp = t.seconds * 1_000_000_000 + t.nanos
+            if newest is None or stamp > newest:
+                newest = stamp
+    return 0 if newest is None else newest
 
 
 def _namespace(any_bytes: bytes) -> str:

@@ -436,6 +436,22 @@ class SynczSplit:
         return index.node_keys if index.count == self.count else None
 
 
+_RUNS = 2  # node runs a memo keeps: scoped callers of one Aggregator ask the same replicas (a churn window: 2)
+
+
+@dataclass
+class NodeRun:
+    """A merge's node sequence (every answer's nodes, in order) and its facts, as SynczMemo.node_run proved them.
+
+    `derived` holds what a merge computed from the facts alone (pure functions of them: ids, duplicates, keep
+    flags per scope), for the next merge of the same sequence; never mutated once stored.
+    """
+
+    nodes: list[bytes]
+    facts: list[tuple[str, str]]
+    derived: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class SynczMemo:
     """What the split path reads again and again, as pure functions of bytes; bounded, shared by calls.
@@ -453,10 +469,60 @@ class SynczMemo:
     _layouts: dict[bytes, _Layout | None] = field(default_factory=dict)
     _fast_layouts: dict[bytes, _Layout | None] = field(default_factory=dict)
     _key_bytes: dict[int, int] = field(default_factory=dict)  # id(memo dict) → bytes of its keys
+    # The last merges' whole node sequences (see node_run), by node count: at most _RUNS of them.
+    _runs: dict[int, NodeRun] = field(default_factory=dict)
+    # Shorter node or id lists are not kept as runs: read one by one they cost little, and kept they would push a
+    # whole mesh's run out (`proxy-status <pod>` between two `proxy-status`).
+    min_run: int = 256
+    _id_runs: dict[int, tuple[list[str], dict[str, Any]]] = field(default_factory=dict)  # see id_run
+    _copy_facts: dict[bytes, tuple[str | None, int]] = field(default_factory=dict)  # see copy_facts
 
     def facts(self, nodes: Sequence[bytes]) -> list[tuple[str, str]] | None:
         """(id, namespace) of every node, or None if the exact reader would reject one of their ids."""
         return self._remember(self._facts, _nodes_facts, nodes)
+
+    def node_run(self, nodes: list[bytes]) -> NodeRun | None:
+        """The facts of a merge's nodes (all answers', in order), as `facts`, and what the merge derived from them.
+
+        A scoped call after another over the same replicas lists the same nodes in the same order: proven so by
+        comparing the lists (node for node, bytes for bytes: no hash trusted; ~1 ms at 30k nodes), it gets that
+        run back, with the ids, duplicates and keep flags the merge derived from it; the per-node look-ups
+        (~5-7 ms of hashing at 30k) are skipped. Else read by `facts`.
+        """
+        run = self._runs.get(len(nodes))
+        if run is not None and run.nodes == nodes:
+            return run
+        facts = self.facts(nodes)
+        if facts is None:
+            return None
+        run = NodeRun(nodes, facts)
+        if self.min_run <= len(nodes) <= self.max_entries and sum(map(len, nodes)) <= self.max_bytes // _RUNS:
+            if len(self._runs) >= _RUNS:
+                del self._runs[next(iter(self._runs))]  # the oldest
+            self._runs[len(nodes)] = run
+        return run
+
+    def id_run(self, ids: list[str]) -> dict[str, Any]:
+        """What a merge derived from these node ids (all answers', in order) when it last met the same list (equal
+        string for string, no hash trusted), else a new empty record for it: the unscoped split path's duplicates.
+        """
+        seen = self._id_runs.get(len(ids))
+        if seen is not None and seen[0] == ids:
+            return seen[1]
+        derived: dict[str, Any] = {}
+        if self.min_run <= len(ids) <= self.max_entries:  # the ids are the nodes' own: bounded like them
+            if len(self._id_runs) >= _RUNS:
+                del self._id_runs[next(iter(self._id_runs))]
+            self._id_runs[len(ids)] = (ids, derived)
+        return derived
+
+    def copy_facts(
+        self, fields: Sequence[bytes], read: Callable[[list[bytes]], list[tuple[str | None, int]]]
+    ) -> list[tuple[str | None, int]] | None:
+        """`read` of these resource fields (copies of proxies listed twice: the id and stamp the caller decodes),
+        remembered by the fields' bytes like the nodes' facts: a copy that did not change since the last call is
+        not decoded again."""
+        return self._remember(self._copy_facts, read, fields)
 
     def layouts(self, keys: Sequence[bytes]) -> list[_Layout] | None:
         return self._remember(self._layouts, lambda missing: list(map(_resource_layout, missing)), keys)
@@ -669,7 +735,7 @@ def _first_id_facts(node: bytes, namespace: Any) -> tuple[str, str] | None:
     return node_id, str(namespace.string_value) if namespace is not None else ""
 
 
-def join_kept(splits: Sequence[SynczSplit], keep: Sequence[bool]) -> list[bytes | memoryview]:
+def join_kept(splits: Sequence[SynczSplit], keep: Sequence[int]) -> list[bytes | memoryview]:
     """The resource fields whose `keep` flag is set (flags over all splits in order), byte for byte.
 
     As views of the answers, one per run of consecutive kept resources: the caller's join is then the only
@@ -742,6 +808,7 @@ def kept_one_node(body: bytes, count: int) -> bool:
 
 __all__ = [
     "CLIENT_CONFIG_URL",
+    "NodeRun",
     "ResponseView",
     "SynczIndex",
     "SynczMemo",
