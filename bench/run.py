@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -513,6 +514,10 @@ MERGE_PATHS = {
     "dups": "the same duplicates as a caller meets them: the fast index steps aside, then the split path",
     "split-scoped": "split path: scoped caller (one namespace of 4)",
     "split-scoped-cold": "split path: scoped, memo cold (the first call)",
+    # The memo remembers the last two calls' node and id lists and each copy's bytes: the same answers on every call
+    # (the rows above) are a steady mesh's. These two change between calls, rotating three meshes.
+    "split-scoped-moved": "split path: scoped, one proxy differs from the last two calls' (no remembered run)",
+    "dups-churn": "duplicates as met, their copies re-stamped since the last two calls (no remembered copy)",
     "exact-dups": "exact (field-by-field) path: the same duplicates",
 }
 # --merge-gc: the garbage collector's share, on the split paths, in a process holding a proxy's own objects.
@@ -589,10 +594,21 @@ def merge_microbench(k: int = 5, p: int = 30_000, rounds: int = 7, baseline: str
     dup_mesh = make_mesh(k, p)
     dup_mesh[-1].proxies.extend(dup_mesh[0].proxies[: p // 100])
     dup_answers = [Answer(Replica(f"r{i}"), r.syncz("")) for i, r in enumerate(dup_mesh)]
-    del dup_mesh  # the simulator's objects are not the proxy's
+    # Three meshes each: one proxy replaced (another id, node and namespace), or the duplicates re-stamped.
+    moved, churn = [], []
+    for v in range(3):
+        mesh = make_mesh(k, p)
+        mesh[0].proxies[0] = dataclasses.replace(mesh[0].proxies[0], pod=f"moved-{v}", namespace=f"ns-{v % 2}")
+        moved.append([Answer(Replica(f"r{i}"), r.syncz("")) for i, r in enumerate(mesh)])
+        mesh = make_mesh(k, p)
+        mesh[-1].proxies.extend(dataclasses.replace(x, updated=x.updated + 1 + v) for x in mesh[0].proxies[: p // 100])
+        churn.append([Answer(Replica(f"r{i}"), r.syncz("")) for i, r in enumerate(mesh)])
+    del dup_mesh, mesh  # the simulator's objects are not the proxy's
+    rotation = collections.Counter[str]()
     plan = plan_request(SYNCZ, [])
     modules = {"": merge, **({"@" + baseline: _merge_at(baseline)} if baseline else {})}
     memos = {at: m.wire.SynczMemo() for at, m in modules.items()}
+    changing = {at: m.wire.SynczMemo() for at, m in modules.items()}
     names = [name + at for at in modules for name in MERGE_PATHS if not (at and name.startswith("exact"))]
     if gc_variants:
         names += [f"{name}/{variant}" for name in ("split-dups", "split-scoped") for variant in GC_VARIANTS]
@@ -605,7 +621,7 @@ def merge_microbench(k: int = 5, p: int = 30_000, rounds: int = 7, baseline: str
         path, at, rev = path.partition("@")
         m = modules[at + rev]
         with contextlib.ExitStack() as undo:
-            if path not in ("fast", "dups"):
+            if path not in ("fast", "dups", "dups-churn"):
                 undo.enter_context(_patched(m, "merge_syncz_fast", no_fast))
             if path.startswith("exact"):
                 undo.enter_context(_patched(m, "merge_syncz_split", no_fast))
@@ -616,8 +632,13 @@ def merge_microbench(k: int = 5, p: int = 30_000, rounds: int = 7, baseline: str
                 gc.freeze()
                 undo.callback(gc.unfreeze)
             batch = dup_answers if path.endswith("dups") else answers
-            ctx = m.MergeContext(scope="ns-1" if "scoped" in path else "",
-                                 memo=m.wire.SynczMemo() if path.endswith("cold") else memos[at + rev])
+            if path in ("split-scoped-moved", "dups-churn"):
+                rotation[at + rev + path] += 1
+                batch = (moved if path == "split-scoped-moved" else churn)[rotation[at + rev + path] % 3]
+            memo = m.wire.SynczMemo() if path.endswith("cold") else memos[at + rev]
+            if path in ("split-scoped-moved", "dups-churn"):
+                memo = changing[at + rev]  # its own: the rotating meshes would push the steady one's runs out
+            ctx = m.MergeContext(scope="ns-1" if "scoped" in path else "", memo=memo)
             # CPU seconds of this process: what one core spends, whatever else the machine is running.
             t = time.process_time()
             out = m.merge_syncz(plan, batch, ctx)
