@@ -7,6 +7,8 @@ Findings and results: docs/security.md, "Attacks tried: remembered merge runs (r
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import random
 import tracemalloc
 from collections.abc import Iterator
@@ -251,3 +253,41 @@ def test_remembered_runs_hold_no_more_than_the_memos_byte_bound() -> None:
         tracemalloc.stop()
     # The memo's own keys are bounded by max_bytes, each run's node bytes by max_bytes / 2: 2 × max_bytes in all.
     assert held - base <= 2 * memo.max_bytes + 8 * MiB, f"{(held - base) / MiB:.0f} MiB held"
+
+
+def _small_node_mesh(nodes: int, tag: str) -> list[bytes]:
+    """Replica bodies of `nodes` proxies whose nodes are ~40 bytes (an id and NAMESPACE), one listed twice."""
+    replicas = [SimReplica(f"istiod-{i}") for i in range(3)]
+    for n in range(nodes):
+        replicas[n % 3].proxies.append(
+            SimProxy(f"{tag}{n:06d}", f"ns-{n % 4}", cluster_id="", istio_version="", states={}, updated=1e9)
+        )
+    replicas[2].proxies.append(dataclasses.replace(replicas[0].proxies[0], updated=2e9))
+    return [r.syncz("") for r in replicas]
+
+
+def _held_across_calls(memo: wire.SynczMemo, meshes: list[list[bytes]]) -> int:
+    """What the memo holds after scoped and unscoped calls over these meshes, alternated (tracemalloc)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        for bodies in meshes + meshes:
+            for scope in ("ns-1", "ns-2", ""):
+                merge.merge(PLAN, answers_of(bodies), merge.MergeContext(scope=scope, memo=memo))
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return held - base
+
+
+def test_remembered_runs_count_their_python_objects_not_only_their_node_bytes() -> None:
+    # Finding R2: a run was kept while its node bytes were under half of max_bytes, but at small nodes each node's
+    # Python objects (the bytes' header, list slots, the facts' tuple and strings, ids, flags) are ~5 × its bytes:
+    # 199k nodes of ~120 bytes held 72 MiB of runs beside the memo's own 72 MiB (max_bytes 64 MiB). Here at scale:
+    # two runs of ~60k 40-byte nodes (2.4 MB of node bytes each) against max_bytes 8 MiB.
+    meshes = [_small_node_mesh(60_000 - 1000 * k, f"m{k}-") for k in range(2)]
+    with_runs = _held_across_calls(wire.SynczMemo(max_bytes=8 * MiB), meshes)
+    without = _held_across_calls(wire.SynczMemo(max_bytes=8 * MiB, min_run=10**9), meshes)
+    assert with_runs - without <= 8 * MiB, f"the runs held {(with_runs - without) / MiB:.1f} MiB"
