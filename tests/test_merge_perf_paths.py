@@ -808,7 +808,7 @@ def test_a_node_run_is_the_same_nodes_only_if_cut_at_the_same_lengths() -> None:
 
 def test_node_runs_are_bounded_by_the_memos_bytes() -> None:
     nodes = [b"".join(_node(f"p{i}.ns-1", "ns-1")) for i in range(40)]
-    memo = wire.SynczMemo(max_bytes=sum(map(len, nodes)), min_run=0)  # a run may hold at most half of it
+    memo = wire.SynczMemo(max_bytes=wire._run_bytes(nodes), min_run=0)  # a run may hold at most half of it
     run = memo.node_run(nodes)
     assert run is not None and len(run.facts) == 40 and not memo._runs  # read, not remembered
     assert memo.node_run(nodes[:10]) is not None and len(memo._runs) == 1
