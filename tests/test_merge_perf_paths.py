@@ -756,80 +756,20 @@ def test_node_facts_too_many_to_remember_are_read_and_not_kept() -> None:
     assert memo.facts(split.nodes[:3]) == [(p.id, p.namespace) for p in replica.proxies[:3]]
 
 
-# -- Scoped merges of the same nodes: the last run's facts, proven equal byte for byte (SynczMemo.node_run) ----
-
-
-@pytest.mark.usefixtures("fixed_nonce")
-def test_a_scoped_merge_of_the_same_nodes_reuses_the_last_runs_facts(monkeypatch: pytest.MonkeyPatch) -> None:
-    mesh = make_mesh(3, 60, seed=21)
-    memo = wire.SynczMemo(min_run=0)
-    ctx = merge.MergeContext(scope="ns-1", memo=memo)
-    first = split_only(answers_of(mesh), ctx)
-    assert first is not None and first.resources == 15
-
-    def no_per_node_reading(_nodes: object) -> None:
-        raise AssertionError("the same nodes were looked up one by one again")
-
-    monkeypatch.setattr(memo, "facts", no_per_node_reading)
-    # Fresh bytes objects (as gRPC hands over each call), the same content: the run is found by its bytes.
-    again = [Answer(a.replica, bytes(bytearray(a.body or b""))) for a in answers_of(mesh)]
-    second = split_only(again, ctx)
-    assert second is not None and (second.body, second.resources) == (exact(again, ctx, monkeypatch).body, 15)
-    other = split_only(again, merge.MergeContext(scope="ns-2", memo=memo))  # another scope, the same run
-    assert other is not None
-    assert (other.body, other.resources) == (exact(again, merge.MergeContext(scope="ns-2"), monkeypatch).body, 15)
-
-
-def _node(node_id: str, namespace: str) -> tuple[bytes, bytes]:
-    """A Node's id field and metadata field, serialized apart (a Node is any concatenation of its fields)."""
-    from envoy.config.core.v3 import base_pb2
-
-    node = base_pb2.Node(id=node_id)
-    id_field = node.SerializeToString()
-    node.metadata.update({"NAMESPACE": namespace})
-    return id_field, node.SerializeToString()[len(id_field):]
-
-
-def test_a_node_run_is_the_same_nodes_only_if_cut_at_the_same_lengths() -> None:
-    # The same bytes, the same node count, cut elsewhere: other nodes, other facts. Equal bytes alone are not proof.
-    (id1, meta1), (id2, meta2) = _node("a.ns-1", "ns-1"), _node("b.ns-2", "ns-2")
-    memo = wire.SynczMemo(min_run=0)
-    run = memo.node_run([id1 + meta1, id2 + meta2])
-    assert run is not None and run.facts == [("a.ns-1", "ns-1"), ("b.ns-2", "ns-2")]
-    recut = memo.node_run([id1, meta1 + id2 + meta2])
-    assert recut is not None and recut.facts == [("a.ns-1", ""), ("b.ns-2", "ns-2")]
-    moved = memo.node_run([id1 + _node("a.ns-1", "ns-3")[1], id2 + meta2])  # one byte of another namespace
-    assert moved is not None and moved.facts == [("a.ns-1", "ns-3"), ("b.ns-2", "ns-2")]
-    assert memo.node_run([id1 + _node("a.ns-1", "ns-3")[1], id2 + meta2]) is moved  # the same nodes: found
-    again = memo.node_run([id1 + meta1, id2 + meta2])
-    assert again is not None and again.facts == run.facts
-    assert len(memo._runs) <= 2
-
-
-def test_node_runs_are_bounded_by_the_memos_bytes() -> None:
-    nodes = [b"".join(_node(f"p{i}.ns-1", "ns-1")) for i in range(40)]
-    memo = wire.SynczMemo(max_bytes=wire._run_bytes(nodes), min_run=0)  # a run may hold at most half of it
-    run = memo.node_run(nodes)
-    assert run is not None and len(run.facts) == 40 and not memo._runs  # read, not remembered
-    assert memo.node_run(nodes[:10]) is not None and len(memo._runs) == 1
+# -- One memo across calls ------------------------------------------------------------------------------------
 
 
 @pytest.mark.usefixtures("fixed_nonce")
 def test_scoped_merges_through_one_memo_agree_as_the_mesh_changes(monkeypatch: pytest.MonkeyPatch) -> None:
     # One memo across calls, as the Aggregator holds it: between calls proxies move to a namespace of the same
     # length (the same node lengths, other bytes), stamps change (the same nodes, another copy wins), proxies
-    # come and go, and a replica sends hostile bytes. Every call agrees with the exact reader, and the flags a
-    # run remembers are never those of one call's duplicates.
+    # come and go, and a replica sends hostile bytes. Every call agrees with the exact reader.
     rng = random.Random(5150)
-    memo = wire.SynczMemo(min_run=0)
+    memo = wire.SynczMemo()
     mesh = make_mesh(3, 24, seed=77)
     moving = next(p for p in mesh[0].proxies if p.namespace == "ns-1")
     copies = [moving, SimProxy(moving.pod, "ns-1", states={"CDS": "SYNCED"}, updated=moving.updated + 50)]
     mesh[2].proxies.append(copies[1])
-    reused = 0
-    reads: list[int] = []
-    facts = memo.facts
-    monkeypatch.setattr(memo, "facts", lambda nodes: reads.append(len(nodes)) or facts(nodes))
     for step in range(120):
         op = rng.random()
         everyone = [p for r in mesh for p in r.proxies]
@@ -854,23 +794,19 @@ def test_scoped_merges_through_one_memo_agree_as_the_mesh_changes(monkeypatch: p
             answers[0] = Answer(answers[0].replica, _edited_byte(answers[0].body or b"", rng))
         ctx = merge.MergeContext(scope=rng.choice(["ns-1", "ns-1", "ns-2", "nowhere", ""]), memo=memo)
         slow = exact(answers, ctx, monkeypatch)
-        reads.clear()
         got = merge.merge(PLAN, answers, ctx)
         assert (got.body, got.resources, [why for _, why in got.rejected]) == \
             (slow.body, slow.resources, [why for _, why in slow.rejected]), step
-        reused += bool(ctx.scope) and not reads
-    assert reused > 25, "calls with the same nodes as the call before must have found its run"
 
 
 @pytest.mark.usefixtures("fixed_nonce")
-def test_an_unscoped_merge_of_the_same_ids_reuses_the_last_duplicates(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_copies_whose_bytes_did_not_change_are_not_decoded_again(monkeypatch: pytest.MonkeyPatch) -> None:
     mesh = make_mesh(3, 60, seed=23)
     mesh[2].proxies.append(SimProxy(mesh[0].proxies[5].pod, mesh[0].proxies[5].namespace, states={"CDS": "SYNCED"}))
-    memo = wire.SynczMemo(min_run=0)
+    memo = wire.SynczMemo()
     ctx = merge.MergeContext(memo=memo)
     first = split_only(answers_of(mesh), ctx)
     assert first is not None and first.resources == 60
-    monkeypatch.setattr(merge, "_copies", lambda *_a: pytest.fail("the same ids were searched for copies again"))
     decoded: list[int] = []
     read = wire.split_client_configs
     monkeypatch.setattr(wire, "split_client_configs", lambda fields: decoded.append(len(fields)) or read(fields))
@@ -885,15 +821,3 @@ def test_an_unscoped_merge_of_the_same_ids_reuses_the_last_duplicates(monkeypatc
     third = split_only(again, ctx)
     assert third is not None and (third.body, third.resources) == (exact(again, ctx, monkeypatch).body, 60)
     assert decoded == [1], "only the copy that changed is decoded"
-
-
-def test_short_node_and_id_lists_are_not_kept_as_runs() -> None:
-    # `proxy-status <pod>` between two `proxy-status`: its few nodes must not push the mesh's run out.
-    memo = wire.SynczMemo(min_run=3)
-    whole = [b"".join(_node(f"p{i}.ns-1", "ns-1")) for i in range(4)]
-    assert memo.node_run(whole) is not None and memo.node_run(whole[:1]) is not None
-    assert memo.node_run(whole[:2]) is not None and list(memo._runs) == [4]
-    memo.id_run([f"p{i}.ns-1" for i in range(4)])
-    memo.id_run(["p0.ns-1"])
-    memo.id_run(["p0.ns-1", "p1.ns-1"])
-    assert list(memo._id_runs) == [4]

@@ -1,14 +1,14 @@
-"""Red team stop 22: the syncz merge's remembered runs (SynczMemo.node_run, id_run, copy_facts), shared by every
-caller of one Aggregator. Each test reproduces one attack; every answer through the shared memo is compared with
-a fresh exact merge (the field-by-field reader: merge_syncz_fast and merge_syncz_split off) of the same answers.
+"""Red team stop 22: the syncz merge's memo (SynczMemo: node facts, copy facts) shared by every caller of one
+Aggregator, as calls follow each other while the mesh changes. Each test reproduces one attack; every answer through
+the shared memo is compared with a fresh exact merge (the field-by-field reader: merge_syncz_fast and
+merge_syncz_split off) of the same answers. (The runs this red team attacked, SynczMemo.node_run and id_run, were
+removed: real istiod never repeats one, finding R1.)
 
 Findings and results: docs/security.md, "Attacks tried: remembered merge runs (red team stop 22)".
 """
 
 from __future__ import annotations
 
-import dataclasses
-import gc
 import random
 import tracemalloc
 from collections.abc import Iterator
@@ -67,20 +67,6 @@ def _edited(body: bytes, rng: random.Random) -> bytes:
     at = rng.randrange(len(edited))
     edited[at] = rng.randrange(256)
     return bytes(edited)
-
-
-def _runs_are_their_facts(memo: wire.SynczMemo) -> None:
-    """What a run remembers is a pure function of its facts, never edited by a later call."""
-    for run in memo._runs.values():
-        ids = [i for i, _ in run.facts]
-        for name, value in run.derived.items():
-            if name == "ids":
-                assert value == ids
-            elif name.startswith("keep "):
-                scope = name[len("keep ") :]
-                assert bytes(value) == bytes(ns == scope for _, ns in run.facts), name
-            elif name == "owners":
-                assert value == merge._copies(ids, [len(ids)])
 
 
 def _mesh_calls(seed: int, calls: int) -> Iterator[tuple[list[bytes], str, bool, str]]:
@@ -144,29 +130,22 @@ def _mesh_calls(seed: int, calls: int) -> Iterator[tuple[list[bytes], str, bool,
 
 
 @pytest.mark.parametrize("seed", [2201, 2202, 2203])
-@pytest.mark.parametrize("min_run", [0, 30])  # 30: answers from fewer replicas are not kept
 def test_random_calls_through_one_memo_agree_with_a_fresh_exact_merge(
-    seed: int, min_run: int, monkeypatch: pytest.MonkeyPatch
+    seed: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    memo = wire.SynczMemo(min_run=min_run)
-    reused = 0
+    memo = wire.SynczMemo()
     for step, (bodies, scope, early, column) in enumerate(_mesh_calls(seed, 150)):
         answers = answers_of(bodies)
-        runs_before = {k: id(v) for k, v in memo._runs.items()}
         got = through(memo, answers, scope, early, column)
         want = exact(answers, merge.MergeContext(scope=scope, istiod_column=column), monkeypatch)
         assert outcome(got) == outcome(want), (step, scope)
-        reused += bool(scope) and any(id(v) in runs_before.values() for v in memo._runs.values())
-        _runs_are_their_facts(memo)
-    assert reused > (10 if min_run == 0 else 3), "calls over the same nodes must have found a remembered run"
 
 
 def test_a_caller_of_one_namespace_then_another_through_one_memo_sees_only_its_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # ns-1 then ns-2 then ns-1 through one memo, the same nodes: each sees exactly its namespace's proxies (the
-    # keep flags are remembered per scope, so the second caller must not get the first's).
-    memo = wire.SynczMemo(min_run=0)
+    # ns-1 then ns-2 then ns-1 through one memo, the same nodes: each sees exactly its namespace's proxies.
+    memo = wire.SynczMemo()
     mesh = make_mesh(3, 40, seed=5)
     answers = answers_of([r.syncz("") for r in mesh])
     for scope in ("ns-1", "ns-2", "ns-1", "", "ns-2", "ns-1"):
@@ -176,7 +155,6 @@ def test_a_caller_of_one_namespace_then_another_through_one_memo_sees_only_its_o
         assert outcome(got) == outcome(want)
         if scope:
             assert got.resources == 10 and all(scope.encode() in v for v in shown)
-    assert len(memo._runs) == 1 and {"keep ns-1", "keep ns-2"} <= set(next(iter(memo._runs.values())).derived)
 
 
 @dataclass
@@ -191,9 +169,9 @@ class _SameId(SimProxy):
 
 
 def test_the_same_ids_in_other_namespaces_do_not_reuse_a_scopes_flags(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Equal id lists, other namespaces: the unscoped id run (duplicates by ids) may be reused, a scope's keep flags
-    # may not (they follow the nodes' bytes, not their ids). A copy on two replicas makes the id run non-trivial.
-    memo = wire.SynczMemo(min_run=0)
+    # Equal id lists, other namespaces: a scope's keep flags follow the nodes' bytes, not their ids. A copy on two
+    # replicas makes the duplicates non-trivial.
+    memo = wire.SynczMemo()
     replicas = [SimReplica(f"istiod-{i}") for i in range(2)]
     for n in range(20):
         replicas[n % 2].proxies.append(
@@ -215,9 +193,9 @@ def test_the_same_ids_in_other_namespaces_do_not_reuse_a_scopes_flags(monkeypatc
 
 
 def test_a_replica_rejected_in_the_second_call_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Call 1: every replica regular (the run is remembered). Call 2: one replica's answer malformed (rejected by the
-    # exact reader), the others the same bytes: the run of call 1 must not stand in for call 2's nodes.
-    memo = wire.SynczMemo(min_run=0)
+    # Call 1: every replica regular (its facts are remembered). Call 2: one replica's answer malformed (rejected by
+    # the exact reader), the others the same bytes: call 1's readings must not stand in for call 2's nodes.
+    memo = wire.SynczMemo()
     mesh = make_mesh(3, 30, seed=13)
     good = [r.syncz("") for r in mesh]
     for scope in ("ns-1", "", "ns-1"):
@@ -237,10 +215,10 @@ def _big_node_mesh(nodes: int, pad: int, tag: str) -> list[bytes]:
     return [r.syncz("") for r in replicas]
 
 
-def test_remembered_runs_hold_no_more_than_the_memos_byte_bound() -> None:
-    # 30k proxies of ~1 KiB nodes (labels and annotations), two meshes alternating (two Aggregator callers of
-    # another replica set, or a churn window): what the memo holds across calls, node runs included, against
-    # max_bytes (64 MiB by default, the documented bound of the memo's keys; each run "at most half of it").
+def test_the_memo_holds_no_more_than_its_byte_bound() -> None:
+    # 30k proxies of ~1 KiB nodes (labels and annotations), meshes alternating (two Aggregator callers of another
+    # replica set, or a churn window): what the memo holds across calls against max_bytes (64 MiB by default, the
+    # documented bound of the memo's keys; the values, ids and namespaces, beside them).
     memo = wire.SynczMemo(max_bytes=32 * MiB)
     meshes = [_big_node_mesh(30_000, 900 + k, f"m{k}") for k in range(3)]
     tracemalloc.start()
@@ -251,43 +229,5 @@ def test_remembered_runs_hold_no_more_than_the_memos_byte_bound() -> None:
         held, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    # The memo's own keys are bounded by max_bytes, each run's node bytes by max_bytes / 2: 2 × max_bytes in all.
+    # The memo's keys are bounded by max_bytes; the values and the dicts' slots are less than the ~1 KiB keys.
     assert held - base <= 2 * memo.max_bytes + 8 * MiB, f"{(held - base) / MiB:.0f} MiB held"
-
-
-def _small_node_mesh(nodes: int, tag: str) -> list[bytes]:
-    """Replica bodies of `nodes` proxies whose nodes are ~40 bytes (an id and NAMESPACE), one listed twice."""
-    replicas = [SimReplica(f"istiod-{i}") for i in range(3)]
-    for n in range(nodes):
-        replicas[n % 3].proxies.append(
-            SimProxy(f"{tag}{n:06d}", f"ns-{n % 4}", cluster_id="", istio_version="", states={}, updated=1e9)
-        )
-    replicas[2].proxies.append(dataclasses.replace(replicas[0].proxies[0], updated=2e9))
-    return [r.syncz("") for r in replicas]
-
-
-def _held_across_calls(memo: wire.SynczMemo, meshes: list[list[bytes]]) -> int:
-    """What the memo holds after scoped and unscoped calls over these meshes, alternated (tracemalloc)."""
-    gc.collect()
-    tracemalloc.start()
-    try:
-        base, _ = tracemalloc.get_traced_memory()
-        for bodies in meshes + meshes:
-            for scope in ("ns-1", "ns-2", ""):
-                merge.merge(PLAN, answers_of(bodies), merge.MergeContext(scope=scope, memo=memo))
-        gc.collect()
-        held, _ = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return held - base
-
-
-def test_remembered_runs_count_their_python_objects_not_only_their_node_bytes() -> None:
-    # Finding R2: a run was kept while its node bytes were under half of max_bytes, but at small nodes each node's
-    # Python objects (the bytes' header, list slots, the facts' tuple and strings, ids, flags) are ~5 × its bytes:
-    # 199k nodes of ~120 bytes held 72 MiB of runs beside the memo's own 72 MiB (max_bytes 64 MiB). Here at scale:
-    # two runs of ~60k 40-byte nodes (2.4 MB of node bytes each) against max_bytes 8 MiB.
-    meshes = [_small_node_mesh(60_000 - 1000 * k, f"m{k}-") for k in range(2)]
-    with_runs = _held_across_calls(wire.SynczMemo(max_bytes=8 * MiB), meshes)
-    without = _held_across_calls(wire.SynczMemo(max_bytes=8 * MiB, min_run=10**9), meshes)
-    assert with_runs - without <= 8 * MiB, f"the runs held {(with_runs - without) / MiB:.1f} MiB"

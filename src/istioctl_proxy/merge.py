@@ -223,20 +223,6 @@ def _copies(ids: Sequence[Hashable], counts: Sequence[int]) -> dict[Hashable, li
     return owners
 
 
-_DERIVED = 16  # what a NodeRun keeps: ids, duplicates and the keep flags of a few scopes (30k flags: 240 KiB each)
-
-
-def _derived(run: wire.NodeRun, name: str, compute: Callable[[], _T]) -> _T:
-    """run.derived[name], computed (and kept, within _DERIVED) if absent: a pure function of run's facts."""
-    if name in run.derived:
-        value: _T = run.derived[name]
-        return value
-    value = compute()
-    if len(run.derived) < _DERIVED:
-        run.derived[name] = value
-    return value
-
-
 def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) -> Merged | None:
     """Duplicates and scoped callers at C speed: the exact path's rules on resources cut by wire.syncz_split.
 
@@ -263,25 +249,19 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
         splits.append(split)
         indexed.append(index)
     facts: list[tuple[str, str]] | None = None
-    run: wire.NodeRun | None = None
     indexed_ids = None if ctx.scope else _indexed_ids(splits, indexed)
     ids: Sequence[Hashable]
     counts = [s.count for s in splits]
     if indexed_ids is None:
-        # The nodes' facts, and what follows from them alone, as the last merge of the same nodes derived them.
-        run = memo.node_run(list(chain.from_iterable(s.nodes for s in splits)))
-        if run is None:
+        facts = memo.facts(list(chain.from_iterable(s.nodes for s in splits)))
+        if facts is None:
             return None
-        facts = run.facts
-        ids = _derived(run, "ids", lambda: list(map(itemgetter(0), facts)))
-        owners = _derived(run, "owners", lambda: _copies(ids, counts) if len(set(ids)) != len(ids) else {})
+        ids = list(map(itemgetter(0), facts))
     else:
-        # Unscoped, this path runs when the fast index stepped aside, for a duplicate: _copies finds them (one set
-        # per answer) without a set of all ids first; as the last merge of the same ids found them, if it did.
-        ids, derived = indexed_ids, memo.id_run(indexed_ids)
-        if "owners" not in derived:
-            derived["owners"] = _copies(ids, counts)
-        owners = derived["owners"]
+        # Unscoped, this path runs when the fast index stepped aside, for a duplicate.
+        ids = indexed_ids
+    # _copies finds them (one set per answer) without a set of all ids first.
+    owners = _copies(ids, counts)
     dropped: list[int] = []  # positions of the copies that lose, ascending
     if owners:
         # A proxy on two replicas (or twice on one): the newest copy, the first of equals (as merge_syncz).
@@ -301,13 +281,11 @@ def merge_syncz_split(plan: Plan, answers: Sequence[Answer], ctx: MergeContext) 
             dropped += [g for g in locs if g != newest]
         dropped.sort()
     if ctx.scope:
-        assert run is not None and facts is not None  # scoped: read above
-        scope = ctx.scope
-        # One byte per flag (a list of them was 8 bytes each: 240 KiB per scope remembered at 30k).
-        keep: Sequence[int] = _derived(run, "keep " + scope,
-                                       lambda: bytes(map(eq, map(itemgetter(1), facts), repeat(scope))))
+        assert facts is not None  # scoped: read above
+        # One byte per flag (a list of them is 8 bytes each).
+        keep: Sequence[int] = bytes(map(eq, map(itemgetter(1), facts), repeat(ctx.scope)))
         if dropped:
-            flags = bytearray(keep)  # the remembered flags stay those of the facts alone
+            flags = bytearray(keep)
             for g in dropped:
                 flags[g] = False
             keep = flags

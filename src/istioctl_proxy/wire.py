@@ -436,37 +436,15 @@ class SynczSplit:
         return index.node_keys if index.count == self.count else None
 
 
-_RUNS = 2  # node runs a memo keeps: scoped callers of one Aggregator ask the same replicas (a churn window: 2)
-# What a run holds per node beside its bytes: the bytes' or string's header, list slots, the facts' tuple and
-# strings, the ids and a few scopes' flags (~230 bytes measured). Counting the bytes alone let two runs of small
-# nodes hold ~5 × their share (red team stop 22, finding R2).
-_RUN_ENTRY = 256
-
-
-def _run_bytes(items: Sequence[bytes] | Sequence[str]) -> int:
-    return sum(map(len, items)) + _RUN_ENTRY * len(items)
-
-
-@dataclass
-class NodeRun:
-    """A merge's node sequence (every answer's nodes, in order) and its facts, as SynczMemo.node_run proved them.
-
-    `derived` holds what a merge computed from the facts alone (pure functions of them: ids, duplicates, keep
-    flags per scope), for the next merge of the same sequence; never mutated once stored.
-    """
-
-    nodes: list[bytes]
-    facts: list[tuple[str, str]]
-    derived: dict[str, Any] = field(default_factory=dict)
-
-
 @dataclass
 class SynczMemo:
     """What the split path reads again and again, as pure functions of bytes; bounded, shared by calls.
 
     Node bytes → (node id, namespace), as the exact reader reads them: a proxy's node (id and metadata) does
-    not change while it is connected, so the same nodes come back on every call. And resource header endings
-    → layouts (a few hundred distinct ones). A remembered answer is the exact one.
+    not change while it is connected, so the same nodes come back on every call (real istiod lists them in
+    another order each call, its metadata keys too: a few byte forms per node). And resource header endings
+    → layouts (a few hundred distinct ones). A remembered answer is the exact one. Nothing is keyed by the
+    order of a whole answer's nodes: with real istiod that never repeats (red team stop 22, R1).
     """
 
     max_entries: int = 200_000
@@ -477,53 +455,11 @@ class SynczMemo:
     _layouts: dict[bytes, _Layout | None] = field(default_factory=dict)
     _fast_layouts: dict[bytes, _Layout | None] = field(default_factory=dict)
     _key_bytes: dict[int, int] = field(default_factory=dict)  # id(memo dict) → bytes of its keys
-    # The last merges' whole node sequences (see node_run), by node count: at most _RUNS of them.
-    _runs: dict[int, NodeRun] = field(default_factory=dict)
-    # Shorter node or id lists are not kept as runs: read one by one they cost little, and kept they would push a
-    # whole mesh's run out (`proxy-status <pod>` between two `proxy-status`).
-    min_run: int = 256
-    _id_runs: dict[int, tuple[list[str], dict[str, Any]]] = field(default_factory=dict)  # see id_run
     _copy_facts: dict[bytes, tuple[str | None, int]] = field(default_factory=dict)  # see copy_facts
 
     def facts(self, nodes: Sequence[bytes]) -> list[tuple[str, str]] | None:
         """(id, namespace) of every node, or None if the exact reader would reject one of their ids."""
         return self._remember(self._facts, _nodes_facts, nodes)
-
-    def node_run(self, nodes: list[bytes]) -> NodeRun | None:
-        """The facts of a merge's nodes (all answers', in order), as `facts`, and what the merge derived from them.
-
-        A scoped call after another over the same replicas lists the same nodes in the same order: proven so by
-        comparing the lists (node for node, bytes for bytes: no hash trusted; ~1 ms at 30k nodes), it gets that
-        run back, with the ids, duplicates and keep flags the merge derived from it; the per-node look-ups
-        (~5-7 ms of hashing at 30k) are skipped. Else read by `facts`.
-        """
-        run = self._runs.get(len(nodes))
-        if run is not None and run.nodes == nodes:
-            return run
-        facts = self.facts(nodes)
-        if facts is None:
-            return None
-        run = NodeRun(nodes, facts)
-        if self.min_run <= len(nodes) <= self.max_entries and _run_bytes(nodes) <= self.max_bytes // _RUNS:
-            if len(self._runs) >= _RUNS:
-                del self._runs[next(iter(self._runs))]  # the oldest
-            self._runs[len(nodes)] = run
-        return run
-
-    def id_run(self, ids: list[str]) -> dict[str, Any]:
-        """What a merge derived from these node ids (all answers', in order) when it last met the same list (equal
-        string for string, no hash trusted), else a new empty record for it: the unscoped split path's duplicates.
-        """
-        seen = self._id_runs.get(len(ids))
-        if seen is not None and seen[0] == ids:
-            return seen[1]
-        derived: dict[str, Any] = {}
-        # The ids are the nodes' own: bounded like them.
-        if self.min_run <= len(ids) <= self.max_entries and _run_bytes(ids) <= self.max_bytes // _RUNS:
-            if len(self._id_runs) >= _RUNS:
-                del self._id_runs[next(iter(self._id_runs))]
-            self._id_runs[len(ids)] = (ids, derived)
-        return derived
 
     def copy_facts(
         self, fields: Sequence[bytes], read: Callable[[list[bytes]], list[tuple[str | None, int]]]
@@ -856,7 +792,6 @@ def kept_one_node(body: bytes, count: int) -> bool:
 
 __all__ = [
     "CLIENT_CONFIG_URL",
-    "NodeRun",
     "ResponseView",
     "SynczIndex",
     "SynczMemo",
