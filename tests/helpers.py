@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
-from istioctl_proxy import client
+from istioctl_proxy import client, wire
 from istioctl_proxy.app import Proxy
 from istioctl_proxy.config import Config
 from istioctl_proxy.sim.pki import Leaf, TestCA, write_file
@@ -172,3 +172,13 @@ def in_flight(proxy: Proxy, type_url: str) -> int:
     """Calls of `type_url` the proxy is answering now (its istioctl_proxy_calls_in_flight gauge)."""
     value = proxy.metrics.registry.get_sample_value("istioctl_proxy_calls_in_flight", {"type_url": type_url})
     return int(value or 0)
+
+
+def pb_field(number: int, wire_type: int, payload: bytes = b"") -> bytes:
+    """One protobuf field as bytes: LEN (2) with `payload`, a group (3) around it, else a fixed dummy value."""
+    tag = wire._varint_bytes(number << 3 | wire_type)
+    if wire_type == 2:
+        return tag + wire._varint_bytes(len(payload)) + payload
+    if wire_type == 3:  # a group: its fields, then its end tag
+        return tag + payload + wire._varint_bytes(number << 3 | 4)
+    return tag + {0: b"\x05", 1: b"\0" * 8, 5: b"\0" * 4}[wire_type]

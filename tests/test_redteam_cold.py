@@ -16,18 +16,10 @@ from istioctl_proxy import wire
 from istioctl_proxy.budget import SendBudget
 from istioctl_proxy.errors import ResourceExhausted
 
+from .helpers import pb_field as _field
 from .waits import until
 
 # -- 1. The cold memo's bulk node reading -------------------------------------------------------------------------
-
-
-def _field(number: int, wire_type: int, payload: bytes = b"") -> bytes:
-    tag = wire._varint_bytes(number << 3 | wire_type)
-    if wire_type == 2:
-        return tag + wire._varint_bytes(len(payload)) + payload
-    if wire_type == 3:  # a group: its fields, then its end tag
-        return tag + payload + wire._varint_bytes(number << 3 | 4)
-    return tag + {0: b"\x05", 1: b"\0" * 8, 5: b"\0" * 4}[wire_type]
 
 
 def _meta(ns: str) -> bytes:

@@ -16,15 +16,7 @@ from hypothesis import strategies as st
 
 from istioctl_proxy import wire
 
-
-def _field(number: int, wire_type: int, payload: bytes = b"") -> bytes:
-    tag = wire._varint_bytes(number << 3 | wire_type)
-    if wire_type == 2:
-        return tag + wire._varint_bytes(len(payload)) + payload
-    if wire_type == 3:  # a group: its fields, then its end tag
-        return tag + payload + wire._varint_bytes(number << 3 | 4)
-    return tag + {0: b"\x05", 1: b"\0" * 8, 5: b"\0" * 4}[wire_type]
-
+from .helpers import pb_field as _field
 
 _STRINGS = [b"ns-1", b"ns-2", b"", "\u00e9".encode(), b"\xff", b"\xed\xa0\x80", b"n" * 127, b"n" * 128, b"n" * 200]
 _KEYS = [b"NAMESPACE", b"NAMESPACE", b"OTHER", b"namespace", b"\xff", b"NAMESPACE\x00"]

@@ -910,6 +910,10 @@ class Mesh:
         kwargs.setdefault("cluster_id", self.cluster_id)
         return AdsClient(replica.xds_address, pod, namespace, subscriptions, **kwargs)
 
+    def listed(self) -> set[str]:
+        """The proxy ids every replica's syncz lists now (their union)."""
+        return set().union(*(r.proxy_states() for r in self.replicas))
+
     # -- istioctl -------------------------------------------------------------------------------------
     def istioctl_xds_args(self, replica: IstiodReplica, cert_dir: Path | None = None) -> list[str]:
         """--xds-address/--cert-dir flags for talking to one replica directly over mTLS. ServerName becomes

@@ -74,13 +74,7 @@ async def population(mesh: Mesh) -> AsyncIterator[list[AdsClient]]:
     clients.append(mesh.ads_client(mesh.replicas[1 % len(mesh.replicas)], "mine", SCOPED_NS, subs))
     await start_clients(clients)
 
-    async def listed() -> bool:
-        seen: set[str] = set()
-        for r in mesh.replicas:
-            seen |= set(r.proxy_states())
-        return {c.proxy_id for c in clients} <= seen
-
-    await until(listed, "hostile population in syncz")
+    await until(lambda: {c.proxy_id for c in clients} <= mesh.listed(), "hostile population in syncz")
     yield clients
     await close_clients(clients)
 

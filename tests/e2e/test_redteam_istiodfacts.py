@@ -128,13 +128,7 @@ async def real_proxies(mesh: Mesh) -> AsyncIterator[list[AdsClient]]:
     ]
     await start_clients(clients)
 
-    async def listed() -> bool:
-        seen: set[str] = set()
-        for r in mesh.replicas:
-            seen |= set(r.proxy_states())
-        return {c.proxy_id for c in clients} <= seen
-
-    await until(listed, "the real proxies in syncz")
+    await until(lambda: {c.proxy_id for c in clients} <= mesh.listed(), "the real proxies in syncz")
     yield clients
     await close_clients(clients)
 

@@ -87,16 +87,10 @@ async def test_scoped_istioctl_callers_of_two_namespaces_alternate_through_one_m
         connected.remove(c)
         await close_clients([c])
 
-    def listed() -> set[str]:
-        ids: set[str] = set()
-        for r in replicas:
-            ids |= set(r.proxy_states())
-        return ids
-
     async def settled() -> None:
         want = {c.proxy_id for c in connected}
         await until(
-            lambda: want <= listed() and not ({f"{p}.{ns}" for p, ns in gone} & listed()),
+            lambda: want <= mesh.listed() and not ({f"{p}.{ns}" for p, ns in gone} & mesh.listed()),
             lambda: f"the replicas list {sorted(want)} and not {sorted(gone)}",
         )
 
@@ -142,7 +136,7 @@ async def test_real_istiod_lists_syncz_in_another_order_from_call_to_call(mesh: 
     try:
         want = {c.proxy_id for c in clients}
         await until(
-            lambda: want <= set().union(*(set(r.proxy_states()) for r in mesh.replicas)),
+            lambda: want <= mesh.listed(),
             "the replicas list every client",
         )
         memo = proxy.service.aggregator.syncz_memo
