@@ -70,11 +70,11 @@ class SendBudget:
     nothing is pinned). A caller whose pinned bytes reach its share is refused at once: one caller pins less than
     its share plus one answer, so the pool keeps room for a whole answer past any one caller's pins. Pins past
     the pool keep their room in `used` (the overflow, taken back by the pool as it frees), and only up to the share
-    can be cut there: so an answer is
-    granted only while every answer in flight could still be pinned (`pin_room`), and answers that could not wait
-    (a big one while never-reading callers fill the pool) instead of freezing every other caller behind a full
-    live budget. With enough identities the room still runs out (two refuse answers over the share, three every
-    answer: memory before availability); it comes back as the pins expire.
+    can be cut there: so an answer is granted only while every answer in flight could still be pinned
+    (`pin_room`), and answers that could not wait (a big one while never-reading callers fill the pool) instead of
+    freezing every other caller behind a full live budget. With enough identities the room still runs out (two
+    refuse answers over the share, three every answer: memory before availability); it comes back as the pins
+    expire.
     """
 
     total: int
@@ -337,7 +337,7 @@ class SendBudget:
         """The next of `heads` to grant, or None (and whether the line is blocked for the first in turn)."""
         # An answer that could not be pinned if its caller never read it waits (others pass it): else a cut it could
         # not take would keep its room in the live budget until it expires, freezing every caller.
-        # (Only pins shrink that room: without them it is half as large again as the live budget.)
+        # (Only pins shrink that room: without them it is the pool and the share, 2.5 times the live budget.)
         answers = [w for w in heads if not w.fan_out]
         first = min(answers, key=self._turn, default=None)
         if first is not None and not self._pinnable(first) and first.size <= self.pin_room and not first.oversized:
